@@ -1,0 +1,8 @@
+"""safeblend: low-memory, memory-mapped merging of LLM checkpoints."""
+
+__version__ = "0.1.0"
+
+from .api import MergeResult, merge  # noqa: E402
+from .errors import SafeblendError  # noqa: E402
+
+__all__ = ["MergeResult", "SafeblendError", "__version__", "merge"]

@@ -1,0 +1,190 @@
+"""The Python entry point: ``engine.merge(base, models, out, ...)``."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import __version__
+from .checkpoint import Checkpoint
+from .dtypes import dtype_from_alias
+from .errors import SpecError
+from .execute import DEFAULT_CHUNK_BYTES, Executor
+from .methods import get_method
+from .model_files import copy_model_files
+from .plan import plan as make_plan
+from .units import parse_size
+from .writer import OutputDir, ShardWriter, write_index
+
+
+@dataclass
+class MergeResult:
+    """What a merge did; ``--json`` prints exactly ``to_dict()``."""
+
+    output: str
+    method: str
+    params: dict[str, Any]
+    dtype: str
+    device: str
+    tensors: int
+    shards: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    throughput_bytes_per_s: float
+    peak_rss_bytes: int
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def merge(
+    base: str | os.PathLike,
+    models: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    method: str = "linear",
+    weight: float | Sequence[float] = 0.5,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    shard_size: int | str = "5GB",
+    chunk_size: int | str = DEFAULT_CHUNK_BYTES,
+    overwrite: bool = False,
+    progress: bool = False,
+    on_warning: Callable[[str], None] | None = None,
+    **method_params: Any,
+) -> MergeResult:
+    """Merge fine-tuned checkpoints into a base checkpoint, streaming, and write OUT.
+
+    Args:
+        base: the pre-fine-tuning model (directory or ``.safetensors`` file).
+        models: one or more fine-tuned models of the same architecture.
+        out: output directory; appears only once complete.
+        method: a registered method name (see ``engine.methods.method_names()``).
+        weight: λ, the fine-tuned model's weight (one value, or one per model).
+        dtype: output dtype for float tensors: ``auto`` (the base's, per tensor), bf16, fp16, fp32.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        shard_size: largest output shard, bytes or a string such as ``"5GB"``.
+        chunk_size: largest chunk processed at once; bounds memory.
+        overwrite: replace an existing OUT.
+        progress: show a progress bar on stderr.
+        on_warning: called with each warning (default: ``warnings.warn``).
+
+    Returns:
+        A MergeResult with the run's figures.
+
+    Example:
+        >>> engine.merge("base/", "finetune/", "merged/", weight=0.6)  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    warn = on_warning or (lambda message: warnings.warn(message, stacklevel=3))
+    model_paths = [models] if isinstance(models, (str, os.PathLike)) else list(models)
+    try:
+        out_dtype = dtype_from_alias(dtype)
+        shard_bytes = parse_size(shard_size)
+        chunk_bytes = parse_size(chunk_size)
+    except ValueError as exc:
+        raise SpecError(str(exc)) from exc
+    merger = get_method(method)(len(model_paths), weight=weight, **method_params)
+    backend, device_name = _select_backend(device)
+    _check_output_not_input(out, [base, *model_paths])
+
+    base_ckpt = Checkpoint.open(base)
+    model_ckpts = [Checkpoint.open(p) for p in model_paths]
+    recipe = {
+        **merger.recipe(),
+        "base": str(base),
+        "models": [str(p) for p in model_paths],
+        "dtype": out_dtype or "auto",
+    }
+    metadata = {"safeblend_version": __version__, "safeblend_recipe": json.dumps(recipe, sort_keys=True)}
+    merge_plan = make_plan(base_ckpt, model_ckpts, out_dtype, shard_bytes, metadata)
+    for message in [*merger.warnings, *merge_plan.warnings]:
+        warn(message)
+
+    output = OutputDir(Path(out), overwrite)
+    staging = output.create(needed_bytes=merge_plan.output_bytes)
+    writer = ShardWriter(staging, merge_plan)
+    try:
+        writer.open()
+        with _progress_bar(merge_plan.total_size, enabled=progress) as bar:
+            stats = Executor(merge_plan, base_ckpt, model_ckpts, merger, backend, chunk_bytes).run(writer, bar.update)
+        writer.close()
+        write_index(staging, merge_plan, metadata)
+        copy_model_files(base_ckpt.model_dir, staging, out_dtype)
+        output.commit()
+    except BaseException:
+        writer.abandon()
+        output.abort()
+        raise
+    finally:
+        for ckpt in (base_ckpt, *model_ckpts):
+            ckpt.close()
+
+    seconds = time.perf_counter() - started
+    written = writer.bytes_written
+    return MergeResult(
+        output=str(output.final),
+        method=merger.name,
+        params=merger.recipe(),
+        dtype=out_dtype or "auto",
+        device=device_name,
+        tensors=len(merge_plan.tensors),
+        shards=len(merge_plan.shards),
+        bytes_read=stats.bytes_read,
+        bytes_written=written,
+        seconds=round(seconds, 4),
+        throughput_bytes_per_s=round((stats.bytes_read + written) / max(seconds, 1e-9), 1),
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        warnings=[*merger.warnings, *merge_plan.warnings],
+    )
+
+
+def _select_backend(device: str):
+    """The compute backend for ``--device``, and the device name the summary reports."""
+    from kernels import cuda_unavailable_reason, numpy_backend
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise SpecError(f"unknown device {device!r}; expected auto, cpu or cuda")
+    if device == "cpu":
+        return numpy_backend(), "cpu"
+    reason = cuda_unavailable_reason()
+    if device == "cuda":
+        raise SpecError(f"--device cuda: {reason or 'the CUDA pipeline is not built yet'}")
+    return numpy_backend(), "cpu"
+
+
+def _check_output_not_input(out: str | os.PathLike, inputs: list) -> None:
+    target = Path(os.path.abspath(out))
+    for item in inputs:
+        source = Path(os.path.abspath(item))
+        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
+            raise SpecError(f"{target}: the output must not be, contain or lie inside an input ({source})")
+
+
+class _NullBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def __enter__(self) -> "_NullBar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return _NullBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="merging",
+                file=sys.stderr, dynamic_ncols=True, smoothing=0.1)

@@ -1,0 +1,304 @@
+"""Reading safetensors checkpoints: header parsing, validation, sharded indexes, memory maps.
+
+The format is one page: an 8-byte little-endian header length N, N bytes of JSON mapping each
+tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the
+data region that follows), an optional ``"__metadata__"`` of strings, then the data. Only the
+headers are read when a checkpoint is opened; tensor bytes are reached later through read-only
+memory maps, one chunk at a time, and released once consumed.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+
+import numpy as np
+
+from .dtypes import DTYPES, DType
+from .errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# The safetensors library refuses headers above 100 MB; a larger one is corrupt, not big.
+MAX_HEADER_BYTES = 100_000_000
+_PAGE = mmap.PAGESIZE
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype, shape and absolute byte range in that file."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    file: Path
+    start: int  # absolute offset of the first byte in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+
+@dataclass
+class SafetensorsFile:
+    """One ``.safetensors`` file: its parsed header and, once opened, a read-only memory map."""
+
+    path: Path
+    size: int
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    _map: mmap.mmap | None = field(default=None, repr=False)
+
+    def view(self, info: TensorInfo, first: int, count: int) -> np.ndarray:
+        """A read-only 1-D array over elements [first, first + count) of a tensor, no copy."""
+        if self._map is None:
+            with open(self.path, "rb") as handle:
+                self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            self._map.madvise(mmap.MADV_SEQUENTIAL)
+        offset = info.start + first * info.dtype.itemsize
+        return np.frombuffer(self._map, dtype=info.dtype.numpy, count=count, offset=offset)
+
+    def byte_view(self, start: int, length: int) -> memoryview:
+        """A read-only memoryview over absolute bytes [start, start + length) of the file."""
+        if self._map is None:
+            self.view(next(iter(self.tensors.values())), 0, 0)
+        return memoryview(self._map)[start : start + length]
+
+    def prefetch(self, start: int, length: int) -> None:
+        """Ask the kernel to start reading a byte range ahead of use (asynchronous readahead)."""
+        if self._map is not None and length > 0:
+            lo, hi = _page_span(start, length, len(self._map))
+            self._map.madvise(mmap.MADV_WILLNEED, lo, hi - lo)
+
+    def release(self, start: int, length: int) -> None:
+        """Drop a consumed byte range from this process's resident set.
+
+        The map is read-only and shared, so MADV_DONTNEED only unmaps the pages from the
+        process; the page cache keeps them and a later touch refaults them intact.
+        """
+        if self._map is not None and length > 0:
+            lo, hi = _page_span(start, length, len(self._map))
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def close(self) -> None:
+        """Unmap the file (views taken from it must no longer be used)."""
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a view is still alive; the map goes when it does
+                pass
+            self._map = None
+
+
+def _page_span(start: int, length: int, limit: int) -> tuple[int, int]:
+    lo = start - start % _PAGE
+    hi = min(limit, -(-(start + length) // _PAGE) * _PAGE)
+    return lo, hi
+
+
+def read_safetensors_header(path: Path) -> SafetensorsFile:
+    """Parse and validate one file's header without touching its data.
+
+    Raises CheckpointError naming the file and the first problem found: a file too short
+    for its header, a header that is not JSON or not the expected shape, an unknown dtype,
+    a byte range that does not match the shape, or ranges that overlap, leave gaps or do
+    not cover the data region exactly.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: file is {size} bytes, too short to be safetensors")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES:
+                raise CheckpointError(
+                    f"{path}: header length {header_len} is implausible (over {MAX_HEADER_BYTES} "
+                    "bytes); the file is corrupt or not safetensors"
+                )
+            if 8 + header_len > size:
+                raise CheckpointError(
+                    f"{path}: header length {header_len} runs past the end of the {size}-byte "
+                    "file (truncated or not safetensors)"
+                )
+            raw = handle.read(header_len)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header must be a JSON object, got {type(header).__name__}")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+    data_start = 8 + header_len
+    tensors = {name: _parse_entry(path, name, entry, data_start) for name, entry in header.items()}
+    _check_coverage(path, tensors, data_start, size)
+    return SafetensorsFile(path=path, size=size, tensors=tensors, metadata=metadata)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json object hook: a name given twice in one header is corruption, not an override."""
+    result: dict = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"key {key!r} appears twice")
+        result[key] = value
+    return result
+
+
+def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: entry must be an object with dtype, shape, data_offsets")
+    dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        known = ", ".join(DTYPES)
+        raise CheckpointError(f"{where}: unknown dtype {dtype_name!r} (known: {known})")
+    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+        raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_uint(o) for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise CheckpointError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
+    dtype = DTYPES[dtype_name]
+    expected = prod(shape) * dtype.itemsize
+    if offsets[1] - offsets[0] != expected:
+        raise CheckpointError(
+            f"{where}: holds {offsets[1] - offsets[0]} bytes but shape {shape} of {dtype_name} "
+            f"needs {expected}"
+        )
+    return TensorInfo(name, dtype, tuple(shape), path, data_start + offsets[0], expected)
+
+
+def _is_uint(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_coverage(path: Path, tensors: dict[str, TensorInfo], data_start: int, size: int) -> None:
+    """Byte ranges must tile the data region exactly: no overlap, no gap, no shortfall."""
+    cursor = data_start
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.nbytes)):
+        if info.start != cursor:
+            problem = "overlaps the previous tensor" if info.start < cursor else "leaves a gap before it"
+            raise CheckpointError(f"{path}: tensor {info.name!r} {problem} (data offset {info.start - data_start})")
+        cursor += info.nbytes
+    if cursor > size:
+        raise CheckpointError(
+            f"{path}: file is truncated: the header describes {cursor} bytes but the file has {size}"
+        )
+    if cursor < size:
+        raise CheckpointError(
+            f"{path}: {size - cursor} bytes after the last tensor are not described by the header"
+        )
+
+
+@dataclass
+class Checkpoint:
+    """A model as a set of safetensors files, viewed through their headers.
+
+    ``tensors`` keeps the checkpoint's own order: files in index/name order, and within a
+    file by data offset.
+    """
+
+    path: Path
+    files: list[SafetensorsFile]
+    tensors: dict[str, TensorInfo]
+    model_dir: Path | None  # the directory holding config/tokenizer files, if any
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Checkpoint":
+        """Open a model directory or a single ``.safetensors`` file, reading headers only."""
+        root = Path(path)
+        if not root.exists():
+            raise CheckpointError(f"{root}: no such file or directory")
+        if root.is_file():
+            if root.name.endswith(".safetensors.index.json"):
+                return cls._from_index(root, root.parent)
+            if not root.name.endswith(".safetensors"):
+                raise CheckpointError(f"{root}: not a .safetensors file or model directory")
+            return cls._from_files(root, [root], model_dir=None)
+        index = root / INDEX_NAME
+        if index.is_file():
+            return cls._from_index(index, root)
+        if (root / SINGLE_NAME).is_file():
+            return cls._from_files(root, [root / SINGLE_NAME], model_dir=root)
+        shards = sorted(p for p in root.glob("*.safetensors") if p.is_file())
+        if shards:
+            return cls._from_files(root, shards, model_dir=root)
+        hint = ""
+        if any(root.glob("*.bin")) or any(root.glob("*.pt")) or any(root.glob("*.pth")):
+            hint = (" (found PyTorch .bin/.pt weights: only safetensors is read; convert with "
+                    "transformers: AutoModel.from_pretrained(dir).save_pretrained(out, safe_serialization=True))")
+        raise CheckpointError(f"{root}: no .safetensors files in this directory{hint}")
+
+    @classmethod
+    def _from_index(cls, index: Path, root: Path) -> "Checkpoint":
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise CheckpointError(f"{index}: cannot read index JSON ({exc})") from exc
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        shard_names = list(dict.fromkeys(weight_map.values()))
+        for name in shard_names:
+            if Path(name).name != name:
+                raise CheckpointError(f"{index}: shard name {name!r} must be a plain file name")
+            if not (root / name).is_file():
+                raise CheckpointError(f"{index}: names shard {name!r}, which does not exist in {root}")
+        checkpoint = cls._from_files(root, [root / n for n in shard_names], model_dir=root)
+        for name, shard in weight_map.items():
+            info = checkpoint.tensors.get(name)
+            if info is None or info.file.name != shard:
+                raise CheckpointError(f"{index}: tensor {name!r} is listed in {shard} but not stored there")
+        unlisted = [n for n in checkpoint.tensors if n not in weight_map]
+        if unlisted:
+            raise CheckpointError(
+                f"{index}: {len(unlisted)} stored tensor(s) missing from weight_map, e.g. {unlisted[0]!r}"
+            )
+        return checkpoint
+
+    @classmethod
+    def _from_files(cls, root: Path, paths: list[Path], model_dir: Path | None) -> "Checkpoint":
+        files = [read_safetensors_header(p) for p in paths]
+        tensors: dict[str, TensorInfo] = {}
+        for f in files:
+            for info in sorted(f.tensors.values(), key=lambda t: t.start):
+                if info.name in tensors:
+                    raise CheckpointError(
+                        f"{root}: tensor {info.name!r} is stored twice, in {tensors[info.name].file.name} "
+                        f"and {f.path.name}"
+                    )
+                tensors[info.name] = info
+        return cls(path=root, files=files, tensors=tensors, model_dir=model_dir)
+
+    def file_of(self, info: TensorInfo) -> SafetensorsFile:
+        """The open file that stores a tensor."""
+        for f in self.files:
+            if f.path == info.file:
+                return f
+        raise KeyError(info.file)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()

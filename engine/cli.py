@@ -1,0 +1,186 @@
+"""The ``safeblend`` command line: merge, inspect, demo.
+
+Engine exceptions are translated here and only here: user mistakes exit 2 (click's usage
+errors), runtime failures exit 1 with a one-line ``Error: ...``; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import SafeblendError, SpecError
+from .execute import DEFAULT_CHUNK_BYTES
+from .methods import method_names
+from .units import format_size, parse_size
+
+
+class SizeType(click.ParamType):
+    """A byte size with units: ``5GB``, ``500MB``, ``2GiB``."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class _Group(click.Group):
+    """Routes engine errors to one-line messages unless --debug was given."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SpecError as exc:
+            if ctx.meta.get("debug"):
+                raise
+            raise click.UsageError(str(exc), ctx) from None
+        except SafeblendError as exc:
+            if ctx.meta.get("debug"):
+                raise
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            if ctx.meta.get("debug"):
+                raise
+            click.echo("Interrupted: no output was written.", err=True)
+            sys.exit(130)
+        except OSError as exc:
+            if ctx.meta.get("debug"):
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+
+
+def _debug_option(f):
+    def remember(ctx, _param, value):
+        ctx.meta["debug"] = ctx.meta.get("debug") or value
+
+    return click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=remember,
+                        help="Show full tracebacks on errors.")(f)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="safeblend")
+@_debug_option
+def main() -> None:
+    """Merge LLM checkpoints with memory that does not grow with the model."""
+
+
+def _warn(message: str) -> None:
+    click.echo(f"Warning: {message}", err=True)
+
+
+@main.command()
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Output model directory (created; appears only when complete).")
+@click.option("--method", default="linear", show_default=True, type=click.Choice(method_names()),
+              help="Merge method.")
+@click.option("--weight", "weights", multiple=True, type=float, default=(0.5,), show_default=True,
+              help="λ, the fine-tuned model's weight; repeat once per model for several.")
+@click.option("--normalize", is_flag=True, help="Divide the weights by their sum (linear).")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "bf16", "fp16", "fp32"], case_sensitive=False),
+              help="Output dtype of float tensors; auto keeps the base's per tensor.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where to compute; auto uses a GPU when torch, triton and CUDA are present.")
+@click.option("--shard-size", default="5GB", show_default=True, type=SizeType(), help="Largest output shard.")
+@click.option("--chunk-size", default=DEFAULT_CHUNK_BYTES, type=SizeType(),
+              help="Largest chunk held in memory at once (default 16 MiB).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary line.")
+@_debug_option
+def merge(base, models, out, method, weights, normalize, dtype, device, shard_size, chunk_size,
+          overwrite, as_json, quiet) -> None:
+    """Merge fine-tuned MODELS into BASE: θ = θ_base + λ·(θ_ft − θ_base).
+
+    BASE is the model before fine-tuning (e.g. the aligned instruct model), each of MODELS a
+    fine-tuned one. Each may be a model directory or a single .safetensors file.
+    """
+    from .api import merge as run_merge
+
+    params = {"normalize": normalize} if normalize else {}
+    result = run_merge(
+        base, list(models), out, method=method, weight=list(weights) if len(weights) > 1 else weights[0],
+        dtype=dtype.lower(), device=device, shard_size=shard_size, chunk_size=chunk_size,
+        overwrite=overwrite, progress=not quiet and not as_json, on_warning=_warn, **params,
+    )
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    elif not quiet:
+        rate = format_size(result.throughput_bytes_per_s)
+        click.echo(
+            f"Merged {result.tensors} tensors ({result.method}, weights {result.params.get('weights')}) "
+            f"on {result.device} into {result.output}: {result.shards} shard(s), "
+            f"{format_size(result.bytes_written)} written in {result.seconds:.1f} s ({rate}/s), "
+            f"peak RSS {format_size(result.peak_rss_bytes)}",
+            err=True,
+        )
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_debug_option
+def inspect(checkpoint, as_json) -> None:
+    """Summarise CHECKPOINT: tensors, parameters, dtypes, shards, bytes."""
+    from .checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(checkpoint)
+    tensors = ckpt.tensors.values()
+    by_dtype: Counter = Counter()
+    for t in tensors:
+        by_dtype[t.dtype.name] += t.nbytes
+    summary = {
+        "path": str(ckpt.path),
+        "tensors": len(ckpt.tensors),
+        "parameters": sum(t.numel for t in tensors),
+        "bytes": ckpt.nbytes,
+        "dtypes": {name: {"tensors": sum(t.dtype.name == name for t in tensors), "bytes": n}
+                   for name, n in sorted(by_dtype.items())},
+        "shards": [{"file": f.path.name, "tensors": len(f.tensors), "bytes": f.size} for f in ckpt.files],
+        "largest_tensor": max(tensors, key=lambda t: t.nbytes).name if ckpt.tensors else None,
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"{summary['path']}")
+    click.echo(f"  tensors     {summary['tensors']}")
+    click.echo(f"  parameters  {summary['parameters']:,} ({summary['parameters'] / 1e9:.3f} B)")
+    click.echo(f"  bytes       {format_size(summary['bytes'])}")
+    for name, d in summary["dtypes"].items():
+        click.echo(f"  {name:<11} {d['tensors']} tensors, {format_size(d['bytes'])}")
+    click.echo(f"  shards      {len(summary['shards'])}")
+    for s in summary["shards"]:
+        click.echo(f"    {s['file']}  {s['tensors']} tensors, {format_size(s['bytes'])}")
+    if summary["largest_tensor"]:
+        largest = ckpt.tensors[summary["largest_tensor"]]
+        click.echo(f"  largest     {largest.name} {list(largest.shape)} {largest.dtype.name}")
+
+
+@main.command()
+@click.argument("directory", default="safeblend-demo", type=click.Path(path_type=Path))
+@click.option("--weight", default=0.6, show_default=True, type=float, help="λ for the demo merge.")
+@click.option("--size", default="small", show_default=True, type=click.Choice(["tiny", "small"]),
+              help="How big a model pair to generate.")
+@_debug_option
+def demo(directory, weight, size) -> None:
+    """Generate a small Llama-shaped base/fine-tune pair in DIRECTORY, merge it, check it."""
+    from .demo import run_demo
+
+    run_demo(directory, weight, size, echo=lambda m: click.echo(m, err=True))
+
+
+if __name__ == "__main__":
+    main()

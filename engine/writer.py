@@ -1,0 +1,229 @@
+"""Writing the output: shard files laid out up front and filled in place, built beside OUT.
+
+The plan fixes every shard's header and size, so each file is created, given its header and
+allocated to full size before any data arrives; chunks are then written at their offsets by
+a background thread (``pwrite``), overlapping disk writes with compute. Everything happens in
+a staging directory next to OUT, which is flushed and renamed into place only when complete:
+a failed or interrupted merge never leaves a directory at OUT that looks finished.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import queue
+import shutil
+import threading
+from pathlib import Path
+from typing import Callable
+
+from .errors import OutputError
+from .plan import MergePlan
+from .units import format_size
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class OutputDir:
+    """The output directory's life cycle: staging beside OUT, then an atomic rename."""
+
+    def __init__(self, final: Path, overwrite: bool) -> None:
+        self.final = Path(os.path.abspath(final))
+        self.overwrite = overwrite
+        self.staging = self.final.with_name(f".{self.final.name}.safeblend-partial")
+
+    def create(self, needed_bytes: int) -> Path:
+        """Check OUT and the free space, then create the staging directory and return it."""
+        if self.final.exists() and not self.overwrite:
+            raise OutputError(f"{self.final}: output already exists (pass --overwrite to replace it)")
+        parent = self.final.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{parent}: cannot create output's parent directory: {exc.strerror}") from exc
+        free = shutil.disk_usage(parent).free
+        if free < needed_bytes:
+            raise OutputError(
+                f"{parent}: not enough space on the filesystem for the output: needs "
+                f"{format_size(needed_bytes)}, {format_size(free)} free"
+            )
+        try:
+            self.staging.mkdir()
+        except FileExistsError as exc:
+            raise OutputError(
+                f"{self.staging}: a partial output from another merge into {self.final.name} exists; "
+                "if no merge is running, delete it and retry"
+            ) from exc
+        except OSError as exc:
+            raise OutputError(f"{self.staging}: cannot create: {exc.strerror}") from exc
+        return self.staging
+
+    def commit(self) -> None:
+        """Flush the staging directory and move it to OUT (replacing OUT if allowed)."""
+        _fsync_dir(self.staging)
+        old = None
+        if self.final.exists() or self.final.is_symlink():
+            if not self.overwrite:
+                raise OutputError(f"{self.final}: output appeared while merging; left the result at {self.staging}")
+            old = self.final.with_name(f".{self.final.name}.safeblend-old")
+            _remove(old)
+            os.rename(self.final, old)
+        os.rename(self.staging, self.final)
+        _fsync_dir(self.final.parent)
+        if old is not None:
+            _remove(old)
+
+    def abort(self) -> None:
+        """Remove the staging directory and everything in it."""
+        _remove(self.staging)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+WriteDone = Callable[[], None]
+
+
+class ShardWriter:
+    """Creates the planned shard files and writes chunks into them from a background thread.
+
+    ``submit`` hands over a buffer and a callback; the callback runs on the writer thread once
+    the bytes are in the file (that is how buffers return to their pool and consumed input
+    ranges are released). At most ``depth`` writes wait in the queue, which bounds memory.
+    """
+
+    def __init__(self, directory: Path, plan: MergePlan, depth: int = 4) -> None:
+        self.directory = directory
+        self.plan = plan
+        self._fds: list[int] = []
+        self.depth = depth
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="safeblend-writer", daemon=True)
+        self.bytes_written = 0
+
+    def open(self) -> None:
+        """Create every shard: header written, file allocated to its final size."""
+        for shard in self.plan.shards:
+            path = self.directory / shard.filename
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._fds.append(fd)
+            try:
+                os.posix_fallocate(fd, 0, shard.size)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise self._io_error(path, exc) from exc
+                os.ftruncate(fd, shard.size)  # filesystem without fallocate: sparse file
+            self._pwrite(fd, shard.header, 0, path)
+            self.bytes_written += len(shard.header)
+        self._thread.start()
+
+    def submit(self, shard: int, offset: int, data: memoryview, done: WriteDone | None = None) -> None:
+        """Queue ``data`` for writing at ``offset`` of shard ``shard``; blocks while the queue is full."""
+        self._raise_pending()
+        while True:
+            try:
+                self._queue.put((shard, offset, data, done), timeout=0.5)
+                return
+            except queue.Full:
+                self._raise_pending()
+
+    def close(self) -> None:
+        """Wait for every queued write, flush all shards to disk and close them."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise_pending()
+        for shard, fd in zip(self.plan.shards, self._fds):
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                raise self._io_error(self.directory / shard.filename, exc) from exc
+        self._close_fds()
+
+    def abandon(self) -> None:
+        """Stop after the writes already started; used when the merge fails."""
+        if self._thread.is_alive():
+            self._error = self._error or RuntimeError("abandoned")
+            while True:  # drain so the thread sees the sentinel promptly
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._queue.put(None)
+            self._thread.join()
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if self._error is not None:
+                continue
+            shard, offset, data, done = job
+            try:
+                self._pwrite(self._fds[shard], data, offset, self.directory / self.plan.shards[shard].filename)
+                self.bytes_written += len(data)
+                if done is not None:
+                    done()
+            except BaseException as exc:  # noqa: BLE001  (re-raised on the main thread)
+                self._error = exc
+
+    def _pwrite(self, fd: int, data, offset: int, path: Path) -> None:
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as exc:
+            raise self._io_error(path, exc) from exc
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _io_error(self, path: Path, exc: OSError) -> OutputError:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return OutputError(
+                f"{path}: the filesystem ran out of space while writing "
+                f"(the output needs {format_size(self.plan.output_bytes)})"
+            )
+        return OutputError(f"{path}: write failed: {exc.strerror or exc}")
+
+
+def write_index(directory: Path, plan: MergePlan, metadata: dict[str, str]) -> None:
+    """Write ``model.safetensors.index.json`` (only for sharded outputs, as Hugging Face does)."""
+    if len(plan.shards) == 1:
+        return
+    index = {
+        "metadata": {"total_size": plan.total_size, **metadata},
+        "weight_map": {t.name: plan.shards[t.shard].filename for t in plan.tensors},
+    }
+    write_text_durably(directory / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+
+
+def write_text_durably(path: Path, text: str) -> None:
+    """Write a small text file and fsync it."""
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
