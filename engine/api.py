@@ -150,16 +150,16 @@ def merge(
 
 def _select_backend(device: str):
     """The compute backend for ``--device``, and the device name the summary reports."""
-    from kernels import cuda_unavailable_reason, numpy_backend
+    from kernels import cpu_backend, cuda_unavailable_reason
 
     if device not in ("auto", "cpu", "cuda"):
         raise SpecError(f"unknown device {device!r}; expected auto, cpu or cuda")
     if device == "cpu":
-        return numpy_backend(), "cpu"
+        return cpu_backend(), "cpu"
     reason = cuda_unavailable_reason()
     if device == "cuda":
         raise SpecError(f"--device cuda: {reason or 'the CUDA pipeline is not built yet'}")
-    return numpy_backend(), "cpu"
+    return cpu_backend(), "cpu"
 
 
 def _check_output_not_input(out: str | os.PathLike, inputs: list) -> None:

@@ -13,10 +13,10 @@ import os
 
 from .protocol import Backend
 
-__all__ = ["Backend", "cuda_unavailable_reason", "numpy_backend"]
+__all__ = ["Backend", "cuda_unavailable_reason", "cpu_backend"]
 
 
-def numpy_backend() -> Backend:
+def cpu_backend() -> Backend:
     """The CPU backend."""
     from .numpy_backend import NumpyBackend
 

@@ -38,6 +38,10 @@ class NumpyBackend:
         acc, b, m = self._buffers(compute)
         weights = [compute.type(w) for w in weights]  # never rounded to the tensor dtype
         n = base.shape[0]
+        with np.errstate(all="ignore"):  # inf − inf is NaN by IEEE rules, not a user error
+            self._blocks(base, models, weights, out, n, acc, b, m)
+
+    def _blocks(self, base, models, weights, out, n, acc, b, m) -> None:
         for lo in range(0, n, self.block):
             hi = min(n, lo + self.block)
             k = hi - lo

@@ -1,0 +1,64 @@
+"""Shared test helpers: small checkpoints written by the safetensors library, and the
+tolerance check that reports where a result goes wrong."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from engine.tolerance import out_of_tolerance
+
+NUMPY_DTYPES = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp32": np.float32, "fp64": np.float64}
+
+
+def random_tensor(rng: np.random.Generator, shape: tuple[int, ...], dtype: str, scale: float = 1.0) -> np.ndarray:
+    """Normal random values of ``shape`` in ``dtype`` (a key of NUMPY_DTYPES or a numpy dtype)."""
+    values = rng.standard_normal(shape) * scale
+    return values.astype(NUMPY_DTYPES.get(dtype, dtype))
+
+
+def write_checkpoint(directory: Path, tensors: dict[str, np.ndarray], shards: int = 1,
+                     config: dict | None = None) -> Path:
+    """Write ``tensors`` as a Hugging Face model directory with ``shards`` files (+ index)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    names = list(tensors)
+    groups = [names[i::shards] for i in range(shards)] if shards > 1 else [names]
+    weight_map = {}
+    for i, group in enumerate(groups):
+        filename = "model.safetensors" if shards == 1 else f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: np.ascontiguousarray(tensors[n]) for n in group}, str(directory / filename),
+                  metadata={"format": "pt"})
+        weight_map.update({n: filename for n in group})
+    if shards > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    if config is not None:
+        (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def load_checkpoint(directory: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a directory, read with the safetensors library's own loader."""
+    tensors: dict[str, np.ndarray] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def assert_within_tolerance(out: np.ndarray, reference: np.ndarray, inputs: list[np.ndarray], what: str = "") -> None:
+    """Fail with the mismatch count and the first bad indices when ``out`` breaks the
+    DESIGN.md rule against the float64 ``reference``."""
+    assert out.shape == reference.shape, f"{what}: shape {out.shape} != {reference.shape}"
+    absmax = np.max([np.abs(np.asarray(x, dtype=np.float64)) for x in inputs], axis=0)
+    bad = out_of_tolerance(out, reference, absmax)
+    if bad.any():
+        idx = np.argwhere(bad)[:5]
+        details = ", ".join(
+            f"{tuple(int(i) for i in ix)}: got {float(out[tuple(ix)])!r} want {float(reference[tuple(ix)])!r}"
+            for ix in idx
+        )
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.size} elements out of tolerance; first {details}")
