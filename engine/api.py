@@ -17,7 +17,8 @@ from .checkpoint import Checkpoint
 from .dtypes import dtype_from_alias
 from .errors import SpecError
 from .execute import DEFAULT_CHUNK_BYTES, Executor
-from .methods import get_method
+from .execute_cuda import CudaExecutor
+from .methods import create_method
 from .model_files import copy_model_files
 from .plan import plan as make_plan
 from .units import parse_size
@@ -51,7 +52,7 @@ def merge(
     models: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
     method: str = "linear",
-    weight: float | Sequence[float] = 0.5,
+    weight: Any = None,
     *,
     dtype: str = "auto",
     device: str = "auto",
@@ -69,7 +70,8 @@ def merge(
         models: one or more fine-tuned models of the same architecture.
         out: output directory; appears only once complete.
         method: a registered method name (see ``engine.methods.method_names()``).
-        weight: λ, the fine-tuned model's weight (one value, or one per model).
+        weight: λ, the fine-tuned model's weight (one value, or one per model); None takes the
+            method's default (0.5 for linear, 1 for task arithmetic, TIES and DARE).
         dtype: output dtype for float tensors: ``auto`` (the base's, per tensor), bf16, fp16, fp32.
         device: ``cpu``, ``cuda`` or ``auto``.
         shard_size: largest output shard, bytes or a string such as ``"5GB"``.
@@ -77,6 +79,9 @@ def merge(
         overwrite: replace an existing OUT.
         progress: show a progress bar on stderr.
         on_warning: called with each warning (default: ``warnings.warn``).
+        **method_params: the method's other parameters, e.g. ``density``, ``lambda_``,
+            ``normalize``, ``consensus``, ``rescale``, ``seed`` (see ``engine.methods``); any
+            of them may vary by tensor (``engine.methods.params``).
 
     Returns:
         A MergeResult with the run's figures.
@@ -93,7 +98,7 @@ def merge(
         chunk_bytes = parse_size(chunk_size)
     except ValueError as exc:
         raise SpecError(str(exc)) from exc
-    merger = get_method(method)(len(model_paths), weight=weight, **method_params)
+    merger = create_method(method, len(model_paths), weight=weight, **method_params)
     backend, device_name = _select_backend(device)
     _check_output_not_input(out, [base, *model_paths])
 
@@ -116,7 +121,8 @@ def merge(
     try:
         writer.open()
         with _progress_bar(merge_plan.total_size, enabled=progress) as bar:
-            stats = Executor(merge_plan, base_ckpt, model_ckpts, merger, backend, chunk_bytes).run(writer, bar.update)
+            executor = CudaExecutor if device_name == "cuda" else Executor
+            stats = executor(merge_plan, base_ckpt, model_ckpts, merger, backend, chunk_bytes).run(writer, bar.update)
         writer.close()
         write_index(staging, merge_plan, metadata)
         copy_model_files(base_ckpt.model_dir, staging, out_dtype)
@@ -157,8 +163,12 @@ def _select_backend(device: str):
     if device == "cpu":
         return cpu_backend(), "cpu"
     reason = cuda_unavailable_reason()
+    if reason is None:
+        from kernels.triton_backend import TritonBackend  # imports torch and triton
+
+        return TritonBackend(), "cuda"
     if device == "cuda":
-        raise SpecError(f"--device cuda: {reason or 'the CUDA pipeline is not built yet'}")
+        raise SpecError(f"--device cuda: {reason}")
     return cpu_backend(), "cpu"
 
 

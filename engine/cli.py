@@ -80,53 +80,99 @@ def _warn(message: str) -> None:
 
 
 @main.command()
-@click.argument("base", type=click.Path(path_type=Path))
-@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("base", required=False, type=click.Path(path_type=Path))
+@click.argument("models", nargs=-1, type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Output model directory (created; appears only when complete).")
+@click.option("--config", "config", type=click.Path(path_type=Path, dir_okay=False),
+              help="A mergekit-style YAML recipe; BASE, MODELS, the method and its parameters come from it.")
 @click.option("--method", default="linear", show_default=True, type=click.Choice(method_names()),
               help="Merge method.")
-@click.option("--weight", "weights", multiple=True, type=float, default=(0.5,), show_default=True,
-              help="λ, the fine-tuned model's weight; repeat once per model for several.")
-@click.option("--normalize", is_flag=True, help="Divide the weights by their sum (linear).")
+@click.option("--weight", "weights", multiple=True, type=float,
+              help="λ, the fine-tuned model's weight (slerp: t); repeat once per model for several. "
+                   "Default 0.5 for linear and slerp, 1 for the others.")
+@click.option("--density", "densities", multiple=True, type=float,
+              help="Fraction of each task vector kept (ties, dare-*); repeat once per model for several.")
+@click.option("--lambda", "lambda_", type=float, help="Scale of the merged task vector "
+              "(task-arithmetic, ties, dare-*; default 1).")
+@click.option("--normalize/--no-normalize", default=None,
+              help="Divide by the sum of the weights (default: on for ties, off otherwise).")
+@click.option("--consensus", type=click.Choice(["sum", "count"]),
+              help="Sign election (ties, dare-ties): sign of the summed weighted deltas (default) or of "
+                   "the count of signs.")
+@click.option("--rescale", type=click.Choice(["density", "l1", "none"]),
+              help="DARE: scale kept entries by 1/density (default), to preserve the L1 norm, or not at all.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), help="DARE's random seed (default 0).")
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "bf16", "fp16", "fp32"], case_sensitive=False),
-              help="Output dtype of float tensors; auto keeps the base's per tensor.")
+              help="Output dtype of float tensors; auto keeps the base's per tensor (or the recipe's).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where to compute; auto uses a GPU when torch, triton and CUDA are present.")
 @click.option("--shard-size", default="5GB", show_default=True, type=SizeType(), help="Largest output shard.")
 @click.option("--chunk-size", default=DEFAULT_CHUNK_BYTES, type=SizeType(),
-              help="Largest chunk held in memory at once (default 16 MiB).")
+              help="Largest chunk held in memory at once (default 8 MiB).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary line.")
 @_debug_option
-def merge(base, models, out, method, weights, normalize, dtype, device, shard_size, chunk_size,
-          overwrite, as_json, quiet) -> None:
+@click.pass_context
+def merge(ctx, base, models, out, config, method, weights, densities, lambda_, normalize, consensus, rescale,
+          seed, dtype, device, shard_size, chunk_size, overwrite, as_json, quiet) -> None:
     """Merge fine-tuned MODELS into BASE: θ = θ_base + λ·(θ_ft − θ_base).
 
     BASE is the model before fine-tuning (e.g. the aligned instruct model), each of MODELS a
-    fine-tuned one. Each may be a model directory or a single .safetensors file.
+    fine-tuned one. Each may be a model directory or a single .safetensors file. With
+    --config RECIPE, the inputs, method and parameters come from a mergekit-style YAML recipe.
     """
     from .api import merge as run_merge
 
-    params = {"normalize": normalize} if normalize else {}
-    result = run_merge(
-        base, list(models), out, method=method, weight=list(weights) if len(weights) > 1 else weights[0],
-        dtype=dtype.lower(), device=device, shard_size=shard_size, chunk_size=chunk_size,
-        overwrite=overwrite, progress=not quiet and not as_json, on_warning=_warn, **params,
-    )
+    options = dict(dtype=dtype.lower(), device=device, shard_size=shard_size, chunk_size=chunk_size,
+                   overwrite=overwrite, progress=not quiet and not as_json, on_warning=_warn)
+    if config is not None:
+        from .recipe import merge_recipe
+
+        if base is not None:
+            raise click.UsageError("with --config, BASE and MODELS come from the recipe; do not give them", ctx)
+        for name in ("method", "weights", "densities", "lambda_", "normalize", "consensus", "rescale"):
+            if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
+                flag = {"weights": "weight", "densities": "density", "lambda_": "lambda"}.get(name, name)
+                raise click.UsageError(f"--{flag} cannot be combined with --config: set it in the recipe", ctx)
+        if ctx.get_parameter_source("dtype") == click.core.ParameterSource.DEFAULT:
+            del options["dtype"]  # the recipe's dtype/out_dtype, else the base's
+        if seed is not None:
+            options["seed"] = seed
+        result = merge_recipe(config, out, **options)
+    else:
+        if base is None or not models:
+            raise click.UsageError("give BASE and at least one fine-tuned MODEL, or --config RECIPE", ctx)
+        params = dict(normalize=normalize, lambda_=lambda_, consensus=consensus, rescale=rescale, seed=seed,
+                      weight=_one_or_many(weights), density=_one_or_many(densities))
+        result = run_merge(base, list(models), out, method=method, **params, **options)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     elif not quiet:
         rate = format_size(result.throughput_bytes_per_s)
         click.echo(
-            f"Merged {result.tensors} tensors ({result.method}, weights {result.params.get('weights')}) "
+            f"Merged {result.tensors} tensors ({_describe(result.params)}) "
             f"on {result.device} into {result.output}: {result.shards} shard(s), "
             f"{format_size(result.bytes_written)} written in {result.seconds:.1f} s ({rate}/s), "
             f"peak RSS {format_size(result.peak_rss_bytes)}",
             err=True,
         )
+
+
+def _one_or_many(values: tuple[float, ...]) -> float | list[float] | None:
+    """A repeated option's values: None when absent, the value when given once, else the list."""
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else list(values)
+
+
+def _describe(params: dict) -> str:
+    """``linear, weights [0.6], normalize False`` — the method and its parameters, for humans."""
+    parts = [str(params.get("method"))]
+    parts += [f"{k} {json.dumps(v, ensure_ascii=False)}" for k, v in params.items() if k != "method"]
+    return ", ".join(parts)
 
 
 @main.command()

@@ -9,18 +9,24 @@ so reading, compute and writing overlap; memory is a fixed number of chunk buffe
 
 from __future__ import annotations
 
+import os
 import queue
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 
 from .checkpoint import Checkpoint, SafetensorsFile, TensorInfo
-from .methods.base import MergeMethod
+from .methods.base import ChunkContext, MergeMethod
 from .plan import MergePlan, OutputTensor
+from .reduce import TensorStates
 from .writer import ShardWriter
 
-DEFAULT_CHUNK_BYTES = 16 * 2**20
+DEFAULT_CHUNK_BYTES = 8 * 2**20
+# Compute threads: one per core, leaving the kernel's page-cache copies to the writer thread.
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ class ExecutionStats:
 
 
 class Executor:
-    """Runs a plan on the CPU with one compute thread and one writer thread."""
+    """Runs a plan on the CPU with a few compute threads and one writer thread."""
 
     def __init__(
         self,
@@ -73,29 +79,48 @@ class Executor:
         method: MergeMethod,
         backend,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        workers: int = DEFAULT_WORKERS,
     ) -> None:
         self.plan = plan
         self.method = method
         self.backend = backend
         self.chunk_bytes = chunk_bytes
+        self.workers = max(1, workers)
         self._files: dict = {f.path: f for ckpt in (base, *models) for f in ckpt.files}
+        # Per-tensor method state; runs a method's reduce passes (if any) before a tensor's first chunk.
+        self._states = TensorStates(method, plan, self._file, chunk_bytes)
 
     def run(self, writer: ShardWriter, progress: Callable[[int], None] | None = None) -> ExecutionStats:
-        """Compute and write every chunk; ``progress`` gets the output bytes of each chunk."""
+        """Compute and write every chunk; ``progress`` gets the output bytes of each chunk.
+
+        Chunks are computed by ``workers`` threads (numpy releases the GIL in its loops), at
+        most two per worker in flight; each finished chunk goes to the writer thread.
+        """
         stats = ExecutionStats()
-        pool = BufferPool(count=writer.depth + 2, nbytes=self.chunk_bytes)
-        chunks = iter_chunks(self.plan, self.chunk_bytes)
-        upcoming = next(chunks, None)
-        while upcoming is not None:
-            chunk, upcoming = upcoming, next(chunks, None)
-            if upcoming is not None:
-                self._prefetch(upcoming)
-            stats.bytes_read += self._process(chunk, writer, pool)
-            written = chunk.count * chunk.tensor.dtype.itemsize
-            stats.bytes_written += written
-            if progress is not None:
-                progress(written)
+        pool = BufferPool(count=writer.depth + 2 * self.workers, nbytes=self.chunk_bytes)
+        pending: deque[tuple[Chunk, Future]] = deque()
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="safeblend-compute") as workers:
+            try:
+                for chunk in iter_chunks(self.plan, self.chunk_bytes):
+                    self._prefetch(chunk)  # in flight before a worker reaches it
+                    pending.append((chunk, workers.submit(self._process, chunk, writer, pool)))
+                    if len(pending) >= 2 * self.workers:
+                        self._collect(*pending.popleft(), stats, progress)
+                while pending:
+                    self._collect(*pending.popleft(), stats, progress)
+            except BaseException:
+                workers.shutdown(wait=True, cancel_futures=True)
+                raise
         return stats
+
+    @staticmethod
+    def _collect(chunk: Chunk, future: Future, stats: ExecutionStats,
+                 progress: Callable[[int], None] | None) -> None:
+        stats.bytes_read += future.result()
+        written = chunk.count * chunk.tensor.dtype.itemsize
+        stats.bytes_written += written
+        if progress is not None:
+            progress(written)
 
     def _sources(self, t: OutputTensor) -> list[TensorInfo]:
         return [t.base, *t.models] if t.action == "merge" else [t.base]
@@ -122,8 +147,8 @@ class Executor:
         out = out_bytes.view(t.dtype.numpy)
         sources = [(info, self._file(info)) for info in self._sources(t)]
         views = [f.view(info, chunk.first, chunk.count) for info, f in sources]
-        self.method.merge_chunk(self.backend, views[0], views[1:], out)
-        read = 0
+        context, state, read = self._states.get(t)
+        self.method.merge_chunk(self.backend, views[0], views[1:], out, ChunkContext(context, chunk.first), state)
         for info, f in sources:
             size = info.dtype.itemsize
             f.release(info.start + chunk.first * size, chunk.count * size)

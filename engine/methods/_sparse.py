@@ -1,0 +1,300 @@
+"""Sparsified task arithmetic, the machinery shared by ``ties``, ``dare-linear`` and ``dare-ties``.
+
+For task vectors dᵢ = θ_ftᵢ − θ_base (fp32), weights wᵢ, a scale λ:
+
+1. sparsify each dᵢ into d̃ᵢ: by magnitude (TIES: keep |dᵢ| ≥ the k-th largest |dᵢ| of the
+   tensor, k = ⌊densityᵢ·n⌋) or at random (DARE: keep each entry with probability densityᵢ,
+   then rescale the kept ones by sᵢ: 1/densityᵢ, or ‖dᵢ‖₁/‖keptᵢ‖₁, or 1);
+2. weight: eᵢ = wᵢ·d̃ᵢ;
+3. combine, per element:
+   - without sign election: Δ = Σᵢ eᵢ, and with ``normalize`` Δ /= Σᵢ wᵢ (if |Σ wᵢ| ≥ 1e-8);
+   - with sign election: the elected sign is + where S ≥ 0 and − elsewhere, with
+     S = Σᵢ eᵢ (``consensus: sum``) or S = Σᵢ sign(eᵢ) (``consensus: count``); entry i agrees
+     where sign(eᵢ) equals it (zeros never agree); Δ = Σ agreeing eᵢ, and with ``normalize``
+     Δ /= Σ agreeing wᵢ (where that sum is not 0);
+4. θ = θ_base + λ·Δ, rounded once to the output dtype.
+
+Whole-tensor statistics come from reduce passes over the chunks: the TIES thresholds from
+two histogram passes (``_select``), the L1 rescale norms from one. The per-element work is
+numpy on the CPU, in cache-sized blocks.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+from ..errors import SpecError
+from ._blocks import blocks, scratch
+from ._rng import DEFAULT_SEED, MaskGenerator, keep_limit, stream_key
+from ._select import KthLargest, magnitude_bits
+from .base import ChunkContext, MergeMethod, TensorContext
+from .params import per_model, resolve, resolve_bool, resolve_float, setting
+
+# Elements per block: the combine step holds 2N + 4 fp32 buffers for N models.
+COMBINE_BLOCK = 1 << 16
+RESCALES = ("density", "l1", "none")
+CONSENSUS = ("sum", "count")
+
+_local = threading.local()
+
+
+@dataclass
+class SparseState:
+    """One tensor's resolved parameters and statistics."""
+
+    weights: list[float]
+    densities: list[float]
+    scale: float  # λ
+    normalize: bool
+    consensus: str | None
+    rescale: str
+    selectors: list[KthLargest] = field(default_factory=list)  # TIES
+    keys: list[int] = field(default_factory=list)  # DARE stream keys
+    limits: list[int] = field(default_factory=list)  # DARE keep limits
+    l1: np.ndarray | None = None  # DARE l1: [model, (Σ|d|, Σ|kept d|)]
+    passes: int = 0
+
+    def factors(self) -> list[float]:
+        """Per model, what multiplies a kept delta: wᵢ·sᵢ (sᵢ the DARE rescale)."""
+        out = []
+        for i, (w, p) in enumerate(zip(self.weights, self.densities)):
+            s = 1.0
+            if self.keys and p < 1.0:
+                if self.rescale == "density":
+                    s = 1.0 / p if p > 0 else 0.0
+                elif self.rescale == "l1" and self.l1 is not None and self.l1[i, 1] > 0:
+                    s = float(self.l1[i, 0] / self.l1[i, 1])
+            out.append(w * s)
+        return out
+
+
+class SparseTaskArithmetic(MergeMethod):
+    """Base class; subclasses pick the sparsification and whether signs are elected."""
+
+    sparsify: ClassVar[str]  # "magnitude" or "random"
+    elect_signs: ClassVar[bool]
+    default_normalize: ClassVar[bool]
+
+    def __init__(self, n_models: int, weight: Any = None, density: Any = 1.0, lambda_: Any = 1.0,
+                 normalize: Any = None, consensus: Any = None, rescale: Any = None, seed: Any = None) -> None:
+        super().__init__(n_models)
+        given = {"consensus": consensus, "rescale": rescale, "seed": seed}
+        for key in sorted(set(given) - set(self.parameter_names())):
+            if given[key] is not None:
+                raise SpecError(f"method {self.name!r} takes no parameter {key!r}")
+        self._weights = per_model(1.0 if weight is None else weight, n_models, "weight")
+        self._densities = per_model(density, n_models, "density")
+        self._lambda = setting(lambda_, "lambda")
+        self._normalize = setting(self.default_normalize if normalize is None else normalize, "normalize")
+        self._consensus = setting(consensus or "sum", "consensus") if self.elect_signs else None
+        self._rescale = setting("density" if rescale is None else rescale, "rescale") if self.sparsify == "random" else None
+        self.seed: int | None = None
+        if self.sparsify == "random":
+            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+                raise SpecError(f"{self.name}: seed must be an integer in [0, 2^64), got {seed!r}")
+            self.seed = DEFAULT_SEED if seed is None else seed
+        self._check_constants()
+
+    @classmethod
+    def parameter_names(cls) -> list[str]:
+        names = super().parameter_names()
+        if not cls.elect_signs:
+            names.remove("consensus")
+        if cls.sparsify != "random":
+            names.remove("rescale")
+            names.remove("seed")
+        return names
+
+    def _check_constants(self) -> None:
+        """Validate what is the same for every tensor now, before any data is read."""
+        for s in self._densities:
+            if s.constant is not None:
+                _check_density(s.constant, self.name)
+        if self._consensus is not None and self._consensus.constant is not None:
+            _check_choice(self._consensus.constant, CONSENSUS, f"{self.name}: consensus")
+        if self._rescale is not None and self._rescale.constant is not None:
+            _rescale_rule(self._rescale.constant, self.name)
+        if all(s.constant == 1.0 for s in self._densities):
+            self.warnings.append(f"{self.name}: density 1 keeps every delta entry; set a density below 1 "
+                                 "to sparsify")
+
+    # -- per tensor ---------------------------------------------------------------------------
+
+    def prepare(self, tensor: TensorContext) -> SparseState:
+        name, t = tensor.name, tensor.position
+        state = SparseState(
+            weights=[resolve_float(s, name, t, f"{self.name}: weight") for s in self._weights],
+            densities=[_check_density(resolve_float(s, name, t, f"{self.name}: density"), self.name)
+                       for s in self._densities],
+            scale=resolve_float(self._lambda, name, t, f"{self.name}: lambda"),
+            normalize=resolve_bool(self._normalize, name, t, f"{self.name}: normalize"),
+            consensus=(_check_choice(resolve(self._consensus, name, t, f"{self.name}: consensus"), CONSENSUS,
+                                     f"{self.name}: consensus") if self._consensus is not None else None),
+            rescale=(_rescale_rule(resolve(self._rescale, name, t, f"{self.name}: rescale"), self.name)
+                     if self._rescale is not None else "none"),
+        )
+        if self.sparsify == "magnitude":
+            state.selectors = [KthLargest(tensor.numel, math.floor(p * tensor.numel)) for p in state.densities]
+            state.passes = 0 if all(s.done for s in state.selectors) else KthLargest.passes
+        else:
+            state.keys = [stream_key(self.seed, name, i) for i in range(self.n_models)]
+            state.limits = [keep_limit(p) for p in state.densities]
+            if state.rescale == "l1" and any(p < 1.0 for p in state.densities):
+                state.l1 = np.zeros((self.n_models, 2))
+                state.passes = 1
+        return state
+
+    def reduce_passes(self, state: SparseState) -> int:
+        return state.passes
+
+    def accumulate(self, state: SparseState, pass_index: int, base: np.ndarray, models: Sequence[np.ndarray],
+                   chunk: ChunkContext) -> None:
+        b32, d32 = scratch("sparse-reduce", 2, np.float32, COMBINE_BLOCK)
+        (bits,) = scratch("sparse-bits", 1, np.uint32, COMBINE_BLOCK)
+        (keep,) = scratch("sparse-keep", 1, np.bool_, COMBINE_BLOCK)
+        generator = _generator()
+        with np.errstate(all="ignore"):
+            for lo, hi in blocks(base.shape[0], COMBINE_BLOCK):
+                k = hi - lo
+                b, d = b32[:k], d32[:k]
+                np.copyto(b, base[lo:hi], casting="unsafe")
+                for i, model in enumerate(models):
+                    np.copyto(d, model[lo:hi], casting="unsafe")
+                    np.subtract(d, b, out=d)
+                    if state.selectors:
+                        state.selectors[i].add(pass_index, magnitude_bits(d, bits[:k]))
+                    else:
+                        np.abs(d, out=d)
+                        state.l1[i, 0] += float(np.sum(d, dtype=np.float64))
+                        generator.keep(state.keys[i], chunk.first + lo, state.limits[i], keep[:k])
+                        state.l1[i, 1] += float(np.sum(d, where=keep[:k], dtype=np.float64))
+
+    def end_pass(self, state: SparseState, pass_index: int) -> None:
+        for selector in state.selectors:
+            selector.end_pass(pass_index)
+
+    # -- per chunk ----------------------------------------------------------------------------
+
+    def merge_chunk(self, backend: Any, base: np.ndarray, models: Sequence[np.ndarray], out: np.ndarray,
+                    chunk: ChunkContext | None = None, state: SparseState | None = None) -> None:
+        if state is None or chunk is None:
+            raise ValueError(f"{self.name} needs the chunk's context and the tensor's state from the engine")
+        n = len(models)
+        factors = state.factors()
+        if not self.elect_signs and state.normalize:
+            total = sum(state.weights)
+            if abs(total) >= 1e-8:
+                factors = [f / total for f in factors]
+        buffers = scratch("sparse-combine", 2 * n + 4, np.float32, COMBINE_BLOCK)
+        b32, acc, tmp, total_w = buffers[:4]
+        deltas, signs = buffers[4:4 + n], buffers[4 + n:]
+        (bits,) = scratch("sparse-bits", 1, np.uint32, COMBINE_BLOCK)
+        (drop,) = scratch("sparse-keep", 1, np.bool_, COMBINE_BLOCK)
+        thresholds = [np.uint32(s.threshold_bits) for s in state.selectors]
+        scale = np.float32(state.scale)
+        generator = _generator()
+        with np.errstate(all="ignore"):  # inf − inf and 0/0 follow IEEE rules, not user errors
+            for lo, hi in blocks(base.shape[0], COMBINE_BLOCK):
+                k = hi - lo
+                b = b32[:k]
+                np.copyto(b, base[lo:hi], casting="unsafe")
+                for i, model in enumerate(models):
+                    d = deltas[i][:k]
+                    np.copyto(d, model[lo:hi], casting="unsafe")
+                    np.subtract(d, b, out=d)
+                    if state.selectors and state.selectors[i].threshold_bits > 0:
+                        np.less(magnitude_bits(d, bits[:k]), thresholds[i], out=drop[:k])
+                        np.copyto(d, np.float32(0), where=drop[:k])
+                    elif state.keys and state.limits[i] < 1 << 64:
+                        generator.keep(state.keys[i], chunk.first + lo, state.limits[i], drop[:k])
+                        np.logical_not(drop[:k], out=drop[:k])
+                        np.copyto(d, np.float32(0), where=drop[:k])
+                    np.multiply(d, np.float32(factors[i]), out=d)
+                if self.elect_signs:
+                    self._elect(state, [d[:k] for d in deltas], [s[:k] for s in signs],
+                                acc[:k], tmp[:k], total_w[:k], drop[:k])
+                else:
+                    acc_k = acc[:k]
+                    np.copyto(acc_k, deltas[0][:k])
+                    for d in deltas[1:]:
+                        np.add(acc_k, d[:k], out=acc_k)
+                np.multiply(acc[:k], scale, out=acc[:k])
+                np.add(acc[:k], b, out=acc[:k])
+                np.copyto(out[lo:hi], acc[:k], casting="unsafe")  # one rounding, to nearest even
+
+    def _elect(self, state: SparseState, deltas: list[np.ndarray], signs: list[np.ndarray], acc: np.ndarray,
+               tmp: np.ndarray, total_w: np.ndarray, positive: np.ndarray) -> None:
+        """acc = Σ of the weighted deltas agreeing with the elected sign (÷ their weights)."""
+        for d, s in zip(deltas, signs):
+            np.sign(d, out=s)
+        votes = deltas if state.consensus == "sum" else signs
+        np.copyto(acc, votes[0])
+        for v in votes[1:]:
+            np.add(acc, v, out=acc)
+        np.greater_equal(acc, np.float32(0), out=positive)
+        elected = tmp
+        np.copyto(elected, positive)  # 1.0 / 0.0
+        np.multiply(elected, np.float32(2), out=elected)
+        np.subtract(elected, np.float32(1), out=elected)  # +1 / −1
+        acc.fill(0)
+        total_w.fill(0)
+        for d, s, w in zip(deltas, signs, state.weights):
+            np.equal(s, elected, out=positive)  # this model agrees (zeros never do)
+            np.copyto(s, positive)  # reuse the sign buffer as the 0/1 agreement mask
+            np.multiply(d, s, out=d)
+            np.add(acc, d, out=acc)
+            if state.normalize:
+                np.multiply(s, np.float32(w), out=s)
+                np.add(total_w, s, out=total_w)
+        if state.normalize:
+            np.equal(total_w, np.float32(0), out=positive)
+            np.copyto(total_w, np.float32(1), where=positive)
+            np.divide(acc, total_w, out=acc)
+
+    def recipe(self) -> dict[str, Any]:
+        recipe: dict[str, Any] = {
+            "method": self.name,
+            "weights": [s.to_json() for s in self._weights],
+            "densities": [s.to_json() for s in self._densities],
+            "lambda": self._lambda.to_json(),
+            "normalize": self._normalize.to_json(),
+        }
+        if self._consensus is not None:
+            recipe["consensus"] = self._consensus.to_json()
+        if self._rescale is not None:
+            recipe["rescale"] = self._rescale.to_json()
+            recipe["seed"] = self.seed
+        return recipe
+
+
+def _generator() -> MaskGenerator:
+    generator = getattr(_local, "generator", None)
+    if generator is None:
+        generator = _local.generator = MaskGenerator(COMBINE_BLOCK)
+    return generator
+
+
+def _check_density(value: Any, method: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise SpecError(f"{method}: density must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_choice(value: Any, choices: tuple[str, ...], what: str) -> str:
+    if value not in choices:
+        raise SpecError(f"{what}: expected one of {', '.join(choices)}, got {value!r}")
+    return str(value)
+
+
+def _rescale_rule(value: Any, method: str) -> str:
+    """DARE's rescale: "density" (1/p, also ``true``), "l1" (‖d‖₁-preserving), "none" (``false``)."""
+    if value is True:
+        return "density"
+    if value is False:
+        return "none"
+    return _check_choice(value, RESCALES, f"{method}: rescale")

@@ -1,0 +1,30 @@
+"""DARE (Yu et al., 2024) with a linear combination: drop and rescale, then add.
+
+For task vectors dᵢ = θ_ftᵢ − θ_base, weights wᵢ (default 1), densities ρᵢ (default 1),
+scale λ (default 1):
+
+    drop:     mᵢⱼ ~ Bernoulli(ρᵢ) from the counter-based generator keyed by
+              (seed, tensor name, i, j) (``engine.methods._rng``)
+    rescale:  d̃ᵢ = sᵢ·mᵢ·dᵢ with sᵢ = 1/ρᵢ (rescale "density", the DARE paper's rule and the
+              default), ‖dᵢ‖₁ / ‖mᵢ·dᵢ‖₁ ("l1": the kept entries carry the task vector's
+              whole L1 norm; 1 when nothing is kept) or 1 ("none")
+    merge:    Δ = Σᵢ wᵢ·d̃ᵢ, divided by Σᵢ wᵢ with normalize (default false)
+    θ = θ_base + λ·Δ
+
+The same seed (default 0) gives the same output for any chunk size, thread count or device.
+The L1 norms come from one reduce pass over the chunks. The per-element work is numpy (CPU)
+for now.
+"""
+
+from __future__ import annotations
+
+from . import register
+from ._sparse import SparseTaskArithmetic
+
+
+@register
+class DareLinear(SparseTaskArithmetic):
+    name = "dare-linear"
+    sparsify = "random"
+    elect_signs = False
+    default_normalize = False

@@ -1,0 +1,104 @@
+"""Per-tensor method state for the executor, after the method's reduce passes.
+
+A method that needs whole-tensor statistics (SLERP's norms, TIES's thresholds, Model
+Stock's cosines, DARE's L1 norms) declares reduce passes; before the first chunk of a tensor
+is merged, the passes run here over the tensor's chunks, through the same memory maps and
+releasing each chunk's pages after use, so memory stays O(chunk). The state is shared by
+the compute threads working on that tensor's chunks: the first thread to need it computes
+it, the others wait. A method without reduce passes costs one ``prepare`` call per tensor.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .checkpoint import SafetensorsFile, TensorInfo
+from .methods.base import ChunkContext, MergeMethod, TensorContext
+from .methods.params import layer_positions
+from .plan import MergePlan, OutputTensor
+
+# States kept after use: more than the chunks the executor can have in flight at once.
+_KEEP = 64
+
+
+@dataclass
+class _Entry:
+    ready: threading.Event = field(default_factory=threading.Event)
+    context: TensorContext | None = None
+    state: Any = None
+    error: BaseException | None = None
+
+
+class TensorStates:
+    """``get(tensor)`` → (context, state, bytes read by its reduce passes), once per tensor."""
+
+    def __init__(
+        self,
+        method: MergeMethod,
+        plan: MergePlan,
+        file_of: Callable[[TensorInfo], SafetensorsFile],
+        chunk_bytes: int,
+    ) -> None:
+        self.method = method
+        self.file_of = file_of
+        self.chunk_bytes = chunk_bytes
+        self._positions = layer_positions(t.name for t in plan.tensors)
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        # Per-tensor parameters (filters, gradients) are resolved now, so that a recipe that
+        # does not cover some tensor fails before any data is read.
+        for t in plan.tensors:
+            if t.action == "merge":
+                method.prepare(self.context(t))
+
+    def context(self, t: OutputTensor) -> TensorContext:
+        return TensorContext(t.name, t.numel, self._positions.get(t.name, 1.0))
+
+    def get(self, t: OutputTensor) -> tuple[TensorContext, Any, int]:
+        with self._lock:
+            entry = self._entries.get(t.name)
+            owner = entry is None
+            if owner:
+                entry = self._entries[t.name] = _Entry()
+                while len(self._entries) > _KEEP:
+                    self._entries.popitem(last=False)
+        if not owner:
+            entry.ready.wait()
+            if entry.error is not None:
+                raise entry.error
+            return entry.context, entry.state, 0
+        try:
+            entry.context = self.context(t)
+            entry.state = self.method.prepare(entry.context)
+            read = self._reduce(t, entry.context, entry.state)
+        except BaseException as exc:
+            entry.error = exc
+            raise
+        finally:
+            entry.ready.set()
+        return entry.context, entry.state, read
+
+    def _reduce(self, t: OutputTensor, context: TensorContext, state: Any) -> int:
+        """Run the method's reduce passes over the tensor's chunks; returns the bytes read."""
+        passes = self.method.reduce_passes(state)
+        if not passes:
+            return 0
+        sources = [t.base, *t.models]
+        files = [self.file_of(info) for info in sources]
+        step = max(1, self.chunk_bytes // max(info.dtype.itemsize for info in sources))
+        read = 0
+        for pass_index in range(passes):
+            for first in range(0, t.numel, step):
+                count = min(step, t.numel - first)
+                views = [f.view(info, first, count) for info, f in zip(sources, files)]
+                self.method.accumulate(state, pass_index, views[0], views[1:], ChunkContext(context, first))
+                del views
+                for info, f in zip(sources, files):
+                    size = info.dtype.itemsize
+                    f.release(info.start + first * size, count * size)
+                    read += count * size
+            self.method.end_pass(state, pass_index)
+        return read
