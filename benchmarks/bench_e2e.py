@@ -97,9 +97,17 @@ def main() -> int:
     base, ft = generate(work, args.preset)
     print(f"page cache: read {warm_page_cache(base, ft) / 1e9:.2f} GB of inputs")
     runs: dict[str, list[dict]] = {"cpu": [], "cuda": []}
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     for i in range(args.repeats):
         for device in (("cpu", "cuda") if i % 2 == 0 else ("cuda", "cpu")):
-            summary = merge(base, ft, work / f"out-{device}", device)
+            try:
+                summary = merge(base, ft, work / f"out-{device}", device)
+            except RuntimeError as exc:
+                print(f"run {i + 1}: {exc}", file=sys.stderr)
+                (out_dir / "bench_e2e.json").write_text(json.dumps({"preset": args.preset, "runs": runs,
+                                                                     "error": str(exc)}, indent=2) + "\n")
+                return 1
             runs[device].append(summary)
             print(f"run {i + 1} --device {device}: {summary['wall_s']:.2f}s wall, merge {summary['seconds']:.2f}s, "
                   f"peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB, device={summary['device']}")
@@ -127,8 +135,6 @@ def main() -> int:
           f"cuda RSS {'within' if cuda['peak_rss_mib'] <= 1024 else 'ABOVE'} 1 GiB")
     print(f"outputs: {equality['identical_files']}/{equality['files']} shard files byte-identical, "
           f"{equality['differing_words']} differing 16-bit words")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench_e2e.json").write_text(json.dumps(
         {"preset": args.preset, "table": table, "runs": runs, "equality": equality}, indent=2) + "\n")
     ok = faster and cuda["reported_device"] == "cuda" and equality["identical_files"] == equality["files"]

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The prepared GPU check for safeblend's CUDA path (issue 3). Installs nothing: it runs from
-# this checkout (PYTHONPATH) with the torch/triton already on the machine. Fits in 8 minutes
-# on one H100; every step has its own time limit, its log under $OUT, and a failed step does
+# this checkout (PYTHONPATH) with the torch/triton already on the machine. The step limits add
+# up to 8 minutes on one H100 (expected: ~5); every step has its own time limit, its log under $OUT, and a failed step does
 # not stop the next one. Ends with a summary of every step.
 #
 #   bash benchmarks/gpu_check.sh              # logs in $OUT, or ./benchmarks/out if unset
 #   BENCH_PRESET=small bash benchmarks/gpu_check.sh   # a quicker end-to-end checkpoint
+#
+# The default end-to-end checkpoint is tinyllama-1.1b (2.2 GB per model in bf16): generating
+# it takes ~1-2 minutes of the e2e step (107 s on a 2-core box), each merge ~10-20 s.
 #
 # Steps: environment (device, driver, versions) · the Triton tests under the interpreter ·
 # the same tests compiled on the GPU plus every `cuda`-marked test · kernel bandwidth against
@@ -49,7 +52,7 @@ step() {
   echo "--- $line"
 }
 
-step environment 60 bash -c '
+step environment 20 bash -c '
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv || echo "nvidia-smi failed"
   nproc; free -g | head -2; df -h "'"$WORK"'" | tail -1
   "'"$PY"'" - <<EOF
@@ -64,16 +67,18 @@ if torch.cuda.is_available():
 EOF'
 
 # The interpreter path CI runs, here too: proves the two modes agree on this machine's stack.
-step tests_interpreter 150 env TRITON_INTERPRET=1 "$PY" -m pytest -q -rs -p no:cacheprovider \
+step tests_interpreter 60 env TRITON_INTERPRET=1 "$PY" -m pytest -q -rs -p no:cacheprovider \
   tests/test_triton_kernels.py tests/test_cuda_pipeline.py
 
 # Compiled kernels on the GPU (same test file, now on CUDA tensors) and every cuda-marked test.
-step tests_gpu 210 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_triton_kernels.py tests/test_cuda_pipeline.py
-step tests_cuda_marked 120 "$PY" -m pytest -q -rs -p no:cacheprovider -m cuda tests
+step tests_gpu 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_triton_kernels.py tests/test_cuda_pipeline.py
+# cuda-marked tests elsewhere in the suite (exit 5, "none collected", counts as ok).
+step tests_cuda_other 30 bash -c '"$0" -m pytest -q -rs -p no:cacheprovider -m cuda tests \
+  --ignore=tests/test_triton_kernels.py --ignore=tests/test_cuda_pipeline.py; rc=$?; [ $rc -eq 5 ] && exit 0; exit $rc' "$PY"
 
-step bench_kernel 120 "$PY" benchmarks/bench_kernel.py --out "$OUT"
+step bench_kernel 50 "$PY" benchmarks/bench_kernel.py --out "$OUT"
 
-step bench_e2e 240 "$PY" benchmarks/bench_e2e.py --preset "$PRESET" --repeats 2 --work "$WORK" --out "$OUT"
+step bench_e2e 200 "$PY" benchmarks/bench_e2e.py --preset "$PRESET" --repeats 2 --work "$WORK" --out "$OUT"
 
 echo
 echo "=== summary ($(($(date +%s) - T0))s total; logs and JSON in $OUT) ==="

@@ -18,7 +18,8 @@ from .dtypes import dtype_from_alias
 from .errors import SpecError
 from .execute import DEFAULT_CHUNK_BYTES, Executor
 from .execute_cuda import CudaExecutor
-from .methods import create_method
+from .lora import open_model
+from .methods import MergeMethod, create_method
 from .model_files import copy_model_files
 from .plan import plan as make_plan
 from .units import parse_size
@@ -103,14 +104,8 @@ def merge(
     _check_output_not_input(out, [base, *model_paths])
 
     base_ckpt = Checkpoint.open(base)
-    model_ckpts = [Checkpoint.open(p) for p in model_paths]
-    recipe = {
-        **merger.recipe(),
-        "base": str(base),
-        "models": [str(p) for p in model_paths],
-        "dtype": out_dtype or "auto",
-    }
-    metadata = {"safeblend_version": __version__, "safeblend_recipe": json.dumps(recipe, sort_keys=True)}
+    model_ckpts = [open_model(p, base_ckpt) for p in model_paths]  # LoRA adapter dirs: engine.lora
+    metadata = output_metadata(merger, base, model_paths, out_dtype)
     merge_plan = make_plan(base_ckpt, model_ckpts, out_dtype, shard_bytes, metadata)
     for message in [*merger.warnings, *merge_plan.warnings]:
         warn(message)
@@ -152,6 +147,18 @@ def merge(
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         warnings=[*merger.warnings, *merge_plan.warnings],
     )
+
+
+def output_metadata(merger: MergeMethod, base: str | os.PathLike, model_paths: Sequence[str | os.PathLike],
+                    out_dtype: str | None) -> dict[str, str]:
+    """The strings every output shard header records: version and merge recipe (also used by sweep)."""
+    recipe = {
+        **merger.recipe(),
+        "base": str(base),
+        "models": [str(p) for p in model_paths],
+        "dtype": out_dtype or "auto",
+    }
+    return {"safeblend_version": __version__, "safeblend_recipe": json.dumps(recipe, sort_keys=True)}
 
 
 def _select_backend(device: str):

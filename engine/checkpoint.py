@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -24,6 +25,7 @@ from .errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"  # a PEFT adapter, read by engine.lora
 # The safetensors library refuses headers above 100 MB; a larger one is corrupt, not big.
 MAX_HEADER_BYTES = 100_000_000
 _PAGE = mmap.PAGESIZE
@@ -54,27 +56,32 @@ class SafetensorsFile:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
     _map: mmap.mmap | None = field(default=None, repr=False)
+    _map_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _mapped(self) -> mmap.mmap:
+        """The file's read-only map, created on first use (once, even with several threads)."""
+        with self._map_lock:
+            if self._map is None:
+                with open(self.path, "rb") as handle:
+                    self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+                self._map.madvise(mmap.MADV_SEQUENTIAL)
+            return self._map
 
     def view(self, info: TensorInfo, first: int, count: int) -> np.ndarray:
         """A read-only 1-D array over elements [first, first + count) of a tensor, no copy."""
-        if self._map is None:
-            with open(self.path, "rb") as handle:
-                self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-            self._map.madvise(mmap.MADV_SEQUENTIAL)
         offset = info.start + first * info.dtype.itemsize
-        return np.frombuffer(self._map, dtype=info.dtype.numpy, count=count, offset=offset)
+        return np.frombuffer(self._mapped(), dtype=info.dtype.numpy, count=count, offset=offset)
 
     def byte_view(self, start: int, length: int) -> memoryview:
         """A read-only memoryview over absolute bytes [start, start + length) of the file."""
-        if self._map is None:
-            self.view(next(iter(self.tensors.values())), 0, 0)
-        return memoryview(self._map)[start : start + length]
+        return memoryview(self._mapped())[start : start + length]
 
     def prefetch(self, start: int, length: int) -> None:
         """Ask the kernel to start reading a byte range ahead of use (asynchronous readahead)."""
-        if self._map is not None and length > 0:
-            lo, hi = _page_span(start, length, len(self._map))
-            self._map.madvise(mmap.MADV_WILLNEED, lo, hi - lo)
+        if length > 0:
+            mapped = self._mapped()
+            lo, hi = _page_span(start, length, len(mapped))
+            mapped.madvise(mmap.MADV_WILLNEED, lo, hi - lo)
 
     def release(self, start: int, length: int) -> None:
         """Drop a consumed byte range from this process's resident set.
@@ -206,6 +213,20 @@ def _check_coverage(path: Path, tensors: dict[str, TensorInfo], data_start: int,
         )
 
 
+def peft_adapter_dir(path: Path) -> Path | None:
+    """The PEFT adapter directory ``path`` names, else None.
+
+    ``path`` may be the directory or a file in it; a directory with ``adapter_config.json``
+    and no full-model weights (``model.safetensors`` or an index) is an adapter.
+    """
+    root = path.parent if path.is_file() and path.name.startswith(("adapter_config", "adapter_model")) else path
+    if not (root / ADAPTER_CONFIG_NAME).is_file():
+        return None
+    if (root / SINGLE_NAME).is_file() or (root / INDEX_NAME).is_file():
+        return None
+    return root
+
+
 @dataclass
 class Checkpoint:
     """A model as a set of safetensors files, viewed through their headers.
@@ -225,6 +246,11 @@ class Checkpoint:
         root = Path(path)
         if not root.exists():
             raise CheckpointError(f"{root}: no such file or directory")
+        if peft_adapter_dir(root) is not None:
+            raise CheckpointError(
+                f"{root}: is a PEFT adapter (adapter_config.json), not a full model; give it as a fine-tuned "
+                "model (FT), after the full BASE model it was trained from"
+            )
         if root.is_file():
             if root.name.endswith(".safetensors.index.json"):
                 return cls._from_index(root, root.parent)

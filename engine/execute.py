@@ -97,7 +97,7 @@ class Executor:
         most two per worker in flight; each finished chunk goes to the writer thread.
         """
         stats = ExecutionStats()
-        pool = BufferPool(count=writer.depth + 2 * self.workers, nbytes=self.chunk_bytes)
+        pool = self._buffer_pool(writer)
         pending: deque[tuple[Chunk, Future]] = deque()
         with ThreadPoolExecutor(self.workers, thread_name_prefix="safeblend-compute") as workers:
             try:
@@ -112,6 +112,13 @@ class Executor:
                 workers.shutdown(wait=True, cancel_futures=True)
                 raise
         return stats
+
+    def _buffer_pool(self, writer: ShardWriter) -> BufferPool:
+        """Chunk buffers for the writer's queue plus two chunks in flight per worker.
+
+        A hook: the sweep executor (engine.sweep) sizes its own pool for several outputs.
+        """
+        return BufferPool(count=writer.depth + 2 * self.workers, nbytes=self.chunk_bytes)
 
     @staticmethod
     def _collect(chunk: Chunk, future: Future, stats: ExecutionStats,

@@ -31,8 +31,9 @@ import numpy as np
 from .checkpoint import Checkpoint, SafetensorsFile, TensorInfo
 from .errors import SpecError
 from .execute import DEFAULT_CHUNK_BYTES, BufferPool, Chunk, ExecutionStats, iter_chunks
-from .methods.base import MergeMethod
+from .methods.base import ChunkContext, MergeMethod
 from .plan import MergePlan
+from .reduce import TensorStates
 from .writer import ShardWriter
 
 # Chunks resident on the device at once: one being copied in, one computed, one copied out.
@@ -102,6 +103,8 @@ class CudaExecutor:
         self.n_inputs = 1 + len(models)
         self.slot_bytes = staging_slot_bytes(chunk_bytes, self.n_inputs)
         self._files: dict = {f.path: f for ckpt in (base, *models) for f in ckpt.files}
+        # Per-tensor parameters resolved up front, as on the CPU path (a bad recipe fails early).
+        self._states = TensorStates(method, plan, self._file, chunk_bytes)
         self.report: dict[str, Any] = {}
 
     def run(self, writer: ShardWriter, progress: Callable[[int], None] | None = None) -> ExecutionStats:
@@ -270,7 +273,9 @@ class CudaExecutor:
                 device_buffer[k * sb : k * sb + chunk.count * info.dtype.itemsize].view(self._dtype(info.dtype.name))
                 for k, info in enumerate(infos)
             ]
-            self.method.merge_chunk(self.backend, views[0], views[1:], out_region.view(self._dtype(t.dtype.name)))
+            context, state, _ = self._states.get(t)  # no reduce passes here: nothing is read
+            self.method.merge_chunk(self.backend, views[0], views[1:], out_region.view(self._dtype(t.dtype.name)),
+                                    ChunkContext(context, chunk.first), state)
             computed.record(self._compute)
         out_buffer = self._out_pool.acquire()  # blocks only while the writer is behind
         done = self._cuda.Event()

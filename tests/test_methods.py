@@ -497,3 +497,17 @@ def test_invalid_parameters_are_clear_errors(tmp_path, method, models, params, m
     with pytest.raises(SpecError, match=message.replace("[", r"\[").replace("]", r"\]")):
         engine.merge(b, ms, tmp_path / "out", method=method, **params)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_large_chunks_span_several_compute_blocks(tmp_path, case):
+    """The default 16 MiB chunk holds whole tensors, each cut into several compute blocks."""
+    n_models, params, reference = CASES[case]
+    method = case.removesuffix("-normalize").removesuffix("-count").removesuffix("-l1")
+    shapes = {"model.layers.0.mlp.up_proj.weight": (3, 70_001), "model.layers.1.mlp.up_proj.weight": (5,)}
+    base, models = make_inputs(np.random.default_rng(zlib.crc32(case.encode())), "bf16", n_models, shapes)
+    out = run(tmp_path, base, models, method, chunk_size=16 << 20, **params)
+    for name in base:
+        ms = [m[name] for m in models]
+        assert_within_tolerance(out[name], reference(name, base[name], ms),
+                                [base[name], *ms, operand_scale(method, base[name], ms)], f"{case} {name}")

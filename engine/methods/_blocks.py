@@ -39,16 +39,11 @@ def blocks(n: int, block: int = BLOCK) -> Iterator[tuple[int, int]]:
         yield lo, min(n, lo + block)
 
 
-def upcast_delta(base: np.ndarray, model: np.ndarray, b32: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """``out = fp32(model) − b32`` where ``b32`` is the base block already in fp32."""
-    np.copyto(out, model, casting="unsafe")
-    np.subtract(out, b32, out=out)
-    return out
+def dot(a: np.ndarray, b: np.ndarray, tmp: np.ndarray) -> float:
+    """⟨a, b⟩ by an elementwise product into ``tmp`` and numpy's pairwise sum.
 
-
-def delta64(base: np.ndarray, model: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """``out = fp64(model) − fp64(base)``, for statistics (exact for bf16/fp16/fp32 inputs
-    whose exponents are within 29 of each other)."""
-    np.copyto(out, model, casting="unsafe")
-    np.subtract(out, base, out=out, casting="unsafe")
-    return out
+    Not np.dot: OpenBLAS's threaded ddot measured 21 ns per element on 128K-element blocks
+    here (thread wake-ups on every call), against 0.5 ns for this.
+    """
+    np.multiply(a, b, out=tmp)
+    return float(tmp.sum())

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import register
-from ._blocks import blocks, scratch
+from ._blocks import blocks, dot, scratch
 from .base import ChunkContext, MergeMethod, TensorContext
 
 TINY_NORM = 1e-12
@@ -52,8 +52,7 @@ class ModelStock(MergeMethod):
     def accumulate(self, state: ModelStockState, pass_index: int, base: np.ndarray, models: Sequence[np.ndarray],
                    chunk: ChunkContext) -> None:
         n = len(models)
-        buffers = scratch("model-stock", n + 1, np.float64)
-        b64, deltas = buffers[0], buffers[1:]
+        b64, tmp, *deltas = scratch("model-stock", n + 2, np.float64)
         for lo, hi in blocks(base.shape[0]):
             k = hi - lo
             np.copyto(b64[:k], base[lo:hi], casting="unsafe")
@@ -62,7 +61,7 @@ class ModelStock(MergeMethod):
                 np.subtract(d[:k], b64[:k], out=d[:k])
             for i in range(n):
                 for j in range(i, n):
-                    state.gram[i, j] += float(np.dot(deltas[i][:k], deltas[j][:k]))
+                    state.gram[i, j] += dot(deltas[i][:k], deltas[j][:k], tmp[:k])
 
     def end_pass(self, state: ModelStockState, pass_index: int) -> None:
         state.t = interpolation_ratio(state.gram)

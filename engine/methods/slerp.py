@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import register
-from ._blocks import BLOCK, blocks, scratch
+from ._blocks import BLOCK, blocks, dot, scratch
 from .base import ChunkContext, MergeMethod, TensorContext
 from .params import per_model, resolve_float
 
@@ -57,14 +57,15 @@ class Slerp(MergeMethod):
 
     def accumulate(self, state: SlerpState, pass_index: int, base: np.ndarray, models: Sequence[np.ndarray],
                    chunk: ChunkContext) -> None:
-        a64, b64 = scratch("slerp-reduce", 2, np.float64)
+        a64, b64, tmp = scratch("slerp-reduce", 3, np.float64)
         for lo, hi in blocks(base.shape[0]):
-            a, b = a64[: hi - lo], b64[: hi - lo]
+            k = hi - lo
+            a, b = a64[:k], b64[:k]
             np.copyto(a, base[lo:hi], casting="unsafe")
             np.copyto(b, models[0][lo:hi], casting="unsafe")
-            state.aa += float(np.dot(a, a))
-            state.bb += float(np.dot(b, b))
-            state.ab += float(np.dot(a, b))
+            state.aa += dot(a, a, tmp[:k])
+            state.bb += dot(b, b, tmp[:k])
+            state.ab += dot(a, b, tmp[:k])
 
     def end_pass(self, state: SlerpState, pass_index: int) -> None:
         state.linear, state.coefficients = slerp_coefficients(state.t, state.aa, state.bb, state.ab)

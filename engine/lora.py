@@ -1,0 +1,494 @@
+"""PEFT LoRA adapters as fine-tuned inputs, materialised lazily, one chunk at a time.
+
+A LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``, as PEFT's
+``save_pretrained`` writes it) describes a fine-tuned model without storing it:
+
+    θ_ft = W + s·B·A      for each targeted weight W (s = alpha/r, or alpha/√r with rsLoRA)
+    θ_ft = T              for each full tensor T the adapter stores (modules_to_save, biases)
+    θ_ft = W              for every other tensor of the base
+
+``open_model`` turns such a directory into a ``LoraCheckpoint``: a ``Checkpoint`` with the
+base's tensor names and shapes, whose targeted tensors live in a virtual file (``_DeltaFile``)
+that computes ``W + s·B·A`` for just the requested element range when the executor takes a
+view. The planner and both executors use it unchanged: they call the same
+``view``/``byte_view``/``prefetch``/``release`` methods they call on a real file. Memory is the
+factors of a few modules (A and B are small: r·(in + out) values) plus per-thread chunk
+buffers — never a whole delta.
+
+Targeted tensors are presented as F32 (θ_ft is computed in fp32 and handed to the merge
+without rounding); untargeted ones are the base's own bytes; stored full tensors are the
+adapter's bytes, in whatever float dtype it holds them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import math
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import (
+    ADAPTER_CONFIG_NAME,
+    Checkpoint,
+    SafetensorsFile,
+    TensorInfo,
+    peft_adapter_dir,
+    read_safetensors_header,
+)
+from .dtypes import DTYPES
+from .errors import CheckpointError, IncompatibleInputsError
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_F32 = DTYPES["F32"]
+# Elements per inner block of a delta view: 256K fp32 values (1 MiB) keep the matmul output,
+# the upcast W and their sum in cache (the numpy backend measured the same block size best).
+_BLOCK = 1 << 18
+# Modules whose factors stay loaded: more than the tensors the compute threads touch at once.
+_FACTOR_CACHE = 4
+# Config fields of LoRA variants whose merge is not W + s·B·A (or that change the model's shape).
+_UNSUPPORTED_FIELDS = {
+    "use_dora": "DoRA (use_dora) rescales each merged weight by a learned magnitude",
+    "use_qalora": "QA-LoRA (use_qalora) pools the input before its A factor",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) only applies after an invocation sequence",
+    "arrow_config": "Arrow routing (arrow_config) mixes several LoRA experts per token",
+    "layer_replication": "layer_replication changes the model's layer stack",
+    "target_parameters": "LoRA on bare parameters (target_parameters)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "kasa_config": "KaSA (kasa_config)",
+    "velora_config": "VeLoRA (velora_config)",
+}
+_FACTOR_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_[AB])\.(?:(?P<adapter>[^.]+)\.)?(?P<param>weight|bias)$")
+_EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?$")
+_virtual_ids = itertools.count(1)
+
+
+# -- the adapter's configuration ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The parts of ``adapter_config.json`` that decide the merged weights."""
+
+    path: Path
+    r: int
+    alpha: float
+    use_rslora: bool
+    fan_in_fan_out: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+
+    def rank(self, module: str) -> int:
+        """r for one module (per ``rank_pattern``)."""
+        key = _pattern_key(self.rank_pattern, module)
+        return self.rank_pattern[key] if key else self.r
+
+    def scaling(self, module: str, rank: int) -> float:
+        """s for one module: alpha/r, or alpha/√r with rsLoRA (alpha per ``alpha_pattern``)."""
+        key = _pattern_key(self.alpha_pattern, module)
+        alpha = float(self.alpha_pattern[key]) if key else self.alpha
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+
+def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
+    """The first pattern that names ``module`` (PEFT's rule: the pattern matches a dotted suffix)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def read_adapter_config(directory: Path) -> AdapterConfig:
+    """Parse and validate ``adapter_config.json``; CheckpointError names what is unsupported."""
+    path = directory / ADAPTER_CONFIG_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: cannot read adapter config ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: must be a JSON object")
+    peft_type = data.get("peft_type")
+    if str(peft_type).upper() != "LORA":
+        raise CheckpointError(f"{path}: peft_type {peft_type!r} is not supported; safeblend merges LoRA "
+                              "adapters (peft_type LORA) only")
+    for name, what in _UNSUPPORTED_FIELDS.items():
+        if data.get(name):
+            raise CheckpointError(f"{path}: {what} is not supported; merge it with PEFT's merge_and_unload "
+                                  "and give safeblend the merged model")
+    bias = data.get("bias", "none")
+    if bias not in ("none", "all", "lora_only"):
+        raise CheckpointError(f"{path}: bias {bias!r} is not supported (expected none, all or lora_only)")
+    try:
+        r = int(data.get("r", 8))
+        alpha = float(data.get("lora_alpha", 8))
+        rank_pattern = {str(k): int(v) for k, v in (data.get("rank_pattern") or {}).items()}
+        alpha_pattern = {str(k): float(v) for k, v in (data.get("alpha_pattern") or {}).items()}
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: r, lora_alpha, rank_pattern or alpha_pattern is malformed ({exc})") from exc
+    if r <= 0 or any(v <= 0 for v in rank_pattern.values()):
+        raise CheckpointError(f"{path}: ranks must be positive")
+    return AdapterConfig(path, r, alpha, bool(data.get("use_rslora")), bool(data.get("fan_in_fan_out")),
+                         rank_pattern, alpha_pattern)
+
+
+# -- what each base tensor becomes ---------------------------------------------------------------
+
+
+@dataclass
+class _Delta:
+    """θ_ft = W + left @ right for one base tensor (left is (rows, r) with s folded in, right
+    is (r, cols)); for a LoRA bias (``lora_B.bias``) ``right`` is None and left is s·b."""
+
+    module: str
+    w: TensorInfo  # where W comes from: the base, or a replacement stored in the adapter
+    a: TensorInfo | None  # lora_A (r, in) or lora_embedding_A (r, num_embeddings)
+    b: TensorInfo  # lora_B (out, r), lora_embedding_B (dim, r) or the lora_B bias (out,)
+    scaling: float
+    transposed: bool  # delta = (B·A)ᵀ: GPT-2 Conv1D (fan_in_fan_out) and embeddings
+    virtual: TensorInfo | None = None
+
+
+@dataclass
+class _Factors:
+    left: np.ndarray
+    right: np.ndarray | None
+
+
+class _DeltaFile:
+    """A virtual safetensors file holding θ_ft = W + s·B·A for every targeted tensor, in F32.
+
+    Each tensor has a virtual byte range (``TensorInfo.start``/``nbytes``) so that the byte
+    ranges the executors pass to ``prefetch``/``release``/``byte_view`` identify the tensor.
+    A view is computed into a per-thread buffer and stays valid until the same thread takes
+    its next view of this file — the executors consume each view before the next.
+    """
+
+    def __init__(self, path: Path, deltas: list[_Delta], files: dict[Path, SafetensorsFile]) -> None:
+        self.path = path
+        self.metadata: dict[str, str] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        self._deltas: dict[str, _Delta] = {}
+        cursor = 0
+        for d in deltas:
+            info = TensorInfo(d.w.name, _F32, d.w.shape, path, cursor, d.w.numel * _F32.itemsize)
+            d.virtual = info
+            self.tensors[info.name] = info
+            self._deltas[info.name] = d
+            cursor += info.nbytes
+        self.size = cursor
+        self._starts = [d.virtual.start for d in deltas]
+        self._order = deltas
+        self._files = files
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._factors: OrderedDict[str, _Factors] = OrderedDict()
+
+    # The interface of SafetensorsFile that the executors use.
+
+    def view(self, info: TensorInfo, first: int, count: int) -> np.ndarray:
+        """θ_ft over elements [first, first + count) of a targeted tensor, as fp32."""
+        d = self._deltas[info.name]
+        out, scratch = self._buffers(count)
+        w = self._files[d.w.file].view(d.w, first, count)
+        factors = self._load(d)
+        cols = d.w.shape[-1]
+        with np.errstate(all="ignore"):  # inf/NaN in W propagate as they would in PEFT
+            for pos, rows, c0, c1 in _segments(first, count, cols, _BLOCK):
+                lo = pos - first
+                n = rows * (c1 - c0)
+                seg = out[lo : lo + n]
+                np.copyto(seg, w[lo : lo + n], casting="unsafe")
+                if factors.right is None:  # a bias: s·b over the same elements
+                    seg += factors.left[pos : pos + n]
+                    continue
+                r0 = pos // cols
+                block = scratch[:n].reshape(rows, c1 - c0)
+                np.matmul(factors.left[r0 : r0 + rows], factors.right[:, c0:c1], out=block)
+                seg += scratch[:n]
+        return out
+
+    def byte_view(self, start: int, length: int) -> memoryview:
+        """The bytes of a virtual range (the GPU path copies these into pinned memory)."""
+        if length == 0:
+            return memoryview(b"")
+        d, first, count = self._locate(start, length)
+        return memoryview(self.view(d.virtual, first, count).view(np.uint8))
+
+    def prefetch(self, start: int, length: int) -> None:
+        if length > 0:
+            d, first, count = self._locate(start, length)
+            size = d.w.dtype.itemsize
+            self._files[d.w.file].prefetch(d.w.start + first * size, count * size)
+
+    def release(self, start: int, length: int) -> None:
+        if length > 0:
+            d, first, count = self._locate(start, length)
+            size = d.w.dtype.itemsize
+            self._files[d.w.file].release(d.w.start + first * size, count * size)
+
+    def close(self) -> None:
+        with self._lock:
+            self._factors.clear()
+        self._local = threading.local()
+
+    # Helpers.
+
+    def _locate(self, start: int, length: int) -> tuple[_Delta, int, int]:
+        d = self._order[bisect.bisect_right(self._starts, start) - 1]
+        first = (start - d.virtual.start) // _F32.itemsize
+        return d, first, length // _F32.itemsize
+
+    def _buffers(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        local = self._local
+        if getattr(local, "size", 0) < count:
+            local.out = np.empty(count, dtype=np.float32)
+            local.scratch = np.empty(min(count, _BLOCK), dtype=np.float32)
+            local.size = count
+        return local.out[:count], local.scratch
+
+    def _load(self, d: _Delta) -> _Factors:
+        """One module's factors in fp32, scaled and oriented; a few modules stay cached."""
+        with self._lock:
+            factors = self._factors.get(d.module + d.w.name)
+            if factors is not None:
+                self._factors.move_to_end(d.module + d.w.name)
+                return factors
+            b = self._read(d.b)
+            if d.a is None:
+                factors = _Factors(b * np.float32(d.scaling) if d.scaling != 1.0 else b, None)
+            else:
+                a = self._read(d.a)
+                if d.transposed:  # delta = (B·A)ᵀ = Aᵀ·Bᵀ
+                    left, right = a.T * d.scaling, b.T
+                else:
+                    left, right = b * d.scaling, a
+                factors = _Factors(np.ascontiguousarray(left, dtype=np.float32),
+                                   np.ascontiguousarray(right, dtype=np.float32))
+            self._factors[d.module + d.w.name] = factors
+            while len(self._factors) > _FACTOR_CACHE:
+                self._factors.popitem(last=False)
+            return factors
+
+    def _read(self, info: TensorInfo) -> np.ndarray:
+        f = self._files[info.file]
+        values = np.array(f.view(info, 0, info.numel), dtype=np.float32).reshape(info.shape)
+        f.release(info.start, info.nbytes)
+        return values
+
+
+def _segments(first: int, count: int, cols: int, block: int):
+    """Cut elements [first, first + count) of a row-major (·, cols) matrix into pieces of at
+    most ``block`` elements, each a part of one row or a run of whole rows.
+
+    Yields (first element, rows, first column, end column).
+    """
+    pos, end = first, first + count
+    while pos < end:
+        c = pos % cols
+        if c or end - pos < cols or cols > block:
+            n = min(cols - c, end - pos, block)
+            yield pos, 1, c, c + n
+        else:
+            rows = min((end - pos) // cols, max(1, block // cols))
+            n = rows * cols
+            yield pos, rows, 0, cols
+        pos += n
+
+
+# -- opening an adapter --------------------------------------------------------------------------
+
+
+@dataclass
+class LoraCheckpoint(Checkpoint):
+    """A PEFT LoRA adapter seen as the full fine-tuned model it describes (see module doc)."""
+
+    base: Checkpoint | None = None
+    adapter_file: SafetensorsFile | None = None
+    delta_file: _DeltaFile | None = None
+    targeted: list[str] = field(default_factory=list)
+
+    def file_of(self, info: TensorInfo) -> SafetensorsFile:
+        for f in (*self.files, *(self.base.files if self.base else ())):
+            if f.path == info.file:
+                return f
+        raise KeyError(info.file)
+
+    def close(self) -> None:
+        for f in self.files:  # not the base's: their owner closes them
+            f.close()
+
+
+def open_model(path: str | Path, base: Checkpoint) -> Checkpoint:
+    """Open a fine-tuned model: a full checkpoint, or a PEFT LoRA adapter applied to ``base``."""
+    directory = peft_adapter_dir(Path(path))
+    if directory is None:
+        return Checkpoint.open(path)
+    return open_adapter(directory, base)
+
+
+def open_adapter(directory: Path, base: Checkpoint) -> LoraCheckpoint:
+    """A LoRA adapter directory as a lazily materialised fine-tuned checkpoint of ``base``.
+
+    Raises CheckpointError for an unsupported adapter (not LoRA, DoRA and other variants,
+    convolution LoRA, no safetensors weights) and IncompatibleInputsError when the adapter
+    does not fit the base (a module the base lacks, shapes that disagree).
+    """
+    config = read_adapter_config(directory)
+    weights = directory / ADAPTER_WEIGHTS_NAME
+    if not weights.is_file():
+        found = [p.name for p in directory.glob("adapter_model*")]
+        hint = f" (found {', '.join(found)}: only safetensors adapters are read)" if found else ""
+        raise CheckpointError(f"{directory}: no {ADAPTER_WEIGHTS_NAME}{hint}")
+    adapter = read_safetensors_header(weights)
+    factors, replacements = _classify(adapter, config)
+    files = {f.path: f for f in base.files}
+    files[adapter.path] = adapter
+    deltas: list[_Delta] = []
+    tensors = dict(base.tensors)
+    for name, info in replacements.items():
+        target = _base_name(name, base, adapter.path, info.name)
+        _check_replacement(info, base.tensors[target], adapter.path)
+        tensors[target] = replace(info, name=target)
+    for module, parts in factors.items():
+        deltas.append(_make_delta(module, parts, config, base, tensors, adapter.path))
+    virtual = _DeltaFile(Path(f"{weights}#lora-{next(_virtual_ids)}"), deltas, files)
+    for d in deltas:
+        tensors[d.w.name] = d.virtual
+    if adapter.tensors:
+        adapter.byte_view(0, 0)  # map it now, not racing in the compute threads
+    return LoraCheckpoint(path=directory, files=[virtual, adapter], tensors=tensors, model_dir=None, base=base,
+                          adapter_file=adapter, delta_file=virtual, targeted=[d.w.name for d in deltas])
+
+
+def _classify(adapter: SafetensorsFile, config: AdapterConfig) -> tuple[dict, dict[str, TensorInfo]]:
+    """Split the adapter's tensors into LoRA factors by (module, param) and full tensors by
+    the base name they replace (PEFT's wrapper segments removed)."""
+    factors: dict[tuple[str, str], dict[str, TensorInfo]] = {}
+    replacements: dict[str, TensorInfo] = {}
+    adapter_names: set[str] = set()
+    for key, info in adapter.tensors.items():
+        name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        if "lora_magnitude_vector" in name:
+            raise CheckpointError(f"{adapter.path}: {key!r} is a DoRA magnitude vector; DoRA adapters are not "
+                                  "supported")
+        match = _FACTOR_KEY.match(name)
+        if match:
+            kind = "bias" if match["param"] == "bias" else "linear"
+            if kind == "bias" and match["part"] == "lora_A":
+                raise CheckpointError(f"{adapter.path}: {key!r}: a lora_A bias is not part of PEFT's LoRA")
+            part = "B" if match["part"] == "lora_B" else "A"
+        else:
+            match = _EMBEDDING_KEY.match(name)
+            if match:
+                kind, part = "embedding", match["part"]
+        if match:
+            if match["adapter"]:
+                adapter_names.add(match["adapter"])
+            slot = factors.setdefault((match["module"], kind), {})
+            if part in slot:
+                raise CheckpointError(f"{adapter.path}: module {match['module']!r} has two lora_{part} tensors "
+                                      f"({slot[part].name!r}, {key!r})")
+            slot[part] = info
+            continue
+        if ".lora_" in name or name.startswith("lora_"):
+            raise CheckpointError(f"{adapter.path}: tensor {key!r} is not a LoRA factor safetensors knows how to "
+                                  "merge (expected lora_A/lora_B or lora_embedding_A/B)")
+        if ".original_module." in name:
+            continue  # the frozen original beside a modules_to_save copy: the base already has it
+        name = re.sub(r"\.modules_to_save\.[^.]+(?=\.)", "", name)
+        replacements[name.replace(".base_layer.", ".")] = info
+    if len(adapter_names) > 1:
+        raise CheckpointError(f"{adapter.path}: holds several adapters ({', '.join(sorted(adapter_names))}); "
+                              "save one adapter per directory")
+    by_module: dict[tuple[str, str], dict[str, TensorInfo]] = {}
+    for (module, kind), parts in factors.items():
+        if kind == "bias":
+            by_module[(module, "bias")] = parts
+            continue
+        missing = {"A", "B"} - set(parts)
+        if missing:
+            label = "lora_embedding_" if kind == "embedding" else "lora_"
+            raise CheckpointError(f"{adapter.path}: module {module!r} has no {label}{missing.pop()} tensor")
+        by_module[(module, kind)] = parts
+    return by_module, replacements
+
+
+def _base_name(name: str, base: Checkpoint, adapter: Path, key: str) -> str:
+    """The base tensor an adapter name refers to: the same name, or one differing only in the
+    model-class prefix (``model.``, ``transformer.``) that some savers drop or add."""
+    if name in base.tensors:
+        return name
+    head, _, tail = name.partition(".")
+    if tail in base.tensors:
+        return tail
+    candidates = [n for n in base.tensors if n.endswith("." + name)]
+    if len(candidates) == 1:
+        return candidates[0]
+    raise IncompatibleInputsError(f"{adapter}: {key!r} refers to tensor {name!r}, which the base {base.path} "
+                                  "does not have (was the adapter trained on another model?)")
+
+
+def _check_replacement(info: TensorInfo, target: TensorInfo, adapter: Path) -> None:
+    if info.shape != target.shape:
+        raise IncompatibleInputsError(
+            f"{adapter}: {info.name!r} has shape {list(info.shape)} but the base's {target.name!r} is "
+            f"{list(target.shape)} (resized vocabularies are not supported)")
+    if target.dtype.is_float != info.dtype.is_float:
+        raise IncompatibleInputsError(f"{adapter}: {info.name!r} is {info.dtype.name} but the base's "
+                                      f"{target.name!r} is {target.dtype.name}")
+
+
+def _make_delta(key: tuple[str, str], parts: dict[str, TensorInfo], config: AdapterConfig, base: Checkpoint,
+                tensors: dict[str, TensorInfo], adapter: Path) -> _Delta:
+    """Check one module's factors against the base tensor they change and orient the product."""
+    module, kind = key
+    param = "bias" if kind == "bias" else "weight"
+    target = _base_name(f"{module}.{param}", base, adapter, parts["B"].name)
+    w = tensors[target]  # the base's, or a replacement the adapter stores (embedding base_layer)
+    where = f"{adapter}: module {module!r}"
+    if not w.dtype.is_float:
+        raise IncompatibleInputsError(f"{where}: the base's {target!r} is {w.dtype.name}, not a float tensor")
+    for part, info in parts.items():
+        if not info.dtype.is_float:
+            raise CheckpointError(f"{where}: {info.name!r} is {info.dtype.name}; LoRA factors must be float")
+    if kind == "bias":
+        rank_b = parts["B"]
+        if rank_b.shape != w.shape:
+            raise IncompatibleInputsError(f"{where}: lora_B bias has shape {list(rank_b.shape)} but the base's "
+                                          f"{target!r} is {list(w.shape)}")
+        rank = config.rank(module)
+        return _Delta(module, w, None, rank_b, config.scaling(module, rank), False)
+    a, b = parts["A"], parts["B"]
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        raise CheckpointError(f"{where}: factors of shape {list(a.shape)} and {list(b.shape)}; only LoRA on "
+                              "linear and embedding layers is supported (not convolutions)")
+    rank = a.shape[0]
+    if b.shape[1] != rank:
+        raise CheckpointError(f"{where}: lora_A has rank {rank} but lora_B has {b.shape[1]} columns")
+    if rank != config.rank(module):
+        raise CheckpointError(f"{where}: its factors have rank {rank} but {config.path.name} gives rank "
+                              f"{config.rank(module)} (r / rank_pattern)")
+    if len(w.shape) != 2:
+        raise IncompatibleInputsError(f"{where}: the base's {target!r} has shape {list(w.shape)}, not a matrix")
+    straight = w.shape == (b.shape[0], a.shape[1])
+    flipped = w.shape == (a.shape[1], b.shape[0])
+    if kind == "embedding":
+        straight = False  # PEFT's embedding delta is always (B·A)ᵀ
+    elif straight and flipped:
+        straight = not config.fan_in_fan_out  # square: only the config can tell
+    if not (straight or flipped):
+        expected = (a.shape[1], b.shape[0]) if kind == "embedding" else (b.shape[0], a.shape[1])
+        raise IncompatibleInputsError(
+            f"{where}: B·A is {expected[0]}×{expected[1]} (lora_B {list(b.shape)}, lora_A {list(a.shape)}) but the "
+            f"base's {target!r} is {list(w.shape)}")
+    return _Delta(module, w, a, b, config.scaling(module, rank), transposed=not straight)

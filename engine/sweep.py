@@ -1,0 +1,397 @@
+"""λ sweeps in one pass: ``engine.sweep(base, ft, out, "0.1:0.9:0.1")``.
+
+The paper's recipe (DESIGN.md) picks λ by merging at several weights and evaluating each
+model. Nine separate merges read both inputs nine times; a sweep reads every input chunk
+once and computes every weight's output from it, so each output is exactly the checkpoint
+``merge`` writes at that weight (its own recipe metadata, config and tokenizer files, index),
+each built in its own staging directory and renamed into place when complete.
+
+The planner and writer are the merge's: one MergePlan per weight (same shard layout; only the
+headers' recipe, hence data offsets, differ), one ShardWriter per output. Execution is the
+merge's Executor with the per-chunk step replaced (``SweepExecutor._process``): views of
+the inputs are taken once and fed to one method instance per weight, each writing into a
+pooled buffer that goes to its output's writer. Reduce passes (SLERP's norms) run once per
+tensor for all weights together. Memory is the engine's buffer pool plus one chunk buffer per
+extra output.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal, InvalidOperation
+from functools import partial
+from math import isfinite
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .api import MergeResult, _check_output_not_input, _select_backend, output_metadata
+from .checkpoint import Checkpoint
+from .dtypes import dtype_from_alias
+from .errors import SpecError
+from .execute import DEFAULT_CHUNK_BYTES, DEFAULT_WORKERS, BufferPool, Chunk, ExecutionStats, Executor
+from .methods import create_method
+from .methods.base import ChunkContext, MergeMethod, TensorContext
+from .model_files import copy_model_files
+from .plan import MergePlan
+from .plan import plan as make_plan
+from .units import parse_size
+from .writer import OutputDir, ShardWriter, write_index
+
+# Methods whose swept parameter is one scalar, the ``weight`` keyword (λ; SLERP's t).
+SWEEPABLE = ("linear", "task-arithmetic", "slerp")
+# More points than this is almost surely a typo in a range (a step of 0.001 for 0.01).
+MAX_POINTS = 1000
+DIR_PREFIX = "lambda-"
+
+
+@dataclass
+class SweepResult:
+    """What a sweep did: one merge-like summary per output plus totals; ``--json`` prints ``to_dict()``.
+
+    Each output's ``bytes_read`` and ``seconds`` are those of the shared pass (every output
+    is computed from the same reads and completes at the end of the pass).
+    """
+
+    output: str
+    method: str
+    weights: list[float]
+    outputs: list[MergeResult]
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    throughput_bytes_per_s: float
+    peak_rss_bytes: int
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_weights(text: str) -> list[float]:
+    """Weights from a list ``"0.2,0.5,0.8"`` or an inclusive range ``"start:stop:step"``.
+
+    Ranges are computed in decimal, so ``0.1:0.9:0.1`` gives exactly 0.1, 0.2, …, 0.9 (never
+    0.30000000000000004), and include ``stop`` when it is within rounding of a step.
+
+    >>> parse_weights("0.1:0.5:0.2"), parse_weights("0.2, 0.8")
+    ([0.1, 0.3, 0.5], [0.2, 0.8])
+    """
+    text = text.strip()
+    if ":" in text:
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise SpecError(f"weights {text!r}: a range is start:stop:step, e.g. 0.1:0.9:0.1")
+        start, stop, step = (_decimal(p, text) for p in parts)
+        if step <= 0:
+            raise SpecError(f"weights {text!r}: the step must be positive, got {parts[2].strip()}")
+        if stop < start:
+            raise SpecError(f"weights {text!r}: stop {parts[1].strip()} is below start {parts[0].strip()}")
+        # A relative slack of 1e-9 step keeps a stop that is a rounding hair short of the grid.
+        count = int((stop - start) / step + Decimal("1e-9")) + 1
+        if count > MAX_POINTS:
+            raise SpecError(f"weights {text!r}: {count} points, more than {MAX_POINTS}; check the step")
+        values = [float(start + i * step) for i in range(count)]
+    else:
+        values = [float(_decimal(p, text)) for p in text.split(",")]
+    return check_weights(values)
+
+
+def _decimal(part: str, whole: str) -> Decimal:
+    try:
+        value = Decimal(part.strip())
+    except InvalidOperation:
+        raise SpecError(f"weights {whole!r}: {part.strip()!r} is not a number") from None
+    if not value.is_finite():
+        raise SpecError(f"weights {whole!r}: {part.strip()!r} is not a finite number")
+    return value
+
+
+def check_weights(weights: Sequence[float]) -> list[float]:
+    """Validate a list of sweep weights: at least one, finite, no two with the same directory."""
+    values = [float(w) for w in weights]
+    if not values:
+        raise SpecError("no weights to sweep; give a list like 0.2,0.5,0.8 or a range like 0.1:0.9:0.1")
+    if len(values) > MAX_POINTS:
+        raise SpecError(f"{len(values)} weights, more than {MAX_POINTS}")
+    seen: set[str] = set()
+    for w in values:
+        if not isfinite(w):
+            raise SpecError(f"weight {w} is not a finite number")
+        label = weight_label(w)
+        if label in seen:
+            raise SpecError(f"weight {label} is given twice")
+        seen.add(label)
+    return values
+
+
+def weight_label(weight: float) -> str:
+    """The shortest text that reads back as ``weight``: ``0.1``, ``0.3``, ``1.0``."""
+    return repr(float(weight))
+
+
+def output_name(weight: float) -> str:
+    """The directory a weight's checkpoint goes to inside the sweep directory: ``lambda-0.1``."""
+    return DIR_PREFIX + weight_label(weight)
+
+
+def check_sweepable(method: str) -> None:
+    """SpecError unless ``method`` has a single scalar parameter to sweep."""
+    if method not in SWEEPABLE:
+        raise SpecError(
+            f"method {method!r} cannot be swept: sweep varies one scalar weight, which exists for "
+            f"{', '.join(SWEEPABLE)} (λ; t for slerp); run merge once per setting for {method}"
+        )
+
+
+def sweep(
+    base: str | os.PathLike,
+    models: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    weights: str | Sequence[float],
+    method: str = "linear",
+    *,
+    dtype: str = "auto",
+    shard_size: int | str = "5GB",
+    chunk_size: int | str = DEFAULT_CHUNK_BYTES,
+    overwrite: bool = False,
+    progress: bool = False,
+    on_warning: Callable[[str], None] | None = None,
+    workers: int = DEFAULT_WORKERS,
+    **method_params: Any,
+) -> SweepResult:
+    """Merge at every weight in one read pass; write ``OUT/lambda-<w>/`` for each weight.
+
+    Args:
+        base: the pre-fine-tuning model (directory or ``.safetensors`` file).
+        models: the fine-tuned model(s); each gets the swept weight.
+        out: the sweep directory (created if needed; other contents are left alone).
+        weights: ``"0.1:0.9:0.1"``, ``"0.2,0.5,0.8"`` or a sequence of floats.
+        method: linear, task-arithmetic (the weight λ) or slerp (t).
+        dtype, shard_size, chunk_size, overwrite, progress, on_warning: as for ``engine.merge``;
+            ``overwrite`` replaces existing ``lambda-*`` outputs of the same weights.
+        workers: compute threads.
+        **method_params: the method's other parameters (e.g. ``normalize``, ``lambda_``).
+
+    Returns:
+        A SweepResult: one MergeResult per weight, in the given order, and the totals.
+
+    Example:
+        >>> engine.sweep("base/", "finetune/", "sweep/", "0.1:0.9:0.1")  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    warn = on_warning or (lambda message: warnings.warn(message, stacklevel=3))
+    model_paths = [models] if isinstance(models, (str, os.PathLike)) else list(models)
+    points = parse_weights(weights) if isinstance(weights, str) else check_weights(weights)
+    check_sweepable(method)
+    if "weight" in method_params:
+        raise SpecError("sweep sets the weight itself; give the weights to sweep, not weight=")
+    try:
+        out_dtype = dtype_from_alias(dtype)
+        shard_bytes = parse_size(shard_size)
+        chunk_bytes = parse_size(chunk_size)
+    except ValueError as exc:
+        raise SpecError(str(exc)) from exc
+    mergers = [create_method(method, len(model_paths), weight=w, **method_params) for w in points]
+    backend, device_name = _select_backend("cpu")
+    _check_output_not_input(out, [base, *model_paths])
+
+    base_ckpt = Checkpoint.open(base)
+    model_ckpts = [Checkpoint.open(p) for p in model_paths]
+    try:
+        metadatas = [output_metadata(m, base, model_paths, out_dtype) for m in mergers]
+        plans = [make_plan(base_ckpt, model_ckpts, out_dtype, shard_bytes, md) for md in metadatas]
+        messages = list(dict.fromkeys(msg for m, p in zip(mergers, plans) for msg in [*m.warnings, *p.warnings]))
+        for message in messages:
+            warn(message)
+        root = Path(os.path.abspath(out))
+        outputs = [OutputDir(root / output_name(w), overwrite) for w in points]
+        stats, writers = _run(plans, metadatas, base_ckpt, model_ckpts, mergers, backend, outputs, out_dtype,
+                              chunk_bytes, workers, progress)
+    finally:
+        for ckpt in (base_ckpt, *model_ckpts):
+            ckpt.close()
+
+    seconds = time.perf_counter() - started
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    results = [
+        MergeResult(
+            output=str(o.final), method=m.name, params=m.recipe(), dtype=out_dtype or "auto", device=device_name,
+            tensors=len(p.tensors), shards=len(p.shards), bytes_read=stats.bytes_read,
+            bytes_written=w.bytes_written, seconds=round(seconds, 4),
+            throughput_bytes_per_s=round((stats.bytes_read + w.bytes_written) / max(seconds, 1e-9), 1),
+            peak_rss_bytes=rss, warnings=[*m.warnings, *p.warnings],
+        )
+        for o, m, p, w in zip(outputs, mergers, plans, writers)
+    ]
+    written = sum(w.bytes_written for w in writers)
+    return SweepResult(
+        output=str(root), method=mergers[0].name, weights=points, outputs=results, tensors=len(plans[0].tensors),
+        bytes_read=stats.bytes_read, bytes_written=written, seconds=round(seconds, 4),
+        throughput_bytes_per_s=round((stats.bytes_read + written) / max(seconds, 1e-9), 1),
+        peak_rss_bytes=rss, warnings=messages,
+    )
+
+
+def _run(plans: list[MergePlan], metadatas: list[dict[str, str]], base: Checkpoint, models: list[Checkpoint],
+         mergers: list[MergeMethod], backend, outputs: list[OutputDir], out_dtype: str | None, chunk_bytes: int,
+         workers: int, progress: bool) -> tuple[ExecutionStats, list[ShardWriter]]:
+    """Stage every output, run the one pass, then finish and commit each output in turn.
+
+    On any failure every output not yet committed is removed; committed ones are complete.
+    """
+    needed = sum(p.output_bytes for p in plans)  # free space for all of them, checked at each create
+    writers: list[ShardWriter] = []
+    try:
+        for output, plan in zip(outputs, plans):
+            writers.append(ShardWriter(output.create(needed_bytes=needed), plan))
+        for writer in writers:
+            writer.open()
+        with _progress_bar(plans[0].total_size, len(plans), progress) as bar:
+            executor = SweepExecutor(plans, base, models, mergers, backend, chunk_bytes, workers)
+            stats = executor.run(_Outputs(writers), bar.update)
+        for writer in writers:
+            writer.close()
+        for output, plan, metadata in zip(outputs, plans, metadatas):
+            write_index(output.staging, plan, metadata)
+            copy_model_files(base.model_dir, output.staging, out_dtype)
+            output.commit()
+    except BaseException:
+        for writer in writers:
+            writer.abandon()
+        for output in outputs:
+            output.abort()
+        raise
+    return stats, writers
+
+
+class _Outputs:
+    """Every output's ShardWriter, handed through ``Executor.run`` in place of its one writer."""
+
+    def __init__(self, writers: list[ShardWriter]) -> None:
+        self.writers = writers
+        self.depth = writers[0].depth  # what run() reads to size the buffer pool
+
+
+class _Fanout(MergeMethod):
+    """Several instances of one method seen as one, so that ``TensorStates`` runs a tensor's
+    reduce passes once for all of them: each chunk's views are read once and folded into
+    every instance's state. ``prepare`` returns the list of per-instance states."""
+
+    name = "sweep"
+
+    def __init__(self, methods: list[MergeMethod]) -> None:  # noqa: D107  (no n_models check: a wrapper)
+        self.methods = methods
+        self.n_models = methods[0].n_models
+        self.warnings = []
+
+    def prepare(self, tensor: TensorContext) -> list[Any]:
+        return [m.prepare(tensor) for m in self.methods]
+
+    def reduce_passes(self, state: list[Any]) -> int:
+        return max(m.reduce_passes(s) for m, s in zip(self.methods, state))
+
+    def accumulate(self, state: list[Any], pass_index: int, base: Any, models: Sequence[Any],
+                   chunk: ChunkContext) -> None:
+        for m, s in zip(self.methods, state):
+            if pass_index < m.reduce_passes(s):
+                m.accumulate(s, pass_index, base, models, chunk)
+
+    def end_pass(self, state: list[Any], pass_index: int) -> None:
+        for m, s in zip(self.methods, state):
+            if pass_index < m.reduce_passes(s):
+                m.end_pass(s, pass_index)
+
+
+class SweepExecutor(Executor):
+    """The merge's CPU executor with K outputs: per chunk, one read and K computed writes.
+
+    Only the per-chunk step and the buffer pool's size differ from ``Executor``; chunking,
+    prefetching, the compute threads and the reduce passes are the merge's own.
+    """
+
+    def __init__(self, plans: list[MergePlan], base: Checkpoint, models: list[Checkpoint],
+                 methods: list[MergeMethod], backend, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 workers: int = DEFAULT_WORKERS) -> None:
+        super().__init__(plans[0], base, models, _Fanout(methods), backend, chunk_bytes, workers)
+        self.methods = methods
+        # Each tensor's entry in every plan: same shard, but offsets shift with each header's length.
+        self._twins = {t.name: [p.tensors[i] for p in plans] for i, t in enumerate(plans[0].tensors)}
+
+    def _buffer_pool(self, writer: _Outputs) -> BufferPool:
+        # The merge's pool plus one buffer per extra output. Workers take buffers one output
+        # at a time and never wait while holding one, so any pool size makes progress.
+        extra = len(self.methods) - 1
+        return BufferPool(count=writer.depth + 2 * self.workers + extra, nbytes=self.chunk_bytes)
+
+    def _process(self, chunk: Chunk, writer: _Outputs, pool: BufferPool) -> int:
+        """Read one chunk's inputs once, compute and queue every output's chunk; returns bytes read."""
+        t = chunk.tensor
+        twins = self._twins[t.name]
+        if t.action == "copy":
+            info, file = t.base, self._file(t.base)
+            start, length = info.start + chunk.first * info.dtype.itemsize, chunk.count * info.dtype.itemsize
+            data = file.byte_view(start, length)
+            done = _countdown(len(twins), partial(file.release, start, length))
+            for w, twin in zip(writer.writers, twins):
+                w.submit(twin.shard, twin.offset + chunk.first * twin.dtype.itemsize, data, done)
+            return length
+        sources = [(info, self._file(info)) for info in self._sources(t)]
+        views = [f.view(info, chunk.first, chunk.count) for info, f in sources]
+        context, states, read = self._states.get(t)
+        where = ChunkContext(context, chunk.first)
+        nbytes = chunk.count * t.dtype.itemsize
+        for method, state, w, twin in zip(self.methods, states, writer.writers, twins):
+            buffer = pool.acquire()
+            out_bytes = buffer[:nbytes]
+            method.merge_chunk(self.backend, views[0], views[1:], out_bytes.view(t.dtype.numpy), where, state)
+            w.submit(twin.shard, twin.offset + chunk.first * t.dtype.itemsize, out_bytes,
+                     partial(pool.release, buffer))
+        del views
+        for info, f in sources:
+            size = info.dtype.itemsize
+            f.release(info.start + chunk.first * size, chunk.count * size)
+            read += chunk.count * size
+        return read
+
+
+def _countdown(count: int, action: Callable[[], None]) -> Callable[[], None]:
+    """A callback that runs ``action`` on its ``count``-th call (from any thread)."""
+    lock = threading.Lock()
+    left = [count]
+
+    def done() -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            action()
+
+    return done
+
+
+class _NullBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def __enter__(self) -> "_NullBar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _progress_bar(total: int, outputs: int, enabled: bool):
+    """Progress in bytes of one output (every output advances together)."""
+    if not enabled:
+        return _NullBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=f"sweeping ×{outputs}",
+                file=sys.stderr, dynamic_ncols=True, smoothing=0.1)

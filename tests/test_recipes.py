@@ -1,0 +1,268 @@
+"""Recipe files in mergekit's YAML schema: parsing, per-tensor parameters, rejected keys, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from engine.cli import main
+from engine.errors import SpecError
+from engine.recipe import load_recipe, merge_recipe, parse_recipe
+from helpers import assert_within_tolerance, load_checkpoint, random_tensor, write_checkpoint
+
+LAYERS = 3
+SHAPES = {"model.embed_tokens.weight": (6, 4), "model.norm.weight": (4,), "lm_head.weight": (6, 4)}
+SHAPES.update({f"model.layers.{i}.{kind}.weight": (4, 4) for i in range(LAYERS)
+               for kind in ("self_attn.q_proj", "mlp.up_proj")})
+
+
+@pytest.fixture()
+def models(tmp_path: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(0)
+    base = {n: random_tensor(rng, s, "fp32") for n, s in SHAPES.items()}
+    paths = {"base": write_checkpoint(tmp_path / "base", base)}
+    for i in range(3):
+        ft = {n: (t + 0.2 * rng.standard_normal(t.shape)).astype(np.float32) for n, t in base.items()}
+        paths[f"ft{i}"] = write_checkpoint(tmp_path / f"ft{i}", ft)
+    return paths
+
+
+def write_recipe(tmp_path: Path, recipe: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def weights(dirs: dict[str, Path], out: Path) -> dict[str, dict[str, np.ndarray]]:
+    return {k: load_checkpoint(v) for k, v in {**dirs, "out": out}.items()}
+
+
+def lerp(base: np.ndarray, ft: np.ndarray, w: float) -> np.ndarray:
+    return base.astype(np.float64) + w * (ft.astype(np.float64) - base.astype(np.float64))
+
+
+# -- parsing --------------------------------------------------------------------------------
+
+def test_ties_recipe_maps_to_method_parameters(models):
+    recipe = parse_recipe({
+        "merge_method": "ties",
+        "base_model": str(models["base"]),
+        "models": [
+            {"model": str(models["base"])},
+            {"model": str(models["ft0"]), "parameters": {"weight": 0.7, "density": [0.2, 0.8]}},
+            {"model": str(models["ft1"]), "parameters": {"weight": [{"filter": "mlp", "value": 0.1}]}},
+        ],
+        "parameters": {"normalize": False, "lambda": 0.9, "weight": 0.5, "density": 0.4},
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+    })
+    assert recipe.method == "ties"
+    assert recipe.base == str(models["base"])
+    assert recipe.models == [str(models["ft0"]), str(models["ft1"])]
+    assert recipe.dtype == "bf16"
+    params = recipe.params
+    assert params["lambda_"].constant == 0.9 and params["normalize"].constant is False
+    w0, w1 = params["weight"]
+    assert w0.constant == 0.7
+    # model-level rules fall back to the merge-wide value where no filter matches
+    assert w1.at("model.layers.0.mlp.up_proj.weight", 0) == 0.1
+    assert w1.at("model.layers.0.self_attn.q_proj.weight", 0) == 0.5
+    d0, d1 = params["density"]
+    assert d0.at("x", 0.5) == pytest.approx(0.5) and d1.constant == 0.4
+
+
+@pytest.mark.parametrize("recipe,message", [
+    ({"merge_method": "della", "models": [{"model": "a"}]}, "merge_method 'della' is not supported"),
+    ({"merge_method": "ties", "models": [{"model": "a"}], "base_model": "b", "tokenizer_source": "union"},
+     "key 'tokenizer_source' is not supported"),
+    ({"merge_method": "linear", "models": [{"model": "a"}], "name": "x"}, "unknown key 'name'"),
+    ({"merge_method": "ties", "base_model": "b",
+      "models": [{"model": "a", "parameters": {"weight": 1, "gamma": 0.1}}]}, "parameter 'gamma' is not supported"),
+    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}}],
+      "parameters": {"t": 0.5}}, "parameter 't' is not supported by ties"),
+    ({"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight": 1}}]}, "needs base_model"),
+    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}]}, "'weight' is required"),
+    ({"merge_method": "slerp", "base_model": "b", "models": [{"model": "b"}, {"model": "a"}]}, "'t' is required"),
+    ({"merge_method": "model_stock", "base_model": "b", "models": [{"model": "a"}, {"model": "c"}],
+      "parameters": {"filter_wise": True}}, "'filter_wise' is not supported"),
+    ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": {"filtr": "x", "value": 1}}},
+                                           {"model": "c", "parameters": {"weight": 1}}]},
+     "unsupported key 'filtr'"),
+    ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}},
+                                           {"model": "c+lora", "parameters": {"weight": 1}}]}, "LoRA"),
+    ({"merge_method": "linear", "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}]},
+                                           {"sources": [{"model": "a", "layer_range": [2, 4]}]}]},
+     "only one slice"),
+    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}}],
+      "dtype": "float8"}, "dtype"),
+    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "b", "parameters": {"density": 0.5}},
+                                                            {"model": "a", "parameters": {"weight": 1}}]},
+     "has no effect"),
+    ([1, 2], "a recipe is a mapping"),
+])
+def test_rejected_recipes_name_the_key(recipe, message):
+    with pytest.raises(SpecError, match=message):
+        parse_recipe(recipe, "r.yaml")
+
+
+def test_int8_mask_and_low_precision_dtype_warn():
+    recipe = parse_recipe({"merge_method": "ties", "base_model": "b", "dtype": "bfloat16",
+                           "models": [{"model": "a", "parameters": {"weight": 1, "density": 0.5}}],
+                           "parameters": {"int8_mask": True}})
+    assert any("int8_mask" in w for w in recipe.warnings)
+    assert any("fp32" in w for w in recipe.warnings)
+    assert recipe.dtype == "bf16"
+
+
+def test_invalid_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("merge_method: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_recipe(path)
+
+
+# -- merges from recipes --------------------------------------------------------------------
+
+def test_linear_recipe_is_mergekits_weighted_average(tmp_path, models):
+    """No base_model: the first model is the base and its weight joins the normaliser."""
+    path = write_recipe(tmp_path, {
+        "merge_method": "linear",
+        "models": [{"model": str(models["base"]), "parameters": {"weight": 1.0}},
+                   {"model": str(models["ft0"]), "parameters": {"weight": 3.0}}],
+    })
+    merge_recipe(path, tmp_path / "out", on_warning=lambda m: None)
+    w = weights(models, tmp_path / "out")
+    for name in SHAPES:
+        ref = (1.0 * w["base"][name].astype(np.float64) + 3.0 * w["ft0"][name]) / 4.0
+        assert_within_tolerance(w["out"][name], ref, [w["base"][name], w["ft0"][name]], name)
+
+
+def test_slerp_recipe_with_slices_filters_and_gradients(tmp_path, models):
+    """The shape of mergekit's SLERP example: one slice over all layers, t by filter and layer."""
+    t_rules = [{"filter": "self_attn", "value": [0.0, 0.5, 1.0]}, {"filter": "mlp", "value": [1.0, 0.0]},
+               {"value": 0.5}]
+    path = write_recipe(tmp_path, {
+        "slices": [{"sources": [{"model": str(models["base"]), "layer_range": [0, LAYERS]},
+                                {"model": str(models["ft0"]), "layer_range": [0, LAYERS]}]}],
+        "merge_method": "slerp",
+        "base_model": str(models["base"]),
+        "parameters": {"t": t_rules},
+        "dtype": "float32",
+    })
+    merge_recipe(path, tmp_path / "out")
+    w = weights(models, tmp_path / "out")
+    for name in SHAPES:
+        if ".layers." in name:
+            position = int(name.split(".")[2]) / (LAYERS - 1)
+            t = 0.5 * position * 2 if "self_attn" in name else 1.0 - position
+        else:
+            t = 0.5
+        out = w["out"][name].astype(np.float64)
+        if t == 0.0:
+            np.testing.assert_array_equal(w["out"][name], w["base"][name])
+        elif t == 1.0:
+            np.testing.assert_array_equal(w["out"][name], w["ft0"][name])
+        else:
+            # strictly between the endpoints, and closer to the fine-tune as t grows
+            d_base = np.linalg.norm(out - w["base"][name])
+            d_ft = np.linalg.norm(out - w["ft0"][name])
+            assert d_base / (d_base + d_ft) == pytest.approx(t, abs=0.05), name
+
+
+def test_slice_that_cuts_layers_is_rejected(tmp_path, models):
+    path = write_recipe(tmp_path, {
+        "slices": [{"sources": [{"model": str(models["base"]), "layer_range": [0, 2]},
+                                {"model": str(models["ft0"]), "layer_range": [0, 2]}]}],
+        "merge_method": "slerp", "base_model": str(models["base"]), "parameters": {"t": 0.5},
+    })
+    with pytest.raises(SpecError, match="does not span its 3 layers"):
+        load_recipe(path)
+
+
+def test_task_arithmetic_recipe_with_per_model_gradient(tmp_path, models):
+    path = write_recipe(tmp_path, {
+        "merge_method": "task_arithmetic",
+        "base_model": str(models["base"]),
+        "models": [{"model": str(models["ft0"]), "parameters": {"weight": [0.0, 1.0]}},
+                   {"model": str(models["ft1"]), "parameters": {"weight": 0.25}}],
+        "parameters": {"lambda": 0.8},
+    })
+    merge_recipe(path, tmp_path / "out")
+    w = weights(models, tmp_path / "out")
+    for name in SHAPES:
+        position = int(name.split(".")[2]) / (LAYERS - 1) if ".layers." in name else (0.0 if "embed" in name else 1.0)
+        b = w["base"][name].astype(np.float64)
+        ref = b + 0.8 * (position * (w["ft0"][name] - b) + 0.25 * (w["ft1"][name] - b))
+        assert_within_tolerance(w["out"][name], ref, [w["base"][name], w["ft0"][name], w["ft1"][name]], name)
+
+
+def test_recipe_not_covering_a_tensor_fails_before_writing(tmp_path, models):
+    path = write_recipe(tmp_path, {
+        "merge_method": "slerp", "base_model": str(models["base"]),
+        "models": [{"model": str(models["ft0"])}],
+        "parameters": {"t": [{"filter": "self_attn", "value": 0.5}]},
+    })
+    with pytest.raises(SpecError, match="no rule matches tensor"):
+        merge_recipe(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# -- CLI ------------------------------------------------------------------------------------
+
+def test_cli_config_runs_the_recipe(tmp_path, models):
+    path = write_recipe(tmp_path, {
+        "merge_method": "dare_ties", "base_model": str(models["base"]),
+        "models": [{"model": str(models[f"ft{i}"]), "parameters": {"weight": 0.5, "density": 0.5}}
+                   for i in range(3)],
+        "out_dtype": "bfloat16",
+    })
+    result = CliRunner().invoke(main, ["merge", "--config", str(path), "-o", str(tmp_path / "out"), "--json",
+                                       "--seed", "5"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["method"] == "dare-ties" and summary["params"]["seed"] == 5
+    out = load_checkpoint(tmp_path / "out")
+    assert all(t.dtype.name == "bfloat16" for t in out.values())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["BASE"], "BASE and MODELS come from the recipe"),
+    (["--method", "ties"], "--method cannot be combined with --config"),
+    (["--weight", "0.3"], "--weight cannot be combined with --config"),
+    (["--density", "0.3"], "--density cannot be combined with --config"),
+])
+def test_cli_config_conflicts_are_usage_errors(tmp_path, models, args, message):
+    path = write_recipe(tmp_path, {"merge_method": "linear", "models": [
+        {"model": str(models["base"]), "parameters": {"weight": 1}},
+        {"model": str(models["ft0"]), "parameters": {"weight": 1}}]})
+    args = [str(models["base"]) if a == "BASE" else a for a in args]
+    result = CliRunner().invoke(main, ["merge", *args, "--config", str(path), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_cli_without_inputs_or_config(tmp_path):
+    result = CliRunner().invoke(main, ["merge", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "give BASE and at least one fine-tuned MODEL, or --config RECIPE" in result.output
+
+
+def test_cli_method_options(tmp_path, models):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["merge", str(models["base"]), str(models["ft0"]), str(models["ft1"]),
+                                       "--method", "ties", "--weight", "0.5", "--density", "0.3",
+                                       "--consensus", "count", "--no-normalize", "--lambda", "0.9",
+                                       "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    params = json.loads(result.stdout)["params"]
+    assert params == {"method": "ties", "weights": [0.5, 0.5], "densities": [0.3, 0.3], "lambda": 0.9,
+                      "normalize": False, "consensus": "count"}
+    result = CliRunner().invoke(main, ["merge", str(models["base"]), str(models["ft0"]), "--method", "linear",
+                                       "--seed", "3", "-o", str(tmp_path / "o2")])
+    assert result.exit_code == 2
+    assert "takes no parameter 'seed'" in result.output
