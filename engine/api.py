@@ -17,13 +17,14 @@ from .checkpoint import Checkpoint
 from .dtypes import dtype_from_alias
 from .errors import SpecError
 from .execute import DEFAULT_CHUNK_BYTES, Executor
-from .execute_cuda import CudaExecutor
+from .execute_cuda import CudaExecutor, runs_on_gpu
 from .lora import open_model
 from .methods import MergeMethod, create_method
 from .model_files import copy_model_files
 from .plan import plan as make_plan
 from .units import parse_size
-from .writer import OutputDir, ShardWriter, write_index
+from .journal import MergeSession
+from .writer import write_index
 
 
 @dataclass
@@ -60,6 +61,8 @@ def merge(
     shard_size: int | str = "5GB",
     chunk_size: int | str = DEFAULT_CHUNK_BYTES,
     overwrite: bool = False,
+    resume: bool = False,
+    allow_missing: str | None = None,
     progress: bool = False,
     on_warning: Callable[[str], None] | None = None,
     **method_params: Any,
@@ -78,6 +81,10 @@ def merge(
         shard_size: largest output shard, bytes or a string such as ``"5GB"``.
         chunk_size: largest chunk processed at once; bounds memory.
         overwrite: replace an existing OUT.
+        resume: finish the partial output an interrupted merge into OUT left beside it
+            (``.OUT.safeblend-partial``), keeping its journaled tensors (``engine.journal``).
+        allow_missing: ``"take"`` copies tensors that only some inputs have from the base, else
+            from the first model that has them; None (default) refuses such inputs.
         progress: show a progress bar on stderr.
         on_warning: called with each warning (default: ``warnings.warn``).
         **method_params: the method's other parameters, e.g. ``density``, ``lambda_``,
@@ -100,31 +107,39 @@ def merge(
     except ValueError as exc:
         raise SpecError(str(exc)) from exc
     merger = create_method(method, len(model_paths), weight=weight, **method_params)
-    backend, device_name = _select_backend(device)
+    backend, device_name = _select_backend(device, merger)
     _check_output_not_input(out, [base, *model_paths])
 
     base_ckpt = Checkpoint.open(base)
     model_ckpts = [open_model(p, base_ckpt) for p in model_paths]  # LoRA adapter dirs: engine.lora
     metadata = output_metadata(merger, base, model_paths, out_dtype)
-    merge_plan = make_plan(base_ckpt, model_ckpts, out_dtype, shard_bytes, metadata)
+    merge_plan = make_plan(base_ckpt, model_ckpts, out_dtype, shard_bytes, metadata, allow_missing=allow_missing)
     for message in [*merger.warnings, *merge_plan.warnings]:
         warn(message)
 
-    output = OutputDir(Path(out), overwrite)
-    staging = output.create(needed_bytes=merge_plan.output_bytes)
-    writer = ShardWriter(staging, merge_plan)
+    try:  # staging beside OUT, locked and journaled; with resume, plan.skip lists the kept tensors
+        session = MergeSession.start(out, overwrite=overwrite, resume=resume, plan=merge_plan,
+                                     inputs=[base, *model_paths], settings={"chunk_bytes": chunk_bytes,
+                                                                            "device": device_name})
+    except BaseException:
+        for ckpt in (base_ckpt, *model_ckpts):
+            ckpt.close()
+        raise
+    for message in session.messages:
+        warn(message)
+    output, staging, writer = session.output, session.staging, session.writer
     try:
         writer.open()
         with _progress_bar(merge_plan.total_size, enabled=progress) as bar:
+            bar.update(session.kept_bytes)
             executor = CudaExecutor if device_name == "cuda" else Executor
             stats = executor(merge_plan, base_ckpt, model_ckpts, merger, backend, chunk_bytes).run(writer, bar.update)
         writer.close()
         write_index(staging, merge_plan, metadata)
         copy_model_files(base_ckpt.model_dir, staging, out_dtype)
-        output.commit()
-    except BaseException:
-        writer.abandon()
-        output.abort()
+        session.commit()  # hashes, manifest, checkpoint quirks' config, then the atomic rename
+    except BaseException as exc:
+        session.fail(exc)  # an interrupt keeps the partial output for --resume
         raise
     finally:
         for ckpt in (base_ckpt, *model_ckpts):
@@ -161,7 +176,7 @@ def output_metadata(merger: MergeMethod, base: str | os.PathLike, model_paths: S
     return {"safeblend_version": __version__, "safeblend_recipe": json.dumps(recipe, sort_keys=True)}
 
 
-def _select_backend(device: str):
+def _select_backend(device: str, merger):
     """The compute backend for ``--device``, and the device name the summary reports."""
     from kernels import cpu_backend, cuda_unavailable_reason
 
@@ -170,6 +185,8 @@ def _select_backend(device: str):
     if device == "cpu":
         return cpu_backend(), "cpu"
     reason = cuda_unavailable_reason()
+    if device == "auto" and reason is None and not runs_on_gpu(merger):
+        return cpu_backend(), "cpu"  # the method needs host-side reduce passes
     if reason is None:
         from kernels.triton_backend import TritonBackend  # imports torch and triton
 

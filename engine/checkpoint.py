@@ -29,6 +29,8 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"  # a PEFT adapter, read by engine.lo
 # The safetensors library refuses headers above 100 MB; a larger one is corrupt, not big.
 MAX_HEADER_BYTES = 100_000_000
 _PAGE = mmap.PAGESIZE
+_BIN_HINT = (" (PyTorch pickle weights: only safetensors is read; convert with transformers: "
+             "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True))")
 
 
 @dataclass(frozen=True)
@@ -143,13 +145,14 @@ def read_safetensors_header(path: Path) -> SafetensorsFile:
         raise CheckpointError(f"{path}: header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header must be a JSON object, got {type(header).__name__}")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
     data_start = 8 + header_len
-    tensors = {name: _parse_entry(path, name, entry, data_start) for name, entry in header.items()}
+    tensors = {name: _parse_entry(path, name, entry, data_start, size - data_start) for name, entry in header.items()}
     _check_coverage(path, tensors, data_start, size)
     return SafetensorsFile(path=path, size=size, tensors=tensors, metadata=metadata)
 
@@ -164,7 +167,7 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return result
 
 
-def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
     where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: entry must be an object with dtype, shape, data_offsets")
@@ -173,22 +176,43 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
         known = ", ".join(DTYPES)
         raise CheckpointError(f"{where}: unknown dtype {dtype_name!r} (known: {known})")
     if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
-        raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+        raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {_clip(shape)}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(_is_uint(o) for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise CheckpointError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
+        raise CheckpointError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {_clip(offsets)}")
     dtype = DTYPES[dtype_name]
-    expected = prod(shape) * dtype.itemsize
+    expected = _shape_bytes(shape, dtype.itemsize, 2**64)
+    if expected is None:
+        raise CheckpointError(f"{where}: shape {_clip(shape)} of {dtype_name} needs over 2^64 bytes, more than any "
+                              f"file (the data region here is {data_size} bytes)")
     if offsets[1] - offsets[0] != expected:
         raise CheckpointError(
             f"{where}: holds {offsets[1] - offsets[0]} bytes but shape {shape} of {dtype_name} "
             f"needs {expected}"
         )
     return TensorInfo(name, dtype, tuple(shape), path, data_start + offsets[0], expected)
+
+
+def _shape_bytes(shape: list[int], itemsize: int, limit: int) -> int | None:
+    """Bytes a shape needs, or None once it exceeds ``limit``. Stops early: the product of a
+    long list of large dimensions (fuzzing found this) would otherwise grow without bound."""
+    if 0 in shape:
+        return 0
+    total = itemsize
+    for dim in shape:
+        total *= dim
+        if total > limit:
+            return None
+    return total
+
+
+def _clip(value: object, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _is_uint(value: object) -> bool:
@@ -255,7 +279,8 @@ class Checkpoint:
             if root.name.endswith(".safetensors.index.json"):
                 return cls._from_index(root, root.parent)
             if not root.name.endswith(".safetensors"):
-                raise CheckpointError(f"{root}: not a .safetensors file or model directory")
+                hint = _BIN_HINT if root.name.endswith((".bin", ".pt", ".pth", ".bin.index.json")) else ""
+                raise CheckpointError(f"{root}: not a .safetensors file or model directory{hint}")
             return cls._from_files(root, [root], model_dir=None)
         index = root / INDEX_NAME
         if index.is_file():
@@ -266,9 +291,9 @@ class Checkpoint:
         if shards:
             return cls._from_files(root, shards, model_dir=root)
         hint = ""
-        if any(root.glob("*.bin")) or any(root.glob("*.pt")) or any(root.glob("*.pth")):
-            hint = (" (found PyTorch .bin/.pt weights: only safetensors is read; convert with "
-                    "transformers: AutoModel.from_pretrained(dir).save_pretrained(out, safe_serialization=True))")
+        if any(root.glob("*.bin")) or any(root.glob("*.pt")) or any(root.glob("*.pth")) or any(
+                root.glob("*.bin.index.json")):
+            hint = " (found PyTorch .bin/.pt weights:" + _BIN_HINT.split(":", 1)[1]
         raise CheckpointError(f"{root}: no .safetensors files in this directory{hint}")
 
     @classmethod
@@ -284,6 +309,11 @@ class Checkpoint:
             raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
         shard_names = list(dict.fromkeys(weight_map.values()))
         for name in shard_names:
+            if not name.endswith(".safetensors"):
+                raise CheckpointError(f"{index}: names shard {_clip(name)}, which is not a .safetensors file"
+                                      f"{_BIN_HINT}")
+            if "\0" in name:  # no file can have it; say so rather than "does not exist"
+                raise CheckpointError(f"{index}: shard name {_clip(name)} contains a NUL byte")
             if Path(name).name != name:
                 raise CheckpointError(f"{index}: shard name {name!r} must be a plain file name")
             if not (root / name).is_file():

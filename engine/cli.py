@@ -38,6 +38,7 @@ class _Group(click.Group):
     """Routes engine errors to one-line messages unless --debug was given."""
 
     def invoke(self, ctx: click.Context):
+        previous = _sigterm_as_interrupt()
         try:
             return super().invoke(ctx)
         except SpecError as exc:
@@ -48,16 +49,37 @@ class _Group(click.Group):
             if ctx.meta.get("debug"):
                 raise
             raise click.ClickException(str(exc)) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if ctx.meta.get("debug"):
                 raise
-            click.echo("Interrupted: no output was written.", err=True)
+            # A merge's MergeInterrupted says where its partial output is and how to --resume.
+            click.echo(f"Interrupted: {exc}" if str(exc) else "Interrupted: nothing was written to the output.",
+                       err=True)
             sys.exit(130)
         except OSError as exc:
             if ctx.meta.get("debug"):
                 raise
             where = f"{exc.filename}: " if exc.filename else ""
             raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+        finally:
+            if previous is not None:
+                import signal
+
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM stops a merge like Ctrl-C (partial output kept for --resume); returns the old handler."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def _debug_option(f):
@@ -112,12 +134,16 @@ def _warn(message: str) -> None:
 @click.option("--chunk-size", default=DEFAULT_CHUNK_BYTES, type=SizeType(),
               help="Largest chunk held in memory at once (default 8 MiB).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--resume", is_flag=True, help="Finish the partial output an interrupted merge into OUTPUT left "
+              "beside it (.OUTPUT.safeblend-partial), keeping the tensors it completed.")
+@click.option("--allow-missing", type=click.Choice(["take"]),
+              help="Tensors that only some inputs have: copy each from the input that has it (default: error).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary line.")
 @_debug_option
 @click.pass_context
 def merge(ctx, base, models, out, config, method, weights, densities, lambda_, normalize, consensus, rescale,
-          seed, dtype, device, shard_size, chunk_size, overwrite, as_json, quiet) -> None:
+          seed, dtype, device, shard_size, chunk_size, overwrite, resume, allow_missing, as_json, quiet) -> None:
     """Merge fine-tuned MODELS into BASE: θ = θ_base + λ·(θ_ft − θ_base).
 
     BASE is the model before fine-tuning (e.g. the aligned instruct model), each of MODELS a
@@ -127,7 +153,8 @@ def merge(ctx, base, models, out, config, method, weights, densities, lambda_, n
     from .api import merge as run_merge
 
     options = dict(dtype=dtype.lower(), device=device, shard_size=shard_size, chunk_size=chunk_size,
-                   overwrite=overwrite, progress=not quiet and not as_json, on_warning=_warn)
+                   overwrite=overwrite, progress=not quiet and not as_json, on_warning=_warn,
+                   resume=resume, allow_missing=allow_missing)
     if config is not None:
         from .recipe import merge_recipe
 
@@ -216,6 +243,29 @@ def inspect(checkpoint, as_json) -> None:
 
 
 @main.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@_debug_option
+def verify(output, as_json) -> None:
+    """Re-read a merged OUTPUT and check every shard against safeblend.json (size, SHA-256),
+    the headers, the index and the other files; exit 1 naming each mismatch."""
+    from .verify import verify_output
+
+    report = verify_output(output)
+    if as_json:
+        click.echo(json.dumps({"path": report.path, "ok": report.ok, "shards": report.shards,
+                               "bytes_checked": report.bytes_checked, "problems": report.problems}, indent=2))
+    if not report.ok:
+        if not as_json:
+            for problem in report.problems:
+                click.echo(f"  {problem}", err=True)
+        raise click.ClickException(f"{output}: verification failed: {len(report.problems)} problem(s)")
+    if not as_json:
+        click.echo(f"OK: {output}: {report.shards} shard(s), {format_size(report.bytes_checked)} match "
+                   "safeblend.json, headers and index", err=True)
+
+
+@main.command()
 @click.argument("directory", default="safeblend-demo", type=click.Path(path_type=Path))
 @click.option("--weight", default=0.6, show_default=True, type=float, help="λ for the demo merge.")
 @click.option("--size", default="small", show_default=True, type=click.Choice(["tiny", "small"]),
@@ -226,6 +276,90 @@ def demo(directory, weight, size) -> None:
     from .demo import run_demo
 
     run_demo(directory, weight, size, echo=lambda m: click.echo(m, err=True))
+
+
+@main.command()
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Sweep directory: each weight's model goes to OUTPUT/lambda-<w>/, complete or not at all.")
+@click.option("--weights", required=True, help="Weights to sweep: a list (0.2,0.5,0.8) or an inclusive range "
+              "start:stop:step (0.1:0.9:0.1).")
+@click.option("--method", default="linear", show_default=True, type=click.Choice(method_names()),
+              help="Merge method; the swept weight is λ (linear, task-arithmetic) or t (slerp).")
+@click.option("--lambda", "lambda_", type=float, help="task-arithmetic's scale of the task vector (default 1).")
+@click.option("--normalize/--no-normalize", default=None, help="Divide by the sum of the weights (default off).")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "bf16", "fp16", "fp32"], case_sensitive=False),
+              help="Output dtype of float tensors; auto keeps the base's per tensor.")
+@click.option("--shard-size", default="5GB", show_default=True, type=SizeType(), help="Largest output shard.")
+@click.option("--chunk-size", default=DEFAULT_CHUNK_BYTES, type=SizeType(),
+              help="Largest chunk held in memory at once, per output (default 8 MiB).")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs of the same weights.")
+@click.option("--json", "as_json", is_flag=True, help="Print every output's summary and the totals as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@_debug_option
+def sweep(base, models, out, weights, method, lambda_, normalize, dtype, shard_size, chunk_size, overwrite,
+          as_json, quiet) -> None:
+    """Merge BASE with MODELS at every weight in one read pass: OUTPUT/lambda-0.1/, ...
+
+    Each output is exactly what `safeblend merge --weight W` writes. Only methods with one
+    scalar weight sweep: linear, task-arithmetic, slerp.
+    """
+    from .sweep import output_name, parse_weights
+    from .sweep import sweep as run_sweep
+
+    result = run_sweep(base, list(models), out, parse_weights(weights), method=method, lambda_=lambda_,
+                       normalize=normalize, dtype=dtype.lower(), shard_size=shard_size, chunk_size=chunk_size,
+                       overwrite=overwrite, progress=not quiet and not as_json, on_warning=_warn)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    elif not quiet:
+        rate = format_size(result.throughput_bytes_per_s)
+        click.echo(
+            f"Swept {len(result.weights)} weights ({result.method}) over {result.tensors} tensors into "
+            f"{result.output}: read {format_size(result.bytes_read)} once, wrote "
+            f"{format_size(result.bytes_written)} in {result.seconds:.1f} s ({rate}/s), "
+            f"peak RSS {format_size(result.peak_rss_bytes)}",
+            err=True,
+        )
+        for w, r in zip(result.weights, result.outputs):
+            click.echo(f"  {output_name(w)}  {r.shards} shard(s), {format_size(r.bytes_written)}", err=True)
+
+
+@main.command()
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("ft", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print every figure as JSON on stdout instead of the table.")
+@click.option("--plot", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also draw relative change per layer, one line per module type, to this PNG (needs matplotlib).")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(0),
+              help="How many of the most-changed tensors the table lists.")
+@click.option("--chunk-size", default=DEFAULT_CHUNK_BYTES, type=SizeType(),
+              help="Largest chunk read at once per input (default 8 MiB).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_debug_option
+def diff(base, ft, as_json, plot, top, chunk_size, quiet) -> None:
+    """Report where fine-tuning moved FT away from BASE: per tensor, layer and module type.
+
+    Figures: relative change ‖Δ‖/‖base‖, cosine(base, ft) and max |Δ|, from one streaming read.
+    """
+    from .diff import diff as run_diff
+    from .diff import format_report, plot_drift, require_matplotlib
+
+    if plot is not None:
+        require_matplotlib()  # fail before reading the models, not after
+    report = run_diff(base, ft, chunk_size=chunk_size, progress=not quiet and not as_json)
+    if plot is not None:
+        plot_drift(report, plot)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(format_report(report, top=top))
+        if plot is not None:
+            click.echo(f"Plot written to {plot}", err=True)
+    for message in report.warnings:
+        _warn(message)
 
 
 if __name__ == "__main__":

@@ -40,11 +40,14 @@ class Chunk:
 
 def iter_chunks(plan: MergePlan, chunk_bytes: int) -> Iterator[Chunk]:
     """Every planned tensor cut into chunks whose largest operand is at most ``chunk_bytes``."""
-    for t in plan.tensors:
-        widest = max([t.dtype.itemsize, t.base.dtype.itemsize, *(m.dtype.itemsize for m in t.models)])
-        step = max(1, chunk_bytes // widest)
-        for first in range(0, t.numel, step):
-            yield Chunk(t, first, min(step, t.numel - first))
+    for tensor in plan.tensors:
+        if tensor.name in plan.skip:  # already in place (resumed merge)
+            continue
+        for t in tensor.pieces():
+            widest = max([t.dtype.itemsize, t.base.dtype.itemsize, *(m.dtype.itemsize for m in t.models)])
+            step = max(1, chunk_bytes // widest)
+            for first in range(0, t.numel, step):
+                yield Chunk(t, first, min(step, t.numel - first))
 
 
 class BufferPool:
@@ -88,7 +91,7 @@ class Executor:
         self.workers = max(1, workers)
         self._files: dict = {f.path: f for ckpt in (base, *models) for f in ckpt.files}
         # Per-tensor method state; runs a method's reduce passes (if any) before a tensor's first chunk.
-        self._states = TensorStates(method, plan, self._file, chunk_bytes)
+        self._states = TensorStates(method, plan, self._file, chunk_bytes, self.workers)
 
     def run(self, writer: ShardWriter, progress: Callable[[int], None] | None = None) -> ExecutionStats:
         """Compute and write every chunk; ``progress`` gets the output bytes of each chunk.
@@ -147,6 +150,13 @@ class Executor:
         if t.action == "copy":
             info, file = t.base, self._file(t.base)
             start, length = info.start + chunk.first * info.dtype.itemsize, chunk.count * info.dtype.itemsize
+            if info.dtype != t.dtype:  # a tensor taken from one model, cast to the output dtype
+                buffer = pool.acquire()
+                out_bytes = buffer[: chunk.count * t.dtype.itemsize]
+                np.copyto(out_bytes.view(t.dtype.numpy), file.view(info, chunk.first, chunk.count), casting="unsafe")
+                file.release(start, length)
+                writer.submit(t.shard, out_offset, out_bytes, lambda: pool.release(buffer))
+                return length
             writer.submit(t.shard, out_offset, file.byte_view(start, length), lambda: file.release(start, length))
             return length
         buffer = pool.acquire()

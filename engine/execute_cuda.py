@@ -74,6 +74,12 @@ class _InFlight:
     done: Any  # torch.cuda.Event recorded after the D2H copy
 
 
+def runs_on_gpu(method: MergeMethod) -> bool:
+    """Whether this pipeline can run ``method``: reduce passes (norms, thresholds) fold
+    chunks on the host and have no device version yet."""
+    return type(method).reduce_passes is MergeMethod.reduce_passes
+
+
 class CudaExecutor:
     """Runs a plan through pinned staging buffers, CUDA streams and the Triton backend.
 
@@ -91,8 +97,7 @@ class CudaExecutor:
         backend,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
-        if type(method).reduce_passes is not MergeMethod.reduce_passes:
-            # Reduce passes (norms, thresholds) fold chunks on the host; not on the device yet.
+        if not runs_on_gpu(method):
             raise SpecError(
                 f"--device cuda: method {method.name!r} needs whole-tensor statistics, which the "
                 "GPU pipeline does not compute yet; use --device cpu"

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .checkpoint import Checkpoint
 from .errors import OutputError
 from .plan import MergePlan, Shard
 from .units import format_size
@@ -41,13 +40,15 @@ from .writer import OutputDir, ShardWriter, WriteDone
 LOCK_NAME = ".safeblend-lock"
 JOURNAL_NAME = ".safeblend-journal"
 JOURNAL_VERSION = 1
-# Group commit: a batch of finished tensors is made durable at most this often. Measured on
-# a 1.3 GB merge here (see tests/test_resume.py docstring): 0.25 s costs ~1% of wall time.
+# The hasher's idle wake-up; it commits after every hashing pass of at most _PASS_BYTES per
+# shard, so the journal trails the writes by about one fdatasync (group commit).
 COMMIT_INTERVAL_S = 0.25
+_PASS_BYTES = 64 * 2**20
 _READ_BLOCK = 4 * 2**20
 # Test hook: SIGKILL this process at a named point ("start", "write:N", "closed", "finishing").
 FAULT_ENV = "SAFEBLEND_FAULT_KILL_AT"
 FAULT_STATE_ENV = "SAFEBLEND_FAULT_STATE"
+SLOW_ENV = "SAFEBLEND_FAULT_SLOW_WRITE_S"  # test hook: sleep after each write, to interrupt mid-merge
 
 
 class MergeInterrupted(KeyboardInterrupt):
@@ -57,13 +58,16 @@ class MergeInterrupted(KeyboardInterrupt):
 # -- fingerprint ----------------------------------------------------------------------------
 
 
-def fingerprint(plan: MergePlan, inputs: Sequence[Checkpoint], settings: dict[str, Any]) -> dict[str, Any]:
-    """What must not change between a run and its resume, as comparable JSON parts."""
+def fingerprint(plan: MergePlan, inputs: Sequence[str | os.PathLike], settings: dict[str, Any]) -> dict[str, Any]:
+    """What must not change between a run and its resume, as comparable JSON parts: the output
+    shards' headers (recipe, dtypes, layout), the inputs' files (size, mtime) and ``settings``."""
     files = []
-    for ckpt in inputs:
-        for f in ckpt.files:
-            st = os.stat(f.path)
-            files.append({"path": os.path.abspath(f.path), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    for item in inputs:
+        root = Path(item)
+        paths = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".json")) if root.is_dir() else [root]
+        for path in paths:
+            st = os.stat(path)
+            files.append({"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     headers = hashlib.sha256()
     for shard in plan.shards:
         headers.update(shard.filename.encode() + b"\0" + shard.header)
@@ -240,11 +244,12 @@ class Progress:
                 with self._cv:
                     while not self._stop and not self._work() and not self._due():
                         self._cv.wait(timeout=COMMIT_INTERVAL_S)
-                    work = [] if self._discard else [(s, s.frontier) for s in self.shards if s.frontier > s.cursor]
+                    work = [] if self._discard else [(s, min(s.frontier, s.cursor + _PASS_BYTES))
+                                                     for s in self.shards if s.frontier > s.cursor]
                     stop = self._stop
                 for s, end in work:
                     self._hash(s, end)
-                if self._pending and (stop or self._due()):
+                if self._pending:  # group commit: whatever finished while the last batch synced
                     self._commit()
                 if stop and not work:
                     return
@@ -255,7 +260,7 @@ class Progress:
         return any(s.frontier > s.cursor for s in self.shards)
 
     def _due(self) -> bool:
-        return bool(self._pending) and time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S
+        return bool(self._pending)
 
     def _hash(self, s: _ShardProgress, end: int) -> None:
         started = time.perf_counter()
@@ -317,6 +322,7 @@ class JournaledWriter(ShardWriter):
         self.kept = kept  # name -> (shard, offset) of tensors kept from the partial output
         self._writes = 0
         self._lock = threading.Lock()
+        self._slow = float(os.environ.get(SLOW_ENV, 0) or 0)
 
     def _open_shard(self, path: Path, shard: Shard) -> int:
         if path.exists():  # resumed: checked against the plan by MergeSession._verify_shards
@@ -340,6 +346,8 @@ class JournaledWriter(ShardWriter):
             if done is not None:
                 done()
             self.progress.landed(shard, offset, length)
+            if self._slow:
+                time.sleep(self._slow)
             if FAULT_ENV in os.environ:
                 with self._lock:
                     self._writes += 1
@@ -366,19 +374,23 @@ class MergeSession:
         self.kept: dict[str, tuple[int, int]] = {}
         self._lock_fd = -1
         self._journal_fd = -1
+        self._journal_fd_opened = False
         self.progress: Progress | None = None
         self.writer: JournaledWriter | None = None
 
     @classmethod
     def start(cls, out: str | os.PathLike, *, overwrite: bool, resume: bool, plan: MergePlan,
-              inputs: Sequence[Checkpoint], settings: dict[str, Any]) -> "MergeSession":
+              inputs: Sequence[str | os.PathLike], settings: dict[str, Any]) -> "MergeSession":
         """Create or reopen the staging directory, lock it and (with ``resume``) keep the
         journaled tensors whose bytes check out; ``plan.skip`` gets their names."""
         session = cls(Path(out), overwrite, plan)
         try:
             session._open(resume, fingerprint(plan, inputs, settings))
-        except BaseException:
+        except BaseException as exc:
             session._release()
+            if isinstance(exc, KeyboardInterrupt) and session._journal_fd_opened:
+                raise MergeInterrupted(f"the partial output is kept at {session.staging}; rerun the same command "
+                                       "with --resume to finish it") from exc
             raise
         return session
 
@@ -451,6 +463,7 @@ class MergeSession:
         os.write(self._journal_fd, (json.dumps(header, separators=(",", ":")) + "\n").encode())
         os.fdatasync(self._journal_fd)
         _fsync_dir(self.staging)
+        self._journal_fd_opened = True
 
     def _resume(self, print_: dict[str, Any]) -> None:
         path = self.staging / JOURNAL_NAME

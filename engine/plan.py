@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Literal
+from math import prod
+from pathlib import Path
+from typing import Any, Literal
 
 from .checkpoint import Checkpoint, TensorInfo
 from .dtypes import DTYPES, DType
@@ -31,14 +33,25 @@ class OutputTensor:
     action: Action
     shard: int = -1
     offset: int = -1  # absolute byte offset in its shard file
+    # Elements past ``numel`` (rows a fine-tune added to the vocabulary) are copied from here.
+    tail: TensorInfo | None = None
 
     @property
     def numel(self) -> int:
+        """Elements merged (or copied) from ``base`` and ``models``; the tail follows them."""
         return self.base.numel
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        return prod(self.shape) * self.dtype.itemsize
+
+    def pieces(self) -> list["OutputTensor"]:
+        """What the executor runs: this tensor's own range, then its tail as a copy."""
+        if self.tail is None:
+            return [self]
+        tail = OutputTensor(self.name, self.tail.shape, self.dtype, self.tail, [], "copy", self.shard,
+                            self.offset + self.numel * self.dtype.itemsize)
+        return [self, tail]
 
 
 @dataclass
@@ -65,6 +78,9 @@ class MergePlan:
     tensors: list[OutputTensor]
     shards: list[Shard]
     warnings: list[str]
+    skip: frozenset[str] = frozenset()  # tensors already in place (a resumed merge)
+    config: dict[str, Any] = field(default_factory=dict)  # config.json keys the output must change
+    files_from: Path | None = None  # model directory whose tokenizer files the output needs
 
     @property
     def total_size(self) -> int:
@@ -78,7 +94,7 @@ class MergePlan:
     @property
     def bytes_to_read(self) -> int:
         return sum(t.base.nbytes + (sum(m.nbytes for m in t.models) if t.action == "merge" else 0)
-                   for t in self.tensors)
+                   + (t.tail.nbytes if t.tail is not None else 0) for t in self.tensors)
 
 
 def check_compatible(base: Checkpoint, models: list[Checkpoint]) -> None:
@@ -110,6 +126,7 @@ def plan(
     out_dtype: str | None,
     shard_size: int,
     metadata: dict[str, str],
+    allow_missing: str | None = None,
 ) -> MergePlan:
     """Decide every output tensor and lay out the shards.
 
@@ -119,27 +136,36 @@ def plan(
         out_dtype: safetensors dtype name for float outputs, or None to keep the base's.
         shard_size: largest shard in bytes (a tensor larger than this gets a shard alone).
         metadata: strings recorded in every shard header (``format`` is added).
+        allow_missing: ``"take"`` copies tensors only some inputs have (``engine.quirks``).
     """
-    check_compatible(base, models)
-    warnings: list[str] = []
+    from .quirks import reconcile  # tied embeddings, resized vocabularies, missing tensors
+
+    matched = reconcile(base, models, allow_missing)
+    warnings: list[str] = list(matched.warnings)
     tensors: list[OutputTensor] = []
-    uncomputable: list[str] = []
-    for name, info in base.tensors.items():
-        sources = [m.tensors[name] for m in models]
+    uncomputable: list[OutputTensor] = []
+    for entry in matched.entries:
+        if entry.only is not None:  # present in one input only: copied (cast to out_dtype if float)
+            only = entry.only
+            dtype = DTYPES[out_dtype] if out_dtype and only.dtype.computable else only.dtype
+            tensors.append(OutputTensor(entry.name, only.shape, dtype, only, [], "copy"))
+            continue
+        name, info, sources = entry.name, entry.base, entry.models
         if info.dtype.computable and all(s.dtype.computable for s in sources):
             dtype = DTYPES[out_dtype] if out_dtype else info.dtype
-            tensors.append(OutputTensor(name, info.shape, dtype, info, sources, "merge"))
+            tensors.append(OutputTensor(name, entry.shape, dtype, info, sources, "merge", tail=entry.tail))
         else:
+            tensors.append(OutputTensor(name, entry.shape, info.dtype, info, sources, "copy", tail=entry.tail))
             if info.dtype.is_float or any(s.dtype.is_float for s in sources):
-                uncomputable.append(name)
-            tensors.append(OutputTensor(name, info.shape, info.dtype, info, sources, "copy"))
+                uncomputable.append(tensors[-1])
     if uncomputable:
         warnings.append(
-            f"{len(uncomputable)} tensor(s) in a dtype that is not merged (e.g. {uncomputable[0]!r}, "
-            f"{base.tensors[uncomputable[0]].dtype.name}) are copied from the base"
+            f"{len(uncomputable)} tensor(s) in a dtype that is not merged (e.g. {uncomputable[0].name!r}, "
+            f"{uncomputable[0].base.dtype.name}) are copied from the base"
         )
     shards = _layout(tensors, shard_size, {"format": "pt", **metadata})
-    return MergePlan(tensors=tensors, shards=shards, warnings=warnings)
+    return MergePlan(tensors=tensors, shards=shards, warnings=warnings, config=matched.config,
+                     files_from=matched.files_from)
 
 
 def _layout(tensors: list[OutputTensor], shard_size: int, metadata: dict[str, str]) -> list[Shard]:

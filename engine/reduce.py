@@ -3,15 +3,18 @@
 A method that needs whole-tensor statistics (SLERP's norms, TIES's thresholds, Model
 Stock's cosines, DARE's L1 norms) declares reduce passes; before the first chunk of a tensor
 is merged, the passes run here over the tensor's chunks, through the same memory maps and
-releasing each chunk's pages after use, so memory stays O(chunk). The state is shared by
-the compute threads working on that tensor's chunks: the first thread to need it computes
-it, the others wait. A method without reduce passes costs one ``prepare`` call per tensor.
+releasing each chunk's pages after use, so memory stays O(chunk per thread). The state is
+shared by the compute threads working on that tensor's chunks: the first thread to need it
+runs the passes (spreading each pass's chunks over ``workers`` threads of its own, since the
+executor's other workers are waiting for the same state), the others wait. A method without
+reduce passes costs one ``prepare`` call per tensor.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -41,10 +44,12 @@ class TensorStates:
         plan: MergePlan,
         file_of: Callable[[TensorInfo], SafetensorsFile],
         chunk_bytes: int,
+        workers: int = 1,
     ) -> None:
         self.method = method
         self.file_of = file_of
         self.chunk_bytes = chunk_bytes
+        self.workers = max(1, workers)
         self._positions = layer_positions(t.name for t in plan.tensors)
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
@@ -89,16 +94,31 @@ class TensorStates:
         sources = [t.base, *t.models]
         files = [self.file_of(info) for info in sources]
         step = max(1, self.chunk_bytes // max(info.dtype.itemsize for info in sources))
+        firsts = range(0, t.numel, step)
+
+        def fold(pass_index: int, first: int) -> int:
+            count = min(step, t.numel - first)
+            views = [f.view(info, first, count) for info, f in zip(sources, files)]
+            self.method.accumulate(state, pass_index, views[0], views[1:], ChunkContext(context, first))
+            del views
+            read = 0
+            for info, f in zip(sources, files):
+                size = info.dtype.itemsize
+                f.release(info.start + first * size, count * size)
+                read += count * size
+            return read
+
         read = 0
-        for pass_index in range(passes):
-            for first in range(0, t.numel, step):
-                count = min(step, t.numel - first)
-                views = [f.view(info, first, count) for info, f in zip(sources, files)]
-                self.method.accumulate(state, pass_index, views[0], views[1:], ChunkContext(context, first))
-                del views
-                for info, f in zip(sources, files):
-                    size = info.dtype.itemsize
-                    f.release(info.start + first * size, count * size)
-                    read += count * size
-            self.method.end_pass(state, pass_index)
+        threads = min(self.workers, len(firsts))
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="safeblend-reduce") if threads > 1 else None
+        try:
+            for pass_index in range(passes):
+                if pool is None:
+                    read += sum(fold(pass_index, first) for first in firsts)
+                else:
+                    read += sum(pool.map(lambda first: fold(pass_index, first), firsts))
+                self.method.end_pass(state, pass_index)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         return read

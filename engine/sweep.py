@@ -30,10 +30,14 @@ from math import isfinite
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .api import MergeResult, _check_output_not_input, _select_backend, output_metadata
+from kernels import cpu_backend
+
+from .api import MergeResult, _check_output_not_input, output_metadata
 from .checkpoint import Checkpoint
+from .journal import MergeSession
+from .lora import open_model
 from .dtypes import dtype_from_alias
-from .errors import SpecError
+from .errors import OutputError, SpecError
 from .execute import DEFAULT_CHUNK_BYTES, DEFAULT_WORKERS, BufferPool, Chunk, ExecutionStats, Executor
 from .methods import create_method
 from .methods.base import ChunkContext, MergeMethod, TensorContext
@@ -41,7 +45,7 @@ from .model_files import copy_model_files
 from .plan import MergePlan
 from .plan import plan as make_plan
 from .units import parse_size
-from .writer import OutputDir, ShardWriter, write_index
+from .writer import OutputDir, ShardWriter, WriteDone, write_index
 
 # Methods whose swept parameter is one scalar, the ``weight`` keyword (λ; SLERP's t).
 SWEEPABLE = ("linear", "task-arithmetic", "slerp")
@@ -199,11 +203,11 @@ def sweep(
     except ValueError as exc:
         raise SpecError(str(exc)) from exc
     mergers = [create_method(method, len(model_paths), weight=w, **method_params) for w in points]
-    backend, device_name = _select_backend("cpu")
+    backend, device_name = cpu_backend(), "cpu"  # the sweep runs on the CPU executor
     _check_output_not_input(out, [base, *model_paths])
 
     base_ckpt = Checkpoint.open(base)
-    model_ckpts = [Checkpoint.open(p) for p in model_paths]
+    model_ckpts = [open_model(p, base_ckpt) for p in model_paths]  # LoRA adapter dirs: engine.lora
     try:
         metadatas = [output_metadata(m, base, model_paths, out_dtype) for m in mergers]
         plans = [make_plan(base_ckpt, model_ckpts, out_dtype, shard_bytes, md) for md in metadatas]
@@ -211,9 +215,9 @@ def sweep(
         for message in messages:
             warn(message)
         root = Path(os.path.abspath(out))
-        outputs = [OutputDir(root / output_name(w), overwrite) for w in points]
-        stats, writers = _run(plans, metadatas, base_ckpt, model_ckpts, mergers, backend, outputs, out_dtype,
-                              chunk_bytes, workers, progress)
+        finals = [root / output_name(w) for w in points]
+        stats, writers = _run(plans, metadatas, base_ckpt, model_ckpts, mergers, backend, finals,
+                              [base, *model_paths], overwrite, out_dtype, chunk_bytes, workers, progress)
     finally:
         for ckpt in (base_ckpt, *model_ckpts):
             ckpt.close()
@@ -222,13 +226,13 @@ def sweep(
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     results = [
         MergeResult(
-            output=str(o.final), method=m.name, params=m.recipe(), dtype=out_dtype or "auto", device=device_name,
+            output=str(final), method=m.name, params=m.recipe(), dtype=out_dtype or "auto", device=device_name,
             tensors=len(p.tensors), shards=len(p.shards), bytes_read=stats.bytes_read,
             bytes_written=w.bytes_written, seconds=round(seconds, 4),
             throughput_bytes_per_s=round((stats.bytes_read + w.bytes_written) / max(seconds, 1e-9), 1),
             peak_rss_bytes=rss, warnings=[*m.warnings, *p.warnings],
         )
-        for o, m, p, w in zip(outputs, mergers, plans, writers)
+        for final, m, p, w in zip(finals, mergers, plans, writers)
     ]
     written = sum(w.bytes_written for w in writers)
     return SweepResult(
@@ -240,17 +244,29 @@ def sweep(
 
 
 def _run(plans: list[MergePlan], metadatas: list[dict[str, str]], base: Checkpoint, models: list[Checkpoint],
-         mergers: list[MergeMethod], backend, outputs: list[OutputDir], out_dtype: str | None, chunk_bytes: int,
-         workers: int, progress: bool) -> tuple[ExecutionStats, list[ShardWriter]]:
-    """Stage every output, run the one pass, then finish and commit each output in turn.
+         mergers: list[MergeMethod], backend, finals: list[Path], inputs: list[str | os.PathLike], overwrite: bool,
+         out_dtype: str | None, chunk_bytes: int, workers: int,
+         progress: bool) -> tuple[ExecutionStats, list[ShardWriter]]:
+    """Stage every output as merge does (``MergeSession``: locked, journaled staging beside
+    it), run the one pass, then finish and commit each output in turn.
 
-    On any failure every output not yet committed is removed; committed ones are complete.
+    A sweep does not resume: on any failure, interrupts included, every output not yet
+    committed is removed; committed ones are complete.
     """
-    needed = sum(p.output_bytes for p in plans)  # free space for all of them, checked at each create
-    writers: list[ShardWriter] = []
+    root = finals[0].parent
     try:
-        for output, plan in zip(outputs, plans):
-            writers.append(ShardWriter(output.create(needed_bytes=needed), plan))
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{root}: cannot create the sweep directory: {exc.strerror or exc}") from exc
+    OutputDir(finals[0], overwrite).check_space(sum(p.output_bytes for p in plans))  # all of them at once
+    sessions: list[MergeSession] = []
+    done = 0  # sessions committed
+    try:
+        for final, plan in zip(finals, plans):
+            # The settings are merge's own, so each partial fingerprints as `merge --weight W` would.
+            sessions.append(MergeSession.start(final, overwrite=overwrite, resume=False, plan=plan, inputs=inputs,
+                                               settings={"chunk_bytes": chunk_bytes, "device": "cpu"}))
+        writers = [session.writer for session in sessions]
         for writer in writers:
             writer.open()
         with _progress_bar(plans[0].total_size, len(plans), progress) as bar:
@@ -258,25 +274,59 @@ def _run(plans: list[MergePlan], metadatas: list[dict[str, str]], base: Checkpoi
             stats = executor.run(_Outputs(writers), bar.update)
         for writer in writers:
             writer.close()
-        for output, plan, metadata in zip(outputs, plans, metadatas):
-            write_index(output.staging, plan, metadata)
-            copy_model_files(base.model_dir, output.staging, out_dtype)
-            output.commit()
-    except BaseException:
-        for writer in writers:
-            writer.abandon()
-        for output in outputs:
-            output.abort()
+        for session, plan, metadata in zip(sessions, plans, metadatas):
+            write_index(session.staging, plan, metadata)
+            copy_model_files(base.model_dir, session.staging, out_dtype)
+            session.commit()
+            done += 1
+    except BaseException as exc:
+        for session in sessions[done:]:
+            session.fail(_Discarded(exc))
         raise
     return stats, writers
 
 
+class _Discarded(Exception):
+    """Passed to ``MergeSession.fail`` so that it removes a sweep's partial outputs even on an
+    interrupt (merge keeps them for ``--resume``; a sweep has no resume)."""
+
+
 class _Outputs:
-    """Every output's ShardWriter, handed through ``Executor.run`` in place of its one writer."""
+    """Every output's ShardWriter, passed through ``Executor.run`` in place of its one writer.
+
+    Offsets handed in are the first plan's; each output's shard headers differ only in their
+    recipe, so its offsets are the first plan's shifted by its header's extra length.
+    """
 
     def __init__(self, writers: list[ShardWriter]) -> None:
         self.writers = writers
         self.depth = writers[0].depth  # what run() reads to size the buffer pool
+        first = writers[0].plan
+        for w in writers[1:]:
+            _check_same_layout(first, w.plan)
+        self.shifts = [[len(s.header) - len(s0.header) for s, s0 in zip(w.plan.shards, first.shards)]
+                       for w in writers]
+
+    def submit_to(self, k: int, shard: int, offset: int, data: memoryview, done: WriteDone | None) -> None:
+        """Queue output ``k``'s bytes at the first plan's ``offset``."""
+        self.writers[k].submit(shard, offset + self.shifts[k][shard], data, done)
+
+    def submit(self, shard: int, offset: int, data: memoryview, done: WriteDone | None = None) -> None:
+        """The same bytes to every output (copied tensors); ``done`` runs once all have them."""
+        each = _countdown(len(self.writers), done) if done is not None else None
+        for k in range(len(self.writers)):
+            self.submit_to(k, shard, offset, data, each)
+
+
+def _check_same_layout(a: MergePlan, b: MergePlan) -> None:
+    """Plans for different weights must place every tensor alike (only headers may differ)."""
+    same = len(a.shards) == len(b.shards) and all(
+        (x.name, x.shard, x.offset - len(a.shards[x.shard].header), x.dtype)
+        == (y.name, y.shard, y.offset - len(b.shards[y.shard].header), y.dtype)
+        for x, y in zip(a.tensors, b.tensors)
+    )
+    if not same or len(a.tensors) != len(b.tensors):
+        raise RuntimeError("sweep: the plans for different weights lay the output out differently")
 
 
 class _Fanout(MergeMethod):
@@ -286,7 +336,7 @@ class _Fanout(MergeMethod):
 
     name = "sweep"
 
-    def __init__(self, methods: list[MergeMethod]) -> None:  # noqa: D107  (no n_models check: a wrapper)
+    def __init__(self, methods: list[MergeMethod]) -> None:  # no n_models check: a wrapper
         self.methods = methods
         self.n_models = methods[0].n_models
         self.warnings = []
@@ -312,8 +362,9 @@ class _Fanout(MergeMethod):
 class SweepExecutor(Executor):
     """The merge's CPU executor with K outputs: per chunk, one read and K computed writes.
 
-    Only the per-chunk step and the buffer pool's size differ from ``Executor``; chunking,
-    prefetching, the compute threads and the reduce passes are the merge's own.
+    Only the merge step of a chunk and the buffer pool's size differ from ``Executor``;
+    chunking, prefetching, compute threads, reduce passes and copied tensors (sent to every
+    output by ``_Outputs.submit``) are the merge's own code.
     """
 
     def __init__(self, plans: list[MergePlan], base: Checkpoint, models: list[Checkpoint],
@@ -321,8 +372,6 @@ class SweepExecutor(Executor):
                  workers: int = DEFAULT_WORKERS) -> None:
         super().__init__(plans[0], base, models, _Fanout(methods), backend, chunk_bytes, workers)
         self.methods = methods
-        # Each tensor's entry in every plan: same shard, but offsets shift with each header's length.
-        self._twins = {t.name: [p.tensors[i] for p in plans] for i, t in enumerate(plans[0].tensors)}
 
     def _buffer_pool(self, writer: _Outputs) -> BufferPool:
         # The merge's pool plus one buffer per extra output. Workers take buffers one output
@@ -333,26 +382,19 @@ class SweepExecutor(Executor):
     def _process(self, chunk: Chunk, writer: _Outputs, pool: BufferPool) -> int:
         """Read one chunk's inputs once, compute and queue every output's chunk; returns bytes read."""
         t = chunk.tensor
-        twins = self._twins[t.name]
-        if t.action == "copy":
-            info, file = t.base, self._file(t.base)
-            start, length = info.start + chunk.first * info.dtype.itemsize, chunk.count * info.dtype.itemsize
-            data = file.byte_view(start, length)
-            done = _countdown(len(twins), partial(file.release, start, length))
-            for w, twin in zip(writer.writers, twins):
-                w.submit(twin.shard, twin.offset + chunk.first * twin.dtype.itemsize, data, done)
-            return length
+        if t.action != "merge":
+            return super()._process(chunk, writer, pool)  # identical bytes for every output
         sources = [(info, self._file(info)) for info in self._sources(t)]
         views = [f.view(info, chunk.first, chunk.count) for info, f in sources]
         context, states, read = self._states.get(t)
         where = ChunkContext(context, chunk.first)
+        offset = t.offset + chunk.first * t.dtype.itemsize
         nbytes = chunk.count * t.dtype.itemsize
-        for method, state, w, twin in zip(self.methods, states, writer.writers, twins):
+        for k, (method, state) in enumerate(zip(self.methods, states)):
             buffer = pool.acquire()
             out_bytes = buffer[:nbytes]
             method.merge_chunk(self.backend, views[0], views[1:], out_bytes.view(t.dtype.numpy), where, state)
-            w.submit(twin.shard, twin.offset + chunk.first * t.dtype.itemsize, out_bytes,
-                     partial(pool.release, buffer))
+            writer.submit_to(k, t.shard, offset, out_bytes, partial(pool.release, buffer))
         del views
         for info, f in sources:
             size = info.dtype.itemsize

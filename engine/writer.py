@@ -42,22 +42,26 @@ class OutputDir:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"{parent}: cannot create output's parent directory: {exc.strerror}") from exc
-        free = shutil.disk_usage(parent).free
-        if free < needed_bytes:
-            raise OutputError(
-                f"{parent}: not enough space on the filesystem for the output: needs "
-                f"{format_size(needed_bytes)}, {format_size(free)} free"
-            )
+        self.check_space(needed_bytes)
         try:
             self.staging.mkdir()
         except FileExistsError as exc:
             raise OutputError(
-                f"{self.staging}: a partial output from another merge into {self.final.name} exists; "
-                "if no merge is running, delete it and retry"
+                f"{self.staging}: a partial output of another merge into {self.final.name} exists; resume it "
+                f"with --resume, or, if no merge is running, delete it (rm -r '{self.staging}') to start over"
             ) from exc
         except OSError as exc:
             raise OutputError(f"{self.staging}: cannot create: {exc.strerror}") from exc
         return self.staging
+
+    def check_space(self, needed_bytes: int) -> None:
+        """OutputError naming the filesystem when it has less than ``needed_bytes`` free."""
+        free = shutil.disk_usage(self.final.parent).free
+        if free < needed_bytes:
+            raise OutputError(
+                f"{self.final.parent}: not enough space on {filesystem_of(self.final.parent)} for the output: "
+                f"needs {format_size(needed_bytes)}, {format_size(free)} free"
+            )
 
     def commit(self) -> None:
         """Flush the staging directory and move it to OUT (replacing OUT if allowed)."""
@@ -84,6 +88,23 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def filesystem_of(path: Path) -> str:
+    """The mount point holding ``path`` and its type, e.g. ``/mnt/out (ext4)``, for messages."""
+    mount = Path(os.path.realpath(path))
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    fstype = "?"
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as handle:
+            for line in handle:  # the last entry for a mount point is the one in effect
+                fields = line.split()
+                if len(fields) > 2 and fields[1].replace("\\040", " ") == str(mount):
+                    fstype = fields[2]
+    except OSError:
+        pass
+    return f"the filesystem mounted at {mount} ({fstype})"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -118,15 +139,22 @@ class ShardWriter:
     def open(self) -> None:
         """Create every shard: header written, file sized to its final length."""
         for shard in self.plan.shards:
-            path = self.directory / shard.filename
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            self._fds.append(fd)
+            self._fds.append(self._open_shard(self.directory / shard.filename, shard))
+        self._thread.start()
+
+    def _open_shard(self, path: Path, shard) -> int:
+        """Create one shard file with its header, sized to its final length; returns its fd."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
             # Sized, not allocated: posix_fallocate's unwritten extents measured slower to fill
             # here, and free space is checked up front (OutputDir.create).
             os.ftruncate(fd, shard.size)
             self._pwrite(fd, shard.header, 0, path)
-            self.bytes_written += len(shard.header)
-        self._thread.start()
+        except BaseException:
+            os.close(fd)
+            raise
+        self.bytes_written += len(shard.header)
+        return fd
 
     def submit(self, shard: int, offset: int, data: memoryview, done: WriteDone | None = None) -> None:
         """Queue ``data`` for writing at ``offset`` of shard ``shard``; blocks while the queue is full."""
@@ -206,8 +234,8 @@ class ShardWriter:
     def _io_error(self, path: Path, exc: OSError) -> OutputError:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return OutputError(
-                f"{path}: the filesystem ran out of space while writing "
-                f"(the output needs {format_size(self.plan.output_bytes)})"
+                f"{path}: {filesystem_of(path.parent)} ran out of space while writing (the output needs "
+                f"{format_size(self.plan.output_bytes)}; {format_size(shutil.disk_usage(path.parent).free)} free)"
             )
         return OutputError(f"{path}: write failed: {exc.strerror or exc}")
 

@@ -131,7 +131,7 @@ class StandInExecutor(CudaExecutor):
         return stats
 
 
-def _select_stand_in(device: str):
+def _select_stand_in(device: str, merger=None):
     if device == "cuda":
         return tb.TritonBackend(), "cuda"
     from kernels import cpu_backend
@@ -213,10 +213,18 @@ def test_slot_size_is_bounded_by_the_pinned_budget():
 
 
 def test_device_cuda_without_gpu_is_a_clear_error(tmp_path, monkeypatch):
+    linear = engine.methods.create_method("linear", 1, weight=0.5)
     monkeypatch.setattr("kernels.cuda_unavailable_reason", lambda: "no NVIDIA GPU driver found")
     with pytest.raises(engine.errors.SpecError, match="--device cuda: no NVIDIA GPU driver found"):
-        engine.api._select_backend("cuda")
-    assert engine.api._select_backend("auto")[1] == "cpu"
+        engine.api._select_backend("cuda", linear)
+    assert engine.api._select_backend("auto", linear)[1] == "cpu"
+
+
+def test_auto_runs_methods_with_reduce_passes_on_the_cpu(monkeypatch):
+    """A GPU is present, but slerp's norms have no device version: auto picks the CPU."""
+    monkeypatch.setattr("kernels.cuda_unavailable_reason", lambda: None)
+    slerp = engine.methods.create_method("slerp", 1, weight=0.5)
+    assert engine.api._select_backend("auto", slerp)[1] == "cpu"
 
 
 # -- on a GPU ---------------------------------------------------------------------------------

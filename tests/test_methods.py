@@ -286,7 +286,8 @@ def test_kth_largest_matches_sort_on_hard_values():
         for p in range(selector.passes):
             for lo in range(0, values.size, 777):  # uneven chunks
                 chunk = values[lo:lo + 777]
-                selector.add(p, magnitude_bits(chunk, np.empty(chunk.size, np.uint32)))
+                selector.add(p, magnitude_bits(chunk, np.empty(chunk.size, np.uint32)),
+                             np.empty(chunk.size, np.intp), np.empty(chunk.size, bool))
             selector.end_pass(p)
         threshold = np.array([selector.threshold_bits], np.uint32).view(np.float32)[0]
         assert float(threshold) == magnitudes[k - 1], k

@@ -17,6 +17,8 @@ above +Inf, so a NaN delta is kept and shows in the output.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 HIGH_BINS = 1 << 15
@@ -29,7 +31,7 @@ _LOW = np.uint32(0xFFFF)
 class KthLargest:
     """The k-th largest of n non-negative fp32 bit patterns, streamed in two passes.
 
-    Call ``add(pass_index, bits)`` for every chunk of magnitude bits, then ``end_pass`` after
+    Call ``add(pass_index, bits, ...)`` for every chunk of magnitude bits, then ``end_pass`` after
     each pass; ``threshold_bits`` is then the answer: keep ``bits >= threshold_bits``. With
     k = 0 nothing is kept (threshold above every pattern); with k ≥ n everything is.
     """
@@ -46,6 +48,7 @@ class KthLargest:
         # Allocated when counting starts: a merge prepares every tensor up front to validate it.
         self._high: np.ndarray | None = None
         self._low: np.ndarray | None = None
+        self._lock = threading.Lock()
         self._bin = -1
         self._rank = 0  # rank of the answer inside the chosen high bin, 1 = largest
 
@@ -53,24 +56,33 @@ class KthLargest:
     def done(self) -> bool:
         return self.threshold_bits is not None
 
-    def add(self, pass_index: int, bits: np.ndarray) -> None:
-        """Count one chunk of magnitude bit patterns (uint32, sign bit clear)."""
+    def add(self, pass_index: int, bits: np.ndarray, high: np.ndarray, mask: np.ndarray) -> None:
+        """Count one chunk of magnitude bit patterns (uint32, sign bit clear).
+
+        ``high`` (intp) and ``mask`` (bool) are scratch of the same length. Safe to call from
+        several threads at once: counting is local, folding in takes a lock.
+        """
         if self.done:
             return
-        high = np.right_shift(bits, _SHIFT)
+        # bincount wants intp; shifting straight into an intp buffer saves it a converting copy.
+        np.right_shift(bits, _SHIFT, out=high, casting="unsafe")
         if pass_index == 0:
-            if self._high is None:
-                self._high = np.zeros(HIGH_BINS, dtype=np.int64)
-            self._high += np.bincount(high, minlength=HIGH_BINS)
+            counts = np.bincount(high, minlength=HIGH_BINS)
+            with self._lock:
+                if self._high is None:
+                    self._high = np.zeros(HIGH_BINS, dtype=np.int64)
+                self._high += counts
             return
-        if self._low is None:
-            self._low = np.zeros(LOW_BINS, dtype=np.int64)
-        low = np.bitwise_and(bits[high == self._bin], _LOW)
+        np.equal(high, self._bin, out=mask)
+        low = np.bitwise_and(bits[mask], _LOW)
         if low.size:
             # Few entries fall in one high bin; counting the distinct values beats a
             # 64K-bin bincount per block.
             values, counts = np.unique(low, return_counts=True)
-            self._low[values] += counts
+            with self._lock:
+                if self._low is None:
+                    self._low = np.zeros(LOW_BINS, dtype=np.int64)
+                self._low[values] += counts
 
     def end_pass(self, pass_index: int) -> None:
         if self.done:

@@ -57,7 +57,9 @@ class SparseState:
     keys: list[int] = field(default_factory=list)  # DARE stream keys
     limits: list[int] = field(default_factory=list)  # DARE keep limits
     l1: np.ndarray | None = None  # DARE l1: [model, (Σ|d|, Σ|kept d|)]
+    l1_parts: dict[int, np.ndarray] = field(default_factory=dict)  # per chunk, while reducing
     passes: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def factors(self) -> list[float]:
         """Per model, what multiplies a kept delta: wᵢ·sᵢ (sᵢ the DARE rescale)."""
@@ -92,7 +94,8 @@ class SparseTaskArithmetic(MergeMethod):
         self._lambda = setting(lambda_, "lambda")
         self._normalize = setting(self.default_normalize if normalize is None else normalize, "normalize")
         self._consensus = setting(consensus or "sum", "consensus") if self.elect_signs else None
-        self._rescale = setting("density" if rescale is None else rescale, "rescale") if self.sparsify == "random" else None
+        self._rescale = (setting("density" if rescale is None else rescale, "rescale")
+                         if self.sparsify == "random" else None)
         self.seed: int | None = None
         if self.sparsify == "random":
             if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
@@ -156,8 +159,10 @@ class SparseTaskArithmetic(MergeMethod):
                    chunk: ChunkContext) -> None:
         b32, d32 = scratch("sparse-reduce", 2, np.float32, COMBINE_BLOCK)
         (bits,) = scratch("sparse-bits", 1, np.uint32, COMBINE_BLOCK)
+        (high,) = scratch("sparse-high", 1, np.intp, COMBINE_BLOCK)
         (keep,) = scratch("sparse-keep", 1, np.bool_, COMBINE_BLOCK)
         generator = _generator()
+        l1 = np.zeros((len(models), 2))
         with np.errstate(all="ignore"):
             for lo, hi in blocks(base.shape[0], COMBINE_BLOCK):
                 k = hi - lo
@@ -167,16 +172,23 @@ class SparseTaskArithmetic(MergeMethod):
                     np.copyto(d, model[lo:hi], casting="unsafe")
                     np.subtract(d, b, out=d)
                     if state.selectors:
-                        state.selectors[i].add(pass_index, magnitude_bits(d, bits[:k]))
+                        state.selectors[i].add(pass_index, magnitude_bits(d, bits[:k]), high[:k], keep[:k])
                     else:
                         np.abs(d, out=d)
-                        state.l1[i, 0] += float(np.sum(d, dtype=np.float64))
+                        l1[i, 0] += float(np.sum(d, dtype=np.float64))
                         generator.keep(state.keys[i], chunk.first + lo, state.limits[i], keep[:k])
-                        state.l1[i, 1] += float(np.sum(d, where=keep[:k], dtype=np.float64))
+                        l1[i, 1] += float(np.sum(d, where=keep[:k], dtype=np.float64))
+        if not state.selectors:
+            with state.lock:
+                state.l1_parts[chunk.first] = l1
 
     def end_pass(self, state: SparseState, pass_index: int) -> None:
         for selector in state.selectors:
             selector.end_pass(pass_index)
+        if state.l1_parts:
+            # Summed in chunk order, so the result does not depend on thread timing.
+            state.l1 = sum(state.l1_parts[first] for first in sorted(state.l1_parts))
+            state.l1_parts.clear()
 
     # -- per chunk ----------------------------------------------------------------------------
 

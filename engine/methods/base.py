@@ -77,7 +77,13 @@ class MergeMethod:
         return 0
 
     def accumulate(self, state: Any, pass_index: int, base: Any, models: Sequence[Any], chunk: ChunkContext) -> None:
-        """Fold one chunk of the inputs into the tensor's statistics (reduce pass ``pass_index``)."""
+        """Fold one chunk of the inputs into the tensor's statistics (reduce pass ``pass_index``).
+
+        May be called from several threads at once for different chunks of the same pass:
+        compute per chunk, then fold into ``state`` under a lock. Keep floating-point partial
+        sums per chunk (keyed by ``chunk.first``) and add them in order in ``end_pass``, so
+        the result does not depend on thread timing.
+        """
         raise NotImplementedError
 
     def end_pass(self, state: Any, pass_index: int) -> None:

@@ -16,6 +16,7 @@ chunks in float64; t is per tensor. The final combination runs on the backend
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -33,6 +34,8 @@ class ModelStockState:
     gram: np.ndarray  # ⟨dᵢ, dⱼ⟩, float64
     t: float = 0.0
     weights: list[float] = field(default_factory=list)
+    parts: dict[int, np.ndarray] = field(default_factory=dict)  # per chunk, while reducing
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @register
@@ -53,6 +56,7 @@ class ModelStock(MergeMethod):
                    chunk: ChunkContext) -> None:
         n = len(models)
         b64, tmp, *deltas = scratch("model-stock", n + 2, np.float64)
+        gram = np.zeros((n, n))
         for lo, hi in blocks(base.shape[0]):
             k = hi - lo
             np.copyto(b64[:k], base[lo:hi], casting="unsafe")
@@ -61,9 +65,15 @@ class ModelStock(MergeMethod):
                 np.subtract(d[:k], b64[:k], out=d[:k])
             for i in range(n):
                 for j in range(i, n):
-                    state.gram[i, j] += dot(deltas[i][:k], deltas[j][:k], tmp[:k])
+                    gram[i, j] += dot(deltas[i][:k], deltas[j][:k], tmp[:k])
+        with state.lock:
+            state.parts[chunk.first] = gram
 
     def end_pass(self, state: ModelStockState, pass_index: int) -> None:
+        # Summed in chunk order, so the result does not depend on thread timing.
+        for first in sorted(state.parts):
+            state.gram += state.parts[first]
+        state.parts.clear()
         state.t = interpolation_ratio(state.gram)
         state.weights = [state.t / self.n_models] * self.n_models
 

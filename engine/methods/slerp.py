@@ -16,7 +16,8 @@ spherical case is numpy (CPU) for now.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -38,6 +39,8 @@ class SlerpState:
     ab: float = 0.0  # ⟨a, b⟩
     linear: bool = True
     coefficients: tuple[float, float] = (1.0, 0.0)
+    parts: dict[int, tuple[float, float, float]] = field(default_factory=dict)  # per chunk
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @register
@@ -58,16 +61,24 @@ class Slerp(MergeMethod):
     def accumulate(self, state: SlerpState, pass_index: int, base: np.ndarray, models: Sequence[np.ndarray],
                    chunk: ChunkContext) -> None:
         a64, b64, tmp = scratch("slerp-reduce", 3, np.float64)
+        aa = bb = ab = 0.0
         for lo, hi in blocks(base.shape[0]):
             k = hi - lo
             a, b = a64[:k], b64[:k]
             np.copyto(a, base[lo:hi], casting="unsafe")
             np.copyto(b, models[0][lo:hi], casting="unsafe")
-            state.aa += dot(a, a, tmp[:k])
-            state.bb += dot(b, b, tmp[:k])
-            state.ab += dot(a, b, tmp[:k])
+            aa += dot(a, a, tmp[:k])
+            bb += dot(b, b, tmp[:k])
+            ab += dot(a, b, tmp[:k])
+        with state.lock:
+            state.parts[chunk.first] = (aa, bb, ab)
 
     def end_pass(self, state: SlerpState, pass_index: int) -> None:
+        # Summed in chunk order, so the result does not depend on thread timing.
+        for first in sorted(state.parts):
+            aa, bb, ab = state.parts[first]
+            state.aa, state.bb, state.ab = state.aa + aa, state.bb + bb, state.ab + ab
+        state.parts.clear()
         state.linear, state.coefficients = slerp_coefficients(state.t, state.aa, state.bb, state.ab)
 
     def merge_chunk(self, backend: Any, base: Any, models: Sequence[Any], out: Any,

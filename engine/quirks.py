@@ -1,0 +1,213 @@
+"""Checkpoint quirks seen in real fine-tunes, reconciled before planning.
+
+- **Vocabulary resized by fine-tuning** (added tokens): the fine-tuned embedding/LM head has
+  more rows than the base's. The shared rows are merged; the added rows are copied from the
+  fine-tuned model (``OutputTensor.tail``); config ``vocab_size`` and the tokenizer files come
+  from that model. Fewer rows than the base is an error.
+- **Tied embeddings**: when one model stores ``lm_head`` and another ties it to the input
+  embedding (``tie_word_embeddings``), the tied model's embedding stands in for its LM head;
+  the output stores ``lm_head`` and its config says ``tie_word_embeddings: false``.
+- **Tensors only some inputs have**: an error listing them, or with ``allow_missing="take"``
+  a copy from the base when it has them, else from the first model that does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import Checkpoint, TensorInfo
+from .errors import CheckpointError, IncompatibleInputsError, SpecError
+
+ALLOW_MISSING = ("take",)
+# (LM head, input embedding) names of architectures that can tie them.
+TIE_PAIRS = (
+    ("lm_head.weight", "model.embed_tokens.weight"),
+    ("lm_head.weight", "transformer.wte.weight"),
+    ("embed_out.weight", "gpt_neox.embed_in.weight"),
+    ("output.weight", "tok_embeddings.weight"),
+)
+# Tensors whose first dimension is the vocabulary.
+_VOCAB_NAME = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_in|embed_out|tok_embeddings|output)"
+                         r"\.weight$")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.json",
+                    "chat_template.jinja")
+
+
+@dataclass
+class Entry:
+    """One output tensor's sources: merged from ``base`` and ``models`` (plus a copied
+    ``tail``), or, when ``only`` is set, copied from that one input."""
+
+    name: str
+    shape: tuple[int, ...]
+    base: TensorInfo | None = None
+    models: list[TensorInfo] = field(default_factory=list)
+    tail: TensorInfo | None = None
+    only: TensorInfo | None = None
+
+
+@dataclass
+class Reconciled:
+    entries: list[Entry]
+    warnings: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)  # config.json keys to set in the output
+    files_from: Path | None = None  # take tokenizer files from this model directory
+
+
+def reconcile(base: Checkpoint, models: list[Checkpoint], allow_missing: str | None = None) -> Reconciled:
+    """Match the inputs' tensors by name and shape, resolving the quirks above.
+
+    Raises IncompatibleInputsError naming the tensors and models that cannot be merged.
+    """
+    if allow_missing not in (None, *ALLOW_MISSING):
+        raise SpecError(f"allow_missing must be one of {', '.join(ALLOW_MISSING)} or None, got {allow_missing!r}")
+    result = Reconciled(entries=[])
+    tables = [dict(c.tensors) for c in (base, *models)]
+    _untie([base, *models], tables, result)
+    order = list(dict.fromkeys(n for table in tables for n in table))
+    missing = {n for n in order if not all(n in t for t in tables)}
+    if missing and allow_missing is None:
+        raise IncompatibleInputsError(_missing_message(base, models, tables, order))
+    resized: list[tuple[str, int, int, Checkpoint]] = []
+    for name in order:
+        if name in missing:
+            holder = next(t[name] for t in tables if name in t)
+            result.entries.append(Entry(name, holder.shape, only=holder))
+            continue
+        infos = [t[name] for t in tables]
+        entry = Entry(name, infos[0].shape, infos[0], infos[1:])
+        if any(i.shape != infos[0].shape for i in infos[1:]):
+            _resize(entry, models, resized)
+        result.entries.append(entry)
+    if missing:
+        sample = ", ".join(n for n in order if n in missing)
+        result.warnings.append(f"{len(missing)} tensor(s) are missing from some inputs and copied from the one that "
+                               f"has them (allow_missing=take): {_first(sample)}")
+    if resized:
+        _note_resize(resized, result)
+    return result
+
+
+def _untie(ckpts: list[Checkpoint], tables: list[dict[str, TensorInfo]], result: Reconciled) -> None:
+    """Where some inputs store the LM head and others tie it, use the embedding as the head."""
+    configs = [_config(c) for c in ckpts]
+    for head, embed in TIE_PAIRS:
+        holders = [i for i, t in enumerate(tables) if head in t]
+        if not holders:
+            continue
+        tied = [i for i, t in enumerate(tables) if head not in t and embed in t
+                and configs[i].get("tie_word_embeddings", True) is not False]
+        for i in tied:
+            tables[i][head] = tables[i][embed]
+        if tied:
+            result.config["tie_word_embeddings"] = False
+            names = ", ".join(str(ckpts[i].path) for i in tied)
+            result.warnings.append(
+                f"{names} tie(s) {head} to {embed} (tie_word_embeddings) while other inputs store it: {head} is "
+                f"merged using the tied model's {embed}, stored, and config.json gets tie_word_embeddings=false"
+            )
+        elif configs[0].get("tie_word_embeddings") is True and any(
+                c.get("tie_word_embeddings") is False for c in configs[1:]):
+            # Every input stores the head but some untied it: the merged head is not the embedding.
+            result.config["tie_word_embeddings"] = False
+            result.warnings.append(f"a fine-tuned model unties {head} from {embed}; config.json gets "
+                                   "tie_word_embeddings=false")
+
+
+def _resize(entry: Entry, models: list[Checkpoint], resized: list) -> None:
+    """Accept a fine-tune's larger vocabulary (more rows); anything else is an error."""
+    base = entry.base
+    assert base is not None
+    rows, rest = base.shape[0] if base.shape else 0, base.shape[1:]
+    larger = []
+    for model, info in zip(models, entry.models):
+        if info.shape == base.shape:
+            continue
+        if len(info.shape) != len(base.shape) or info.shape[1:] != rest or not _vocab_like(entry.name, info, model):
+            raise IncompatibleInputsError(f"{model.path}: tensor {entry.name!r} has shape {list(info.shape)} but "
+                                          f"the base's is {list(base.shape)}")
+        if info.shape[0] < rows:
+            raise IncompatibleInputsError(
+                f"{model.path}: tensor {entry.name!r} has {info.shape[0]} vocabulary rows, fewer than the base's "
+                f"{rows}: a shrunk vocabulary cannot be merged (the rows no longer match token ids)"
+            )
+        larger.append((model, info))
+    if len({info.shape for _, info in larger}) > 1:
+        sizes = ", ".join(f"{m.path}: {i.shape[0]}" for m, i in larger)
+        raise IncompatibleInputsError(f"tensor {entry.name!r}: fine-tuned models added different numbers of "
+                                      f"vocabulary rows ({sizes}); merge them one at a time")
+    if not base.dtype.computable:
+        raise IncompatibleInputsError(f"tensor {entry.name!r}: a resized {base.dtype.name} tensor cannot be merged")
+    model, info = larger[0]
+    row_bytes = prod(rest) * info.dtype.itemsize
+    entry.shape = info.shape
+    entry.tail = TensorInfo(f"{entry.name}[{rows}:]", info.dtype, (info.shape[0] - rows, *rest), info.file,
+                            info.start + rows * row_bytes, (info.shape[0] - rows) * row_bytes)
+    resized.append((entry.name, rows, info.shape[0], model))
+
+
+def _vocab_like(name: str, info: TensorInfo, model: Checkpoint) -> bool:
+    return bool(_VOCAB_NAME.search(name)) or _config(model).get("vocab_size") == info.shape[0]
+
+
+def _note_resize(resized: list[tuple[str, int, int, Checkpoint]], result: Reconciled) -> None:
+    _, rows, new_rows, model = resized[0]
+    names = ", ".join(sorted({r[0] for r in resized}))
+    result.warnings.append(
+        f"vocabulary resized by fine-tuning: {names} have {new_rows} rows in {model.path} but {rows} in the base; "
+        f"the {rows} shared rows are merged and the {new_rows - rows} added rows are taken from {model.path}, "
+        "as are vocab_size and the tokenizer files"
+    )
+    result.config["vocab_size"] = _config(model).get("vocab_size", new_rows)
+    result.files_from = model.model_dir
+
+
+def _missing_message(base: Checkpoint, models: list[Checkpoint], tables: list[dict], order: list[str]) -> str:
+    parts = []
+    for i, ckpt in enumerate((base, *models)):
+        absent = [n for n in order if n not in tables[i]]
+        if absent:
+            parts.append(f"{ckpt.path} lacks {len(absent)} ({_first(', '.join(absent))})")
+    return ("tensor names differ between the inputs: " + "; ".join(parts)
+            + ". Pass --allow-missing take to copy each such tensor from the input that has it")
+
+
+def _first(names: str, limit: int = 200) -> str:
+    return names if len(names) <= limit else names[:limit].rsplit(", ", 1)[0] + ", ..."
+
+
+def _config(ckpt: Checkpoint) -> dict[str, Any]:
+    path = ckpt.model_dir / "config.json" if ckpt.model_dir is not None else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read config JSON ({exc})") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def apply_output_files(plan, directory: Path) -> None:
+    """Give the output the config keys and tokenizer files the quirks call for."""
+    from .writer import write_text_durably
+
+    if plan.files_from is not None:
+        for name in _TOKENIZER_FILES:
+            source = plan.files_from / name
+            if source.is_file():
+                shutil.copyfile(source, directory / name)
+                with open(directory / name, "rb+") as handle:
+                    os.fsync(handle.fileno())
+    config = directory / "config.json"
+    if plan.config and config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        data.update(plan.config)
+        write_text_durably(config, json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,400 @@
+"""PEFT LoRA adapters as fine-tuned inputs (engine/lora.py), against PEFT itself.
+
+Adapters are made by the real ``peft`` library on tiny transformers models built from a
+config, with every factor randomised (PEFT initialises B to zero, which would make the delta
+vanish). The reference fine-tuned model is PEFT's own ``merge_and_unload`` run in float64, so
+``--weight 1.0`` is checked against PEFT's merge and other weights against a float64 merge,
+both with the DESIGN.md tolerance; the merged model is then loaded with transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import load_file, save_file
+
+import engine
+from engine import lora
+from engine.checkpoint import Checkpoint
+from engine.cli import main
+from engine.errors import CheckpointError, IncompatibleInputsError
+from tests.helpers import assert_within_tolerance, load_checkpoint
+
+torch = pytest.importorskip("torch", reason="the test extra installs torch")
+transformers = pytest.importorskip("transformers", reason="the test extra installs transformers")
+peft = pytest.importorskip("peft", reason="the test extra installs peft")
+
+LLAMA = dict(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+GPT2 = dict(vocab_size=96, n_embd=48, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+TOKENS = [[1, 17, 42, 90, 3, 55, 7, 8]]
+
+
+@dataclass(frozen=True)
+class Case:
+    arch: str  # "llama" or "gpt2"
+    dtype: str  # the base model's torch dtype
+    lora: dict  # LoraConfig arguments
+    adapter_dtype: str = "float32"  # the dtype the adapter's tensors are saved in
+
+
+CASES = {
+    "llama-plain": Case("llama", "float32", dict(r=8, lora_alpha=16, target_modules="all-linear")),
+    "llama-rslora-bf16-adapter": Case("llama", "bfloat16", dict(r=4, lora_alpha=8, use_rslora=True,
+                                                                 target_modules=["q_proj", "v_proj", "up_proj"]),
+                                      adapter_dtype="bfloat16"),
+    "llama-rank-alpha-patterns": Case("llama", "float16", dict(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+        rank_pattern={"q_proj": 2, "model.layers.1.mlp.down_proj": 6}, alpha_pattern={"v_proj": 3, "o_proj": 32})),
+    "llama-embedding-modules-to-save": Case("llama", "bfloat16", dict(
+        r=4, lora_alpha=4, target_modules=["embed_tokens", "q_proj"], modules_to_save=["lm_head"]),
+        adapter_dtype="float16"),
+    "gpt2-fan-in-fan-out-bias-all": Case("gpt2", "float32", dict(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, bias="all")),
+    "gpt2-lora-only-lora-bias": Case("gpt2", "bfloat16", dict(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, bias="lora_only",
+        lora_bias=True)),
+}
+
+
+def _torch_dtype(name: str):
+    return getattr(torch, name)
+
+
+def _model(arch: str, dtype: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**LLAMA, **overrides}))
+    else:
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**GPT2, **overrides}))
+    return model.to(_torch_dtype(dtype))
+
+
+def _save_adapter(base_dir: Path, out: Path, arch: str, config, seed: int, adapter_dtype: str = "float32") -> Path:
+    """An adapter made by PEFT on the model in ``base_dir``, every trainable tensor randomised."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    peft_model = peft.get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in peft_model.named_parameters():
+            if p.requires_grad:  # LoRA factors, modules_to_save copies, trainable biases
+                p.copy_(0.05 * torch.randn(p.shape, generator=generator))
+    peft_model.to(_torch_dtype(adapter_dtype)).save_pretrained(out)
+    return out
+
+
+def _peft_merged(base_dir: Path, adapter_dir: Path, dtype=torch.float64) -> dict[str, np.ndarray]:
+    """θ_ft from PEFT: PeftModel.from_pretrained(...).merge_and_unload(), in ``dtype``."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    merged = peft.PeftModel.from_pretrained(model, adapter_dir).to(dtype).merge_and_unload()
+    return {k: v.detach().numpy().copy() for k, v in merged.state_dict().items()}
+
+
+@dataclass
+class Prepared:
+    case: Case
+    base: Path
+    adapter: Path
+    base_tensors: dict[str, np.ndarray]
+    theta: dict[str, np.ndarray]  # PEFT's merged fine-tune, float64
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def prepared(request, tmp_path_factory) -> Prepared:
+    case = CASES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    _model(case.arch, case.dtype).save_pretrained(root / "base")
+    _save_adapter(root / "base", root / "adapter", case.arch, peft.LoraConfig(**case.lora), seed=1,
+                  adapter_dtype=case.adapter_dtype)
+    base_tensors = load_checkpoint(root / "base")
+    theta = _peft_merged(root / "base", root / "adapter")
+    return Prepared(case, root / "base", root / "adapter", base_tensors, theta)
+
+
+def _reference(p: Prepared, weight: float) -> dict[str, np.ndarray]:
+    """θ_base + λ·(θ_ft − θ_base) in float64, rounded to each tensor's output dtype."""
+    ref = {}
+    for name, b in p.base_tensors.items():
+        b64 = b.astype(np.float64)
+        ref[name] = (b64 + weight * (p.theta[name] - b64)).astype(b.dtype).astype(np.float64)
+    return ref
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.6])
+def test_merge_matches_peft_and_float64(prepared, tmp_path, weight):
+    p = prepared
+    # 4 KiB chunks: most chunks start and end inside a row of the weight.
+    engine.merge(p.base, p.adapter, tmp_path / "out", weight=weight, chunk_size=4096)
+    merged = load_checkpoint(tmp_path / "out")
+    assert merged.keys() == p.base_tensors.keys()
+    ref = _reference(p, weight)
+    changed = 0
+    for name, b in p.base_tensors.items():
+        assert merged[name].dtype == b.dtype, name
+        assert_within_tolerance(merged[name], ref[name], [b, p.theta[name]], f"{p.case} {name}")
+        changed += not np.array_equal(merged[name], b)
+    assert changed >= 2  # the adapter did change the model
+
+
+def test_weight_one_equals_peft_merge_and_unload_in_the_models_dtype(prepared, tmp_path):
+    """The literal comparison: PEFT's merge_and_unload in the model's own dtype."""
+    p = prepared
+    engine.merge(p.base, p.adapter, tmp_path / "out", weight=1.0)
+    merged = load_checkpoint(tmp_path / "out")
+    peft_merged = _peft_merged(p.base, p.adapter, dtype=torch.float32)
+    for name, b in p.base_tensors.items():
+        # PEFT's merge runs here in fp32 (in bf16/fp16 it would round the delta to the weight
+        # dtype before adding it: a double rounding), and its result is the reference.
+        ref = peft_merged[name].astype(np.float64)
+        if b.dtype != np.float32:
+            assert_within_tolerance(merged[name], ref, [b, p.theta[name]], f"{p.case} {name}")
+            continue
+        # In fp32, PEFT's own product is a few ulps off where W and s·B·A nearly cancel
+        # (safeblend accumulates it in float64), so the DESIGN.md tolerance is widened by
+        # PEFT's distance from the float64 merge.
+        got, theta = merged[name].astype(np.float64), p.theta[name]
+        allowed = (np.abs(ref - theta) + np.spacing(np.abs(ref).astype(np.float32))
+                   + 2.0**-22 * np.maximum(np.abs(b), np.abs(theta)))
+        bad = np.abs(got - ref) > allowed
+        assert not bad.any(), f"{name}: {int(bad.sum())} of {bad.size} elements differ from PEFT's beyond tolerance"
+
+
+def test_merged_model_loads_and_matches_reference_logits(prepared, tmp_path):
+    p = prepared
+    weight = 0.6
+    result = CliRunner().invoke(main, ["merge", str(p.base), str(p.adapter), "-o", str(tmp_path / "merged"),
+                                       "--weight", str(weight), "-q"])
+    assert result.exit_code == 0, result.output
+    dtype = _torch_dtype(p.case.dtype)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=dtype)
+    assert all(v.dtype == dtype for v in merged.state_dict().values())
+    reference = transformers.AutoModelForCausalLM.from_pretrained(p.base, dtype=torch.float64)
+    state = {k: torch.from_numpy(v) for k, v in _reference(p, weight).items()}
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing)  # GPT-2 ties lm_head to wte
+    tokens = torch.tensor(TOKENS)
+    with torch.no_grad():
+        got = merged.to(torch.float64)(tokens).logits
+        want = reference(tokens).logits
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-3), (got - want).abs().max()
+    assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+
+
+# -- format variants ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> tuple[Path, Path]:
+    """A fp32 tiny Llama and a rank-8 adapter on all its linear layers."""
+    root = tmp_path_factory.mktemp("llama")
+    _model("llama", "float32").save_pretrained(root / "base")
+    _save_adapter(root / "base", root / "adapter", "llama", peft.LoraConfig(r=8, lora_alpha=16,
+                                                                              target_modules="all-linear"), seed=1)
+    return root / "base", root / "adapter"
+
+
+def _rewrite_adapter(src: Path, dst: Path, rename) -> Path:
+    dst.mkdir()
+    (dst / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    save_file({rename(k): v for k, v in tensors.items()}, str(dst / "adapter_model.safetensors"))
+    return dst
+
+
+@pytest.mark.parametrize("rename", [
+    lambda k: k.removeprefix("base_model.model."),
+    lambda k: k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"),
+], ids=["no-prefix", "adapter-name-segment"])
+def test_key_variants_give_the_same_merge(llama, tmp_path, rename):
+    base, adapter = llama
+    variant = _rewrite_adapter(adapter, tmp_path / "variant", rename)
+    engine.merge(base, adapter, tmp_path / "a", weight=0.6)
+    engine.merge(base, variant, tmp_path / "b", weight=0.6)
+    _assert_same_tensors(tmp_path / "a", tmp_path / "b")
+
+
+def _assert_same_tensors(a: Path, b: Path) -> None:
+    got, want = load_checkpoint(a), load_checkpoint(b)
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        assert np.array_equal(got[name], w), name
+
+
+def test_adapter_weights_file_path_is_accepted(llama, tmp_path):
+    base, adapter = llama
+    engine.merge(base, adapter / "adapter_model.safetensors", tmp_path / "a", weight=0.6)
+    engine.merge(base, adapter, tmp_path / "b", weight=0.6)
+    _assert_same_tensors(tmp_path / "a", tmp_path / "b")
+
+
+@pytest.mark.parametrize("method", ["linear", "task-arithmetic", "slerp", "ties", "dare-linear", "dare-ties",
+                                    "model-stock"])
+def test_every_method_matches_the_materialised_fine_tune(llama, tmp_path_factory, tmp_path, method):
+    """An adapter merges like the full model PEFT would have written for it."""
+    base, adapter = llama
+    root = tmp_path_factory.getbasetemp() / "llama-full"
+    if not root.exists():
+        second = _save_adapter(base, root / "adapter2", "llama",
+                               peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]), seed=2)
+        for i, a in enumerate([adapter, second]):
+            model = transformers.AutoModelForCausalLM.from_pretrained(base)
+            peft.PeftModel.from_pretrained(model, a).merge_and_unload().save_pretrained(root / f"full{i}")
+    adapters = [adapter, root / "adapter2"] if method != "slerp" else [adapter]
+    fulls = [root / "full0", root / "full1"][: len(adapters)]
+    params = dict(density=0.5) if method in ("ties", "dare-linear", "dare-ties") else {}
+    engine.merge(base, adapters, tmp_path / "lora", method=method, on_warning=lambda m: None, **params)
+    engine.merge(base, fulls, tmp_path / "full", method=method, on_warning=lambda m: None, **params)
+    got, want = load_checkpoint(tmp_path / "lora"), load_checkpoint(tmp_path / "full")
+    for name, w in want.items():
+        # Both fine-tunes are fp32 W + s·B·A, rounded once but summed in another order.
+        close = np.isclose(got[name], w, rtol=1e-5, atol=1e-7)
+        assert close.mean() > 0.999, f"{method} {name}: {int((~close).sum())} of {close.size} differ"
+
+
+def test_delta_views_for_any_chunking_and_block(llama, monkeypatch):
+    """View arbitrary ranges, including pieces of rows and rows wider than the inner block."""
+    base_dir, adapter = llama
+    base = Checkpoint.open(base_dir)
+    theta = _peft_merged(base_dir, adapter, dtype=torch.float64)
+    monkeypatch.setattr(lora, "_BLOCK_MULS", 7 * 8)  # 7-element blocks at rank 8
+    ckpt = lora.open_model(adapter, base)
+    rng = np.random.default_rng(0)
+    for name in ckpt.targeted:
+        info = ckpt.tensors[name]
+        f = ckpt.file_of(info)
+        assert info.dtype.name == "F32" and info.shape == base.tensors[name].shape
+        want = theta[name].ravel()
+        for _ in range(5):
+            first = int(rng.integers(0, info.numel))
+            count = int(rng.integers(1, info.numel - first + 1))
+            got = f.view(info, first, count).astype(np.float64)
+            assert np.allclose(got, want[first : first + count], rtol=1e-5, atol=1e-7), name
+            raw = np.frombuffer(f.byte_view(info.start + first * 4, count * 4), dtype=np.float32)
+            assert np.array_equal(raw, got.astype(np.float32))
+            f.release(info.start + first * 4, count * 4)
+    ckpt.close()
+    base.close()
+
+
+def test_segments_cover_the_range_exactly():
+    for first, count, cols, block in [(0, 100, 10, 25), (3, 95, 10, 25), (5, 3, 10, 4), (0, 50, 50, 7),
+                                      (13, 200, 7, 1000), (9, 1, 10, 10)]:
+        pieces = list(lora._segments(first, count, cols, block))
+        pos = first
+        for start, rows, c0, c1 in pieces:
+            assert start == pos and start % cols == c0 and rows * (c1 - c0) <= max(block, 1)
+            assert rows == 1 or (c0 == 0 and c1 == cols)
+            pos += rows * (c1 - c0)
+        assert pos == first + count
+
+
+def test_gpu_pipeline_reads_adapters_through_byte_view(llama, tmp_path, monkeypatch):
+    """The CUDA executor (with the CPU stand-ins of tests/test_cuda_pipeline.py) takes a LoRA
+    fine-tune's bytes from the same virtual file; the delta is computed on the host."""
+    try:
+        import engine.api
+        from tests.test_cuda_pipeline import StandInExecutor, _select_stand_in
+    except (ImportError, pytest.skip.Exception) as exc:
+        pytest.skip(f"the CUDA stand-ins are unavailable: {exc}")
+    base, adapter = llama
+    monkeypatch.setattr(engine.api, "_select_backend", _select_stand_in)
+    monkeypatch.setattr(engine.api, "CudaExecutor", StandInExecutor)
+    kwargs = dict(weight=0.6, chunk_size=4096)
+    engine.merge(base, adapter, tmp_path / "cuda", device="cuda", **kwargs)
+    engine.merge(base, adapter, tmp_path / "cpu", device="cpu", **kwargs)
+    got, want = load_checkpoint(tmp_path / "cuda"), load_checkpoint(tmp_path / "cpu")
+    for name, w in want.items():
+        assert np.allclose(got[name], w, rtol=2e-7, atol=1e-9), name
+
+
+# -- unsupported adapters ----------------------------------------------------------------------
+
+
+def _ia3(base: Path, out: Path) -> Path:
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    peft.get_peft_model(model, peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                              feedforward_modules=["down_proj"])).save_pretrained(out)
+    return out
+
+
+def _dora(base: Path, out: Path) -> Path:
+    return _save_adapter(base, out, "llama", peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), seed=3)
+
+
+def _wrong_shape(base: Path, out: Path) -> Path:
+    other = out.parent / "wider"
+    _model("llama", "float32", hidden_size=64).save_pretrained(other)
+    return _save_adapter(other, out, "llama", peft.LoraConfig(r=4, target_modules=["q_proj"]), seed=3)
+
+
+def _other_arch(base: Path, out: Path) -> Path:
+    other = out.parent / "gpt2"
+    _model("gpt2", "float32").save_pretrained(other)
+    return _save_adapter(other, out, "gpt2", peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True),
+                         seed=3)
+
+
+@pytest.mark.parametrize("make,message", [
+    (_ia3, "peft_type 'IA3' is not supported"),
+    (_dora, "DoRA (use_dora) rescales"),
+    (_wrong_shape, "but the base's 'model.layers.0.self_attn.q_proj.weight' is [48, 48]"),
+    (_other_arch, "which the base"),
+], ids=["ia3", "dora", "shape", "other-model"])
+def test_unsupported_adapters_fail_with_one_line(llama, tmp_path, make, message):
+    base, _ = llama
+    bad = make(base, tmp_path / "bad")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["merge", str(base), str(bad), "-o", str(out), "-q"])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.stderr
+    assert str(bad) in lines[0]
+    assert not out.exists()
+
+
+def test_adapter_as_base_is_refused(llama, tmp_path):
+    base, adapter = llama
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["merge", str(adapter), str(base), "-o", str(out), "-q"])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == (f"Error: {adapter}: is a PEFT adapter (adapter_config.json), not a full model; "
+                                     "give it as a fine-tuned model (FT), after the full BASE model it was trained from")
+    assert not out.exists()
+
+
+def test_adapter_config_errors(llama, tmp_path):
+    base_dir, adapter = llama
+    base = Checkpoint.open(base_dir)
+    bad = _rewrite_adapter(adapter, tmp_path / "bad", lambda k: k)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    for change, message in [({"r": 4}, "its factors have rank 8 but adapter_config.json gives rank 4"),
+                            ({"bias": "some"}, "bias 'some' is not supported"),
+                            ({"layer_replication": [[0, 1]]}, "layer_replication changes the model's layer stack")]:
+        (bad / "adapter_config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            lora.open_model(bad, base)
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    (bad / "adapter_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no adapter_model.safetensors"):
+        lora.open_model(bad, base)
+    only_a = _rewrite_adapter(adapter, tmp_path / "only_a", lambda k: k.replace("lora_B", "lora_A.x"))
+    with pytest.raises(CheckpointError):
+        lora.open_model(only_a, base)
+    base.close()
+
+
+def test_modules_to_save_of_the_wrong_shape(llama, tmp_path):
+    base_dir, adapter = llama
+    base = Checkpoint.open(base_dir)
+    bad = _rewrite_adapter(adapter, tmp_path / "bad", lambda k: k)
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    tensors["base_model.model.lm_head.weight"] = np.zeros((100, 48), np.float32)  # a resized vocabulary
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(IncompatibleInputsError, match=r"resized vocabularies are not supported"):
+        lora.open_model(bad, base)
+    base.close()
