@@ -18,12 +18,14 @@ so that interpreter start-up does not dominate). Reports input GB/s of each, end
 
     python benchmarks/bench_sweep.py --runs 3
     python benchmarks/bench_sweep.py --runs 3 --diff-pair BASE_DIR FT_DIR   # reuse a pair
+    python benchmarks/bench_sweep.py --skip-sweep --cold          # diff vs cat reading from disk
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -90,8 +92,19 @@ def bench_sweep(base: Path, ft: Path, weights: str, runs: int, out: Path) -> dic
     return results
 
 
-def bench_diff(base: Path, ft: Path, runs: int, scratch: Path) -> tuple[dict[str, list[float]], list[float]]:
-    inputs = " ".join(map(str, shards(base, ft)))
+def evict(paths: list[Path]) -> None:
+    """Drop these files (only) from the page cache, so the next read comes from the disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def bench_diff(base: Path, ft: Path, runs: int, scratch: Path, cold: bool) -> tuple[dict[str, list[float]], list[float]]:
+    files = shards(base, ft)
+    inputs = " ".join(map(str, files))
     cat = f"cat {inputs} > /dev/null"
     report = scratch / "diff.json"
     diff = f"safeblend diff {base} {ft} --json > {report}"
@@ -100,6 +113,8 @@ def bench_diff(base: Path, ft: Path, runs: int, scratch: Path) -> tuple[dict[str
     engine_rates = []
     for run in range(runs):
         for name in (["cat", "diff"] if run % 2 == 0 else ["diff", "cat"]):
+            if cold:
+                evict(files)
             results[name].append(timed(cat if name == "cat" else diff)[0])
             if name == "diff":
                 engine_rates.append(json.loads(report.read_text())["throughput_bytes_per_s"])
@@ -119,6 +134,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("benchmarks/out/sweep"))
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--skip-diff", action="store_true")
+    parser.add_argument("--cold", action="store_true",
+                        help="diff: evict the inputs from the page cache before each command (disk-bound reads)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -145,9 +162,10 @@ def main() -> None:
     if not args.skip_diff:
         base, ft = args.diff_pair or ensure_pair(args.workdir, args.preset, args.diff_layers)
         in_bytes = sum(p.stat().st_size for p in shards(base, ft))
-        results, engine_rates = bench_diff(base, ft, args.runs, args.workdir)
+        results, engine_rates = bench_diff(base, ft, args.runs, args.workdir, args.cold)
         lines.append("")
-        lines.append(f"diff: {base.name} vs {ft.name}, {in_bytes / 1e9:.2f} GB of inputs, {args.runs} runs, warm page cache")
+        cache = "inputs evicted from the page cache before each command" if args.cold else "warm page cache"
+        lines.append(f"diff: {base.name} vs {ft.name}, {in_bytes / 1e9:.2f} GB of inputs, {args.runs} runs, {cache}")
         lines.append(f"{'what':<28} {'median s':>9} {'p20 s':>7} {'p80 s':>7} {'input GB/s':>11}")
         medians = {}
         for name, rows in results.items():

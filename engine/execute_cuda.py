@@ -251,6 +251,12 @@ class CudaExecutor:
         f = self._file(t.base)
         start, length = self._byte_range(t.base, chunk)
         out_offset = t.offset + chunk.first * t.dtype.itemsize
+        if t.base.dtype != t.dtype:  # taken from one model (engine.quirks), cast to the output dtype on the host
+            data = np.empty(chunk.count, t.dtype.numpy)
+            np.copyto(data, f.view(t.base, chunk.first, chunk.count), casting="unsafe")
+            f.release(start, length)
+            writer.submit(t.shard, out_offset, data.view(np.uint8))
+            return length
         writer.submit(t.shard, out_offset, f.byte_view(start, length), lambda: f.release(start, length))
         return length
 

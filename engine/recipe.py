@@ -96,9 +96,11 @@ class Recipe:
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and validate a YAML recipe file; SpecError naming the problem otherwise."""
-    import yaml
-
     path = Path(path)
+    try:
+        import yaml
+    except ImportError as exc:
+        raise SpecError(f"{path}: reading recipe files needs PyYAML: pip install 'safeblend[recipes]'") from exc
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:

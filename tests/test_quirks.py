@@ -137,3 +137,19 @@ def test_pytorch_bin_with_its_index_is_a_clear_error(tmp_path):
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "pytorch_model-00001-of-00002.bin"}}))
     with pytest.raises(CheckpointError, match="not a .safetensors file.*only safetensors is read"):
         Checkpoint.open(d)
+
+
+def test_gpu_pipeline_takes_added_rows_like_the_cpu(tmp_path, monkeypatch):
+    """The CUDA executor (on its CPU stand-in) casts copied tails to the output dtype too."""
+    pytest.importorskip("torch")
+    from tests import test_cuda_pipeline as cuda_tests
+
+    if not hasattr(cuda_tests, "StandInExecutor"):
+        pytest.skip("the CUDA stand-in is unavailable here")
+    rng = np.random.default_rng(9)
+    write_checkpoint(tmp_path / "base", _model(rng, 100))
+    write_checkpoint(tmp_path / "ft", _model(rng, 104, dtype="fp32"))
+    merge(tmp_path / "base", tmp_path / "ft", tmp_path / "cpu", device="cpu", dtype="bf16")
+    cuda_tests.stand_in.__wrapped__(monkeypatch)
+    merge(tmp_path / "base", tmp_path / "ft", tmp_path / "gpu", device="cuda", dtype="bf16")
+    assert (tmp_path / "gpu" / "model.safetensors").read_bytes() == (tmp_path / "cpu" / "model.safetensors").read_bytes()

@@ -18,7 +18,6 @@ from click.testing import CliRunner
 
 from engine import merge
 from engine.cli import main
-from engine.errors import OutputError
 from engine.journal import JOURNAL_NAME, LOCK_NAME, MergeInterrupted, read_journal
 from tests.helpers import random_tensor, write_checkpoint
 
