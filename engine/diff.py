@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from .blas import single_threaded_blas
 from .checkpoint import Checkpoint, SafetensorsFile, TensorInfo
 from .errors import SafeblendError, SpecError
 from .execute import DEFAULT_CHUNK_BYTES, DEFAULT_WORKERS
@@ -286,7 +286,7 @@ def _measure_all(pairs: list[tuple[TensorInfo, TensorInfo]], entries: list[Tenso
         if progress is not None:
             progress(nbytes)
 
-    with ThreadPoolExecutor(workers, thread_name_prefix="safeblend-diff") as pool, _blas_threads(1):
+    with ThreadPoolExecutor(workers, thread_name_prefix="safeblend-diff") as pool, single_threaded_blas():
         try:
             for chunk in _chunks(pairs, chunk_bytes):
                 a, b = pairs[chunk.index]
@@ -303,49 +303,6 @@ def _measure_all(pairs: list[tuple[TensorInfo, TensorInfo]], entries: list[Tenso
             pool.shutdown(wait=True, cancel_futures=True)
             raise
     return read
-
-
-@contextmanager
-def _blas_threads(count: int) -> Iterator[None]:
-    """Run with OpenBLAS limited to ``count`` threads, then restore its setting (best effort).
-
-    np.dot calls OpenBLAS, whose own threads fight our compute threads for the cores: measured
-    here on a busy 2-core machine, a 0.9 GB diff took 54 s with OpenBLAS's default threads and
-    1.0 s with one (OPENBLAS_NUM_THREADS=1). Without a recognisable OpenBLAS, nothing changes.
-    """
-    setter, getter = _openblas_threads_api()
-    if setter is None or getter is None:
-        yield
-        return
-    before = getter()
-    setter(count)
-    try:
-        yield
-    finally:
-        setter(before)
-
-
-def _openblas_threads_api() -> tuple[Callable[[int], None] | None, Callable[[], int] | None]:
-    """OpenBLAS's set/get_num_threads from the library numpy loaded (names vary by build)."""
-    import ctypes
-
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as handle:
-            paths = sorted({line.split()[-1] for line in handle if "openblas" in line.lower() and "/" in line})
-    except OSError:
-        return None, None
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"), ("openblas", "")):
-            setter = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-            getter = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-            if setter is not None and getter is not None:
-                setter.argtypes, setter.restype, getter.restype = [ctypes.c_int], None, ctypes.c_int
-                return setter, getter
-    return None, None
 
 
 _local = threading.local()
@@ -482,6 +439,7 @@ def plot_drift(report: DriftReport, path: str | os.PathLike, dpi: int = 120) -> 
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     series = plot_series(report)
     if not series:
@@ -496,6 +454,7 @@ def plot_drift(report: DriftReport, path: str | os.PathLike, dpi: int = 120) -> 
     axes.plot(list(all_layers), [100 * s.rel_change for s in all_layers.values()], color="black",
               linestyle="--", linewidth=1.2, label="all modules")
     axes.set_xlabel("layer")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     axes.set_ylabel("relative change ‖Δ‖ / ‖base‖ (%)")
     axes.set_title(f"Where fine-tuning moved the model\n{_short(report.ft)} vs {_short(report.base)}")
     axes.grid(True, alpha=0.3)

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .blas import single_threaded_blas
 from .checkpoint import Checkpoint, SafetensorsFile, TensorInfo
 from .methods.base import ChunkContext, MergeMethod
 from .plan import MergePlan, OutputTensor
@@ -102,7 +103,8 @@ class Executor:
         stats = ExecutionStats()
         pool = self._buffer_pool(writer)
         pending: deque[tuple[Chunk, Future]] = deque()
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="safeblend-compute") as workers:
+        compute = ThreadPoolExecutor(self.workers, thread_name_prefix="safeblend-compute")
+        with single_threaded_blas(), compute as workers:
             try:
                 for chunk in iter_chunks(self.plan, self.chunk_bytes):
                     self._prefetch(chunk)  # in flight before a worker reaches it
