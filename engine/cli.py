@@ -133,7 +133,7 @@ def _warn(message: str) -> None:
 @click.option("--shard-size", default="5GB", show_default=True, type=SizeType(), help="Largest output shard.")
 @click.option("--chunk-size", default=DEFAULT_CHUNK_BYTES, type=SizeType(),
               help="Largest chunk held in memory at once (default 8 MiB).")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (and discard a stale partial output of an interrupted merge).")
 @click.option("--resume", is_flag=True, help="Finish the partial output an interrupted merge into OUTPUT left "
               "beside it (.OUTPUT.safeblend-partial), keeping the tensors it completed.")
 @click.option("--allow-missing", type=click.Choice(["take"]),

@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -363,6 +364,17 @@ class JournaledWriter(ShardWriter):
 # -- the session: staging, lock, resume, commit -----------------------------------------------
 
 
+def _clear_directory(directory: Path, keep: str) -> None:
+    """Remove everything in ``directory`` except the entry named ``keep``."""
+    for entry in directory.iterdir():
+        if entry.name == keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 class MergeSession:
     """One merge's output: locked staging beside OUT, journal, resume, manifest, commit."""
 
@@ -416,6 +428,12 @@ class MergeSession:
             except OSError as exc:
                 raise OutputError(f"{staging}: cannot create: {exc.strerror}") from exc
         self._lock(existed)
+        if existed and not resume and self.output.overwrite:
+            # Holding the lock, so no live merge owns it: --overwrite means start over.
+            _clear_directory(staging, keep=LOCK_NAME)
+            self.messages.append(f"--overwrite: discarded the partial output of an interrupted merge at {staging}")
+            self.output.check_space(self.plan.output_bytes)
+            existed = False
         if existed and not resume:
             raise OutputError(
                 f"{staging}: a partial output of an interrupted merge into {final.name} is here; rerun the "

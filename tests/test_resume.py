@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from engine.errors import OutputError
 from click.testing import CliRunner
 
 from engine import merge
@@ -210,6 +212,29 @@ def test_torn_journal_and_corrupted_tensor_are_redone(pair, clean, tmp_path):
           resume=True, on_warning=messages.append)
     assert any("1 journaled tensor(s) failed their check" in m and victim.name in m for m in messages), messages
     assert _files(out) == _files(clean)
+
+
+def test_overwrite_discards_a_stale_partial_and_starts_over(pair, clean, tmp_path, monkeypatch):
+    from engine import execute
+
+    out = tmp_path / "out"
+    original = execute.Executor._collect
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(execute.Executor, "_collect", staticmethod(interrupt))
+    with pytest.raises(MergeInterrupted):
+        merge(pair / "base", pair / "ft", out, weight=0.6, chunk_size=CHUNK, shard_size="1MB", device="cpu")
+    assert _staging(out).exists()
+    monkeypatch.setattr(execute.Executor, "_collect", staticmethod(original))
+    with pytest.raises(OutputError, match="--resume"):  # neither --resume nor --overwrite: refused
+        merge(pair / "base", pair / "ft", out, weight=0.6, chunk_size=CHUNK, shard_size="1MB", device="cpu")
+    messages: list[str] = []
+    merge(pair / "base", pair / "ft", out, weight=0.6, chunk_size=CHUNK, shard_size="1MB", device="cpu",
+          overwrite=True, on_warning=messages.append)
+    assert any("discarded the partial output" in m for m in messages)
+    assert _files(out) == _files(clean) and not _staging(out).exists()
 
 
 def test_resume_without_partial_starts_fresh(pair, clean, tmp_path):
