@@ -50,6 +50,17 @@ def timed(cmd: str) -> tuple[float, int]:
     return wall, rss_kb * 1024
 
 
+def timed_cpu(cmd: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system of every process) of a shell command."""
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-f", "%U %S", "bash", "-c", cmd], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"command failed: {cmd}\n{proc.stderr[-2000:]}")
+    user, system = map(float, proc.stderr.strip().splitlines()[-1].split())
+    return wall, user + system
+
+
 def quantiles(values: list[float]) -> tuple[float, float, float]:
     """(median, p20, p80)."""
     ordered = sorted(values)
@@ -102,7 +113,8 @@ def evict(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def bench_diff(base: Path, ft: Path, runs: int, scratch: Path, cold: bool) -> tuple[dict[str, list[float]], list[float]]:
+def bench_diff(base: Path, ft: Path, runs: int, scratch: Path,
+               cold: bool) -> tuple[dict[str, list[float]], dict[str, list[float]], list[float]]:
     files = shards(base, ft)
     inputs = " ".join(map(str, files))
     cat = f"cat {inputs} > /dev/null"
@@ -110,17 +122,20 @@ def bench_diff(base: Path, ft: Path, runs: int, scratch: Path, cold: bool) -> tu
     diff = f"safeblend diff {base} {ft} --json > {report}"
     subprocess.run(cat, shell=True, check=True)  # warm the page cache
     results: dict[str, list[float]] = {"cat": [], "diff": []}
+    cpu: dict[str, list[float]] = {"cat": [], "diff": []}
     engine_rates = []
     for run in range(runs):
         for name in (["cat", "diff"] if run % 2 == 0 else ["diff", "cat"]):
             if cold:
                 evict(files)
-            results[name].append(timed(cat if name == "cat" else diff)[0])
+            wall, seconds = timed_cpu(cat if name == "cat" else diff)
+            results[name].append(wall)
+            cpu[name].append(seconds)
             if name == "diff":
                 engine_rates.append(json.loads(report.read_text())["throughput_bytes_per_s"])
             print(f"run {run + 1} {name}: {results[name][-1]:.2f} s", file=sys.stderr)
     report.unlink(missing_ok=True)
-    return results, engine_rates
+    return results, cpu, engine_rates
 
 
 def main() -> None:
@@ -162,16 +177,17 @@ def main() -> None:
     if not args.skip_diff:
         base, ft = args.diff_pair or ensure_pair(args.workdir, args.preset, args.diff_layers)
         in_bytes = sum(p.stat().st_size for p in shards(base, ft))
-        results, engine_rates = bench_diff(base, ft, args.runs, args.workdir, args.cold)
+        results, cpu, engine_rates = bench_diff(base, ft, args.runs, args.workdir, args.cold)
         lines.append("")
         cache = "inputs evicted from the page cache before each command" if args.cold else "warm page cache"
         lines.append(f"diff: {base.name} vs {ft.name}, {in_bytes / 1e9:.2f} GB of inputs, {args.runs} runs, {cache}")
-        lines.append(f"{'what':<28} {'median s':>9} {'p20 s':>7} {'p80 s':>7} {'input GB/s':>11}")
+        lines.append(f"{'what':<28} {'median s':>9} {'p20 s':>7} {'p80 s':>7} {'input GB/s':>11} {'CPU s':>7}")
         medians = {}
         for name, rows in results.items():
             med, p20, p80 = quantiles(rows)
             medians[name] = med
-            lines.append(f"{name:<28} {med:>9.2f} {p20:>7.2f} {p80:>7.2f} {in_bytes / med / 1e9:>11.2f}")
+            lines.append(f"{name:<28} {med:>9.2f} {p20:>7.2f} {p80:>7.2f} {in_bytes / med / 1e9:>11.2f} "
+                         f"{statistics.median(cpu[name]):>7.2f}")
         engine_rate = statistics.median(engine_rates)
         ratio = medians["cat"] / medians["diff"]
         lines.append(f"diff engine-reported (no interpreter start-up): {engine_rate / 1e9:.2f} GB/s")

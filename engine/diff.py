@@ -10,7 +10,16 @@ one long vector), per layer index (``layers.N.``), per module type (q/k/v/o, gat
 norms, embeddings/lm_head, other) and per (layer, module) for the plot. Tensors that are not
 float (integer buffers, masks) are compared exactly and reported by how many elements differ.
 
-Memory is a few chunk-sized scratch buffers; consumed input pages are released as in a merge.
+Precision: fp32/fp64 inputs are summed in float64 throughout (relative error ~1e-15). Inputs
+of ≤16 bits (bf16, fp16) are upcast to fp32, where their products and differences are exact,
+and summed in fp32 runs of 2,048 products whose results are added in float64: relative error
+≤ 1e-6 on relative change and cosine (measured ≤ 2e-7 on 1M-element bf16/fp16 tensors against
+a float64 reference; ≤ 6e-7 with 16K-product runs, 5e-6 with 64K), ~2× less CPU than float64.
+A block whose fp32 sums are not finite (overflow of extreme bf16 values, inf/NaN inputs) or
+too small to trust (underflow) is recomputed in float64. max |Δ| is exact on both paths.
+
+Memory is a few block-sized scratch buffers per thread; consumed input pages are released as
+in a merge.
 """
 
 from __future__ import annotations
@@ -38,9 +47,15 @@ from .lora import open_model
 from .plan import check_compatible
 from .units import parse_size
 
-# float64 scratch per thread: 64K elements (512 KiB each) keeps both operands in L2. Measured
-# here: 1.5 ns/element for cast + subtract + four dots + max, ~2.7 GB/s of bf16 pairs per core.
+# Scratch per thread: float64 blocks of 64K elements keep both operands (512 KiB each) in L2;
+# fp32 blocks of 256K (1 MiB each) halve the per-block call overhead, measured 25% faster here.
 BLOCK = 1 << 16
+NARROW_BLOCK = 1 << 18
+# fp32 sums run over 2,048 products each: measured ≤ 6e-7 relative error on the figures at 16K
+# products per run, ≤ 2e-7 at 4K, while 64K-product runs reach 5e-6 (module docstring).
+RUN = 1 << 11
+# Below this an fp32 block sum may have lost products to underflow (each ≤ 2^-150): float64.
+_TINY = 2.0**-100
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 # First match wins; norms first, so Qwen3/Gemma's q_norm and k_norm count as norms.
 _MODULE_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -308,11 +323,22 @@ def _measure_all(pairs: list[tuple[TensorInfo, TensorInfo]], entries: list[Tenso
 _local = threading.local()
 
 
-def _scratch() -> tuple[np.ndarray, np.ndarray]:
-    buffers = getattr(_local, "buffers", None)
+def _scratch(dtype: type[np.floating], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """This thread's pair of ``size``-element operand buffers in ``dtype``."""
+    key = f"{np.dtype(dtype).name}x{size}"
+    buffers = getattr(_local, key, None)
     if buffers is None:
-        buffers = _local.buffers = (np.empty(BLOCK, np.float64), np.empty(BLOCK, np.float64))
+        buffers = (np.empty(size, dtype), np.empty(size, dtype))
+        setattr(_local, key, buffers)
     return buffers
+
+
+def _run_sums() -> np.ndarray:
+    """This thread's fp32 run sums: 4 rows (aa, bb, ab, dd) × runs per block."""
+    runs = getattr(_local, "runs", None)
+    if runs is None:
+        runs = _local.runs = np.empty((4, -(-NARROW_BLOCK // RUN)), np.float32)
+    return runs
 
 
 def _measure(a: TensorInfo, b: TensorInfo, files: dict[Path, SafetensorsFile], first: int, count: int,
@@ -322,21 +348,17 @@ def _measure(a: TensorInfo, b: TensorInfo, files: dict[Path, SafetensorsFile], f
     va, vb = fa.view(a, first, count), fb.view(b, first, count)
     sums, changed = Sums(), 0
     if is_float:
-        x64, y64 = _scratch()
+        narrow = va.dtype.itemsize <= 2 and vb.dtype.itemsize <= 2
+        step = NARROW_BLOCK if narrow else BLOCK
         with np.errstate(all="ignore"):
-            for lo in range(0, count, BLOCK):
-                hi = min(count, lo + BLOCK)
-                x, y = x64[: hi - lo], y64[: hi - lo]
-                np.copyto(x, va[lo:hi], casting="unsafe")
-                np.copyto(y, vb[lo:hi], casting="unsafe")
-                sums.aa += float(np.dot(x, x))
-                sums.bb += float(np.dot(y, y))
-                sums.ab += float(np.dot(x, y))
-                np.subtract(y, x, out=y)
-                sums.dd += float(np.dot(y, y))
-                # max and -min instead of max(abs()): no temporary, one read each.
-                peak = max(float(y.max()), -float(y.min()))
-                sums.max_abs = math.nan if math.isnan(peak) else max(sums.max_abs, peak)
+            for lo in range(0, count, step):
+                x, y = va[lo : lo + step], vb[lo : lo + step]
+                block = _block_fp32(x, y, sums.max_abs) if narrow else None
+                if block is None:
+                    block = Sums()
+                    for at in range(0, len(x), BLOCK):
+                        block.add(_block_fp64(x[at : at + BLOCK], y[at : at + BLOCK]))
+                sums.add(block)
     elif a.dtype == b.dtype:
         changed = int(np.count_nonzero(va != vb))
     else:
@@ -346,6 +368,68 @@ def _measure(a: TensorInfo, b: TensorInfo, files: dict[Path, SafetensorsFile], f
         size = info.dtype.itemsize
         f.release(info.start + first * size, count * size)
     return sums, changed, count * (a.dtype.itemsize + b.dtype.itemsize)
+
+
+def _block_fp64(va: np.ndarray, vb: np.ndarray) -> Sums:
+    """A block's sums in float64 throughout (any input dtype; handles inf and NaN)."""
+    x64, y64 = _scratch(np.float64, BLOCK)
+    x, y = x64[: len(va)], y64[: len(va)]
+    np.copyto(x, va, casting="unsafe")
+    np.copyto(y, vb, casting="unsafe")
+    s = Sums(aa=float(np.dot(x, x)), bb=float(np.dot(y, y)), ab=float(np.dot(x, y)))
+    np.subtract(y, x, out=y)
+    s.dd = float(np.dot(y, y))
+    # max and -min instead of max(abs()): no temporary, one read each.
+    peak = max(float(y.max()), -float(y.min()))
+    s.max_abs = math.nan if math.isnan(peak) else peak
+    return s
+
+
+def _block_fp32(va: np.ndarray, vb: np.ndarray, running_max: float) -> Sums | None:
+    """A block of ≤16-bit floats summed in fp32 runs of RUN products, the runs added in float64.
+
+    Products of two ≤16-bit floats and their differences are exact in fp32, so the only error
+    is each run's fp32 summation. None (recompute in float64) when a sum is not finite
+    (overflow, inf/NaN inputs) or so small that products may have underflowed. max |Δ| stays
+    exact: if this block can raise ``running_max``, its largest fp32 |Δ| elements (among which
+    rounding, being monotonic, keeps the exact largest) are recomputed in float64.
+    """
+    (x32, y32), runs = _scratch(np.float32, NARROW_BLOCK), _run_sums()
+    n = len(va)
+    x, y = x32[:n], y32[:n]
+    np.copyto(x, va, casting="unsafe")
+    np.copyto(y, vb, casting="unsafe")
+    _run_dots(x, x, runs[0])
+    _run_dots(y, y, runs[1])
+    _run_dots(x, y, runs[2])
+    np.subtract(y, x, out=y)  # y is Δ from here
+    _run_dots(y, y, runs[3])
+    aa, bb, ab, dd = (float(v) for v in runs[:, : -(-n // RUN)].sum(axis=1, dtype=np.float64))
+    peak = max(float(y.max()), -float(y.min()))
+    if not all(map(math.isfinite, (aa, bb, ab, dd, peak))) or min(aa, bb) < _TINY or 0.0 < dd < _TINY:
+        return None
+    if peak > 0.0 and peak >= np.float32(running_max):
+        np.abs(y, out=y)
+        where = np.flatnonzero(y == peak)
+        peak = float(np.max(np.abs(vb[where].astype(np.float64) - va[where].astype(np.float64))))
+    return Sums(aa=aa, bb=bb, ab=ab, dd=dd, max_abs=peak)
+
+
+def _run_dots(u: np.ndarray, v: np.ndarray, out: np.ndarray) -> None:
+    """out[i] = ⟨u, v⟩ over the i-th run of RUN elements (the last may be shorter), in fp32."""
+    full = len(u) // RUN
+    if full:
+        _vecdot(u[: full * RUN].reshape(full, RUN), v[: full * RUN].reshape(full, RUN), out[:full])
+    if len(u) > full * RUN:
+        out[full] = np.dot(u[full * RUN :], v[full * RUN :])
+
+
+def _vecdot(u: np.ndarray, v: np.ndarray, out: np.ndarray) -> None:
+    """Row-wise dot products of two (rows, RUN) arrays into ``out`` (BLAS sdot per row)."""
+    if hasattr(np, "vecdot"):  # numpy >= 2.0
+        np.vecdot(u, v, out=out)
+    else:
+        np.matmul(u[:, None, :], v[:, :, None], out=out.reshape(-1, 1, 1))
 
 
 def _pct(x: float) -> str:

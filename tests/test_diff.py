@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 from engine.cli import main
 from engine.diff import DriftReport, diff, format_report, layer_of, module_of, plot_drift, plot_series
 from engine.errors import IncompatibleInputsError, SafeblendError
-from tests.helpers import random_tensor, write_checkpoint
+from tests.helpers import NUMPY_DTYPES, random_tensor, write_checkpoint
 
 LAYERS = 3
 
@@ -62,9 +62,21 @@ def _reference(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
             "max_abs_delta": float(np.max(np.abs(d)))}
 
 
-def _assert_figures(got: dict, want: dict, what: str) -> None:
+# Documented bounds (engine/diff.py): ≤16-bit inputs are summed in fp32 runs, others in float64.
+REL_16BIT = 1e-6
+REL_WIDE = 1e-12
+
+
+def _assert_figures(got: dict, want: dict, what: str, rel: float = REL_16BIT) -> None:
     for key, value in want.items():
-        assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-15), f"{what}: {key}"
+        if key == "max_abs_delta":
+            assert got[key] == value, f"{what}: {key}"  # exact on every path
+        else:
+            assert got[key] == pytest.approx(value, rel=rel, abs=1e-15), f"{what}: {key}"
+
+
+def _bound(*arrays: np.ndarray) -> float:
+    return REL_16BIT if all(x.dtype.itemsize <= 2 for x in arrays) else REL_WIDE
 
 
 @pytest.mark.parametrize("chunk_size", [64, 1000, 8 * 2**20])
@@ -76,7 +88,7 @@ def test_tensor_figures_match_a_float64_reference(tmp_path, chunk_size):
     for name, a in base.items():
         if a.dtype == np.int32:
             continue
-        _assert_figures(rows[name], _reference(a, ft[name]), name)
+        _assert_figures(rows[name], _reference(a, ft[name]), name, _bound(a, ft[name]))
     assert rows["model.norm.weight"]["rel_change"] == 0.0 and rows["model.norm.weight"]["max_abs_delta"] == 0.0
     assert rows["model.rotary.counts"]["changed_elements"] == 2
     assert report.bytes_read == sum(a.nbytes + ft[n].nbytes for n, a in base.items())
@@ -105,8 +117,52 @@ def test_groups_match_the_reference_over_concatenated_tensors(tmp_path):
     for module, per_layer in data["by_layer_module"].items():
         for layer, rel in per_layer.items():
             names = [n for n in floats if f"layers.{layer}." in n and module_of(n) == module]
-            assert rel == pytest.approx(group(names)["rel_change"], rel=1e-12)
+            assert rel == pytest.approx(group(names)["rel_change"], rel=REL_16BIT)
     assert "embed" not in data["by_layer_module"]  # outside the layer stack
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("scale, delta", [(0.02, 5e-4), (1.0, 1e-3)])  # weights; norms near 1
+def test_16bit_bound_holds_on_a_million_elements(tmp_path, dtype, scale, delta):
+    rng = np.random.default_rng(3)
+    shape = (1024, 1000)  # not a multiple of the block or run length: partial runs too
+    values = scale * (1.0 + 0.05 * rng.standard_normal(shape)) if scale == 1.0 else scale * rng.standard_normal(shape)
+    a = values.astype(NUMPY_DTYPES[dtype])
+    b = (a.astype(np.float64) + delta * rng.standard_normal(shape)).astype(a.dtype)
+    write_checkpoint(tmp_path / "b", {"model.layers.0.mlp.up_proj.weight": a})
+    write_checkpoint(tmp_path / "f", {"model.layers.0.mlp.up_proj.weight": b})
+    row = diff(tmp_path / "b", tmp_path / "f").to_dict()["tensors"][0]
+    _assert_figures(row, _reference(a, b), dtype)
+
+
+def test_fp32_overflow_and_underflow_fall_back_to_float64(tmp_path):
+    bf16 = NUMPY_DTYPES["bf16"]
+    n = 300_000  # more than one fp32 block: the first overflows fp32 squares, the last underflows them
+    a = np.full(n, 1e-3)
+    a[:10], a[-50_000:] = 3e30, 1e-30
+    b = a.copy()
+    b[5], b[-7] = -2e30, 2e-30
+    a, b = a.astype(bf16), b.astype(bf16)
+    write_checkpoint(tmp_path / "b", {"w": a, "tiny": a[-20_000:]})
+    write_checkpoint(tmp_path / "f", {"w": b, "tiny": b[-20_000:]})  # tiny: underflow only
+    rows = {t["name"]: t for t in diff(tmp_path / "b", tmp_path / "f").to_dict()["tensors"]}
+    for name, x, y in (("w", a, b), ("tiny", a[-20_000:], b[-20_000:])):
+        want = _reference(x, y)
+        assert all(math.isfinite(v) and v > 0 for v in want.values())
+        _assert_figures(rows[name], want, name, REL_WIDE)
+
+
+@pytest.mark.parametrize("tiny", [2.0**-30, -(2.0**-30)])
+def test_max_abs_delta_is_exact_when_fp32_rounds_the_difference(tmp_path, tiny):
+    a = np.full(5000, 0.25)
+    b = a.copy()
+    a[100], b[100] = 1.0, tiny  # |Δ| = 1 ∓ 2^-30 needs 31 bits: fp32 rounds it to 1
+    a[200], b[200] = 0.5, -0.5  # |Δ| = 1 exactly: ties the rounded one in fp32
+    a, b = a.astype(NUMPY_DTYPES["bf16"]), b.astype(NUMPY_DTYPES["bf16"])
+    write_checkpoint(tmp_path / "b", {"w": a})
+    write_checkpoint(tmp_path / "f", {"w": b})
+    row = diff(tmp_path / "b", tmp_path / "f").to_dict()["tensors"][0]
+    assert row["max_abs_delta"] == max(1.0, 1.0 - tiny) == _reference(a, b)["max_abs_delta"]
 
 
 @pytest.mark.parametrize("name, layer, module", [
@@ -192,7 +248,7 @@ def test_plot_is_a_png_with_one_line_per_module_type(tmp_path):
         module = {"norms": "norm"}.get(label, label.removesuffix("_proj"))
         want = [100 * _reference(base[n], ft[n])["rel_change"]
                 for n in base if module_of(n) == module and layer_of(n) is not None]
-        assert ys == pytest.approx(want, rel=1e-12)
+        assert ys == pytest.approx(want, rel=REL_16BIT)
     assert series["gate_proj"][1][2] > series["gate_proj"][1][0]  # the pair drifts more in later layers
 
 
