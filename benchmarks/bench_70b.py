@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import struct
@@ -44,7 +43,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 
-from compare import machine_description, quantiles, safeblend_command, safeblend_version, timed  # noqa: E402
+from compare import machine_description, quantiles, resolve_commit, safeblend_command, safeblend_version, timed  # noqa: E402
 from engine.synthetic import PRESETS, LlamaShape  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -201,7 +200,7 @@ def main() -> None:
     result = {"layers": layers, "parameters": shape.parameters, "model_bytes": model_bytes, "moved_bytes": moved,
               "runs": args.runs, "rows": rows, "engine_json": engine_json, "projection": projection,
               "machine": machine_description(), "safeblend": safeblend_version(sb),
-              "safeblend_commit": args.safeblend_commit, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+              "safeblend_commit": resolve_commit(args.safeblend_commit) if args.safeblend_commit else None, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
     print(f"\nMEASURED — Llama-3-70B tensor list with {layers} of 80 layers: {shape.parameters / 1e9:.2f}B parameters, "
           f"{model_bytes / 1e9:.1f} GB per model in bf16 ({len(list(base.glob('*.safetensors')))} shards), "

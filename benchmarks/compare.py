@@ -9,8 +9,8 @@ contestants reversed on every other run, times each of:
                  skipped with a note);
 * ``mergekit``   ``mergekit-yaml RECIPE OUT`` (mergekit from PyPI, in its own virtual
                  environment, created by this script under benchmarks/out/mergekit-venv) with
-                 the equivalent recipe for linear, slerp, ties, dare_linear and dare_ties,
-                 computing in float32 and writing bfloat16, as safeblend does;
+                 the equivalent recipe for linear, slerp, ties and dare_ties (dare_linear on
+                 request), computing in float32 and writing bfloat16, as safeblend does;
 * ``naive``      a short script: both checkpoints loaded whole with ``safetensors.torch``,
                  merged in float32 tensor by tensor into a new state dict, saved in 5 GB shards
                  with an index (run by this Python in a subprocess);
@@ -25,9 +25,15 @@ process in it). Throughput is (bytes of both inputs + bytes of the output) / wal
 After timing, the outputs of the last linear and slerp runs of safeblend and mergekit are
 compared tensor by tensor, a row block at a time, with the DESIGN.md rule
 (``engine.tolerance.out_of_tolerance``, mergekit's value as the reference and the larger input
-magnitude at each element for the cancellation term).
+magnitude at each element for the cancellation term), and each against a float64 reference
+computed here from the inputs. (On the 1.1B pair the check takes ~3 minutes per method.)
+
+The working tree may change under a long run (other sessions commit while it runs);
+``--safeblend-commit REV`` runs safeblend from a ``git archive`` snapshot of REV instead, so
+every row comes from one version.
 
     python benchmarks/compare.py                              # 1.1B pair, 3 runs, everything
+    python benchmarks/compare.py --safeblend-commit HEAD      # the same, pinned to HEAD
     python benchmarks/compare.py --layers 3 --runs 3          # ~0.26B pair
     python benchmarks/compare.py --methods linear --mergekit-methods linear --peers naive,floor
 """
@@ -140,6 +146,12 @@ def quantiles(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(ordered), pick(0.2), pick(0.8)
 
 
+def resolve_commit(commit: str) -> str:
+    """The short hash of ``commit`` (read-only git)."""
+    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", commit], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 def safeblend_command(commit: str | None, root: Path) -> str:
     """The shell words that run safeblend's CLI: the installed one, or a snapshot of ``commit``.
 
@@ -148,8 +160,7 @@ def safeblend_command(commit: str | None, root: Path) -> str:
     """
     if not commit:
         return "safeblend"
-    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", commit], capture_output=True, text=True,
-                         check=True).stdout.strip()
+    sha = resolve_commit(commit)
     dest = root / f"safeblend-{sha}"
     if not (dest / "engine" / "cli.py").exists():
         dest.mkdir(parents=True, exist_ok=True)
@@ -373,7 +384,7 @@ def build_contestants(args, base: Path, ft: Path, shape: LlamaShape, notes: list
     sb = safeblend_command(args.safeblend_commit, REPO / "benchmarks/out")
     offered = available_methods(sb)
     notes.append(f"safeblend: {safeblend_version(sb)}"
-                 + (f", snapshot of commit {args.safeblend_commit} (git archive)" if args.safeblend_commit
+                 + (f", snapshot of commit {resolve_commit(args.safeblend_commit)} (git archive)" if args.safeblend_commit
                     else " (installed, working tree)"))
     wanted = args.methods.split(",") if args.methods else offered
     for method in wanted:
@@ -475,6 +486,9 @@ def run(args) -> dict:
     for r in rows:
         sb = ref.get(r["ratio_against"])
         r["time_x"] = r["median_s"] / sb["median_s"] if sb else None
+        # the same ratio taken within each run (the two ran minutes apart at most), then the median:
+        # steadier than a ratio of medians when the machine's load changes between runs
+        r["paired_time_x"] = (statistics.median(w / v for w, v in zip(r["walls"], sb["walls"])) if sb else None)
         r["rss_x"] = r["peak_rss_bytes"] / sb["peak_rss_bytes"] if sb else None
     result = {
         "preset": args.preset, "layers": shape.num_hidden_layers, "parameters": shape.parameters,
@@ -496,26 +510,25 @@ def format_table(result: dict) -> str:
         f"median of {result['runs']} runs, alternating order, warm page cache, output synced to disk",
         f"machine: {result['machine']}",
         "",
-        "| tool | method | median s | p20–p80 s | GB/s | peak RSS MiB | time ÷ safeblend | RSS ÷ safeblend |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| tool | method | median s | p20–p80 s | GB/s | peak RSS MiB | time ÷ safeblend | same, per run | RSS ÷ safeblend |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         tx = f"{r['time_x']:.2f}× ({r['ratio_against']})" if r["time_x"] is not None else "–"
+        px = f"{r['paired_time_x']:.2f}×" if r.get("paired_time_x") is not None else "–"
         rx = f"{r['rss_x']:.1f}×" if r["rss_x"] is not None else "–"
         lines.append(f"| {r['tool']} | {r['method']} | {r['median_s']:.2f} | {r['p20_s']:.2f}–{r['p80_s']:.2f} | "
-                     f"{r['gb_per_s']:.2f} | {r['peak_rss_bytes'] / 2**20:.0f} | {tx} | {rx} |")
+                     f"{r['gb_per_s']:.2f} | {r['peak_rss_bytes'] / 2**20:.0f} | {tx} | {px} | {rx} |")
     if result["checks"]:
         lines.append("")
         for method, c in result["checks"].items():
             if c["bad"] < 0:
                 lines.append(f"{method}: cannot compare — {c.get('note', '')}")
                 continue
-            verdict = "agree" if c["bad"] == 0 else "differ"
             lines.append(
-                f"{method}: safeblend and mergekit {verdict} within the DESIGN.md tolerance on "
-                f"{c['elements'] - c['bad']:,} of {c['elements']:,} elements ({c['identical']:,} bit-identical, "
-                f"max |diff| {c['max_abs']:.3g}); against the float64 reference, outside tolerance: "
-                f"safeblend {c['bad_ours_vs_ref']:,}, mergekit {c['bad_theirs_vs_ref']:,}")
+                f"{method}: safeblend vs mergekit: {c['bad']:,} of {c['elements']:,} elements outside the DESIGN.md "
+                f"tolerance ({c['identical']:,} bit-identical, max |diff| {c['max_abs']:.3g}); against the float64 "
+                f"reference, outside tolerance: safeblend {c['bad_ours_vs_ref']:,}, mergekit {c['bad_theirs_vs_ref']:,}")
     for note in result["notes"]:
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -537,12 +550,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip the output agreement check")
     p.add_argument("--keep", action="store_true", help="keep the generated pair for the next run")
     p.add_argument("--keep-outputs", action="store_true", help="keep the merged outputs")
+    p.add_argument("--from-json", type=Path, default=None, help="print the table of a saved --json-out run")
     p.add_argument("--json-out", type=Path, default=None, help="also write the results as JSON here")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    if args.from_json:  # re-print a saved run
+        result = json.loads(args.from_json.read_text())
+        ref = {r["method"]: r for r in result["rows"] if r["tool"] == "safeblend"}
+        for r in result["rows"]:
+            sb = ref.get(r["ratio_against"])
+            r["paired_time_x"] = statistics.median(w / v for w, v in zip(r["walls"], sb["walls"])) if sb else None
+        print(format_table(result))
+        return
     result = run(args)
     print(format_table(result))
     if args.json_out:

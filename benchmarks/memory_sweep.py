@@ -62,6 +62,8 @@ def plot(points: list[dict], seventy: dict | None, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import matplotlib.ticker  # noqa: F401
+
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     xs = [p["parameters"] / 1e9 for p in points]
     ax.plot(xs, [p["model_bytes"] / 2**30 for p in points], ls=":", color="black", lw=1,
@@ -71,13 +73,26 @@ def plot(points: list[dict], seventy: dict | None, path: Path) -> None:
         if pts:
             color, marker = STYLE[tool]
             ax.plot(*zip(*pts), marker=marker, color=color, label=tool if tool != "naive" else "naive (torch load/save)")
+    x = y = 0.0
     if seventy:
         x = seventy["parameters"] / 1e9
         y = seventy["rows"]["safeblend linear"]["peak_rss_bytes"] / 2**30
         ax.plot([x], [y], marker="*", ms=12, color="tab:green", ls="none",
                 label=f"safeblend, Llama-3-70B shapes ({seventy['layers']} of 80 layers)")
     ax.set_xscale("log")
-    ax.set_xlabel("parameters (billions, bf16 pair)")
+    ticks = [0.25, 0.5, 1, 2, 4, 8]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}B" for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    for p in points:  # label safeblend's points with their MiB
+        if "safeblend" in p:
+            ax.annotate(f"{p['safeblend']['peak_rss_bytes'] / 2**20:.0f} MiB", (p["parameters"] / 1e9,
+                        p["safeblend"]["peak_rss_bytes"] / 2**30), textcoords="offset points", xytext=(0, 7),
+                        ha="center", fontsize=7, color="tab:green")
+    if seventy:
+        ax.annotate(f"{y * 1024:.0f} MiB", (x, y), textcoords="offset points", xytext=(0, 9), ha="center",
+                    fontsize=7, color="tab:green")
+    ax.set_xlabel("parameters per model (bf16; each merge reads two models and writes one)")
     ax.set_ylabel("peak RSS (GiB)")
     ax.set_title("Peak memory of a linear merge against model size")
     ax.grid(True, which="both", alpha=0.3)
