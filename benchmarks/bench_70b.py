@@ -43,7 +43,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 
-from compare import machine_description, quantiles, resolve_commit, safeblend_command, safeblend_version, timed  # noqa: E402
+from compare import machine_description, resolve_commit, safeblend_command, safeblend_version
+from measure import quantiles, timed  # noqa: E402
 from engine.synthetic import PRESETS, LlamaShape  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)

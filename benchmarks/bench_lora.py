@@ -30,7 +30,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_merge import quantiles, timed  # noqa: E402
+from measure import quantiles, timed  # noqa: E402
 
 from engine.synthetic import PRESETS, LlamaShape, write_pair  # noqa: E402
 

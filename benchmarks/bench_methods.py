@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import ml_dtypes  # noqa: F401  (bf16 for safetensors.numpy)
@@ -29,6 +27,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from engine.synthetic import LlamaShape, write_pair
+from measure import timed
 
 SHAPES = {
     "embed-128256x4096": LlamaShape(4096, 14336, 1, 128256, 32, 8),
@@ -45,17 +44,6 @@ RUNS = [
     ("dare-ties", 2, ["--weight", "0.5", "--density", "0.3"]),
     ("model-stock", 2, []),
 ]
-
-
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Run a command under /usr/bin/time -v; return (wall seconds, peak RSS bytes)."""
-    start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"command failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    return wall, rss_kb * 1024
 
 
 def write_second_finetune(base: Path, out: Path, seed: int = 1, scale: float = 0.05) -> None:

@@ -26,46 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 from engine.synthetic import PRESETS, write_pair
+from measure import quantiles, timed, timed_cpu
 from engine.sweep import parse_weights
-
-
-def timed(cmd: str) -> tuple[float, int]:
-    """Run a shell command under /usr/bin/time -v; (wall seconds, peak RSS bytes of any process)."""
-    start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", "bash", "-c", cmd], capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"command failed: {cmd}\n{proc.stderr[-2000:]}")
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    return wall, rss_kb * 1024
-
-
-def timed_cpu(cmd: str) -> tuple[float, float]:
-    """(wall seconds, CPU seconds: user + system of every process) of a shell command."""
-    start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%U %S", "bash", "-c", cmd], capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"command failed: {cmd}\n{proc.stderr[-2000:]}")
-    user, system = map(float, proc.stderr.strip().splitlines()[-1].split())
-    return wall, user + system
-
-
-def quantiles(values: list[float]) -> tuple[float, float, float]:
-    """(median, p20, p80)."""
-    ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return statistics.median(ordered), pick(0.2), pick(0.8)
 
 
 def ensure_pair(workdir: Path, preset: str, layers: int) -> tuple[Path, Path]:

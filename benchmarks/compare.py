@@ -61,6 +61,7 @@ import ml_dtypes  # noqa: E402,F401  (safetensors.numpy reads BF16 only once ml_
 import numpy as np  # noqa: E402
 
 from engine.synthetic import PRESETS, LlamaShape, write_pair  # noqa: E402
+from measure import quantiles, timed  # noqa: E402
 
 WEIGHT = 0.6  # λ for linear, t for slerp, the fine-tune's weight for task arithmetic
 DENSITY = 0.5  # ties and DARE
@@ -126,24 +127,6 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 def dir_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in weight_files(model_dir))
-
-
-def timed(cmd: str, env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Run a shell command under /usr/bin/time -v; (wall seconds, peak RSS bytes)."""
-    started = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", "bash", "-c", cmd], capture_output=True, text=True,
-                          env=env)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        sys.exit(f"command failed ({proc.returncode}): {cmd}\n{proc.stderr[-3000:]}")
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    return wall, rss_kb * 1024
-
-
-def quantiles(values: list[float]) -> tuple[float, float, float]:
-    ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return statistics.median(ordered), pick(0.2), pick(0.8)
 
 
 def resolve_commit(commit: str) -> str:
