@@ -29,6 +29,8 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"  # a PEFT adapter, read by engine.lo
 # The safetensors library refuses headers above 100 MB; a larger one is corrupt, not big.
 MAX_HEADER_BYTES = 100_000_000
 _PAGE = mmap.PAGESIZE
+# How far beyond a consumed range release() also drops pages (see there): a PMD-sized folio.
+RELEASE_MARGIN = 2 * 2**20
 _BIN_HINT = (" (PyTorch pickle weights: only safetensors is read; convert with transformers: "
              "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True))")
 
@@ -89,9 +91,15 @@ class SafetensorsFile:
         """Drop a consumed byte range from this process's resident set.
 
         The map is read-only and shared, so MADV_DONTNEED only unmaps the pages from the
-        process; the page cache keeps them and a later touch refaults them intact.
+        process; the page cache keeps them and a later touch refaults them intact. The range
+        is widened by RELEASE_MARGIN on both sides: a page fault maps the neighbouring pages
+        too (fault-around, large folios), so touching one chunk re-maps the edges of the
+        chunks beside it after they were released; left alone, that residue grows with the
+        number of chunks (measured: 11 MiB after a 1.1B merge, 18 MiB after a 3.3B one).
+        Dropping a neighbour's pages while it is still being read only costs a refault.
         """
         if self._map is not None and length > 0:
+            start, length = max(0, start - RELEASE_MARGIN), length + 2 * RELEASE_MARGIN
             lo, hi = _page_span(start, length, len(self._map))
             self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 

@@ -150,3 +150,35 @@ def test_result_reports_the_run(tmp_path):
     assert r.bytes_written == (tmp_path / "out" / "model.safetensors").stat().st_size
     assert r.peak_rss_bytes > 0 and r.seconds > 0
     assert json.loads(json.dumps(r.to_dict()))["output"] == str(tmp_path / "out")
+
+
+def _mapped_input_rss(directory) -> int:
+    """Resident bytes of this process's memory maps of files under ``directory``."""
+    total, current = 0, ""
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
+                current = fields[5] if len(fields) >= 6 else ""
+            elif fields[0] == "Rss:" and current.startswith(str(directory)):
+                total += int(fields[1]) * 1024
+    return total
+
+
+def test_consumed_input_pages_leave_the_process(tmp_path, monkeypatch):
+    """After the chunk loop, no input page is still mapped into the process: RSS cannot grow
+    with the model, whatever the number of chunk boundaries (here ~500 per input)."""
+    from engine import execute
+
+    _pair(tmp_path, "bf16", "bf16", [(1024, 4096), (4096,), (777, 1000)])
+    seen: list[int] = []
+    original = execute.Executor.run
+
+    def run_then_measure(self, *args, **kwargs):
+        stats = original(self, *args, **kwargs)
+        seen.append(_mapped_input_rss(tmp_path))
+        return stats
+
+    monkeypatch.setattr(execute.Executor, "run", run_then_measure)
+    engine.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=0.5, chunk_size=16384)
+    assert seen == [0]
