@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 from .errors import OutputError
 from .plan import MergePlan, Shard
 from .units import format_size
-from .writer import OutputDir, ShardWriter, WriteDone
+from .writer import OutputDir, ShardWriter, WriteDone, fsync_dir
 
 LOCK_NAME = ".safeblend-lock"
 JOURNAL_NAME = ".safeblend-journal"
@@ -132,14 +132,6 @@ def read_journal(path: Path) -> tuple[dict[str, Any] | None, list[JournalEntry],
             break  # only the last batch can be torn; anything after a bad line is not trusted
         good += len(raw) + 1
     return header, entries, good
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fault_point(name: str, state: Callable[[], dict] | None = None) -> None:
@@ -480,7 +472,7 @@ class MergeSession:
         header = {"safeblend_journal": JOURNAL_VERSION, "fingerprint": print_}
         os.write(self._journal_fd, (json.dumps(header, separators=(",", ":")) + "\n").encode())
         os.fdatasync(self._journal_fd)
-        _fsync_dir(self.staging)
+        fsync_dir(self.staging)
         self._journal_fd_opened = True
 
     def _resume(self, print_: dict[str, Any]) -> None:

@@ -65,7 +65,7 @@ class OutputDir:
 
     def commit(self) -> None:
         """Flush the staging directory and move it to OUT (replacing OUT if allowed)."""
-        _fsync_dir(self.staging)
+        fsync_dir(self.staging)
         old = None
         if self.final.exists() or self.final.is_symlink():
             if not self.overwrite:
@@ -74,7 +74,7 @@ class OutputDir:
             _remove(old)
             os.rename(self.final, old)
         os.rename(self.staging, self.final)
-        _fsync_dir(self.final.parent)
+        fsync_dir(self.final.parent)
         if old is not None:
             _remove(old)
 
@@ -107,7 +107,8 @@ def filesystem_of(path: Path) -> str:
     return f"the filesystem mounted at {mount} ({fstype})"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (new, renamed or removed files) to disk."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
