@@ -8,6 +8,7 @@ import resource
 import sys
 import time
 import warnings
+from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -110,40 +111,35 @@ def merge(
     backend, device_name = _select_backend(device, merger)
     _check_output_not_input(out, [base, *model_paths])
 
-    base_ckpt = Checkpoint.open(base)
-    model_ckpts = [open_model(p, base_ckpt) for p in model_paths]  # LoRA adapter dirs: engine.lora
-    metadata = output_metadata(merger, base, model_paths, out_dtype)
-    merge_plan = make_plan(base_ckpt, model_ckpts, out_dtype, shard_bytes, metadata, allow_missing=allow_missing)
-    for message in [*merger.warnings, *merge_plan.warnings]:
-        warn(message)
+    with ExitStack() as opened:  # every checkpoint opened is closed, however this ends
+        base_ckpt = opened.enter_context(closing(Checkpoint.open(base)))
+        # LoRA adapter directories open as lazily materialised fine-tunes (engine.lora).
+        model_ckpts = [opened.enter_context(closing(open_model(p, base_ckpt))) for p in model_paths]
+        metadata = output_metadata(merger, base, model_paths, out_dtype)
+        merge_plan = make_plan(base_ckpt, model_ckpts, out_dtype, shard_bytes, metadata, allow_missing=allow_missing)
+        for message in [*merger.warnings, *merge_plan.warnings]:
+            warn(message)
 
-    try:  # staging beside OUT, locked and journaled; with resume, plan.skip lists the kept tensors
+        # Staging beside OUT, locked and journaled; with resume, plan.skip lists the kept tensors.
         session = MergeSession.start(out, overwrite=overwrite, resume=resume, plan=merge_plan,
-                                     inputs=[base, *model_paths], settings={"chunk_bytes": chunk_bytes,
-                                                                            "device": device_name})
-    except BaseException:
-        for ckpt in (base_ckpt, *model_ckpts):
-            ckpt.close()
-        raise
-    for message in session.messages:
-        warn(message)
-    output, staging, writer = session.output, session.staging, session.writer
-    try:
-        writer.open()
-        with _progress_bar(merge_plan.total_size, enabled=progress) as bar:
-            bar.update(session.kept_bytes)
-            executor = CudaExecutor if device_name == "cuda" else Executor
-            stats = executor(merge_plan, base_ckpt, model_ckpts, merger, backend, chunk_bytes).run(writer, bar.update)
-        writer.close()
-        write_index(staging, merge_plan, metadata)
-        copy_model_files(base_ckpt.model_dir, staging, out_dtype)
-        session.commit()  # hashes, manifest, checkpoint quirks' config, then the atomic rename
-    except BaseException as exc:
-        session.fail(exc)  # an interrupt keeps the partial output for --resume
-        raise
-    finally:
-        for ckpt in (base_ckpt, *model_ckpts):
-            ckpt.close()
+                                     inputs=[base, *model_paths],
+                                     settings={"chunk_bytes": chunk_bytes, "device": device_name})
+        for message in session.messages:
+            warn(message)
+        output, staging, writer = session.output, session.staging, session.writer
+        try:
+            writer.open()
+            with _progress_bar(merge_plan.total_size, enabled=progress) as bar:
+                bar.update(session.kept_bytes)
+                executor = CudaExecutor if device_name == "cuda" else Executor
+                stats = executor(merge_plan, base_ckpt, model_ckpts, merger, backend, chunk_bytes).run(writer, bar.update)
+            writer.close()
+            write_index(staging, merge_plan, metadata)
+            copy_model_files(base_ckpt.model_dir, staging, out_dtype)
+            session.commit()  # hashes, manifest, checkpoint quirks' config, then the atomic rename
+        except BaseException as exc:
+            session.fail(exc)  # an interrupt keeps the partial output for --resume
+            raise
 
     seconds = time.perf_counter() - started
     written = writer.bytes_written
