@@ -207,7 +207,7 @@ def sweep(
     _check_output_not_input(out, [base, *model_paths])
 
     base_ckpt = Checkpoint.open(base)
-    model_ckpts = [open_model(p, base_ckpt) for p in model_paths]  # LoRA adapter dirs: engine.lora
+    model_ckpts = [open_model(p, base_ckpt, out_dtype) for p in model_paths]  # LoRA adapter dirs: engine.lora
     try:
         metadatas = [output_metadata(m, base, model_paths, out_dtype) for m in mergers]
         plans = [make_plan(base_ckpt, model_ckpts, out_dtype, shard_bytes, md) for md in metadatas]

@@ -141,6 +141,19 @@ def test_merge_matches_peft_and_float64(prepared, tmp_path, weight):
     assert changed >= 2  # the adapter did change the model
 
 
+def test_fp32_output_of_a_16_bit_model_holds_fp32_tolerance(prepared, tmp_path):
+    """A bf16/fp16 model merged with --dtype fp32: the delta is then formed in float64 (an fp32
+    product is only good enough for 16-bit outputs), so fp32's 1-ulp rule holds."""
+    p = prepared
+    engine.merge(p.base, p.adapter, tmp_path / "out", weight=0.6, dtype="fp32", chunk_size=4096)
+    merged = load_checkpoint(tmp_path / "out")
+    for name, b in p.base_tensors.items():
+        b64 = b.astype(np.float64)
+        ref = (b64 + 0.6 * (p.theta[name] - b64)).astype(np.float32).astype(np.float64)
+        assert merged[name].dtype == np.float32, name
+        assert_within_tolerance(merged[name], ref, [b, p.theta[name]], f"{p.case} {name}")
+
+
 def test_weight_one_equals_peft_merge_and_unload_in_the_models_dtype(prepared, tmp_path):
     """The literal comparison: PEFT's merge_and_unload in the model's own dtype."""
     p = prepared
