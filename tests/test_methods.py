@@ -17,10 +17,11 @@ import pytest
 
 import engine
 from engine.errors import SpecError
+from engine.methods._sparse import COMBINE_BLOCK
 from helpers import NUMPY_DTYPES, assert_within_tolerance, load_checkpoint, random_tensor, write_checkpoint
 
 # Shapes that always include the weird ones: one element, odd sizes, many chunks at a small
-# chunk size, and more than one 64K-element compute block inside one chunk.
+# chunk size (test_large_chunks_span_several_compute_blocks covers several blocks in a chunk).
 SHAPES = {
     "model.embed_tokens.weight": (1,),
     "model.layers.0.self_attn.q_proj.weight": (7,),
@@ -505,7 +506,8 @@ def test_large_chunks_span_several_compute_blocks(tmp_path, case):
     """The default 16 MiB chunk holds whole tensors, each cut into several compute blocks."""
     n_models, params, reference = CASES[case]
     method = case.removesuffix("-normalize").removesuffix("-count").removesuffix("-l1")
-    shapes = {"model.layers.0.mlp.up_proj.weight": (3, 70_001), "model.layers.1.mlp.up_proj.weight": (5,)}
+    # 3 rows of just over half a block: the tensor spans two compute blocks, the second partial.
+    shapes = {"model.layers.0.mlp.up_proj.weight": (3, COMBINE_BLOCK // 2 + 1), "model.layers.1.mlp.up_proj.weight": (5,)}
     base, models = make_inputs(np.random.default_rng(zlib.crc32(case.encode())), "bf16", n_models, shapes)
     out = run(tmp_path, base, models, method, chunk_size=16 << 20, **params)
     for name in base:
