@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -114,3 +116,52 @@ def test_full_disk_mid_write_is_a_clear_error_and_leaves_nothing(pair, tiny_fs, 
     assert f"mounted at {tiny_fs} (tmpfs) ran out of space while writing" in result.output, result.output
     assert "Traceback" not in result.output
     assert list(tiny_fs.iterdir()) == []  # neither OUT nor its partial output
+
+
+def test_manifest_digests_equal_the_written_bytes_whatever_the_chunking(pair, tmp_path):
+    """The hasher feeds SHA-256 from the chunks' own buffers (and from the file for headers):
+    every shard's recorded digest must equal a fresh digest of the file, for chunkings that
+    split tensors, shards and headers differently."""
+    import hashlib
+
+    for chunk in ("4KiB", "96KiB", "8MiB"):
+        out = tmp_path / chunk
+        merge(pair / "base", pair / "ft", out, shard_size="300kB", chunk_size=chunk, device="cpu")
+        shards = json.loads((out / "safeblend.json").read_text())["shards"]
+        assert len(shards) == 3
+        for shard in shards:
+            data = (out / shard["file"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == shard["sha256"], (chunk, shard["file"])
+
+
+def test_a_failing_hasher_stops_the_merge_with_its_error_and_never_hangs(pair, tmp_path, monkeypatch):
+    """Chunk buffers wait for the hasher before returning to their pool; if the hasher dies,
+    the buffers it held must come back, or the compute threads would wait for them forever."""
+    from engine import journal
+
+    calls = {"n": 0}
+    original = journal.Progress._feed
+
+    def failing(self, s, block):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            time.sleep(0.5)  # long enough for the compute threads to use up every pooled buffer
+            raise OSError(5, "Input/output error (injected)")
+        original(self, s, block)
+
+    monkeypatch.setattr(journal.Progress, "_feed", failing)
+    out = tmp_path / "out"
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            merge(pair / "base", pair / "ft", out, shard_size="300kB", chunk_size="4KiB", device="cpu")
+        except BaseException as exc:  # noqa: BLE001
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the merge hung after its hasher failed"
+    assert len(raised) == 1 and "injected" in str(raised[0]), raised
+    assert not out.exists()
