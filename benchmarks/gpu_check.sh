@@ -68,13 +68,13 @@ EOF'
 
 # The interpreter path CI runs, here too: proves the two modes agree on this machine's stack.
 step tests_interpreter 60 env TRITON_INTERPRET=1 "$PY" -m pytest -q -rs -p no:cacheprovider \
-  tests/test_triton_kernels.py tests/test_cuda_pipeline.py
+  tests/test_triton_kernels.py tests/test_triton_dare.py tests/test_cuda_pipeline.py
 
 # Compiled kernels on the GPU (same test file, now on CUDA tensors) and every cuda-marked test.
-step tests_gpu 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_triton_kernels.py tests/test_cuda_pipeline.py
+step tests_gpu 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_dare.py tests/test_cuda_pipeline.py
 # cuda-marked tests elsewhere in the suite (exit 5, "none collected", counts as ok).
 step tests_cuda_other 30 bash -c '"$0" -m pytest -q -rs -p no:cacheprovider -m cuda tests \
-  --ignore=tests/test_triton_kernels.py --ignore=tests/test_cuda_pipeline.py; rc=$?; [ $rc -eq 5 ] && exit 0; exit $rc' "$PY"
+  --ignore=tests/test_triton_kernels.py --ignore=tests/test_triton_dare.py --ignore=tests/test_cuda_pipeline.py; rc=$?; [ $rc -eq 5 ] && exit 0; exit $rc' "$PY"
 
 step bench_kernel 50 "$PY" benchmarks/bench_kernel.py --out "$OUT"
 

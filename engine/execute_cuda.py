@@ -76,7 +76,11 @@ class _InFlight:
 
 def runs_on_gpu(method: MergeMethod) -> bool:
     """Whether this pipeline can run ``method``: reduce passes (norms, thresholds) fold
-    chunks on the host and have no device version yet."""
+    chunks on the host and have no device version yet. A method with reduce passes that can
+    do without them says so itself (``runs_on_gpu()``: dare-linear with its default rescale)."""
+    own = getattr(method, "runs_on_gpu", None)
+    if own is not None:
+        return bool(own())
     return type(method).reduce_passes is MergeMethod.reduce_passes
 
 
@@ -99,8 +103,8 @@ class CudaExecutor:
     ) -> None:
         if not runs_on_gpu(method):
             raise SpecError(
-                f"--device cuda: method {method.name!r} needs whole-tensor statistics, which the "
-                "GPU pipeline does not compute yet; use --device cpu"
+                f"--device cuda: method {method.name!r} with these parameters needs whole-tensor "
+                "statistics or per-element work that the GPU pipeline does not have yet; use --device cpu"
             )
         self.plan = plan
         self.method = method

@@ -158,6 +158,16 @@ class SparseTaskArithmetic(MergeMethod):
     def reduce_passes(self, state: SparseState) -> int:
         return state.passes
 
+    def runs_on_gpu(self) -> bool:
+        """Whether ``--device cuda`` can run this merge: dare-linear whose rescale is "density"
+        or "none" for every tensor needs no reduce pass, and the Triton backend has its
+        per-element work (``dare_linear``). TIES's thresholds, DARE's L1 norms and sign
+        election have no device version yet."""
+        if self.sparsify != "random" or self.elect_signs or self._rescale is None:
+            return False
+        rule = self._rescale.constant
+        return rule is not None and _rescale_rule(rule, self.name) in ("density", "none")
+
     def accumulate(self, state: SparseState, pass_index: int, base: np.ndarray, models: Sequence[np.ndarray],
                    chunk: ChunkContext) -> None:
         b32, d32 = scratch("sparse-reduce", 2, np.float32, COMBINE_BLOCK)
@@ -205,6 +215,13 @@ class SparseTaskArithmetic(MergeMethod):
             total = sum(state.weights)
             if abs(total) >= 1e-8:
                 factors = [f / total for f in factors]
+        fused = getattr(backend, "dare_linear", None)
+        if fused is not None and self.sparsify == "random" and not self.elect_signs:
+            # The Triton backend fuses drop, rescale and sum into one kernel that computes the
+            # same bits as the numpy code below (kernels/triton_backend.py, dare_linear).
+            fused(base, models, out, factors=factors, keys=state.keys, limits=state.limits, first=chunk.first,
+                  scale=state.scale)
+            return
         b32, acc, tmp, total_w, *deltas = scratch("sparse-combine", n + 4, np.float32, COMBINE_BLOCK)
         (bits,) = scratch("sparse-bits", 1, np.uint32, COMBINE_BLOCK)
         (keep,) = scratch("sparse-keep", 1, np.bool_, COMBINE_BLOCK)

@@ -12,8 +12,10 @@ scale λ (default 1):
     θ = θ_base + λ·Δ
 
 The same seed (default 0) gives the same output for any chunk size, thread count or device.
-The L1 norms come from one reduce pass over the chunks. The per-element work is numpy (CPU)
-for now.
+The L1 norms come from one reduce pass over the chunks, on the CPU. Without them (rescale
+"density" or "none") the per-element work also runs on a GPU, in one fused Triton kernel
+(``kernels.triton_backend.dare_linear``) that reproduces the CPU's mask and arithmetic bit for
+bit.
 """
 
 from __future__ import annotations
