@@ -113,8 +113,11 @@ def merge(
 
     with ExitStack() as opened:  # every checkpoint opened is closed, however this ends
         base_ckpt = opened.enter_context(closing(Checkpoint.open(base)))
-        # LoRA adapter directories open as lazily materialised fine-tunes (engine.lora).
-        model_ckpts = [opened.enter_context(closing(open_model(p, base_ckpt, out_dtype))) for p in model_paths]
+        # LoRA adapter directories open as lazily materialised fine-tunes (engine.lora); as
+        # low-rank terms where the method adds them itself (the linear family, on the CPU).
+        low_rank = device_name == "cpu" and merger.takes_low_rank
+        model_ckpts = [opened.enter_context(closing(open_model(p, base_ckpt, out_dtype, low_rank)))
+                       for p in model_paths]
         metadata = output_metadata(merger, base, model_paths, out_dtype)
         merge_plan = make_plan(base_ckpt, model_ckpts, out_dtype, shard_bytes, metadata, allow_missing=allow_missing)
         for message in [*merger.warnings, *merge_plan.warnings]:

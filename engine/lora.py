@@ -12,14 +12,22 @@ base's tensor names and shapes, whose targeted tensors live in a virtual file (`
 that computes ``W + s·B·A`` for just the requested element range when the executor takes a
 view. The planner and both executors use it unchanged: they call the same
 ``view``/``byte_view``/``prefetch``/``release`` methods they call on a real file. Memory is the
-factors of a few modules (A and B are small: r·(in + out) values) plus per-thread chunk
+factors of a few modules (A and B are small: r·(in + out) values) plus per-thread block
 buffers — never a whole delta.
 
-Targeted tensors are presented as F32: W + s·B·A is formed in float64 and rounded once to
-fp32, exactly what a materialised fp32 fine-tune would hold, and the merge method then works
-on it like on any fp32 input. Untargeted tensors are the base's own bytes; stored full
-tensors are the adapter's bytes, in whatever float dtype it holds them. On the GPU path the
-same virtual file is read through ``byte_view``, so the delta is computed on the host.
+Targeted tensors are presented as F32: W + s·B·A is formed in fp32 or float64 (see
+_EXACT_OUTPUTS) and rounded once to fp32, what a materialised fp32 fine-tune would hold, and
+the merge method then works on it like on any fp32 input. Untargeted tensors are the base's
+own ``TensorInfo`` (so the planner copies them from the base: every method returns the base
+where θ_ft = θ_base); stored full tensors are the adapter's bytes, in whatever float dtype it
+holds them. On the GPU path the same virtual file is read through ``byte_view``, so the delta
+is computed on the host.
+
+Opened with ``low_rank=True`` (for a method that declares ``takes_low_rank``: the linear
+family on the CPU), a view of a targeted tensor whose W is the base's own tensor is a
+``LowRankChunk`` instead of fp32 values: the method has w·s·B·A written straight into its own
+accumulator (``LowRankChunk.product_into``), so θ_ft is never formed, stored and read back,
+and W is read once, as the base.
 
 Orientation follows the shapes: B·A when the base weight is (out, in), (B·A)ᵀ when it is
 (in, out) (GPT-2's Conv1D); only a square weight needs the config's ``fan_in_fan_out``.
@@ -37,7 +45,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -67,6 +75,9 @@ _EXACT_OUTPUTS = ("F32", "F64")
 # Multiply-adds per matmul call (rows × cols × r). Small calls keep OpenBLAS on the calling
 # thread: measured here, a 128×2048×16 sgemm ran 20× slower with OpenBLAS's own threads
 # (fighting the compute threads for 2 cores) than 16×2048×16 calls; blocks also stay in L2.
+# Measured here with one thread (r=16, fp32): 0.44-0.50 ns per output element for calls of 8-24
+# rows of 2048 columns, 0.36-0.40 for 4-11 rows of 5632, 0.6-0.8 from 32 rows of 2048 up; one
+# stacked numpy matmul over a run of such blocks (see _product) is ~10% faster than a loop.
 _BLOCK_MULS = 1 << 19
 # Modules whose factors stay loaded: more than the tensors the compute threads touch at once.
 _FACTOR_CACHE = 4
@@ -173,6 +184,12 @@ class _Delta:
     transposed: bool  # delta = (B·A)ᵀ: GPT-2 Conv1D (fan_in_fan_out) and embeddings
     virtual: TensorInfo | None = None
     product: type = np.float64  # the dtype W + s·B·A is formed in (see _EXACT_OUTPUTS)
+    low_rank: bool = False  # views are LowRankChunks (W is the base's own tensor; see module doc)
+
+    @property
+    def block(self) -> int:
+        """Elements per matmul call (see _BLOCK_MULS); a LoRA bias has no matmul."""
+        return max(1, _BLOCK_MULS // self.a.shape[0]) if self.a is not None else _BLOCK_MULS
 
 
 @dataclass
@@ -183,13 +200,44 @@ class _Factors:
     right: np.ndarray | None
 
 
+@dataclass(frozen=True)
+class LowRankChunk:
+    """Elements [first, first + count) of θ_ft = W + s·B·A, where W is the base's own tensor,
+    left unformed: a merge method that takes it (``MergeMethod.takes_low_rank``) adds the
+    low-rank term to its own accumulator instead of reading θ_ft and subtracting W again."""
+
+    file: "_DeltaFile"
+    delta: _Delta
+    first: int
+    count: int
+
+    @property
+    def precision(self) -> type:
+        """The dtype the product is formed in: float64 where the merged tensor is fp32/fp64."""
+        return self.delta.product
+
+    def pieces(self, size: int) -> Iterator[tuple[int, int]]:
+        """(lo, hi) ranges covering this chunk, each a part of one row or a run of whole rows, at
+        most ``size`` elements: ``product_into`` on such a piece runs whole-row matmuls, not the
+        slow single-row ones that a piece starting mid-row needs."""
+        for pos, rows, c0, c1 in _segments(self.first, self.count, self.delta.w.shape[-1], size):
+            lo = pos - self.first
+            yield lo, lo + rows * (c1 - c0)
+
+    def product_into(self, acc: np.ndarray, lo: int, weight: float, accumulate: bool) -> None:
+        """``acc = weight·s·B·A`` (``acc +=`` with ``accumulate``) over this chunk's elements
+        [lo, lo + len(acc))."""
+        self.file.product_into(self.delta, acc, self.first + lo, weight, accumulate)
+
+
 class _DeltaFile:
     """A virtual safetensors file holding θ_ft = W + s·B·A for every targeted tensor, in F32.
 
     Each tensor has a virtual byte range (``TensorInfo.start``/``nbytes``) so that the byte
     ranges the executors pass to ``prefetch``/``release``/``byte_view`` identify the tensor.
     A view is computed into a per-thread buffer and stays valid until the same thread takes
-    its next view of this file — the executors consume each view before the next.
+    its next view of this file — the executors consume each view before the next. A view of a
+    ``low_rank`` delta is a ``LowRankChunk`` and reads nothing until its ``product_into``.
     """
 
     def __init__(self, path: Path, deltas: list[_Delta], files: dict[Path, SafetensorsFile]) -> None:
@@ -214,71 +262,98 @@ class _DeltaFile:
 
     # The interface of SafetensorsFile that the executors use.
 
-    def view(self, info: TensorInfo, first: int, count: int) -> np.ndarray:
-        """θ_ft over elements [first, first + count) of a targeted tensor, as fp32."""
+    def view(self, info: TensorInfo, first: int, count: int) -> np.ndarray | LowRankChunk:
+        """θ_ft over elements [first, first + count) of a targeted tensor: fp32 values, or a
+        LowRankChunk for a ``low_rank`` delta."""
         d = self._deltas[info.name]
-        factors = self._load(d)
-        block = max(1, _BLOCK_MULS // factors.left.shape[-1]) if factors.left.ndim == 2 else _BLOCK_MULS
-        out, product, theta = self._buffers(count, block, d.product)
-        w = self._files[d.w.file].view(d.w, first, count)
-        cols = d.w.shape[-1]
-        with np.errstate(all="ignore"):  # inf/NaN in W propagate as they would in PEFT
-            for pos, rows, c0, c1 in _segments(first, count, cols, block):
-                lo, n = pos - first, rows * (c1 - c0)
-                if factors.right is None:  # a LoRA bias: s·b over the same elements
-                    np.copyto(product[:n], factors.left[pos : pos + n])
-                else:
-                    r0 = pos // cols
-                    np.matmul(factors.left[r0 : r0 + rows], factors.right[:, c0:c1],
-                              out=product[:n].reshape(rows, c1 - c0))
-                np.copyto(theta[:n], w[lo : lo + n], casting="unsafe")
-                theta[:n] += product[:n]
-                np.copyto(out[lo : lo + n], theta[:n], casting="unsafe")  # the one rounding
-        return out
+        if d.low_rank:
+            return LowRankChunk(self, d, first, count)
+        return self._materialise(d, first, count)
 
     def byte_view(self, start: int, length: int) -> memoryview:
         """The bytes of a virtual range (the GPU path copies these into pinned memory)."""
         if length == 0:
             return memoryview(b"")
         d, first, count = self._locate(start, length)
-        return memoryview(self.view(d.virtual, first, count).view(np.uint8))
+        return memoryview(self._materialise(d, first, count).view(np.uint8))
 
     def prefetch(self, start: int, length: int) -> None:
         if length > 0:
             d, first, count = self._locate(start, length)
-            size = d.w.dtype.itemsize
-            self._files[d.w.file].prefetch(d.w.start + first * size, count * size)
+            if not d.low_rank:  # a LowRankChunk reads none of W: the base's own view does
+                size = d.w.dtype.itemsize
+                self._files[d.w.file].prefetch(d.w.start + first * size, count * size)
 
     def release(self, start: int, length: int) -> None:
         if length > 0:
             d, first, count = self._locate(start, length)
-            size = d.w.dtype.itemsize
-            self._files[d.w.file].release(d.w.start + first * size, count * size)
+            if not d.low_rank:
+                size = d.w.dtype.itemsize
+                self._files[d.w.file].release(d.w.start + first * size, count * size)
+
+    def product_into(self, d: _Delta, acc: np.ndarray, first: int, weight: float, accumulate: bool) -> None:
+        """``acc = weight·s·B·A`` (``acc +=`` with ``accumulate``) over elements
+        [first, first + len(acc)) of ``d``'s tensor."""
+        factors = self._load(d)
+        count = acc.shape[0]
+        direct = not accumulate and acc.dtype == d.product  # the matmuls write into acc itself
+        target = acc if direct else self._block_buffers(count, d.product)[0][:count]
+        with np.errstate(all="ignore"):  # inf/NaN propagate as in the materialised θ_ft
+            for pos, rows, c0, c1 in _segments(first, count, d.w.shape[-1], count):
+                lo = pos - first
+                _product(factors, pos, rows, c0, c1, weight, target[lo : lo + rows * (c1 - c0)], d.block)
+            if accumulate:
+                np.add(acc, target, out=acc)
+            elif not direct:
+                np.copyto(acc, target)
+
+    # Helpers.
+
+    def _materialise(self, d: _Delta, first: int, count: int) -> np.ndarray:
+        """θ_ft = W + s·B·A over elements [first, first + count), rounded once to fp32 into
+        this thread's view buffer."""
+        factors = self._load(d)
+        block = min(d.block, count)
+        out = self._out_buffer(count)
+        product, theta = self._block_buffers(block, d.product)
+        direct = product.dtype == out.dtype  # an fp32 product goes straight into the view
+        w = self._files[d.w.file].view(d.w, first, count)
+        with np.errstate(all="ignore"):  # inf/NaN in W propagate as they would in PEFT
+            for pos, rows, c0, c1 in _segments(first, count, d.w.shape[-1], block):
+                lo, n = pos - first, rows * (c1 - c0)
+                target = out[lo : lo + n] if direct else product[:n]
+                _product(factors, pos, rows, c0, c1, 1.0, target, block)
+                np.copyto(theta[:n], w[lo : lo + n], casting="unsafe")
+                np.add(target, theta[:n], out=target)
+                if not direct:
+                    np.copyto(out[lo : lo + n], target, casting="unsafe")  # the one rounding
+        return out
 
     def close(self) -> None:
         with self._lock:
             self._factors.clear()
         self._local = threading.local()
 
-    # Helpers.
-
     def _locate(self, start: int, length: int) -> tuple[_Delta, int, int]:
         d = self._order[bisect.bisect_right(self._starts, start) - 1]
         first = (start - d.virtual.start) // _F32.itemsize
         return d, first, length // _F32.itemsize
 
-    def _buffers(self, count: int, block: int, dtype: type) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """This thread's output buffer (``count`` fp32) and two ``dtype`` block buffers."""
+    def _out_buffer(self, count: int) -> np.ndarray:
+        """This thread's view buffer: ``count`` fp32 values."""
         local = self._local
         if getattr(local, "count", 0) < count:
             local.out = np.empty(count, dtype=np.float32)
             local.count = count
-        blocks = local.__dict__.setdefault("blocks", {})
-        block = min(block, count)
+        return local.out[:count]
+
+    def _block_buffers(self, block: int, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+        """This thread's two ``dtype`` block buffers (product, θ) of at least ``block`` elements."""
+        blocks = self._local.__dict__.setdefault("blocks", {})
         if blocks.get(dtype, (0,))[0] < block:
             blocks[dtype] = (block, np.empty(block, dtype=dtype), np.empty(block, dtype=dtype))
         _, product, theta = blocks[dtype]
-        return local.out[:count], product, theta
+        return product, theta
 
     def _load(self, d: _Delta) -> _Factors:
         """One module's factors, scaled and oriented; a few modules stay cached."""
@@ -307,6 +382,29 @@ class _DeltaFile:
         values = np.array(f.view(info, 0, info.numel), dtype=dtype).reshape(info.shape)
         f.release(info.start, info.nbytes)
         return values
+
+
+def _product(factors: _Factors, pos: int, rows: int, c0: int, c1: int, weight: float, out: np.ndarray,
+             block: int) -> None:
+    """``out = weight·left·right`` over one piece from ``_segments``, in matmuls of at most
+    ``block`` elements (whole rows); the weight is folded into the r-wide left factor."""
+    left = factors.left
+    if factors.right is None:  # a LoRA bias: s·b over the same elements
+        np.multiply(left[pos : pos + out.shape[0]], left.dtype.type(weight), out=out)
+        return
+    width, rank = c1 - c0, left.shape[1]
+    r0 = pos // factors.right.shape[1]
+    rows_left = left[r0 : r0 + rows]
+    if weight != 1.0:
+        rows_left = rows_left * left.dtype.type(weight)
+    right = factors.right[:, c0:c1]
+    step = max(1, min(rows, block // width))
+    whole = rows - rows % step
+    # One stacked matmul for all full steps: numpy runs one BLAS call per step of rows (an
+    # output block that stays in cache) without coming back to Python in between.
+    np.matmul(rows_left[:whole].reshape(-1, step, rank), right, out=out[: whole * width].reshape(-1, step, width))
+    if whole < rows:
+        np.matmul(rows_left[whole:], right, out=out[whole * width :].reshape(rows - whole, width))
 
 
 def _segments(first: int, count: int, cols: int, block: int):
@@ -351,21 +449,26 @@ class LoraCheckpoint(Checkpoint):
             f.close()
 
 
-def open_model(path: str | Path, base: Checkpoint, out_dtype: str | None = "F64") -> Checkpoint:
+def open_model(path: str | Path, base: Checkpoint, out_dtype: str | None = "F64",
+               low_rank: bool = False) -> Checkpoint:
     """Open a fine-tuned model: a full checkpoint, or a PEFT LoRA adapter applied to ``base``.
 
     ``out_dtype`` is what the merged tensors are rounded to (a safetensors dtype name, None for
     the base's per tensor); it sets the precision of LoRA products (see _EXACT_OUTPUTS). The
-    default forms every product in float64.
+    default forms every product in float64. ``low_rank`` makes views of targeted tensors
+    ``LowRankChunk``s where W is the base's own tensor: only for a consumer that takes them
+    (``MergeMethod.takes_low_rank`` on the CPU executor).
     """
     directory = peft_adapter_dir(Path(path))
     if directory is None:
         return Checkpoint.open(path)
-    return open_adapter(directory, base, out_dtype)
+    return open_adapter(directory, base, out_dtype, low_rank)
 
 
-def open_adapter(directory: Path, base: Checkpoint, out_dtype: str | None = "F64") -> LoraCheckpoint:
-    """A LoRA adapter directory as a lazily materialised fine-tuned checkpoint of ``base``.
+def open_adapter(directory: Path, base: Checkpoint, out_dtype: str | None = "F64",
+                 low_rank: bool = False) -> LoraCheckpoint:
+    """A LoRA adapter directory as a lazily materialised fine-tuned checkpoint of ``base``
+    (``out_dtype`` and ``low_rank`` as in ``open_model``).
 
     Raises CheckpointError for an unsupported adapter (not LoRA, DoRA and other variants,
     convolution LoRA, no safetensors weights) and IncompatibleInputsError when the adapter
@@ -390,6 +493,8 @@ def open_adapter(directory: Path, base: Checkpoint, out_dtype: str | None = "F64
     for module, parts in factors.items():
         d = _make_delta(module, parts, config, base, tensors, adapter.path)
         d.product = np.float64 if (out_dtype or base.tensors[d.w.name].dtype.name) in _EXACT_OUTPUTS else np.float32
+        # Only where W is the base's own tensor is θ_ft − θ_base the low-rank term alone.
+        d.low_rank = low_rank and d.w == base.tensors[d.w.name]
         deltas.append(d)
     virtual = _DeltaFile(Path(f"{weights}#lora-{next(_virtual_ids)}"), deltas, files)
     for d in deltas:

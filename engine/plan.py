@@ -4,6 +4,16 @@ Everything here runs before a single data byte is read: the inputs are checked a
 other, each output tensor gets its sources and action, and the output's shard layout (file
 names, headers, offsets) is fixed so the writer can lay headers down first and fill data in
 place.
+
+A float tensor that every fine-tuned model takes from the base itself (the same file, the same
+byte range: the tensors a LoRA adapter leaves alone, such as embeddings, LM head and norms, or
+a model given as its own fine-tune) is planned as a copy of the base, cast to the output dtype
+where that differs: every task vector is zero there, so every method returns the base, and a
+copy reads one input instead of two and does no arithmetic. A literal merge would differ from
+the copy only by IEEE rules the copy rightly skips: an infinite base value gives inf − inf =
+NaN in ``θ_base + λ·(θ_ft − θ_base)``, and −0.0 becomes +0.0; the copy keeps the base's value,
+which is what θ_ft = θ_base means. A full fine-tune stored in its own files is always merged,
+even where its values equal the base's.
 """
 
 from __future__ import annotations
@@ -153,6 +163,9 @@ def plan(
         name, info, sources = entry.name, entry.base, entry.models
         if info.dtype.computable and all(s.dtype.computable for s in sources):
             dtype = DTYPES[out_dtype] if out_dtype else info.dtype
+            if all(_same_tensor(s, info) for s in sources):  # every task vector is zero (module doc)
+                tensors.append(OutputTensor(name, entry.shape, dtype, info, [], "copy"))
+                continue
             tensors.append(OutputTensor(name, entry.shape, dtype, info, sources, "merge", tail=entry.tail))
         else:
             tensors.append(OutputTensor(name, entry.shape, info.dtype, info, sources, "copy", tail=entry.tail))
@@ -166,6 +179,11 @@ def plan(
     shards = _layout(tensors, shard_size, {"format": "pt", **metadata})
     return MergePlan(tensors=tensors, shards=shards, warnings=warnings, config=matched.config,
                      files_from=matched.files_from)
+
+
+def _same_tensor(a: TensorInfo, b: TensorInfo) -> bool:
+    """Whether ``a`` and ``b`` are one stored tensor: the same bytes of the same file, read alike."""
+    return (a.file, a.start, a.nbytes, a.dtype, a.shape) == (b.file, b.start, b.nbytes, b.dtype, b.shape)
 
 
 def _layout(tensors: list[OutputTensor], shard_size: int, metadata: dict[str, str]) -> list[Shard]:

@@ -23,7 +23,10 @@ from engine import lora
 from engine.checkpoint import Checkpoint
 from engine.cli import main
 from engine.errors import CheckpointError, IncompatibleInputsError
-from tests.helpers import assert_within_tolerance, load_checkpoint
+from engine.methods import linear
+from engine.methods.linear import Linear
+from engine.plan import plan
+from tests.helpers import NUMPY_DTYPES, assert_within_tolerance, load_checkpoint, random_tensor, write_checkpoint
 
 torch = pytest.importorskip("torch", reason="the test extra installs torch")
 transformers = pytest.importorskip("transformers", reason="the test extra installs transformers")
@@ -317,12 +320,173 @@ def test_gpu_pipeline_reads_adapters_through_byte_view(llama, tmp_path, monkeypa
     base, adapter = llama
     monkeypatch.setattr(engine.api, "_select_backend", _select_stand_in)
     monkeypatch.setattr(engine.api, "CudaExecutor", StandInExecutor)
+    # The CPU merge reads θ_ft from the same virtual file too (not the fused low-rank terms,
+    # which skip θ_ft's rounding to fp32 and so differ in the last fp32 bits).
+    monkeypatch.setattr(Linear, "takes_low_rank", False)
     kwargs = dict(weight=0.6, chunk_size=4096)
     engine.merge(base, adapter, tmp_path / "cuda", device="cuda", **kwargs)
     engine.merge(base, adapter, tmp_path / "cpu", device="cpu", **kwargs)
     got, want = load_checkpoint(tmp_path / "cuda"), load_checkpoint(tmp_path / "cpu")
     for name, w in want.items():
         assert np.allclose(got[name], w, rtol=2e-7, atol=1e-9), name
+
+
+# -- linear merges add the low-rank terms; untouched tensors are copies --------------------------
+
+
+@pytest.fixture
+def low_rank_calls(monkeypatch) -> list[list[str]]:
+    """Every call of the fused linear arithmetic (linear.merge_low_rank), as its models' kinds."""
+    calls: list[list[str]] = []
+    original = linear.merge_low_rank
+
+    def spy(backend, base, models, weights, out):
+        calls.append(["lora" if isinstance(m, lora.LowRankChunk) else "full" for m in models])
+        original(backend, base, models, weights, out)
+
+    monkeypatch.setattr(linear, "merge_low_rank", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("weight", [1.0, 0.6])
+def test_low_rank_linear_merge_matches_float64(prepared, tmp_path, low_rank_calls, weight, dtype):
+    """On the CPU, linear adds w·s·B·A to the base without forming θ_ft; the result holds
+    DESIGN.md's tolerance of the float64 merge for 16-bit and fp32 outputs alike."""
+    p = prepared
+    engine.merge(p.base, p.adapter, tmp_path / "out", weight=weight, dtype=dtype, device="cpu", chunk_size=4096)
+    assert low_rank_calls and all(kinds == ["lora"] for kinds in low_rank_calls)
+    merged = load_checkpoint(tmp_path / "out")
+    for name, b in p.base_tensors.items():
+        b64 = b.astype(np.float64)
+        ref = (b64 + weight * (p.theta[name] - b64)).astype(NUMPY_DTYPES[dtype]).astype(np.float64)
+        assert merged[name].dtype == NUMPY_DTYPES[dtype], name
+        assert_within_tolerance(merged[name], ref, [b, p.theta[name]], f"{p.case} {name}")
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_linear_merge_of_a_lora_and_a_full_model(llama, tmp_path, low_rank_calls, dtype):
+    """One LoRA and one full fine-tune: the full model's term through the backend, the LoRA's
+    from its factors, one rounding; against the float64 three-model merge."""
+    base_dir, adapter = llama
+    base = load_checkpoint(base_dir)
+    rng = np.random.default_rng(3)
+    full = {n: (t + 0.01 * rng.standard_normal(t.shape)).astype(t.dtype) for n, t in base.items()}
+    write_checkpoint(tmp_path / "full", full)
+    theta = _peft_merged(base_dir, adapter)
+    engine.merge(base_dir, [adapter, tmp_path / "full"], tmp_path / "out", weight=[0.6, 0.3], dtype=dtype,
+                 device="cpu", chunk_size=4096)
+    assert low_rank_calls and all(kinds == ["lora", "full"] for kinds in low_rank_calls)
+    merged = load_checkpoint(tmp_path / "out")
+    for name, b in base.items():
+        b64 = b.astype(np.float64)
+        ref = b64 + 0.6 * (theta[name] - b64) + 0.3 * (full[name] - b64)
+        ref = ref.astype(NUMPY_DTYPES[dtype]).astype(np.float64)
+        assert_within_tolerance(merged[name], ref, [b, theta[name], full[name]], name)
+
+
+def test_low_rank_chunks_for_any_range(llama, monkeypatch):
+    """LowRankChunk pieces and products over arbitrary ranges. Matmuls of at most 100 elements
+    (rank 8) and pieces of at most 250: a piece of whole 48-wide rows takes one stacked matmul
+    of 2-row steps and a remainder row; pieces starting or ending mid-row take one row each."""
+    base_dir, adapter = llama
+    base = Checkpoint.open(base_dir)
+    base_tensors = load_checkpoint(base_dir)
+    theta = _peft_merged(base_dir, adapter)
+    monkeypatch.setattr(lora, "_BLOCK_MULS", 100 * 8)
+    rng = np.random.default_rng(0)
+    for out_dtype in ("BF16", "F32"):  # fp32 products, float64 products
+        ckpt = lora.open_model(adapter, base, out_dtype, low_rank=True)
+        for name in ckpt.targeted:
+            info = ckpt.tensors[name]
+            f = ckpt.file_of(info)
+            cols = info.shape[-1]
+            delta = (theta[name] - base_tensors[name].astype(np.float64)).ravel()
+            for _ in range(5):
+                first = int(rng.integers(0, info.numel))
+                count = int(rng.integers(1, info.numel - first + 1))
+                want = delta[first : first + count]
+                chunk = f.view(info, first, count)
+                assert isinstance(chunk, lora.LowRankChunk)
+                pieces = list(chunk.pieces(250))
+                assert pieces[0][0] == 0 and pieces[-1][1] == count
+                for (lo, hi), (next_lo, _) in zip(pieces, pieces[1:] + [(count, None)]):
+                    start, end = first + lo, first + hi
+                    one_row = start // cols == (end - 1) // cols
+                    assert hi == next_lo and 0 < hi - lo <= 250 and (one_row or (start % cols == 0 == end % cols))
+                acc = np.full(count, 0.25, dtype=chunk.precision)
+                for lo, hi in pieces:
+                    chunk.product_into(acc[lo:hi], lo, 0.6, accumulate=True)
+                assert np.allclose(acc, 0.25 + 0.6 * want, rtol=1e-5, atol=1e-7), name
+                fresh = np.empty(count, dtype=np.float32)  # an fp32 accumulator of a float64 product too
+                chunk.product_into(fresh, 0, 1.0, accumulate=False)
+                assert np.allclose(fresh, want, rtol=1e-5, atol=1e-7), name
+                # The GPU path's bytes are still θ_ft itself.
+                raw = np.frombuffer(f.byte_view(info.start + first * 4, count * 4), dtype=np.float32)
+                assert np.allclose(raw, theta[name].ravel()[first : first + count], rtol=1e-5, atol=1e-7), name
+        ckpt.close()
+    base.close()
+
+
+def test_tensors_an_adapter_leaves_alone_are_copied_from_the_base(llama, tmp_path):
+    """Embeddings, LM head and norms of a LoRA fine-tune are the base's tensors: planned as
+    copies (one input read, no arithmetic), their bytes the base's, inf and -0.0 included
+    (a literal merge would give inf − inf = NaN and +0.0). In a targeted weight, ±inf stays
+    too: θ_ft − θ_base is s·B·A."""
+    base_dir, adapter = llama
+    tensors = load_checkpoint(base_dir)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    tensors["model.norm.weight"][:2] = [np.inf, -0.0]
+    tensors[q][0, 0] = -np.inf
+    write_checkpoint(tmp_path / "base", tensors)
+
+    base = Checkpoint.open(tmp_path / "base")
+    ckpt = lora.open_model(adapter, base, None, low_rank=True)
+    merge_plan = plan(base, [ckpt], None, 2**30, {})
+    for t in merge_plan.tensors:
+        untouched = t.name not in ckpt.targeted
+        assert t.action == ("copy" if untouched else "merge") and (not t.models) == untouched, t.name
+    assert {t.name for t in merge_plan.tensors if t.action == "copy"} >= {
+        "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"}
+    ckpt.close()
+    base.close()
+
+    engine.merge(tmp_path / "base", adapter, tmp_path / "out", weight=0.6, device="cpu")
+    engine.merge(tmp_path / "base", adapter, tmp_path / "bf16", weight=0.6, dtype="bf16", device="cpu")
+    merged, cast = load_checkpoint(tmp_path / "out"), load_checkpoint(tmp_path / "bf16")
+    for t in merge_plan.tensors:
+        if t.action == "copy":
+            assert merged[t.name].tobytes() == tensors[t.name].tobytes(), t.name
+            assert cast[t.name].tobytes() == tensors[t.name].astype(NUMPY_DTYPES["bf16"]).tobytes(), t.name
+    assert merged[q][0, 0] == -np.inf and cast[q][0, 0] == -np.inf
+    assert np.isfinite(merged[q].ravel()[1:]).all()
+
+
+def test_a_full_fine_tune_is_merged_even_where_it_equals_the_base(tmp_path):
+    """Only the same stored tensor is a copy: a full fine-tune's tensor equal to the base's
+    in value, and one that differs, are both merged; the base given as its own fine-tune is
+    copied whole, reading each tensor once."""
+    rng = np.random.default_rng(0)
+    tensors = {"same.weight": random_tensor(rng, (8, 16), "bf16"), "changed.weight": random_tensor(rng, (8, 16), "bf16")}
+    ft = {"same.weight": tensors["same.weight"].copy(), "changed.weight": random_tensor(rng, (8, 16), "bf16")}
+    write_checkpoint(tmp_path / "base", tensors)
+    write_checkpoint(tmp_path / "ft", ft)
+    base, other, itself = (Checkpoint.open(tmp_path / d) for d in ("base", "ft", "base"))
+    assert all(t.action == "merge" and len(t.models) == 1 for t in plan(base, [other], None, 2**30, {}).tensors)
+    assert all(t.action == "copy" and not t.models for t in plan(base, [itself], None, 2**30, {}).tensors)
+    for ckpt in (base, other, itself):
+        ckpt.close()
+
+    engine.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=0.6)
+    merged = load_checkpoint(tmp_path / "out")
+    for name, b in tensors.items():
+        b64 = b.astype(np.float64)
+        ref = (b64 + 0.6 * (ft[name].astype(np.float64) - b64)).astype(b.dtype).astype(np.float64)
+        assert_within_tolerance(merged[name], ref, [b, ft[name]], name)
+    result = engine.merge(tmp_path / "base", tmp_path / "base", tmp_path / "self", weight=0.6)
+    assert result.bytes_read == sum(t.nbytes for t in tensors.values())
+    copied = load_checkpoint(tmp_path / "self")
+    assert all(copied[n].tobytes() == t.tobytes() for n, t in tensors.items())
 
 
 # -- unsupported adapters ----------------------------------------------------------------------

@@ -44,11 +44,16 @@ class MergeMethod:
     ``__init__`` (raising SpecError) and implement ``merge_chunk``; methods that need
     whole-tensor statistics also implement ``reduce_passes``, ``accumulate`` and ``end_pass``.
     ``recipe`` is what the output's metadata records.
+
+    A method with ``takes_low_rank`` accepts, on the CPU, ``engine.lora.LowRankChunk`` objects
+    among ``models`` in ``merge_chunk`` (a LoRA fine-tune W + s·B·A, W being the base's tensor,
+    left unformed); every other method only ever sees arrays.
     """
 
     name: ClassVar[str]
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
+    takes_low_rank: ClassVar[bool] = False
 
     def __init__(self, n_models: int) -> None:
         from ..errors import SpecError
