@@ -11,7 +11,9 @@ every block (q, k, v, o, gate, up, down), written by hand in PEFT's format (fp32
 * peft:   ``PeftModel.from_pretrained(base).merge_and_unload().save_pretrained(OUT)``, then
           ``sync`` of the written files (safeblend's output is flushed to disk, so is PEFT's)
 
-and prints medians (p20/p80) of wall time and peak RSS as a markdown table.
+and prints medians (p20/p80) of wall time, CPU time (user + system of the command and its
+children) and peak RSS as a markdown table. On a shared machine CPU time is the steadier
+figure: wall time also counts waiting for cores that other processes hold.
 
     python benchmarks/bench_lora.py --runs 3
     python benchmarks/bench_lora.py --runs 3 --layers 2     # ~0.26B, quick
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import sys
 from dataclasses import replace
@@ -68,6 +71,13 @@ def write_adapter(directory: Path, shape: LlamaShape, rank: int = 16, alpha: flo
     return sum(t.size for t in tensors.values())
 
 
+def cpu_seconds() -> float:
+    """User + system seconds of every waited-for child process so far (``/usr/bin/time`` and
+    what it ran included)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tinyllama-1.1b", choices=sorted(PRESETS))
@@ -98,22 +108,30 @@ def main() -> None:
     }
     commands = {k: v for k, v in commands.items() if k not in args.skip}
     timed(f"cat {base}/* {ft}/*.safetensors {adapter}/* > /dev/null")  # warm the page cache
-    results: dict[str, list[tuple[float, int]]] = {k: [] for k in commands}
+    results: dict[str, list[tuple[float, float, int]]] = {k: [] for k in commands}
     for run in range(args.runs):
         for name, cmd in commands.items():
             shutil.rmtree(out, ignore_errors=True)
+            cpu_before = cpu_seconds()
             wall, rss = timed(cmd)
-            results[name].append((wall, rss))
-            print(f"run {run + 1} {name}: {wall:.1f} s, peak RSS {rss / 2**20:.0f} MiB", file=sys.stderr)
+            cpu = cpu_seconds() - cpu_before
+            results[name].append((wall, cpu, rss))
+            print(f"run {run + 1} {name}: {wall:.2f} s wall, {cpu:.2f} s CPU, peak RSS {rss / 2**20:.0f} MiB",
+                  file=sys.stderr)
+        if "lora" in results and "plain" in results:
+            (lw, lc, _), (pw, pc, _) = results["lora"][-1], results["plain"][-1]
+            print(f"run {run + 1} lora/plain: {lw / pw:.2f} wall, {lc / pc:.2f} CPU", file=sys.stderr)
     shutil.rmtree(out, ignore_errors=True)
-    print(f"| what | model | runs | wall s, median (p20–p80) | peak RSS MiB, median (p20–p80) |")
-    print("|---|---|---|---|---|")
+    print("| what | model | runs | wall s, median (p20–p80) | CPU s, median (p20–p80) | "
+          "peak RSS MiB, median (p20–p80) |")
+    print("|---|---|---|---|---|---|")
     label = f"{args.preset}, {shape.num_hidden_layers} layers, {shape.parameters / 1e9:.2f}B bf16"
     for name, rows in results.items():
         w = quantiles([r[0] for r in rows])
-        m = quantiles([r[1] / 2**20 for r in rows])
+        c = quantiles([r[1] for r in rows])
+        m = quantiles([r[2] / 2**20 for r in rows])
         print(f"| {name} | {label} | {len(rows)} | {w[0]:.1f} ({w[1]:.1f}–{w[2]:.1f}) | "
-              f"{m[0]:.0f} ({m[1]:.0f}–{m[2]:.0f}) |")
+              f"{c[0]:.1f} ({c[1]:.1f}–{c[2]:.1f}) | {m[0]:.0f} ({m[1]:.0f}–{m[2]:.0f}) |")
 
 
 if __name__ == "__main__":

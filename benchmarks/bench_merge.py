@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from engine.synthetic import PRESETS, write_pair
-from measure import quantiles, timed
+from measure import quantiles, safeblend_command, timed
 
 
 def main() -> None:
@@ -58,7 +58,7 @@ def main() -> None:
     all_inputs = " ".join(map(str, inputs))
     floor_cmd = (f"rm -rf {floor_out} && mkdir -p {floor_out} && cat {all_inputs} > /dev/null && "
                  f"cp {shards} {floor_out}/ && sync {floor_out}/* {floor_out}")
-    merge_cmd = (f"safeblend merge {base} {ft} -o {out} --weight 0.6 --device cpu --overwrite --json "
+    merge_cmd = (f"{safeblend_command()} merge {base} {ft} -o {out} --weight 0.6 --device cpu --overwrite --json "
                  f"> {args.workdir}/last.json")
     results: dict[str, list[tuple[float, int]]] = {"floor": [], "merge": []}
     for run in range(args.runs):

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from engine.synthetic import LlamaShape, write_pair
-from measure import timed
+from measure import safeblend_command, timed
 
 SHAPES = {
     "embed-128256x4096": LlamaShape(4096, 14336, 1, 128256, 32, 8),
@@ -89,7 +89,7 @@ def bench_size(workdir: Path, tag: str, shape: LlamaShape, runs: int, methods: s
         if methods and method not in methods and method != "linear":
             continue
         inputs = [base, ft1, ft2][: 1 + n_ft]
-        cmd = ["safeblend", "merge", *map(str, inputs), "-o", str(out), "--method", method, *extra,
+        cmd = [safeblend_command(), "merge", *map(str, inputs), "-o", str(out), "--method", method, *extra,
                "--device", "cpu", "--overwrite", "--json"]
         samples = [timed(cmd) for _ in range(runs)]
         wall = statistics.median(w for w, _ in samples)

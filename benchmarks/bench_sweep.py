@@ -34,7 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from engine.synthetic import PRESETS, write_pair
-from measure import quantiles, timed, timed_cpu
+from measure import quantiles, safeblend_command, timed, timed_cpu
 from engine.sweep import parse_weights
 
 
@@ -58,9 +58,9 @@ def bench_sweep(base: Path, ft: Path, weights: str, runs: int, out: Path) -> dic
     points = parse_weights(weights)
     inputs = " ".join(map(str, shards(base, ft)))
     merges = " && ".join(
-        f"safeblend merge {base} {ft} -o {out}/merges/lambda-{w!r} --weight {w!r} --device cpu --quiet"
+        f"{safeblend_command()} merge {base} {ft} -o {out}/merges/lambda-{w!r} --weight {w!r} --device cpu --quiet"
         for w in points)
-    sweep = f"safeblend sweep {base} {ft} -o {out}/sweep --weights {weights} --quiet"
+    sweep = f"{safeblend_command()} sweep {base} {ft} -o {out}/sweep --weights {weights} --quiet"
     results: dict[str, list[tuple[float, int]]] = {"merges": [], "sweep": []}
     for run in range(runs):
         for name in (["merges", "sweep"] if run % 2 == 0 else ["sweep", "merges"]):
@@ -89,7 +89,7 @@ def bench_diff(base: Path, ft: Path, runs: int, scratch: Path,
     inputs = " ".join(map(str, files))
     cat = f"cat {inputs} > /dev/null"
     report = scratch / "diff.json"
-    diff = f"safeblend diff {base} {ft} --json > {report}"
+    diff = f"{safeblend_command()} diff {base} {ft} --json > {report}"
     subprocess.run(cat, shell=True, check=True)  # warm the page cache
     results: dict[str, list[float]] = {"cat": [], "diff": []}
     cpu: dict[str, list[float]] = {"cat": [], "diff": []}

@@ -4,10 +4,19 @@ and medians with p20/p80 of repeated runs."""
 from __future__ import annotations
 
 import re
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+
+def safeblend_command() -> str:
+    """This Python's ``safeblend`` console script, so timings skip version-manager shims
+    (pyenv's adds ~50 ms a call, which the floor's ``cat``/``cp`` do not pay); else PATH's."""
+    beside = Path(sys.executable).parent / "safeblend"
+    return str(beside) if beside.exists() else (shutil.which("safeblend") or "safeblend")
 
 
 def _run(prefix: list[str], cmd: str | list[str], env: dict[str, str] | None) -> tuple[float, str]:
