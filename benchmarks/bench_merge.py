@@ -8,7 +8,9 @@ layer count to change the size), warms the page cache, then alternates, run afte
 * merge:  ``safeblend merge BASE FT -o OUT --weight 0.6`` (CPU).
 
 Each command runs under ``/usr/bin/time -v`` for its peak RSS. Prints medians (and p20/p80)
-of wall time, throughput and RSS, and the merge/floor ratio.
+of wall time, throughput and RSS, and the merge/floor ratio. With ``--warm-memory SIZE`` that
+much fresh memory is touched and freed before each command (measure.warm_free_memory), so
+neither side pays this VM's host faults on cold free memory.
 
     python benchmarks/bench_merge.py --runs 3                    # 1.1B pair
     python benchmarks/bench_merge.py --runs 3 --layers 2         # ~0.22B pair
@@ -26,7 +28,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from engine.synthetic import PRESETS, write_pair
-from measure import quantiles, safeblend_command, timed
+from engine.units import parse_size
+from measure import quantiles, safeblend_command, timed, warm_free_memory
 
 
 def main() -> None:
@@ -36,6 +39,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("benchmarks/out/merge"))
     parser.add_argument("--keep", action="store_true", help="keep the generated pair for the next run")
+    parser.add_argument("--warm-memory", default="0", help="fresh memory to touch and free before each command")
     args = parser.parse_args()
 
     shape = PRESETS[args.preset]
@@ -64,6 +68,7 @@ def main() -> None:
     for run in range(args.runs):
         order = ["floor", "merge"] if run % 2 == 0 else ["merge", "floor"]
         for name in order:
+            warm_free_memory(parse_size(args.warm_memory))
             results[name].append(timed(floor_cmd if name == "floor" else merge_cmd))
             print(f"run {run + 1} {name}: {results[name][-1][0]:.2f} s, "
                   f"{results[name][-1][1] / 2**20:.0f} MiB", file=sys.stderr)
@@ -71,7 +76,8 @@ def main() -> None:
 
     moved = in_bytes + model_bytes
     print(f"\n{tag}: {shape.parameters / 1e9:.2f}B parameters, inputs {in_bytes / 1e9:.2f} GB, "
-          f"output {model_bytes / 1e9:.2f} GB, {args.runs} runs, warm page cache, output fsynced")
+          f"output {model_bytes / 1e9:.2f} GB, {args.runs} runs, warm page cache, output fsynced, "
+          f"memory warmed before each command: {args.warm_memory}")
     print(f"{'what':<8} {'median s':>9} {'p20 s':>7} {'p80 s':>7} {'GB/s':>6} {'peak RSS MiB':>13}")
     medians = {}
     for name, rows in results.items():

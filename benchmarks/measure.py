@@ -44,6 +44,21 @@ def timed_cpu(cmd: str | list[str], env: dict[str, str] | None = None) -> tuple[
     return wall, user + system
 
 
+def warm_free_memory(nbytes: int) -> None:
+    """Touch ``nbytes`` of fresh memory and free it again, just before a timed command.
+
+    On a VM whose idle free memory goes back to the host, the first touch of a page costs a
+    host fault; a command that allocates (page cache for its writes) then pays for memory it
+    happened to get cold, which varies run to run by several seconds per 2 GB
+    (benchmarks/page_recycling.py). Freed just before the command, these pages are what the
+    kernel hands out next, so both contestants start from the same warm memory.
+    """
+    import numpy as np
+
+    block = np.ones(nbytes, dtype=np.uint8)  # written, so every page is backed
+    del block
+
+
 def quantiles(values: list[float]) -> tuple[float, float, float]:
     """(median, p20, p80) of repeated measurements."""
     ordered = sorted(values)

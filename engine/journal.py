@@ -53,8 +53,8 @@ from .writer import OutputDir, ShardWriter, WriteDone, fsync_dir
 LOCK_NAME = ".safeblend-lock"
 JOURNAL_NAME = ".safeblend-journal"
 JOURNAL_VERSION = 2  # 2: prefix SHA-256 per tensor (1 had CRC-32s)
-# The hasher's idle wake-up; it commits after every hashing pass of at most _PASS_BYTES per
-# shard, so the journal trails the writes by about one fdatasync (group commit).
+# The hasher's and flusher's idle wake-up. The flusher commits whatever the hasher finished
+# while the last batch synced, so the journal trails the writes by about one fdatasync.
 COMMIT_INTERVAL_S = 0.25
 _PASS_BYTES = 64 * 2**20
 _READ_BLOCK = 4 * 2**20
@@ -182,11 +182,14 @@ class _ShardProgress:
     blocks: dict[int, tuple[memoryview, WriteDone | None]] = field(default_factory=dict)
     sha: Any = field(default_factory=hashlib.sha256)
     next: int = 0  # index of the first tensor not yet wholly hashed
+    hashed: int = 0  # the cursor as the flusher last saw it
     dropped: int = 0  # bytes [0, dropped) flushed and dropped from the page cache
 
 
 class Progress:
-    """Follows landed writes; hashes shards in file order and group-commits the journal."""
+    """Follows landed writes: a hasher thread hashes shards in file order, and a flusher thread
+    makes the hashed bytes durable, drops them from the page cache and group-commits their
+    journal lines — waiting on the disk there, so hashing never does."""
 
     def __init__(self, directory: Path, plan: MergePlan, journal_fd: int, already: set[str]) -> None:
         self.directory = directory
@@ -201,8 +204,11 @@ class Progress:
         self._cv = threading.Condition()
         self._stop = False
         self._discard = False
-        self._last_commit = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="safeblend-hasher", daemon=True)
+        self._flusher = threading.Thread(target=self._flush_run, name="safeblend-flush", daemon=True)
+        self._flush_cv = threading.Condition()
+        self._to_commit: list[JournalEntry] = []  # handed from the hasher to the flusher
+        self._hasher_done = False
         self._buffer = memoryview(bytearray(_READ_BLOCK))  # the hasher thread's read buffer
         self._holding = True  # landed() keeps blocks for hashing; off once the thread ends
         self.hash_seconds = 0.0
@@ -212,6 +218,7 @@ class Progress:
         for s in self.shards:
             s.fd = os.open(self.directory / s.filename, os.O_RDONLY)
         self._thread.start()
+        self._flusher.start()
 
     def landed(self, shard: int, offset: int, length: int, data: memoryview | None = None,
                release: WriteDone | None = None) -> None:
@@ -252,6 +259,8 @@ class Progress:
             self._cv.notify()
         if self._thread.is_alive():
             self._thread.join()
+        if self._flusher.is_alive():
+            self._flusher.join()
         for s in self.shards:
             if s.fd >= 0:
                 os.close(s.fd)
@@ -268,23 +277,57 @@ class Progress:
         try:
             while True:
                 with self._cv:
-                    while not self._stop and not self._work() and not self._due():
+                    while not self._stop and not self._work():
                         self._cv.wait(timeout=COMMIT_INTERVAL_S)
                     work = [] if self._discard else [(s, min(s.frontier, s.cursor + _PASS_BYTES))
                                                      for s in self.shards if s.frontier > s.cursor]
                     stop = self._stop
                 for s, end in work:
                     self._hash(s, end)
-                    if s.cursor - s.dropped >= _DROP_BYTES or s.cursor == s.size:
-                        self._drop(s)
-                if self._pending:  # group commit: whatever finished while the last batch synced
-                    self._commit()
+                self._hand_over()
                 if stop and not work:
                     return
         except BaseException as exc:  # noqa: BLE001  (re-raised on the main thread)
             self.error = exc
         finally:
             self._release_blocks()
+            with self._flush_cv:
+                self._hasher_done = True
+                self._flush_cv.notify()
+
+    def _hand_over(self) -> None:
+        """Give the flusher the tensors finished so far and how far each shard is hashed."""
+        with self._flush_cv:
+            self._to_commit += self._pending
+            self._pending = []
+            for s in self.shards:
+                s.hashed = s.cursor
+            self._flush_cv.notify()
+
+    def _flush_run(self) -> None:
+        """The flusher: flush and drop hashed bytes, then commit the journal lines that cover them
+        (group commit: whatever finished while the last batch synced goes in the next)."""
+        try:
+            while True:
+                with self._flush_cv:
+                    while not self._hasher_done and not self._to_commit and not self._droppable(_DROP_BYTES):
+                        self._flush_cv.wait(timeout=COMMIT_INTERVAL_S)
+                    done = self._hasher_done
+                    batch, self._to_commit = self._to_commit, []
+                    targets = [(s, s.hashed) for s in self.shards
+                               if s.hashed - s.dropped >= (1 if done else _DROP_BYTES)
+                               or any(e.shard == s.index for e in batch)]
+                for s, hashed in targets:
+                    self._drop(s, hashed)
+                if batch:
+                    self._commit(batch)
+                if done and not batch and not targets:
+                    return
+        except BaseException as exc:  # noqa: BLE001  (re-raised on the main thread)
+            self.error = self.error or exc
+
+    def _droppable(self, threshold: int) -> bool:
+        return any(s.hashed - s.dropped >= threshold for s in self.shards)
 
     def _release_blocks(self) -> None:
         """Hand back every block still held (the thread is ending): nothing must wait on them."""
@@ -299,9 +342,6 @@ class Progress:
 
     def _work(self) -> bool:
         return any(s.frontier > s.cursor for s in self.shards)
-
-    def _due(self) -> bool:
-        return bool(self._pending)
 
     def _hash(self, s: _ShardProgress, end: int) -> None:
         """Hash the shard from the cursor to at least ``end`` (a held block is hashed whole)."""
@@ -337,12 +377,14 @@ class Progress:
         s.cursor = end
         self._journal_through(s, end)
 
-    def _drop(self, s: _ShardProgress) -> None:
-        """Flush the shard and drop its hashed prefix from the page cache: nothing reads it again."""
+    def _drop(self, s: _ShardProgress, hashed: int) -> None:
+        """Flush the shard and drop its bytes up to ``hashed`` from the page cache: nothing reads
+        them again. The flush also makes the journal lines of tensors before ``hashed`` safe."""
         started = time.perf_counter()
-        os.fdatasync(s.fd)  # dirty pages cannot be dropped; flushing is due before commit anyway
-        os.posix_fadvise(s.fd, s.dropped, s.cursor - s.dropped, os.POSIX_FADV_DONTNEED)
-        s.dropped = s.cursor
+        os.fdatasync(s.fd)  # dirty pages cannot be dropped
+        if hashed > s.dropped:
+            os.posix_fadvise(s.fd, s.dropped, hashed - s.dropped, os.POSIX_FADV_DONTNEED)
+            s.dropped = hashed
         self.commit_seconds += time.perf_counter() - started
 
     def _journal_through(self, s: _ShardProgress, pos: int) -> None:
@@ -354,18 +396,14 @@ class Progress:
                 self._pending.append(JournalEntry(name, s.index, lo, hi - lo, s.sha.copy().hexdigest()))
             s.next += 1
 
-    def _commit(self) -> None:
-        """Make the batch's bytes durable, then append and sync its journal lines."""
+    def _commit(self, batch: list[JournalEntry]) -> None:
+        """Append and sync the batch's journal lines (its shards were flushed just before)."""
         started = time.perf_counter()
-        batch, self._pending = self._pending, []
-        for index in sorted({e.shard for e in batch}):
-            os.fdatasync(self.shards[index].fd)
         data = b"".join(e.line() for e in batch)
         while data:
             data = data[os.write(self.journal_fd, data):]
         os.fdatasync(self.journal_fd)
         self.journaled += [e.name for e in batch]
-        self._last_commit = time.monotonic()
         self.commit_seconds += time.perf_counter() - started
 
 
