@@ -112,12 +112,15 @@ class TensorStates:
         threads = min(self.workers, len(firsts))
         pool = ThreadPoolExecutor(threads, thread_name_prefix="safeblend-reduce") if threads > 1 else None
         try:
-            for pass_index in range(passes):
+            pass_index = 0
+            while pass_index < passes:
                 if pool is None:
                     read += sum(fold(pass_index, first) for first in firsts)
                 else:
                     read += sum(pool.map(lambda first: fold(pass_index, first), firsts))
                 self.method.end_pass(state, pass_index)
+                pass_index += 1
+                passes = self.method.reduce_passes(state)  # a pass may find it needs more
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)

@@ -270,8 +270,6 @@ def test_output_dtype_differs_from_inputs(tmp_path, method):
 # -- TIES: the threshold is the exact k-th largest magnitude, ties included -----------------
 
 def test_kth_largest_matches_sort_on_hard_values():
-    from engine.methods._select import KthLargest, magnitude_bits
-
     rng = np.random.default_rng(0)
     values = np.concatenate([
         rng.standard_normal(5000).astype(np.float32),
@@ -283,15 +281,54 @@ def test_kth_largest_matches_sort_on_hard_values():
     rng.shuffle(values)
     magnitudes = np.sort(np.abs(values.astype(np.float64)))[::-1]
     for k in [1, 2, 5, 700, 1400, 1401, 3000, values.size - 601, values.size - 1, values.size]:
-        selector = KthLargest(values.size, k)
-        for p in range(selector.passes):
-            for lo in range(0, values.size, 777):  # uneven chunks
-                chunk = values[lo:lo + 777]
-                selector.add(p, magnitude_bits(chunk, np.empty(chunk.size, np.uint32)),
-                             np.empty(chunk.size, np.intp), np.empty(chunk.size, bool))
-            selector.end_pass(p)
-        threshold = np.array([selector.threshold_bits], np.uint32).view(np.float32)[0]
+        threshold = _threshold_of(values, k, chunk=777)  # uneven chunks
         assert float(threshold) == magnitudes[k - 1], k
+
+
+def _threshold_of(values: np.ndarray, k: int, chunk: int, sample=None, passes: list | None = None) -> np.float32:
+    """Run KthLargest over ``values`` in chunks as the engine does (pass 0 sees each chunk's
+    leading sample, or ``sample(chunk_values)`` when given); returns the threshold value and
+    appends the number of passes run to ``passes``."""
+    from engine.methods._select import KthLargest, magnitude_bits
+
+    selector = KthLargest(values.size, k)
+    p = 0
+    while p < selector.passes and not selector.done:
+        for lo in range(0, values.size, chunk):
+            part = values[lo:lo + chunk]
+            if p == 0:
+                part = sample(part) if sample else part[: selector.sample_count(part.size)]
+            selector.add(p, magnitude_bits(part, np.empty(part.size, np.uint32)),
+                         np.empty(part.size, np.intp), np.empty(part.size, bool))
+        selector.end_pass(p)
+        p += 1
+    if passes is not None:
+        passes.append(p)
+    return np.array([selector.threshold_bits], np.uint32).view(np.float32)[0]
+
+
+@pytest.mark.parametrize("sample", ["leading", "misleading"])
+def test_kth_largest_is_exact_on_a_large_tensor_whatever_the_sample(sample):
+    """Above the small-tensor size the first pass only looks at a sample; the answer stays
+    exact, and a sample that misleads (here: only the smallest magnitudes) costs two more
+    passes, never a wrong threshold."""
+    from engine.methods import _select
+
+    rng = np.random.default_rng(5)
+    n = _select.SMALL * 2 + 12345
+    values = rng.standard_normal(n).astype(np.float32)
+    values[rng.choice(n, 5000, replace=False)] = 0.5  # a tie
+    magnitudes = np.sort(np.abs(values.astype(np.float64)))[::-1]
+    smallest = lambda part: np.sort(np.abs(part))[: max(1, part.size // 64)]  # noqa: E731
+    passes: list[int] = []
+    for k in [1, 1000, int(0.3 * n), int(0.9 * n), n - 1]:
+        threshold = _threshold_of(values, k, chunk=1 << 18, sample=smallest if sample == "misleading" else None,
+                                  passes=passes)
+        assert float(threshold) == magnitudes[k - 1], (sample, k)
+    if sample == "leading":  # a fair sample: 2 passes, 3 where the range is wide (the tails)
+        assert max(passes) <= 3 and passes[2] == 2, passes  # k = 0.3·n: TIES's usual density
+    else:  # misled: the classic two passes after the first two
+        assert 4 in passes, passes
 
 
 def test_ties_keeps_every_entry_tied_at_the_threshold(tmp_path):

@@ -15,7 +15,7 @@ For task vectors dᵢ = θ_ftᵢ − θ_base (fp32), weights wᵢ, a scale λ:
 4. θ = θ_base + λ·Δ, rounded once to the output dtype.
 
 Whole-tensor statistics come from reduce passes over the chunks: the TIES thresholds from
-two histogram passes (``_select``), the L1 rescale norms from one. The per-element work is
+a sampled pass and an exact one (``_select``), the L1 rescale norms from one. The per-element work is
 numpy on the CPU, in cache-sized blocks.
 """
 
@@ -146,7 +146,7 @@ class SparseTaskArithmetic(MergeMethod):
         )
         if self.sparsify == "magnitude":
             state.selectors = [KthLargest(tensor.numel, math.floor(p * tensor.numel)) for p in state.densities]
-            state.passes = 0 if all(s.done for s in state.selectors) else KthLargest.passes
+            state.passes = 0 if all(s.done for s in state.selectors) else 2
         else:
             state.keys = [stream_key(self.seed, name, i) for i in range(self.n_models)]
             state.limits = [keep_limit(p) for p in state.densities]
@@ -156,6 +156,8 @@ class SparseTaskArithmetic(MergeMethod):
         return state
 
     def reduce_passes(self, state: SparseState) -> int:
+        if state.selectors:  # a selector whose sample misled it asks for two more passes
+            return max((s.passes for s in state.selectors if not s.done), default=state.passes)
         return state.passes
 
     def runs_on_gpu(self) -> bool:
@@ -176,8 +178,11 @@ class SparseTaskArithmetic(MergeMethod):
         (keep,) = scratch("sparse-keep", 1, np.bool_, COMBINE_BLOCK)
         generator = _generator()
         l1 = np.zeros((len(models), 2))
+        count = base.shape[0]
+        if state.selectors and pass_index == 0:  # the selectors' first pass looks at a sample
+            count = state.selectors[0].sample_count(count)
         with np.errstate(all="ignore"):
-            for lo, hi in blocks(base.shape[0], COMBINE_BLOCK):
+            for lo, hi in blocks(count, COMBINE_BLOCK):
                 k = hi - lo
                 b, d = b32[:k], d32[:k]
                 np.copyto(b, base[lo:hi], casting="unsafe")
