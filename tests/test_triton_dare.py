@@ -30,36 +30,26 @@ from engine.methods._rng import MaskGenerator, keep_limit, stream_key  # noqa: E
 from engine.methods.base import ChunkContext, TensorContext  # noqa: E402
 from kernels.numpy_backend import NumpyBackend  # noqa: E402
 from tests.helpers import assert_within_tolerance, load_checkpoint, write_checkpoint  # noqa: E402
-from tests.triton_env import import_triton_backend  # noqa: E402
+from tests import triton_env  # noqa: E402
+from tests.triton_env import import_triton_backend, to_numpy  # noqa: E402
 
 tb = import_triton_backend()
 DEVICE = "cpu" if tb.INTERPRETED else "cuda"
 
 NP = {"bf16": np.dtype(ml_dtypes.bfloat16), "fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}
 TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_INT = {2: (np.int16, torch.int16), 4: (np.int32, torch.int32)}
 DTYPES = list(NP)
 NAME = "model.layers.3.mlp.down_proj.weight"
 BIG = 1 << 16  # the interpreter's largest block (tb.INTERPRETER_MAX_BLOCK)
 
 
 def to_torch(a: np.ndarray) -> "torch.Tensor":
-    """A numpy array (bf16 included) as a torch tensor of the same bits, on DEVICE."""
-    np_int, _ = _INT[a.dtype.itemsize]
-    name = next(k for k, v in NP.items() if v == a.dtype)
-    return torch.from_numpy(np.ascontiguousarray(a).view(np_int)).view(TORCH[name]).to(DEVICE)
-
-
-def to_numpy(t: "torch.Tensor") -> np.ndarray:
-    """A torch tensor (bf16 included) as a numpy array of the same bits."""
-    _, torch_int = _INT[t.element_size()]
-    name = next(k for k, v in TORCH.items() if v == t.dtype)
-    return t.detach().cpu().contiguous().view(torch_int).numpy().view(NP[name])
+    return triton_env.to_torch(a, DEVICE)
 
 
 def assert_same_bits(got: np.ndarray, want: np.ndarray, what: str) -> None:
     """Bit-identical, except that NaN only has to meet NaN (payloads may differ)."""
-    int_type = _INT[got.dtype.itemsize][0]
+    int_type = triton_env.INT_OF_WIDTH[got.dtype.itemsize]
     with np.errstate(invalid="ignore"):
         nan_both = np.isnan(got.astype(np.float64)) & np.isnan(want.astype(np.float64))
     same = (got.view(int_type) == want.view(int_type)) | nan_both
@@ -303,7 +293,7 @@ def test_dare_linear_nan_and_inf(in_dt, out_dt):
     assert_same_bits(got, want, f"{in_dt}->{out_dt}")
     ref = ref_dare_linear(base, [ft], [0.6], [0.5], 3, NAME)
     assert_near_reference(got, ref, base, [ft], [0.6], [0.5], f"{in_dt}->{out_dt}")
-    nan_bits = got[np.isnan(got.astype(np.float64))].view(_INT[got.dtype.itemsize][0])
+    nan_bits = got[np.isnan(got.astype(np.float64))].view(triton_env.INT_OF_WIDTH[got.dtype.itemsize])
     quiet = {"bf16": 0x0040, "fp16": 0x0200, "fp32": 0x00400000}[out_dt]
     assert np.all(nan_bits & quiet), f"{out_dt}: NaN results must be quiet NaNs"
 

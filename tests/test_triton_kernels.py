@@ -20,7 +20,8 @@ pytest.importorskip("triton")
 
 from kernels.numpy_backend import NumpyBackend  # noqa: E402
 from tests.helpers import assert_within_tolerance  # noqa: E402
-from tests.triton_env import import_triton_backend  # noqa: E402
+from tests import triton_env  # noqa: E402
+from tests.triton_env import import_triton_backend, to_numpy  # noqa: E402
 
 
 tb = import_triton_backend()
@@ -29,7 +30,6 @@ DEVICE = "cpu" if tb.INTERPRETED else "cuda"
 NP = {"bf16": np.dtype(ml_dtypes.bfloat16), "fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32),
       "fp64": np.dtype(np.float64)}
 TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
-_BITS = {1: None, 2: (np.int16, torch.int16), 4: (np.int32, torch.int32), 8: (np.int64, torch.int64)}
 DTYPES = ["bf16", "fp16", "fp32"]
 # 1 element; odd counts; one past the GPU block (4096) and past the interpreter's largest
 # block (65536); several blocks with a ragged tail.
@@ -37,17 +37,7 @@ SIZES = [1, 7, 4097, 65537, 3 * 65536 + 123]
 
 
 def to_torch(a: np.ndarray) -> "torch.Tensor":
-    """A numpy array (bf16 included) as a torch tensor of the same bits, on DEVICE."""
-    np_int, torch_int = _BITS[a.dtype.itemsize]
-    name = next(k for k, v in NP.items() if v == a.dtype)
-    return torch.from_numpy(np.ascontiguousarray(a).view(np_int)).view(TORCH[name]).to(DEVICE)
-
-
-def to_numpy(t: "torch.Tensor") -> np.ndarray:
-    """A torch tensor (bf16 included) as a numpy array of the same bits."""
-    np_int, torch_int = _BITS[t.element_size()]
-    name = next(k for k, v in TORCH.items() if v == t.dtype)
-    return t.detach().cpu().contiguous().view(torch_int).numpy().view(NP[name])
+    return triton_env.to_torch(a, DEVICE)
 
 
 def inputs(rng: np.random.Generator, n: int, dtypes: list[str], scale: float = 0.05) -> list[np.ndarray]:
@@ -77,7 +67,7 @@ def run_both(base: np.ndarray, models: list[np.ndarray], weights: list[float], o
 
 def assert_same_bits(got: np.ndarray, want: np.ndarray, what: str) -> None:
     """Bit-identical, except that NaN only has to meet NaN (payloads may differ)."""
-    int_type = _BITS[got.dtype.itemsize][0]
+    int_type = triton_env.INT_OF_WIDTH[got.dtype.itemsize]
     with np.errstate(invalid="ignore"):
         nan_got, nan_want = np.isnan(got.astype(np.float64)), np.isnan(want.astype(np.float64))
     same = (got.view(int_type) == want.view(int_type)) | (nan_got & nan_want)
@@ -159,7 +149,7 @@ def test_nan_and_inf(in_dt, out_dt):
     got, want = run_both(base, [ft], [0.6], out_dt)
     assert_same_bits(got, want, f"{in_dt}->{out_dt}")
     assert_within_tolerance(got, reference(base, [ft], [0.6]), [base, ft], f"{in_dt}->{out_dt}")
-    nan_bits = got[np.isnan(got.astype(np.float64))].view(_BITS[got.dtype.itemsize][0])
+    nan_bits = got[np.isnan(got.astype(np.float64))].view(triton_env.INT_OF_WIDTH[got.dtype.itemsize])
     quiet = {"bf16": 0x0040, "fp16": 0x0200, "fp32": 0x00400000}[out_dt]
     assert np.all(nan_bits & quiet), f"{out_dt}: NaN results must be quiet NaNs"
 

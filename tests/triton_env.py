@@ -13,7 +13,13 @@ import os
 import sys
 from types import ModuleType
 
+import ml_dtypes
+import numpy as np
+
 from kernels import cuda_unavailable_reason
+
+# Same-width integer types, to move float bits (bf16 included) between numpy and torch.
+INT_OF_WIDTH = {2: np.int16, 4: np.int32, 8: np.int64}
 
 
 def import_triton_backend() -> ModuleType:
@@ -36,3 +42,29 @@ def import_triton_backend() -> ModuleType:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = saved
+
+
+def _torch_types():
+    """{numpy float dtype: torch dtype} and {width: torch int dtype} (torch imported on use)."""
+    import torch
+
+    floats = {np.dtype(ml_dtypes.bfloat16): torch.bfloat16, np.dtype(np.float16): torch.float16,
+              np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return floats, ints
+
+
+def to_torch(a: np.ndarray, device: str):
+    """A numpy float array (bf16 included) as a torch tensor of the same bits, on ``device``."""
+    import torch
+
+    floats, _ = _torch_types()
+    bits = np.ascontiguousarray(a).view(INT_OF_WIDTH[a.dtype.itemsize])
+    return torch.from_numpy(bits).view(floats[a.dtype]).to(device)
+
+
+def to_numpy(t) -> np.ndarray:
+    """A torch float tensor (bf16 included) as a numpy array of the same bits."""
+    floats, ints = _torch_types()
+    dtype = next(k for k, v in floats.items() if v == t.dtype)
+    return t.detach().cpu().contiguous().view(ints[t.element_size()]).numpy().view(dtype)
