@@ -287,7 +287,7 @@ def test_kth_largest_matches_sort_on_hard_values():
 
 def _threshold_of(values: np.ndarray, k: int, chunk: int, sample=None, passes: list | None = None) -> np.float32:
     """Run KthLargest over ``values`` in chunks as the engine does (pass 0 sees each chunk's
-    leading sample, or ``sample(chunk_values)`` when given); returns the threshold value and
+    sample ranges, or ``sample(chunk_values)`` when given); returns the threshold value and
     appends the number of passes run to ``passes``."""
     from engine.methods._select import KthLargest, magnitude_bits
 
@@ -297,7 +297,8 @@ def _threshold_of(values: np.ndarray, k: int, chunk: int, sample=None, passes: l
         for lo in range(0, values.size, chunk):
             part = values[lo:lo + chunk]
             if p == 0:
-                part = sample(part) if sample else part[: selector.sample_count(part.size)]
+                part = sample(part) if sample else np.concatenate(
+                    [part[a:b] for a, b in selector.sample_ranges(part.size)])
             selector.add(p, magnitude_bits(part, np.empty(part.size, np.uint32)),
                          np.empty(part.size, np.intp), np.empty(part.size, bool))
         selector.end_pass(p)
@@ -307,7 +308,7 @@ def _threshold_of(values: np.ndarray, k: int, chunk: int, sample=None, passes: l
     return np.array([selector.threshold_bits], np.uint32).view(np.float32)[0]
 
 
-@pytest.mark.parametrize("sample", ["leading", "misleading"])
+@pytest.mark.parametrize("sample", ["spread", "misleading"])
 def test_kth_largest_is_exact_on_a_large_tensor_whatever_the_sample(sample):
     """Above the small-tensor size the first pass only looks at a sample; the answer stays
     exact, and a sample that misleads (here: only the smallest magnitudes) costs two more
@@ -325,7 +326,7 @@ def test_kth_largest_is_exact_on_a_large_tensor_whatever_the_sample(sample):
         threshold = _threshold_of(values, k, chunk=1 << 18, sample=smallest if sample == "misleading" else None,
                                   passes=passes)
         assert float(threshold) == magnitudes[k - 1], (sample, k)
-    if sample == "leading":  # a fair sample: 2 passes, 3 where the range is wide (the tails)
+    if sample == "spread":  # a fair sample: 2 passes, 3 where the range is wide (the tails)
         assert max(passes) <= 3 and passes[2] == 2, passes  # k = 0.3·n: TIES's usual density
     else:  # misled: the classic two passes after the first two
         assert 4 in passes, passes
@@ -551,3 +552,22 @@ def test_large_chunks_span_several_compute_blocks(tmp_path, case):
         ms = [m[name] for m in models]
         assert_within_tolerance(out[name], reference(name, base[name], ms),
                                 [base[name], *ms, operand_scale(method, base[name], ms)], f"{case} {name}")
+
+
+@pytest.mark.parametrize("case", ["ties", "ties-count"])
+@pytest.mark.parametrize("chunk_size", ["1MiB", "16MiB"])
+def test_ties_on_a_tensor_large_enough_to_be_sampled(tmp_path, case, chunk_size):
+    """Above _select.SMALL elements the threshold's first pass reads only a sample of each
+    chunk (engine.methods._sparse, _accumulate_sample); the merge still equals the float64
+    reference, whose thresholds come from a full sort."""
+    from engine.methods import _select
+
+    n_models, params, reference = CASES[case]
+    rows = _select.SMALL // 1024 + 77  # just above SMALL elements, not a multiple of the sample stride
+    shapes = {"model.layers.0.mlp.up_proj.weight": (rows, 1024)}
+    base, models = make_inputs(np.random.default_rng(zlib.crc32(case.encode())), "bf16", n_models, shapes)
+    out = run(tmp_path, base, models, "ties", chunk_size=chunk_size, **params)
+    for name in base:
+        ms = [m[name] for m in models]
+        assert_within_tolerance(out[name], reference(name, base[name], ms),
+                                [base[name], *ms, operand_scale("ties", base[name], ms)], f"{case} {name}")

@@ -5,9 +5,11 @@ TIES keeps, per task vector, the entries whose magnitude is at least the k-th la
 threshold is found from histograms of the bit patterns of the fp32 magnitudes, which for
 non-negative floats order exactly like the values:
 
-1. **sample** (pass 0): count a sample of the magnitudes (the leading 1/``SAMPLE_EVERY`` of
-   every chunk; all of a tensor up to ``SMALL`` elements) by their top 15 bits, and take the
-   range of bit patterns where the sample's k-th largest lies, widened by a margin;
+1. **sample** (pass 0): count a sample of the magnitudes (a run of ``SAMPLE_RUN`` elements at
+   the start of every ``SAMPLE_RUN·SAMPLE_EVERY``, i.e. 1/64 of them, spread through the
+   tensor while touching only 1/64 of its pages; all of a tensor up to ``SMALL`` elements) by
+   their top 15 bits, and take the range of bit patterns where the sample's k-th largest lies,
+   widened by a margin;
 2. **count in range** (pass 1): over every magnitude, count exactly how many lie above the
    range and histogram those inside it (by full bit pattern, or in coarser bins when the
    range is wider than ``RANGE_CAP`` patterns). If the k-th largest falls inside — it does
@@ -32,6 +34,7 @@ import numpy as np
 HIGH_BINS = 1 << 15
 LOW_BINS = 1 << 16
 SAMPLE_EVERY = 64
+SAMPLE_RUN = 4096
 # Tensors up to this size are "sampled" whole: the first pass is then exact.
 SMALL = 1 << 20
 # Largest range of bit patterns counted exactly in pass 1: 16 of the 32768 top-bit bins (8 MiB
@@ -46,7 +49,7 @@ class KthLargest:
     """The k-th largest of n non-negative fp32 bit patterns, streamed in 2–3 passes (4 at worst).
 
     For each pass p while ``p < passes``: call ``add(p, bits, ...)`` for every chunk — in
-    pass 0 with the bits of the chunk's leading ``sample_count(len(chunk))`` elements only —
+    pass 0 with the bits of the chunk's ``sample_ranges(len(chunk))`` only —
     then ``end_pass(p)``; ``passes`` may grow at an ``end_pass``. ``threshold_bits`` is then the
     answer: keep ``bits >= threshold_bits``. With k = 0 nothing is kept (threshold above every
     pattern); with k ≥ n everything is.
@@ -74,9 +77,13 @@ class KthLargest:
     def done(self) -> bool:
         return self.threshold_bits is not None
 
-    def sample_count(self, count: int) -> int:
-        """How many leading elements of a ``count``-element chunk pass 0 wants."""
-        return count if self.n <= SMALL else -(-count // SAMPLE_EVERY)
+    def sample_ranges(self, count: int) -> list[tuple[int, int]]:
+        """The element ranges of a ``count``-element chunk that pass 0 wants (chunks are cut
+        at multiples of SAMPLE_RUN·SAMPLE_EVERY in practice, so the sample is the same for
+        any chunk size; exactness never depends on it)."""
+        if self.n <= SMALL:
+            return [(0, count)]
+        return [(lo, min(lo + SAMPLE_RUN, count)) for lo in range(0, count, SAMPLE_RUN * SAMPLE_EVERY)]
 
     def add(self, pass_index: int, bits: np.ndarray, high: np.ndarray, mask: np.ndarray) -> None:
         """Count one chunk of magnitude bit patterns (uint32, sign bit clear; modified here).

@@ -178,11 +178,11 @@ class SparseTaskArithmetic(MergeMethod):
         (keep,) = scratch("sparse-keep", 1, np.bool_, COMBINE_BLOCK)
         generator = _generator()
         l1 = np.zeros((len(models), 2))
-        count = base.shape[0]
         if state.selectors and pass_index == 0:  # the selectors' first pass looks at a sample
-            count = state.selectors[0].sample_count(count)
+            self._accumulate_sample(state, base, models, state.selectors[0].sample_ranges(base.shape[0]))
+            return
         with np.errstate(all="ignore"):
-            for lo, hi in blocks(count, COMBINE_BLOCK):
+            for lo, hi in blocks(base.shape[0], COMBINE_BLOCK):
                 k = hi - lo
                 b, d = b32[:k], d32[:k]
                 np.copyto(b, base[lo:hi], casting="unsafe")
@@ -199,6 +199,34 @@ class SparseTaskArithmetic(MergeMethod):
         if not state.selectors:
             with state.lock:
                 state.l1_parts[chunk.first] = l1
+
+    @staticmethod
+    def _accumulate_sample(state: SparseState, base: np.ndarray, models: Sequence[np.ndarray],
+                           ranges: list[tuple[int, int]]) -> None:
+        """Pass 0 of the TIES selection: the magnitude bits of the sampled ranges, gathered
+        into one buffer per model so each selector counts them in one call."""
+        b32, d32 = scratch("sparse-reduce", 2, np.float32, COMBINE_BLOCK)
+        (bits,) = scratch("sparse-bits", 1, np.uint32, COMBINE_BLOCK)
+        (high,) = scratch("sparse-high", 1, np.intp, COMBINE_BLOCK)
+        (keep,) = scratch("sparse-keep", 1, np.bool_, COMBINE_BLOCK)
+        pieces = [(lo + at, min(hi, lo + at + COMBINE_BLOCK)) for lo, hi in ranges
+                  for at in range(0, hi - lo, COMBINE_BLOCK)]
+        with np.errstate(all="ignore"):
+            for i, (model, selector) in enumerate(zip(models, state.selectors)):
+                filled = 0
+                for lo, hi in pieces:
+                    k = hi - lo
+                    if filled + k > COMBINE_BLOCK:
+                        selector.add(0, bits[:filled], high[:filled], keep[:filled])
+                        filled = 0
+                    b, d = b32[:k], d32[:k]
+                    np.copyto(b, base[lo:hi], casting="unsafe")
+                    np.copyto(d, model[lo:hi], casting="unsafe")
+                    np.subtract(d, b, out=d)
+                    magnitude_bits(d, bits[filled : filled + k])
+                    filled += k
+                if filled:
+                    selector.add(0, bits[:filled], high[:filled], keep[:filled])
 
     def end_pass(self, state: SparseState, pass_index: int) -> None:
         for selector in state.selectors:
