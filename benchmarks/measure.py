@@ -14,9 +14,27 @@ from pathlib import Path
 
 def safeblend_command() -> str:
     """This Python's ``safeblend`` console script, so timings skip version-manager shims
-    (pyenv's adds ~50 ms a call, which the floor's ``cat``/``cp`` do not pay); else PATH's."""
+    (pyenv's adds ~50 ms a call, which the floor's ``cat``/``cp`` do not pay); else PATH's.
+    The engine's modules are byte-compiled first (``byte_compile_engine``)."""
+    byte_compile_engine()
     beside = Path(sys.executable).parent / "safeblend"
     return str(beside) if beside.exists() else (shutil.which("safeblend") or "safeblend")
+
+
+def byte_compile_engine() -> None:
+    """Write the .pyc files of the engine and kernels packages, as ``pip install`` does.
+
+    An editable checkout gets them from the first run, unless PYTHONDONTWRITEBYTECODE is set
+    (as on this project's build machine): then every command recompiles engine/ (~40 ms
+    measured here), a cost no installed copy pays.
+    """
+    import compileall
+
+    import engine
+    import kernels
+
+    for package in (engine, kernels):
+        compileall.compile_dir(str(Path(package.__file__).parent), quiet=1)
 
 
 def _run(prefix: list[str], cmd: str | list[str], env: dict[str, str] | None) -> tuple[float, str]:

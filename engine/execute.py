@@ -23,7 +23,7 @@ from .checkpoint import Checkpoint, SafetensorsFile, TensorInfo
 from .methods.base import ChunkContext, MergeMethod
 from .plan import MergePlan, OutputTensor
 from .reduce import TensorStates
-from .writer import ShardWriter
+from .writer import ShardWriter, aligned_buffer, placed
 
 DEFAULT_CHUNK_BYTES = 8 * 2**20
 # Compute threads: one per core, leaving the kernel's page-cache copies to the writer thread.
@@ -52,12 +52,13 @@ def iter_chunks(plan: MergePlan, chunk_bytes: int) -> Iterator[Chunk]:
 
 
 class BufferPool:
-    """A fixed set of equal byte buffers, handed out and returned across threads."""
+    """A fixed set of equal page-aligned byte buffers, handed out and returned across threads;
+    each holds one chunk ``placed`` for the writer (engine.writer)."""
 
     def __init__(self, count: int, nbytes: int) -> None:
         self._free: queue.Queue = queue.Queue()
         for _ in range(count):
-            self._free.put(np.empty(nbytes, dtype=np.uint8))
+            self._free.put(aligned_buffer(nbytes))
 
     def acquire(self) -> np.ndarray:
         return self._free.get()
@@ -154,7 +155,7 @@ class Executor:
             start, length = info.start + chunk.first * info.dtype.itemsize, chunk.count * info.dtype.itemsize
             if info.dtype != t.dtype:  # a tensor taken from one model, cast to the output dtype
                 buffer = pool.acquire()
-                out_bytes = buffer[: chunk.count * t.dtype.itemsize]
+                out_bytes = placed(buffer, out_offset, chunk.count * t.dtype.itemsize)
                 np.copyto(out_bytes.view(t.dtype.numpy), file.view(info, chunk.first, chunk.count), casting="unsafe")
                 file.release(start, length)
                 writer.submit(t.shard, out_offset, out_bytes, lambda: pool.release(buffer))
@@ -162,7 +163,7 @@ class Executor:
             writer.submit(t.shard, out_offset, file.byte_view(start, length), lambda: file.release(start, length))
             return length
         buffer = pool.acquire()
-        out_bytes = buffer[: chunk.count * t.dtype.itemsize]
+        out_bytes = placed(buffer, out_offset, chunk.count * t.dtype.itemsize)
         out = out_bytes.view(t.dtype.numpy)
         sources = [(info, self._file(info)) for info in self._sources(t)]
         views = [f.view(info, chunk.first, chunk.count) for info, f in sources]

@@ -45,7 +45,7 @@ from .model_files import copy_model_files
 from .plan import MergePlan
 from .plan import plan as make_plan
 from .units import parse_size
-from .writer import OutputDir, ShardWriter, WriteDone, write_index
+from .writer import OutputDir, ShardWriter, WriteDone, placed, write_index
 
 # Methods whose swept parameter is one scalar, the ``weight`` keyword (λ; SLERP's t).
 SWEEPABLE = ("linear", "task-arithmetic", "slerp")
@@ -307,9 +307,13 @@ class _Outputs:
         self.shifts = [[len(s.header) - len(s0.header) for s, s0 in zip(w.plan.shards, first.shards)]
                        for w in writers]
 
+    def offset_in(self, k: int, shard: int, offset: int) -> int:
+        """Where the first plan's ``offset`` in ``shard`` lies in output ``k``."""
+        return offset + self.shifts[k][shard]
+
     def submit_to(self, k: int, shard: int, offset: int, data: memoryview, done: WriteDone | None) -> None:
         """Queue output ``k``'s bytes at the first plan's ``offset``."""
-        self.writers[k].submit(shard, offset + self.shifts[k][shard], data, done)
+        self.writers[k].submit(shard, self.offset_in(k, shard, offset), data, done)
 
     def submit(self, shard: int, offset: int, data: memoryview, done: WriteDone | None = None) -> None:
         """The same bytes to every output (copied tensors); ``done`` runs once all have them."""
@@ -392,7 +396,7 @@ class SweepExecutor(Executor):
         nbytes = chunk.count * t.dtype.itemsize
         for k, (method, state) in enumerate(zip(self.methods, states)):
             buffer = pool.acquire()
-            out_bytes = buffer[:nbytes]
+            out_bytes = placed(buffer, writer.offset_in(k, t.shard, offset), nbytes)
             method.merge_chunk(self.backend, views[0], views[1:], out_bytes.view(t.dtype.numpy), where, state)
             writer.submit_to(k, t.shard, offset, out_bytes, partial(pool.release, buffer))
         del views

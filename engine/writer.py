@@ -5,6 +5,15 @@ allocated to full size before any data arrives; chunks are then written at their
 a background thread (``pwrite``), overlapping disk writes with compute. Everything happens in
 a staging directory next to OUT, which is flushed and renamed into place only when complete:
 a failed or interrupted merge never leaves a directory at OUT that looks finished.
+
+Where the filesystem allows it, the whole 4 KiB blocks of a chunk go to the disk with
+``O_DIRECT``, straight from the chunk's buffer: no copy into the page cache and no writeback
+later (measured here: 0.44 GB durable in 0.21 s and 40 ms of CPU, against 0.27 s and 125 ms
+buffered). The executor lays each chunk out in its buffer at the same offset modulo 4 KiB as
+in the file (``placed``), so its aligned middle is aligned in memory too. The partial blocks at
+a chunk's two ends, which it shares with its neighbours and the header, go through the page
+cache; no block is ever written both ways. Bytes that are not so placed (a tensor copied
+straight from an input's memory map) are written buffered.
 """
 
 from __future__ import annotations
@@ -18,11 +27,31 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from .errors import OutputError
 from .plan import MergePlan
 from .units import format_size
 
 INDEX_NAME = "model.safetensors.index.json"
+
+# O_DIRECT wants the file offset, the length and the memory address aligned to the disk's
+# logical block (512 B or 4 KiB); 4 KiB suits both.
+DIRECT_ALIGN = 4096
+
+
+def placed(buffer: np.ndarray, offset: int, nbytes: int) -> np.ndarray:
+    """The ``nbytes`` of a page-aligned ``buffer`` (``nbytes + DIRECT_ALIGN`` long) to fill with
+    the bytes bound for file ``offset``: at the same position modulo DIRECT_ALIGN as in the file."""
+    shift = offset % DIRECT_ALIGN
+    return buffer[shift : shift + nbytes]
+
+
+def aligned_buffer(nbytes: int) -> np.ndarray:
+    """A page-aligned byte buffer with room for ``placed`` bytes of up to ``nbytes``."""
+    raw = np.empty(nbytes + 2 * DIRECT_ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % DIRECT_ALIGN
+    return raw[start : start + nbytes + DIRECT_ALIGN]
 
 
 class OutputDir:
@@ -131,16 +160,20 @@ class ShardWriter:
         self.directory = directory
         self.plan = plan
         self._fds: list[int] = []
+        self._direct_fds: list[int] = []  # -1 where the filesystem refuses O_DIRECT
         self.depth = depth
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="safeblend-writer", daemon=True)
         self.bytes_written = 0
+        self.bytes_direct = 0  # of which written with O_DIRECT
 
     def open(self) -> None:
         """Create every shard: header written, file sized to its final length."""
         for shard in self.plan.shards:
-            self._fds.append(self._open_shard(self.directory / shard.filename, shard))
+            path = self.directory / shard.filename
+            self._fds.append(self._open_shard(path, shard))
+            self._direct_fds.append(_open_direct(path))
         self._thread.start()
 
     def _open_shard(self, path: Path, shard) -> int:
@@ -150,7 +183,7 @@ class ShardWriter:
             # Sized, not allocated: posix_fallocate's unwritten extents measured slower to fill
             # here, and free space is checked up front (OutputDir.create).
             os.ftruncate(fd, shard.size)
-            self._pwrite(fd, shard.header, 0, path)
+            self._write_buffered(fd, memoryview(shard.header), 0, path)
         except BaseException:
             os.close(fd)
             raise
@@ -194,9 +227,10 @@ class ShardWriter:
         self._close_fds()
 
     def _close_fds(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
+        for fd in [*self._fds, *self._direct_fds]:
+            if fd >= 0:
+                os.close(fd)
+        self._fds, self._direct_fds = [], []
 
     def _run(self) -> None:
         while True:
@@ -207,26 +241,50 @@ class ShardWriter:
                 continue
             shard, offset, data, done = job
             try:
-                fd = self._fds[shard]
-                self._pwrite(fd, data, offset, self.directory / self.plan.shards[shard].filename)
-                # Start writeback of what was just written now (FADV_DONTNEED on dirty pages queues
-                # them for the disk without waiting), so the final fdatasync finds little left
-                # and the disk works while the next chunks compute.
-                os.posix_fadvise(fd, offset, len(data), os.POSIX_FADV_DONTNEED)
-                self.bytes_written += len(data)
+                self._write(shard, memoryview(data).cast("B"), offset)
                 if done is not None:
                     done()
             except BaseException as exc:  # noqa: BLE001  (re-raised on the main thread)
                 self._error = exc
 
-    def _pwrite(self, fd: int, data, offset: int, path: Path) -> None:
-        view = memoryview(data).cast("B")
+    def _write(self, shard: int, view: memoryview, offset: int) -> None:
+        """Write one chunk: its whole aligned blocks with O_DIRECT where its buffer is placed
+        (see ``placed``) and the shard takes it, the rest (or all of it) through the page cache."""
+        path = self.directory / self.plan.shards[shard].filename
+        head = -offset % DIRECT_ALIGN
+        body = (len(view) - head) // DIRECT_ALIGN * DIRECT_ALIGN if len(view) > head else 0
+        direct_fd = self._direct_fds[shard]
+        if direct_fd < 0 or body == 0 or (_address(view) + head) % DIRECT_ALIGN:
+            head, body = len(view), 0  # all of it through the page cache
+        else:
+            try:
+                _pwrite_all(direct_fd, view[head : head + body], offset + head)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise self._io_error(path, exc) from exc
+                # A filesystem that opened with O_DIRECT but refuses these writes: buffered from now on.
+                os.close(direct_fd)
+                self._direct_fds[shard] = -1
+                head, body = len(view), 0
+            else:
+                self.bytes_direct += body
+        fd = self._fds[shard]
+        self._write_buffered(fd, view[:head], offset, path)
+        self._write_buffered(fd, view[head + body :], offset + head + body, path)
+        self.bytes_written += len(view)
+
+    def _write_buffered(self, fd: int, view: memoryview, offset: int, path: Path) -> None:
+        if not view:
+            return
         try:
-            while view:
-                n = os.pwrite(fd, view, offset)
-                view, offset = view[n:], offset + n
+            _pwrite_all(fd, view, offset)
         except OSError as exc:
             raise self._io_error(path, exc) from exc
+        # Start writeback of what was just written now (FADV_DONTNEED on dirty pages queues
+        # them for the disk without waiting), so the final fdatasync finds little left
+        # and the disk works while the next chunks compute.
+        os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
+
 
     def _raise_pending(self) -> None:
         if self._error is not None:
@@ -239,6 +297,28 @@ class ShardWriter:
                 f"{format_size(self.plan.output_bytes)}; {format_size(shutil.disk_usage(path.parent).free)} free)"
             )
         return OutputError(f"{path}: write failed: {exc.strerror or exc}")
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _open_direct(path: Path) -> int:
+    """A second write descriptor of ``path`` with O_DIRECT, or -1 where that is refused
+    (tmpfs before Linux 6.6, some network and FUSE filesystems)."""
+    if not hasattr(os, "O_DIRECT"):
+        return -1
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError:
+        return -1
+
+
+def _address(view: memoryview) -> int:
+    """The memory address of a byte view's first byte."""
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data if len(view) else 0
 
 
 def write_index(directory: Path, plan: MergePlan, metadata: dict[str, str]) -> None:
