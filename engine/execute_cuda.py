@@ -34,7 +34,7 @@ from .execute import DEFAULT_CHUNK_BYTES, BufferPool, Chunk, ExecutionStats, ite
 from .methods.base import ChunkContext, MergeMethod
 from .plan import MergePlan
 from .reduce import TensorStates
-from .writer import ShardWriter
+from .writer import DIRECT_ALIGN, ShardWriter
 
 # Chunks resident on the device at once: one being copied in, one computed, one copied out.
 DEVICE_SLOTS = 3
@@ -70,6 +70,7 @@ class _InFlight:
     chunk: Chunk
     in_slot: int
     out_buffer: Any  # pinned torch uint8 tensor from the output pool
+    out_shift: int  # where in it the chunk's bytes start (engine.writer.placed)
     out_bytes: int
     done: Any  # torch.cuda.Event recorded after the D2H copy
 
@@ -176,14 +177,14 @@ class CudaExecutor:
         # Held by: chunks in flight, the writer's queue, the write in progress.
         out_count = DEVICE_SLOTS + writer.depth + 1
         self._out_pool = BufferPool(count=0, nbytes=0)
-        for _ in range(out_count):
-            self._out_pool.release(self._pinned(slot))
+        for _ in range(out_count):  # room to place a chunk at its file offset modulo DIRECT_ALIGN
+            self._out_pool.release(self._pinned(slot + DIRECT_ALIGN))
         self.report = {
             "device": cuda.get_device_name(self._device),
             "slot_bytes": slot,
             "device_slots": DEVICE_SLOTS,
             "device_buffer_bytes": DEVICE_SLOTS * (self.n_inputs + 1) * slot,
-            "pinned_bytes": (len(self._pinned_in) * self.n_inputs + out_count) * slot,
+            "pinned_bytes": len(self._pinned_in) * self.n_inputs * slot + out_count * (slot + DIRECT_ALIGN),
             "pinned": all(t.is_pinned() for t in self._pinned_in),
             "streams": [s.cuda_stream for s in (self._copy_in, self._compute, self._copy_out)],
             "merge_chunks": 0,
@@ -293,13 +294,16 @@ class CudaExecutor:
                                     ChunkContext(context, chunk.first), state)
             computed.record(self._compute)
         out_buffer = self._out_pool.acquire()  # blocks only while the writer is behind
+        # Placed like the CPU executor's chunks, so the writer can send it with O_DIRECT where
+        # the pinned buffer is page-aligned (cudaHostAlloc's are).
+        shift = (t.offset + chunk.first * t.dtype.itemsize) % DIRECT_ALIGN
         done = self._cuda.Event()
         self._copy_out.wait_event(computed)
         with self._cuda.stream(self._copy_out):
-            out_buffer[:out_bytes].copy_(out_region, non_blocking=True)
+            out_buffer[shift : shift + out_bytes].copy_(out_region, non_blocking=True)
             done.record(self._copy_out)
         self.report["merge_chunks"] += 1
-        return _InFlight(chunk, in_slot, out_buffer, out_bytes, done)
+        return _InFlight(chunk, in_slot, out_buffer, shift, out_bytes, done)
 
     def _retire(self, job: _InFlight, writer: ShardWriter, stats: ExecutionStats, progress) -> None:
         """Wait for a chunk's D2H copy, free its input slot and queue its output for writing."""
@@ -308,7 +312,8 @@ class CudaExecutor:
         t = job.chunk.tensor
         buffer = job.out_buffer
         out_offset = t.offset + job.chunk.first * t.dtype.itemsize
-        writer.submit(t.shard, out_offset, buffer[: job.out_bytes].numpy(), lambda: self._out_pool.release(buffer))
+        data = buffer[job.out_shift : job.out_shift + job.out_bytes].numpy()
+        writer.submit(t.shard, out_offset, data, lambda: self._out_pool.release(buffer))
         stats.bytes_written += job.out_bytes
         if progress is not None:
             progress(job.out_bytes)
