@@ -64,11 +64,13 @@ def main() -> None:
                  f"cp {shards} {floor_out}/ && sync {floor_out}/* {floor_out}")
     merge_cmd = (f"{safeblend_command()} merge {base} {ft} -o {out} --weight 0.6 --device cpu --overwrite --json "
                  f"> {args.workdir}/last.json")
+    warm_bytes = 0 if args.warm_memory.strip() == "0" else parse_size(args.warm_memory)
     results: dict[str, list[tuple[float, int]]] = {"floor": [], "merge": []}
     for run in range(args.runs):
         order = ["floor", "merge"] if run % 2 == 0 else ["merge", "floor"]
         for name in order:
-            warm_free_memory(parse_size(args.warm_memory))
+            if warm_bytes:
+                warm_free_memory(warm_bytes)
             results[name].append(timed(floor_cmd if name == "floor" else merge_cmd))
             print(f"run {run + 1} {name}: {results[name][-1][0]:.2f} s, "
                   f"{results[name][-1][1] / 2**20:.0f} MiB", file=sys.stderr)
