@@ -28,8 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from engine.synthetic import PRESETS, write_pair
-from engine.units import parse_size
-from measure import quantiles, safeblend_command, timed, warm_free_memory
+from measure import add_warm_memory_option, quantiles, safeblend_command, timed, warm_free_memory
 
 
 def main() -> None:
@@ -39,7 +38,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("benchmarks/out/merge"))
     parser.add_argument("--keep", action="store_true", help="keep the generated pair for the next run")
-    parser.add_argument("--warm-memory", default="0", help="fresh memory to touch and free before each command")
+    add_warm_memory_option(parser)
     args = parser.parse_args()
 
     shape = PRESETS[args.preset]
@@ -64,13 +63,11 @@ def main() -> None:
                  f"cp {shards} {floor_out}/ && sync {floor_out}/* {floor_out}")
     merge_cmd = (f"{safeblend_command()} merge {base} {ft} -o {out} --weight 0.6 --device cpu --overwrite --json "
                  f"> {args.workdir}/last.json")
-    warm_bytes = 0 if args.warm_memory.strip() == "0" else parse_size(args.warm_memory)
     results: dict[str, list[tuple[float, int]]] = {"floor": [], "merge": []}
     for run in range(args.runs):
         order = ["floor", "merge"] if run % 2 == 0 else ["merge", "floor"]
         for name in order:
-            if warm_bytes:
-                warm_free_memory(warm_bytes)
+            warm_free_memory(args.warm_memory)
             results[name].append(timed(floor_cmd if name == "floor" else merge_cmd))
             print(f"run {run + 1} {name}: {results[name][-1][0]:.2f} s, "
                   f"{results[name][-1][1] / 2**20:.0f} MiB", file=sys.stderr)
@@ -79,7 +76,7 @@ def main() -> None:
     moved = in_bytes + model_bytes
     print(f"\n{tag}: {shape.parameters / 1e9:.2f}B parameters, inputs {in_bytes / 1e9:.2f} GB, "
           f"output {model_bytes / 1e9:.2f} GB, {args.runs} runs, warm page cache, output fsynced, "
-          f"memory warmed before each command: {args.warm_memory}")
+          f"memory warmed before each command: {args.warm_memory / 2**30:.1f} GiB")
     print(f"{'what':<8} {'median s':>9} {'p20 s':>7} {'p80 s':>7} {'GB/s':>6} {'peak RSS MiB':>13}")
     medians = {}
     for name, rows in results.items():

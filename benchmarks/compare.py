@@ -61,7 +61,7 @@ import ml_dtypes  # noqa: E402,F401  (safetensors.numpy reads BF16 only once ml_
 import numpy as np  # noqa: E402
 
 from engine.synthetic import PRESETS, LlamaShape, write_pair  # noqa: E402
-from measure import quantiles, timed  # noqa: E402
+from measure import add_warm_memory_option, quantiles, timed, warm_free_memory  # noqa: E402
 
 WEIGHT = 0.6  # λ for linear, t for slerp, the fine-tune's weight for task arithmetic
 DENSITY = 0.5  # ties and DARE
@@ -438,6 +438,7 @@ def run(args) -> dict:
         order = contestants if run_no % 2 == 0 else contestants[::-1]
         for c in order:
             shutil.rmtree(c.out, ignore_errors=True)
+            warm_free_memory(args.warm_memory)
             wall, rss = timed(c.command, env)
             c.walls.append(wall)
             c.rss.append(rss)
@@ -475,7 +476,7 @@ def run(args) -> dict:
         r["rss_x"] = r["peak_rss_bytes"] / sb["peak_rss_bytes"] if sb else None
     result = {
         "preset": args.preset, "layers": shape.num_hidden_layers, "parameters": shape.parameters,
-        "input_bytes": in_bytes, "output_bytes": dir_bytes(base), "moved_bytes": moved, "runs": args.runs,
+        "input_bytes": in_bytes, "output_bytes": dir_bytes(base), "moved_bytes": moved, "runs": args.runs, "warm_memory_bytes": args.warm_memory,
         "machine": machine_description(), "rows": rows, "checks": checks, "notes": notes,
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
@@ -522,6 +523,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tinyllama-1.1b", choices=sorted(PRESETS))
     p.add_argument("--layers", type=int, default=None, help="override the number of layers (size)")
     p.add_argument("--runs", type=int, default=3)
+    add_warm_memory_option(p)
     p.add_argument("--methods", default=None, help="safeblend methods, comma-separated (default: all offered)")
     p.add_argument("--peers", default="mergekit,naive,floor", help="comma-separated: mergekit, naive, floor")
     p.add_argument("--mergekit-methods", default="linear,slerp,ties,dare_ties",

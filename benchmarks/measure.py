@@ -62,6 +62,15 @@ def timed_cpu(cmd: str | list[str], env: dict[str, str] | None = None) -> tuple[
     return wall, user + system
 
 
+def add_warm_memory_option(parser) -> None:
+    """``--warm-memory SIZE`` (0, the default, warms nothing), parsed to bytes."""
+    from engine.units import parse_size
+
+    parser.add_argument("--warm-memory", type=lambda text: 0 if text.strip() == "0" else parse_size(text),
+                        default=0, metavar="SIZE",
+                        help="fresh memory to touch and free before each timed command, e.g. 3GiB")
+
+
 def warm_free_memory(nbytes: int) -> None:
     """Touch ``nbytes`` of fresh memory and free it again, just before a timed command.
 
@@ -73,6 +82,8 @@ def warm_free_memory(nbytes: int) -> None:
     """
     import numpy as np
 
+    if nbytes <= 0:
+        return
     block = np.ones(nbytes, dtype=np.uint8)  # written, so every page is backed
     del block
 
