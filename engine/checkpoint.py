@@ -87,6 +87,10 @@ class SafetensorsFile:
             lo, hi = _page_span(start, length, len(mapped))
             mapped.madvise(mmap.MADV_WILLNEED, lo, hi - lo)
 
+    def stored_bytes(self, start: int, length: int) -> int:
+        """Bytes read from disk for a byte range (``bytes_read`` in the summary): the range."""
+        return length
+
     def release(self, start: int, length: int) -> None:
         """Drop a consumed byte range from this process's resident set.
 

@@ -56,6 +56,7 @@ class BufferPool:
     each holds one chunk ``placed`` for the writer (engine.writer)."""
 
     def __init__(self, count: int, nbytes: int) -> None:
+        self.count = count
         self._free: queue.Queue = queue.Queue()
         for _ in range(count):
             self._free.put(aligned_buffer(nbytes))
@@ -100,9 +101,15 @@ class Executor:
 
         Chunks are computed by ``workers`` threads (numpy releases the GIL in its loops), at
         most two per worker in flight; each finished chunk goes to the writer thread.
+
+        The journal's hasher keeps a written chunk's buffer until every byte before it in its
+        shard is written (it hashes in file order), so the buffers of all chunks after the
+        oldest one in flight may wait on that one. The number in flight is capped so that
+        those can never take the whole pool: the oldest chunk always finds a buffer.
         """
         stats = ExecutionStats()
         pool = self._buffer_pool(writer)
+        in_flight = min(2 * self.workers, 1 + (pool.count - 1) // self._buffers_per_chunk())
         pending: deque[tuple[Chunk, Future]] = deque()
         compute = ThreadPoolExecutor(self.workers, thread_name_prefix="safeblend-compute")
         with single_threaded_blas(), compute as workers:
@@ -110,7 +117,7 @@ class Executor:
                 for chunk in iter_chunks(self.plan, self.chunk_bytes):
                     self._prefetch(chunk)  # in flight before a worker reaches it
                     pending.append((chunk, workers.submit(self._process, chunk, writer, pool)))
-                    if len(pending) >= 2 * self.workers:
+                    if len(pending) >= in_flight:
                         self._collect(*pending.popleft(), stats, progress)
                 while pending:
                     self._collect(*pending.popleft(), stats, progress)
@@ -125,6 +132,10 @@ class Executor:
         A hook: the sweep executor (engine.sweep) sizes its own pool for several outputs.
         """
         return BufferPool(count=writer.depth + 2 * self.workers, nbytes=self.chunk_bytes)
+
+    def _buffers_per_chunk(self) -> int:
+        """Pool buffers one chunk may hold at once (a hook, like ``_buffer_pool``)."""
+        return 1
 
     @staticmethod
     def _collect(chunk: Chunk, future: Future, stats: ExecutionStats,
@@ -169,9 +180,16 @@ class Executor:
         views = [f.view(info, chunk.first, chunk.count) for info, f in sources]
         context, state, read = self._states.get(t)
         self.method.merge_chunk(self.backend, views[0], views[1:], out, ChunkContext(context, chunk.first), state)
-        for info, f in sources:
-            size = info.dtype.itemsize
-            f.release(info.start + chunk.first * size, chunk.count * size)
-            read += chunk.count * size
+        read += self._release(sources, chunk)
         writer.submit(t.shard, out_offset, out_bytes, lambda: pool.release(buffer))
+        return read
+
+    @staticmethod
+    def _release(sources: list[tuple[TensorInfo, SafetensorsFile]], chunk: Chunk) -> int:
+        """Drop a computed chunk's input ranges from the process; returns the bytes they read."""
+        read = 0
+        for info, f in sources:
+            start, length = info.start + chunk.first * info.dtype.itemsize, chunk.count * info.dtype.itemsize
+            f.release(start, length)
+            read += f.stored_bytes(start, length)
         return read

@@ -247,7 +247,7 @@ class CudaExecutor:
             region = staging[k * self.slot_bytes : k * self.slot_bytes + length]
             np.copyto(region, np.frombuffer(f.byte_view(start, length), dtype=np.uint8))
             f.release(start, length)
-            total += length
+            total += f.stored_bytes(start, length)
         return total
 
     def _submit_copy(self, chunk: Chunk, writer: ShardWriter) -> int:

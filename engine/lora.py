@@ -284,6 +284,17 @@ class _DeltaFile:
                 size = d.w.dtype.itemsize
                 self._files[d.w.file].prefetch(d.w.start + first * size, count * size)
 
+    def stored_bytes(self, start: int, length: int) -> int:
+        """Bytes read from the files for a virtual range: W's (except for a low-rank delta,
+        whose W the base's own view reads), plus the factors' for the range opening a tensor."""
+        if length == 0:
+            return 0
+        d, first, count = self._locate(start, length)
+        read = 0 if d.low_rank else count * d.w.dtype.itemsize
+        if first == 0:
+            read += d.b.nbytes + (d.a.nbytes if d.a is not None else 0)
+        return read
+
     def release(self, start: int, length: int) -> None:
         if length > 0:
             d, first, count = self._locate(start, length)

@@ -105,7 +105,7 @@ class TensorStates:
             for info, f in zip(sources, files):
                 size = info.dtype.itemsize
                 f.release(info.start + first * size, count * size)
-                read += count * size
+                read += f.stored_bytes(info.start + first * size, count * size)
             return read
 
         read = 0

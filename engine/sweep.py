@@ -378,10 +378,14 @@ class SweepExecutor(Executor):
         self.methods = methods
 
     def _buffer_pool(self, writer: _Outputs) -> BufferPool:
-        # The merge's pool plus one buffer per extra output. Workers take buffers one output
-        # at a time and never wait while holding one, so any pool size makes progress.
+        # The merge's pool plus one buffer per extra output. A chunk takes one buffer per
+        # output, so fewer chunks are in flight than in a merge (Executor.run: with 9 outputs
+        # and 16 buffers, two): the oldest chunk always finds a buffer.
         extra = len(self.methods) - 1
         return BufferPool(count=writer.depth + 2 * self.workers + extra, nbytes=self.chunk_bytes)
+
+    def _buffers_per_chunk(self) -> int:
+        return len(self.methods)
 
     def _process(self, chunk: Chunk, writer: _Outputs, pool: BufferPool) -> int:
         """Read one chunk's inputs once, compute and queue every output's chunk; returns bytes read."""
@@ -400,11 +404,7 @@ class SweepExecutor(Executor):
             method.merge_chunk(self.backend, views[0], views[1:], out_bytes.view(t.dtype.numpy), where, state)
             writer.submit_to(k, t.shard, offset, out_bytes, partial(pool.release, buffer))
         del views
-        for info, f in sources:
-            size = info.dtype.itemsize
-            f.release(info.start + chunk.first * size, chunk.count * size)
-            read += chunk.count * size
-        return read
+        return read + self._release(sources, chunk)
 
 
 def _countdown(count: int, action: Callable[[], None]) -> Callable[[], None]:

@@ -18,7 +18,7 @@ from engine import writer as writer_module
 from engine.checkpoint import Checkpoint
 from engine.plan import plan as make_plan
 from engine.writer import DIRECT_ALIGN, ShardWriter, aligned_buffer, placed
-from helpers import write_checkpoint
+from tests.helpers import write_checkpoint
 
 # Tensor byte sizes around the 4 KiB block: none, inside one block, exactly one, straddling.
 SIZES = {"a": 1, "b": 4095, "c": 4096, "d": 4097, "e": 3 * 4096 + 6, "f": 50_001, "g": 2, "h": 70_000}

@@ -364,6 +364,24 @@ def test_low_rank_linear_merge_matches_float64(prepared, tmp_path, low_rank_call
         assert_within_tolerance(merged[name], ref, [b, p.theta[name]], f"{p.case} {name}")
 
 
+def _stored_tensor_bytes(directory: Path) -> int:
+    """The data bytes of every safetensors file in ``directory``: its size less its header."""
+    total = 0
+    for path in directory.glob("*.safetensors"):
+        with open(path, "rb") as handle:
+            total += path.stat().st_size - 8 - int.from_bytes(handle.read(8), "little")
+    return total
+
+
+def test_bytes_read_is_what_the_files_hold(prepared, tmp_path, low_rank_calls):
+    """The summary's bytes_read for a fused LoRA merge: the base's tensors and the adapter's
+    once each, not the fp32 θ_ft that the adapter stands for."""
+    p = prepared
+    result = engine.merge(p.base, p.adapter, tmp_path / "out", weight=0.6, chunk_size=4096)
+    assert low_rank_calls
+    assert result.bytes_read == _stored_tensor_bytes(p.base) + _stored_tensor_bytes(p.adapter)
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_linear_merge_of_a_lora_and_a_full_model(llama, tmp_path, low_rank_calls, dtype):
     """One LoRA and one full fine-tune: the full model's term through the backend, the LoRA's

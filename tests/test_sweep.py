@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -290,3 +292,35 @@ def test_pool_hands_out_every_buffer_across_threads():
     assert len({id(b) for b in taken}) == 3
     for b in taken:
         pool.release(b)
+
+
+def test_a_slow_oldest_chunk_never_starves_for_a_buffer(tmp_path, monkeypatch):
+    """Each output's hasher keeps a written chunk's buffer until the bytes before it are
+    written. While the oldest chunk is slow, the other worker runs ahead, and the buffers of
+    every chunk it finishes wait on the slow one: with too many chunks in flight they take the
+    whole pool, and the slow chunk never gets a buffer to finish with."""
+    base, ft = _pair(tmp_path)
+    original = SweepExecutor._process
+    first_merge: list = []
+
+    def slow_first(self, chunk, writer, pool):
+        if chunk.tensor.action == "merge" and not first_merge:
+            first_merge.append(chunk)
+            time.sleep(1.0)  # the other worker finishes the next chunks meanwhile
+        return original(self, chunk, writer, pool)
+
+    monkeypatch.setattr(SweepExecutor, "_process", slow_first)
+    finished: list = []
+
+    def run() -> None:
+        try:
+            finished.append(run_sweep(base, ft, tmp_path / "s", "0.1:0.9:0.1", chunk_size=CHUNK))
+        except BaseException as exc:  # noqa: BLE001
+            finished.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)  # a hang fails the test, not CI
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the sweep hung: its oldest chunk found no buffer"
+    assert len(finished) == 1 and not isinstance(finished[0], BaseException), finished
+    assert len(finished[0].outputs) == 9
