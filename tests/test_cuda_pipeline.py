@@ -170,7 +170,7 @@ def _mixed_inputs(tmp_path: Path, n_models: int) -> list[dict[str, np.ndarray]]:
 @needs_interpreter
 @pytest.mark.parametrize("n_models", [1, 3])
 def test_stand_in_pipeline_matches_cpu_bit_for_bit(tmp_path, stand_in, n_models):
-    inputs = _mixed_inputs(tmp_path, n_models)
+    _mixed_inputs(tmp_path, n_models)
     weights = [0.6] if n_models == 1 else [0.5, -0.25, 0.8]
     models = [tmp_path / f"in{i}" for i in range(1, n_models + 1)]
     kwargs = dict(weight=weights, chunk_size=4096, on_warning=lambda m: None)

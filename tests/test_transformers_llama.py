@@ -3,7 +3,6 @@ loaded back with AutoModelForCausalLM: its logits match a float64 reference merg
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
