@@ -2,7 +2,7 @@
 
 A Llama-3-70B pair is 2 × 141 GB in bf16, and the merged output another 141 GB — more than
 this machine's disk. This script writes the real 70B tensor list and shapes
-(``engine.synthetic.PRESETS['llama-3-70b']``: hidden 8192, intermediate 28672, vocabulary
+(``safeblend.synthetic.PRESETS['llama-3-70b']``: hidden 8192, intermediate 28672, vocabulary
 128256, 64 heads with 8 KV heads) with the embedding and lm_head at full size (128256 × 8192,
 2.1 GB each in bf16) and a reduced number of full-size decoder layers (~1.71 GB each in bf16),
 sharded at 5 GB as Hugging Face does, then times, alternating run by run:
@@ -17,7 +17,7 @@ bandwidth a given time would need. Measured figures and projections are printed 
 
 The generator here streams each tensor in blocks (the library writer would hold a 2.1 GB
 embedding plus float32 temporaries in memory); values are bf16 Gaussians, the "fine-tune" the
-base plus a 5 % perturbation, as in engine.synthetic.
+base plus a 5 % perturbation, as in safeblend.synthetic.
 
     python benchmarks/bench_70b.py                     # layers chosen from free disk (≤ 8)
     python benchmarks/bench_70b.py --layers 4 --runs 3
@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 
 from compare import machine_description, resolve_commit, safeblend_command, safeblend_version
 from measure import quantiles, timed  # noqa: E402
-from engine.synthetic import PRESETS, LlamaShape  # noqa: E402
+from safeblend.synthetic import PRESETS, LlamaShape  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 SHARD_BYTES = 5 * 10**9

@@ -1,6 +1,6 @@
 """End to end: `safeblend merge --device cuda` against `--device cpu` on the same checkpoint.
 
-Generates a Llama-shaped pair with engine.synthetic (once; reused from --work), reads it
+Generates a Llama-shaped pair with safeblend.synthetic (once; reused from --work), reads it
 into the page cache, then runs the CLI alternately on each device (so drift in the machine
 hits both), and compares the outputs byte for byte. Wall time is the CLI's own ``seconds``
 (merge start to output committed, fdatasync included) plus process start-up, measured here.
@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from engine.synthetic import PRESETS, write_pair  # noqa: E402
+from safeblend.synthetic import PRESETS, write_pair  # noqa: E402
 
 
 def generate(work: Path, preset: str) -> tuple[Path, Path]:
@@ -57,7 +57,7 @@ def merge(base: Path, ft: Path, out: Path, device: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    command = [sys.executable, "-c", "from engine.cli import main; main()", "merge", str(base), str(ft),
+    command = [sys.executable, "-c", "from safeblend.cli import main; main()", "merge", str(base), str(ft),
                "-o", str(out), "--weight", "0.6", "--device", device, "--json", "--quiet"]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=env)

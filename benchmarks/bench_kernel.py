@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from kernels import triton_backend as tb  # noqa: E402
+from safeblend.kernels import triton_backend as tb  # noqa: E402
 
 TARGET_FRACTION = 0.85  # issue target: kernel ≥ 85% of the measured copy bandwidth
 SWEEP = [(1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)]

@@ -1,7 +1,7 @@
 """A streaming LoRA merge against PEFT's merge_and_unload + save_pretrained.
 
 Generates a Llama-shaped bf16 base (TinyLlama-1.1B shapes by default) and its perturbed twin
-with ``engine.synthetic.write_pair``, plus a rank-16 LoRA adapter on every linear layer of
+with ``safeblend.synthetic.write_pair``, plus a rank-16 LoRA adapter on every linear layer of
 every block (q, k, v, o, gate, up, down), written by hand in PEFT's format (fp32 factors,
 ``base_model.model.`` keys, adapter_config.json). Then alternates, run after run, each under
 ``/usr/bin/time -v``:
@@ -35,7 +35,7 @@ from safetensors.numpy import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import quantiles, timed  # noqa: E402
 
-from engine.synthetic import PRESETS, LlamaShape, write_pair  # noqa: E402
+from safeblend.synthetic import PRESETS, LlamaShape, write_pair  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_SCRIPT = """
@@ -102,8 +102,8 @@ def main() -> None:
     script = work / "peft_merge.py"
     script.write_text(PEFT_SCRIPT)
     commands = {
-        "lora": f"python -m engine.cli merge {base} {adapter} -o {out} --weight 1.0 --device cpu -q --overwrite",
-        "plain": f"python -m engine.cli merge {base} {ft} -o {out} --weight 0.6 --device cpu -q --overwrite",
+        "lora": f"python -m safeblend.cli merge {base} {adapter} -o {out} --weight 1.0 --device cpu -q --overwrite",
+        "plain": f"python -m safeblend.cli merge {base} {ft} -o {out} --weight 0.6 --device cpu -q --overwrite",
         "peft": f"rm -rf {out} && HF_HUB_OFFLINE=1 python {script} {base} {adapter} {out} && sync {out}/*",
     }
     commands = {k: v for k, v in commands.items() if k not in args.skip}

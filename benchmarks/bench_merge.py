@@ -27,7 +27,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from engine.synthetic import PRESETS, write_pair
+from safeblend.synthetic import PRESETS, write_pair
 from measure import add_warm_memory_option, quantiles, safeblend_command, timed, warm_free_memory
 
 

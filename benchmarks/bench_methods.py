@@ -26,7 +26,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from engine.synthetic import LlamaShape, write_pair
+from safeblend.synthetic import LlamaShape, write_pair
 from measure import safeblend_command, timed
 
 SHAPES = {

@@ -33,9 +33,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from engine.synthetic import PRESETS, write_pair
+from safeblend.synthetic import PRESETS, write_pair
 from measure import quantiles, safeblend_command, timed, timed_cpu
-from engine.sweep import parse_weights
+from safeblend.lambda_sweep import parse_weights
 
 
 def ensure_pair(workdir: Path, preset: str, layers: int) -> tuple[Path, Path]:

@@ -23,8 +23,8 @@ floor's does. Every command runs under ``/usr/bin/time -v`` for its peak RSS (th
 process in it). Throughput is (bytes of both inputs + bytes of the output) / wall time.
 
 After timing, the outputs of the last linear and slerp runs of safeblend and mergekit are
-compared tensor by tensor, a row block at a time, with the DESIGN.md rule
-(``engine.tolerance.out_of_tolerance``, mergekit's value as the reference and the larger input
+compared tensor by tensor, a row block at a time, with the tolerance rule (safeblend.tolerance)
+(``safeblend.tolerance.out_of_tolerance``, mergekit's value as the reference and the larger input
 magnitude at each element for the cancellation term), and each against a float64 reference
 computed here from the inputs. (On the 1.1B pair the check takes ~3 minutes per method.)
 
@@ -60,7 +60,7 @@ sys.path.insert(0, str(REPO))
 import ml_dtypes  # noqa: E402,F401  (safetensors.numpy reads BF16 only once ml_dtypes is imported)
 import numpy as np  # noqa: E402
 
-from engine.synthetic import PRESETS, LlamaShape, write_pair  # noqa: E402
+from safeblend.synthetic import PRESETS, LlamaShape, write_pair  # noqa: E402
 from measure import add_warm_memory_option, quantiles, timed, warm_free_memory  # noqa: E402
 
 WEIGHT = 0.6  # λ for linear, t for slerp, the fine-tune's weight for task arithmetic
@@ -145,13 +145,23 @@ def safeblend_command(commit: str | None, root: Path) -> str:
         return "safeblend"
     sha = resolve_commit(commit)
     dest = root / f"safeblend-{sha}"
-    if not (dest / "engine" / "cli.py").exists():
-        dest.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "engine", "kernels"],
-                                 capture_output=True, check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    pyproject = subprocess.run(["git", "-C", str(REPO), "show", f"{sha}:pyproject.toml"],
+                               capture_output=True, text=True, check=True).stdout
+    # Commits before the package was named safeblend installed engine/ and kernels/ as
+    # top-level packages; later ones map engine/ to safeblend and kernels/ to safeblend.kernels.
+    renamed = "safeblend.cli:main" in pyproject
+    entry = "safeblend.cli" if renamed else "engine.cli"
+    if not dest.exists():
+        layout = {"engine": "safeblend", "kernels": "safeblend/kernels"} if renamed else \
+                 {"engine": "engine", "kernels": "kernels"}
+        for folder, target in layout.items():
+            (dest / target).mkdir(parents=True, exist_ok=True)
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, folder],
+                                     capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "--strip-components=1", "-C", str(dest / target)],
+                           input=archive, check=True)
     return (f"env PYTHONPATH={dest.resolve()} {sys.executable} -c "
-            f"'import sys; sys.argv[0] = \"safeblend\"; from engine.cli import main; main()'")
+            f"'import sys; sys.argv[0] = \"safeblend\"; from {entry} import main; main()'")
 
 
 def safeblend_version(cmd: str) -> str:
@@ -302,15 +312,15 @@ def _reference_coefficients(method: str, aa: float, bb: float, ab: float) -> tup
 
 
 def compare_outputs(method: str, ours: Path, theirs: Path, base: Path, ft: Path, block: int = 1 << 22) -> dict:
-    """Each output against the other and against the float64 reference, with the DESIGN.md rule.
+    """Each output against the other and against the float64 reference, with the tolerance rule (safeblend.tolerance).
 
     Streams a row block at a time (slerp first gathers its whole-tensor dot products in float64).
-    Counts elements outside ``engine.tolerance.out_of_tolerance`` for: safeblend vs mergekit
+    Counts elements outside ``safeblend.tolerance.out_of_tolerance`` for: safeblend vs mergekit
     (mergekit's value as reference), safeblend vs float64, mergekit vs float64.
     """
     from safetensors import safe_open
 
-    from engine.tolerance import out_of_tolerance
+    from safeblend.tolerance import out_of_tolerance
 
     maps = [_tensor_files(d) for d in (ours, theirs, base, ft)]
     stats = {"tensors": len(maps[0]), "elements": 0, "bad": 0, "bad_ours_vs_ref": 0, "bad_theirs_vs_ref": 0,
@@ -510,7 +520,7 @@ def format_table(result: dict) -> str:
                 lines.append(f"{method}: cannot compare — {c.get('note', '')}")
                 continue
             lines.append(
-                f"{method}: safeblend vs mergekit: {c['bad']:,} of {c['elements']:,} elements outside the DESIGN.md "
+                f"{method}: safeblend vs mergekit: {c['bad']:,} of {c['elements']:,} elements outside the tolerance rule "
                 f"tolerance ({c['identical']:,} bit-identical, max |diff| {c['max_abs']:.3g}); against the float64 "
                 f"reference, outside tolerance: safeblend {c['bad_ours_vs_ref']:,}, mergekit {c['bad_theirs_vs_ref']:,}")
     for note in result["notes"]:

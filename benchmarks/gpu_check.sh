@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared GPU check for safeblend's CUDA path (issue 3). Installs nothing: it runs from
-# this checkout (PYTHONPATH) with the torch/triton already on the machine. The step limits add
+# this checkout (PYTHONPATH, a symlinked package layout) with the torch/triton already on the machine. The step limits add
 # up to 8 minutes on one H100 (expected: ~5); every step has its own time limit, its log under $OUT, and a failed step does
 # not stop the next one. Ends with a summary of every step.
 #
@@ -23,7 +23,12 @@ PY="${PYTHON:-python3}"
 PRESET="${BENCH_PRESET:-tinyllama-1.1b}"
 WORK="${BENCH_WORK:-${TMPDIR:-/tmp}/safeblend-gpu-check}"
 mkdir -p "$OUT" "$WORK"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# The package as pip lays it out (engine/ is `safeblend`, kernels/ is `safeblend.kernels`), made
+# of symlinks into this checkout so that nothing is installed on the machine.
+LAYOUT="$WORK/import-layout"
+rm -rf "$LAYOUT" && mkdir -p "$LAYOUT/safeblend"
+ln -s "$REPO"/engine/* "$LAYOUT/safeblend/" && ln -s "$REPO/kernels" "$LAYOUT/safeblend/kernels"
+export PYTHONPATH="$LAYOUT${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 cd "$REPO" || exit 1
 
@@ -59,7 +64,7 @@ step environment 20 bash -c '
 import platform, numpy, torch, triton
 print("python", platform.python_version(), "numpy", numpy.__version__, "torch", torch.__version__,
       "cuda", torch.version.cuda, "triton", triton.__version__)
-from kernels import cuda_unavailable_reason
+from safeblend.kernels import cuda_unavailable_reason
 print("cuda_unavailable_reason:", cuda_unavailable_reason())
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)

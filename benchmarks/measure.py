@@ -22,7 +22,7 @@ def safeblend_command() -> str:
 
 
 def byte_compile_engine() -> None:
-    """Write the .pyc files of the engine and kernels packages, as ``pip install`` does.
+    """Write the .pyc files of safeblend and safeblend.kernels, as ``pip install`` does.
 
     An editable checkout gets them from the first run, unless PYTHONDONTWRITEBYTECODE is set
     (as on this project's build machine): then every command recompiles engine/ (~40 ms
@@ -30,10 +30,10 @@ def byte_compile_engine() -> None:
     """
     import compileall
 
-    import engine
-    import kernels
+    import safeblend
+    import safeblend.kernels
 
-    for package in (engine, kernels):
+    for package in (safeblend, safeblend.kernels):
         compileall.compile_dir(str(Path(package.__file__).parent), quiet=1)
 
 
@@ -64,7 +64,7 @@ def timed_cpu(cmd: str | list[str], env: dict[str, str] | None = None) -> tuple[
 
 def add_warm_memory_option(parser) -> None:
     """``--warm-memory SIZE`` (0, the default, warms nothing), parsed to bytes."""
-    from engine.units import parse_size
+    from safeblend.units import parse_size
 
     parser.add_argument("--warm-memory", type=lambda text: 0 if text.strip() == "0" else parse_size(text),
                         default=0, metavar="SIZE",

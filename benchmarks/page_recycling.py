@@ -6,7 +6,7 @@ time of each:
 * ``cache``:  plain ``pwrite``; the output stays in the page cache (what ``cp`` does);
 * ``lagged``: ``pwrite``, then ``fdatasync`` + ``POSIX_FADV_DONTNEED`` of what lies more than
   ``--lag`` behind the write position (a slow reader between write and drop);
-* ``recycle``: the same with no lag (what engine.journal does behind its hasher).
+* ``recycle``: the same with no lag (what safeblend.journal does behind its hasher).
 
 On a VM whose free memory is handed back to the host, the first touch of a page the guest has
 not used recently costs a host fault, so writing into fresh page cache is several times slower
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine.units import parse_size  # noqa: E402
+from safeblend.units import parse_size  # noqa: E402
 
 CHUNK = 8 * 2**20
 SYNC_EVERY = 4  # chunks between fdatasync + drop

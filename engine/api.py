@@ -1,4 +1,4 @@
-"""The Python entry point: ``engine.merge(base, models, out, ...)``."""
+"""The Python entry point: ``safeblend.merge(base, models, out, ...)``."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from .execute_cuda import CudaExecutor, runs_on_gpu
 from .lora import open_model
 from .methods import MergeMethod, create_method
 from .model_files import copy_model_files
-from .plan import plan as make_plan
+from .plan import make_plan
 from .units import parse_size
 from .journal import MergeSession
 from .writer import write_index
@@ -74,7 +74,7 @@ def merge(
         base: the pre-fine-tuning model (directory or ``.safetensors`` file).
         models: one or more fine-tuned models of the same architecture.
         out: output directory; appears only once complete.
-        method: a registered method name (see ``engine.methods.method_names()``).
+        method: a registered method name (see ``safeblend.methods.method_names()``).
         weight: λ, the fine-tuned model's weight (one value, or one per model); None takes the
             method's default (0.5 for linear, 1 for task arithmetic, TIES and DARE).
         dtype: output dtype for float tensors: ``auto`` (the base's, per tensor), bf16, fp16, fp32.
@@ -83,20 +83,20 @@ def merge(
         chunk_size: largest chunk processed at once; bounds memory.
         overwrite: replace an existing OUT.
         resume: finish the partial output an interrupted merge into OUT left beside it
-            (``.OUT.safeblend-partial``), keeping its journaled tensors (``engine.journal``).
+            (``.OUT.safeblend-partial``), keeping its journaled tensors (``safeblend.journal``).
         allow_missing: ``"take"`` copies tensors that only some inputs have from the base, else
             from the first model that has them; None (default) refuses such inputs.
         progress: show a progress bar on stderr.
         on_warning: called with each warning (default: ``warnings.warn``).
         **method_params: the method's other parameters, e.g. ``density``, ``lambda_``,
-            ``normalize``, ``consensus``, ``rescale``, ``seed`` (see ``engine.methods``); any
-            of them may vary by tensor (``engine.methods.params``).
+            ``normalize``, ``consensus``, ``rescale``, ``seed`` (see ``safeblend.methods``); any
+            of them may vary by tensor (``safeblend.methods.params``).
 
     Returns:
         A MergeResult with the run's figures.
 
     Example:
-        >>> engine.merge("base/", "finetune/", "merged/", weight=0.6)  # doctest: +SKIP
+        >>> safeblend.merge("base/", "finetune/", "merged/", weight=0.6)  # doctest: +SKIP
     """
     started = time.perf_counter()
     warn = on_warning or (lambda message: warnings.warn(message, stacklevel=3))
@@ -113,7 +113,7 @@ def merge(
 
     with ExitStack() as opened:  # every checkpoint opened is closed, however this ends
         base_ckpt = opened.enter_context(closing(Checkpoint.open(base)))
-        # LoRA adapter directories open as lazily materialised fine-tunes (engine.lora); as
+        # LoRA adapter directories open as lazily materialised fine-tunes (safeblend.lora); as
         # low-rank terms where the method adds them itself (the linear family, on the CPU).
         low_rank = device_name == "cpu" and merger.takes_low_rank
         model_ckpts = [opened.enter_context(closing(open_model(p, base_ckpt, out_dtype, low_rank)))
@@ -177,7 +177,7 @@ def output_metadata(merger: MergeMethod, base: str | os.PathLike, model_paths: S
 
 def _select_backend(device: str, merger):
     """The compute backend for ``--device``, and the device name the summary reports."""
-    from kernels import cpu_backend, cuda_unavailable_reason
+    from safeblend.kernels import cpu_backend, cuda_unavailable_reason
 
     if device not in ("auto", "cpu", "cuda"):
         raise SpecError(f"unknown device {device!r}; expected auto, cpu or cuda")
@@ -187,7 +187,7 @@ def _select_backend(device: str, merger):
     if device == "auto" and reason is None and not runs_on_gpu(merger):
         return cpu_backend(), "cpu"  # the method needs host-side reduce passes
     if reason is None:
-        from kernels.triton_backend import TritonBackend  # imports torch and triton
+        from safeblend.kernels.triton_backend import TritonBackend  # imports torch and triton
 
         return TritonBackend(), "cuda"
     if device == "cuda":

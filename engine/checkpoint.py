@@ -25,7 +25,7 @@ from .errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-ADAPTER_CONFIG_NAME = "adapter_config.json"  # a PEFT adapter, read by engine.lora
+ADAPTER_CONFIG_NAME = "adapter_config.json"  # a PEFT adapter, read by safeblend.lora
 # The safetensors library refuses headers above 100 MB; a larger one is corrupt, not big.
 MAX_HEADER_BYTES = 100_000_000
 _PAGE = mmap.PAGESIZE

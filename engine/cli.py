@@ -249,9 +249,9 @@ def inspect(checkpoint, as_json) -> None:
 def verify(output, as_json) -> None:
     """Re-read a merged OUTPUT and check every shard against safeblend.json (size, SHA-256),
     the headers, the index and the other files; exit 1 naming each mismatch."""
-    from .verify import verify_output
+    from .manifest import verify as verify_checkpoint
 
-    report = verify_output(output)
+    report = verify_checkpoint(output)
     if as_json:
         click.echo(json.dumps({"path": report.path, "ok": report.ok, "shards": report.shards,
                                "bytes_checked": report.bytes_checked, "problems": report.problems}, indent=2))
@@ -306,8 +306,8 @@ def sweep(base, models, out, weights, method, lambda_, normalize, dtype, shard_s
     Each output is exactly what `safeblend merge --weight W` writes. Only methods with one
     scalar weight sweep: linear, task-arithmetic, slerp.
     """
-    from .sweep import output_name, parse_weights
-    from .sweep import sweep as run_sweep
+    from .lambda_sweep import output_name, parse_weights
+    from .lambda_sweep import sweep as run_sweep
 
     result = run_sweep(base, list(models), out, parse_weights(weights), method=method, lambda_=lambda_,
                        normalize=normalize, dtype=dtype.lower(), shard_size=shard_size, chunk_size=chunk_size,
@@ -344,8 +344,8 @@ def diff(base, ft, as_json, plot, top, chunk_size, quiet) -> None:
 
     Figures: relative change ‖Δ‖/‖base‖, cosine(base, ft) and max |Δ|, from one streaming read.
     """
-    from .diff import diff as run_diff
-    from .diff import format_report, plot_drift, require_matplotlib
+    from .drift import diff as run_diff
+    from .drift import format_report, plot_drift, require_matplotlib
 
     if plot is not None:
         require_matplotlib()  # fail before reading the models, not after

@@ -53,7 +53,7 @@ def iter_chunks(plan: MergePlan, chunk_bytes: int) -> Iterator[Chunk]:
 
 class BufferPool:
     """A fixed set of equal page-aligned byte buffers, handed out and returned across threads;
-    each holds one chunk ``placed`` for the writer (engine.writer)."""
+    each holds one chunk ``placed`` for the writer (safeblend.writer)."""
 
     def __init__(self, count: int, nbytes: int) -> None:
         self.count = count
@@ -129,7 +129,7 @@ class Executor:
     def _buffer_pool(self, writer: ShardWriter) -> BufferPool:
         """Chunk buffers for the writer's queue plus two chunks in flight per worker.
 
-        A hook: the sweep executor (engine.sweep) sizes its own pool for several outputs.
+        A hook: the sweep executor (safeblend.lambda_sweep) sizes its own pool for several outputs.
         """
         return BufferPool(count=writer.depth + 2 * self.workers, nbytes=self.chunk_bytes)
 

@@ -70,7 +70,7 @@ class _InFlight:
     chunk: Chunk
     in_slot: int
     out_buffer: Any  # pinned torch uint8 tensor from the output pool
-    out_shift: int  # where in it the chunk's bytes start (engine.writer.placed)
+    out_shift: int  # where in it the chunk's bytes start (safeblend.writer.placed)
     out_bytes: int
     done: Any  # torch.cuda.Event recorded after the D2H copy
 
@@ -88,7 +88,7 @@ def runs_on_gpu(method: MergeMethod) -> bool:
 class CudaExecutor:
     """Runs a plan through pinned staging buffers, CUDA streams and the Triton backend.
 
-    Same contract as ``engine.execute.Executor``: ``run(writer, progress)`` computes and
+    Same contract as ``safeblend.execute.Executor``: ``run(writer, progress)`` computes and
     writes every chunk and returns the bytes read and written. ``report`` describes the
     buffers and streams after a run (for tests and the benchmark log).
     """
@@ -256,7 +256,7 @@ class CudaExecutor:
         f = self._file(t.base)
         start, length = self._byte_range(t.base, chunk)
         out_offset = t.offset + chunk.first * t.dtype.itemsize
-        if t.base.dtype != t.dtype:  # taken from one model (engine.quirks), cast to the output dtype on the host
+        if t.base.dtype != t.dtype:  # taken from one model (safeblend.quirks), cast to the output dtype on the host
             data = np.empty(chunk.count, t.dtype.numpy)
             np.copyto(data, f.view(t.base, chunk.first, chunk.count), casting="unsafe")
             f.release(start, length)

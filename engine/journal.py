@@ -20,7 +20,7 @@ from the chunk's own buffer, which the writer hands over instead of releasing (s
 pool, not the hasher, bounds how far writing runs ahead), and re-reads from the file only what
 no buffer brought: headers, and tensors kept by ``--resume``. Behind it the hashed prefix is
 flushed and dropped from the page cache (``fdatasync`` + ``POSIX_FADV_DONTNEED``; most of each
-chunk never entered it, being written with O_DIRECT, engine.writer, but the rest did): the output
+chunk never entered it, being written with O_DIRECT, safeblend.writer, but the rest did): the output
 then holds a few tens of MiB of cache, not its whole size, and new writes reuse those pages
 instead of claiming memory the kernel has not touched yet, which on a VM costs a host fault per
 4 KiB page (benchmarks/page_recycling.py: 0.35 GiB/s into fresh pages, 1.3 GiB/s recycled,
@@ -636,7 +636,7 @@ class MergeSession:
         """After the writer closed and the index and model files are written: finish the
         hashes, apply checkpoint quirks, write the manifest, drop journal and lock, rename."""
         from .quirks import apply_output_files
-        from .verify import write_manifest
+        from .manifest import write_manifest
 
         assert self.progress is not None
         digests = self.progress.finish()

@@ -130,7 +130,7 @@ def check_compatible(base: Checkpoint, models: list[Checkpoint]) -> None:
                 )
 
 
-def plan(
+def make_plan(
     base: Checkpoint,
     models: list[Checkpoint],
     out_dtype: str | None,
@@ -146,7 +146,7 @@ def plan(
         out_dtype: safetensors dtype name for float outputs, or None to keep the base's.
         shard_size: largest shard in bytes (a tensor larger than this gets a shard alone).
         metadata: strings recorded in every shard header (``format`` is added).
-        allow_missing: ``"take"`` copies tensors only some inputs have (``engine.quirks``).
+        allow_missing: ``"take"`` copies tensors only some inputs have (``safeblend.quirks``).
     """
     from .quirks import reconcile  # tied embeddings, resized vocabularies, missing tensors
 

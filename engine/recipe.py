@@ -16,7 +16,7 @@
 Accepted: ``merge_method``, ``base_model``, ``models`` (or ``slices`` holding one slice whose
 sources all span every layer, the way mergekit's SLERP examples are written), ``parameters``
 (merge-wide values, which also serve as defaults for the per-model ones), ``dtype`` and
-``out_dtype``. Every parameter takes mergekit's forms (``engine.methods.params``). Defaults
+``out_dtype``. Every parameter takes mergekit's forms (``safeblend.methods.params``). Defaults
 are mergekit's: ``normalize`` is true for linear and ties and false otherwise, DARE rescales by
 1/density. Anything else is an error naming the key; safeblend never ignores a setting.
 
@@ -83,7 +83,7 @@ _NEEDS_BASE = {"task-arithmetic", "ties", "dare-linear", "dare-ties", "slerp", "
 
 @dataclass
 class Recipe:
-    """A parsed recipe: the inputs, the method and its keyword parameters for ``engine.merge``."""
+    """A parsed recipe: the inputs, the method and its keyword parameters for ``safeblend.merge``."""
 
     source: str
     method: str
@@ -316,7 +316,7 @@ def _same(a: str, b: str) -> bool:
 
 
 def merge_recipe(path: str | os.PathLike, out: str | os.PathLike, **options: Any):
-    """Run the merge a recipe file describes; ``options`` go to ``engine.merge`` (e.g. ``dtype``,
+    """Run the merge a recipe file describes; ``options`` go to ``safeblend.merge`` (e.g. ``dtype``,
     ``device``, ``seed``; an explicit ``dtype`` overrides the recipe's)."""
     from .api import merge
 

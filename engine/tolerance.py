@@ -1,4 +1,4 @@
-"""The acceptance rule for merged values (DESIGN.md, Numerics), shared by the demo and tests.
+"""The acceptance rule for merged values (README, "How it works": numerics), shared by the demo and tests.
 
 An element passes when it is within one ulp of the output dtype of the float64 reference, or,
 where the inputs nearly cancel and the result is tiny, within fp32 rounding of the inputs'

@@ -2,7 +2,7 @@
 
 Whole-array numpy allocates a full-size temporary per operation and pays a page fault per
 fresh page; working through fixed blocks with preallocated scratch is 3-4x faster on the
-2-core machines this project is measured on (DESIGN.md, measured facts).
+2-core machines this project is measured on (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

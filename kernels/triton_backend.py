@@ -18,7 +18,7 @@ interpolation kernel (``lerp``). More models run as passes of up to eight throug
 accumulator, which keeps the summation order, and so the bits, of a single pass.
 
 A second kernel does ``dare-linear``: the same sum with each delta multiplied by a 0/1 drop
-mask and a per-model factor (``dare_linear``). The mask is engine.methods._rng's
+mask and a per-model factor (``dare_linear``). The mask is safeblend.methods._rng's
 counter-based generator re-implemented with uint64 ops (``_dare_keep``), so an element's
 fate depends only on (seed, tensor name, model, element index), never on chunking or device.
 
@@ -185,7 +185,7 @@ _GAMMA = tl.constexpr(0x9E3779B97F4A7C15)
 _MIX1 = tl.constexpr(0xBF58476D1CE4E5B9)
 _MIX2 = tl.constexpr(0x94D049BB133111EB)
 
-# A keep limit (engine.methods._rng.keep_limit) that keeps every element: density 1. It does
+# A keep limit (safeblend.methods._rng.keep_limit) that keeps every element: density 1. It does
 # not fit in uint64, so the host skips the mask for such a model instead of comparing.
 KEEP_ALL = 1 << 64
 
@@ -196,7 +196,7 @@ def _dare_keep(key, index, limit):
 
     ``key`` and ``limit`` are uint64 scalars, ``index`` the int64 element indices within the
     tensor (≥ 0). All arithmetic is uint64: multiplies wrap modulo 2⁶⁴ and ``>>`` is a logical
-    shift, so the bits equal ``engine.methods._rng.MaskGenerator.keep``'s.
+    shift, so the bits equal ``safeblend.methods._rng.MaskGenerator.keep``'s.
     """
     z = key + (index + 1).to(tl.uint64, bitcast=True) * _GAMMA
     z = (z ^ (z >> 30)) * _MIX1
@@ -401,7 +401,7 @@ def dare_linear(
     Bit for bit what ``dare-linear``'s numpy path computes (engine/methods/_sparse.py,
     ``merge_chunk``): in fp32, dᵢ = mᵢ − b, times the 0/1 mask, times fᵢ, summed for i
     ascending, times λ, plus b, rounded once (RNE) to out's dtype. The mask is
-    ``keepᵢⱼ = mix(keys[i] + (first + j + 1)·γ) < limits[i]`` (engine.methods._rng).
+    ``keepᵢⱼ = mix(keys[i] + (first + j + 1)·γ) < limits[i]`` (safeblend.methods._rng).
     fp64 inputs are rounded to fp32 first, as on the CPU.
 
     Args:
@@ -472,7 +472,7 @@ def dare_keep_mask(key: int, limit: int, n: int, *, first: int = 0, device: str 
                    block_size: int | None = None) -> torch.Tensor:
     """Elements [first, first + n) of one DARE keep mask (bool), from the kernels' generator.
 
-    Exposed for tests: ``engine.methods._rng.MaskGenerator.keep`` gives the same bits on the
+    Exposed for tests: ``safeblend.methods._rng.MaskGenerator.keep`` gives the same bits on the
     CPU. ``limit`` = ``KEEP_ALL`` (2⁶⁴) is all True, handled here, as numpy does.
 
     Example:

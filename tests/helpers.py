@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from engine.tolerance import out_of_tolerance
+from safeblend.tolerance import out_of_tolerance
 
 NUMPY_DTYPES = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp32": np.float32, "fp64": np.float64}
 
@@ -51,7 +51,7 @@ def load_checkpoint(directory: Path) -> dict[str, np.ndarray]:
 
 def assert_within_tolerance(out: np.ndarray, reference: np.ndarray, inputs: list[np.ndarray], what: str = "") -> None:
     """Fail with the mismatch count and the first bad indices when ``out`` breaks the
-    DESIGN.md rule against the float64 ``reference``."""
+    tolerance rule (safeblend.tolerance) against the float64 ``reference``."""
     assert out.shape == reference.shape, f"{what}: shape {out.shape} != {reference.shape}"
     absmax = np.max([np.abs(np.asarray(x, dtype=np.float64)) for x in inputs], axis=0)
     bad = out_of_tolerance(out, reference, absmax)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from engine.checkpoint import Checkpoint, read_safetensors_header
-from engine.cli import main
-from engine.errors import CheckpointError
+from safeblend.checkpoint import Checkpoint, read_safetensors_header
+from safeblend.cli import main
+from safeblend.errors import CheckpointError
 from tests.helpers import write_checkpoint
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 from click.testing import CliRunner
 
-from engine.cli import main
+from safeblend.cli import main
 from tests.helpers import load_checkpoint, write_checkpoint
 
 

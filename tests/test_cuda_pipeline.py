@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import engine
-import engine.api
-from engine.execute_cuda import CudaExecutor
-from engine.synthetic import PRESETS, write_pair
-from kernels import cuda_unavailable_reason
+import safeblend
+import safeblend.api
+from safeblend.execute_cuda import CudaExecutor
+from safeblend.synthetic import PRESETS, write_pair
+from safeblend.kernels import cuda_unavailable_reason
 from tests.helpers import (NUMPY_DTYPES, assert_within_tolerance, load_checkpoint, random_tensor,
                            write_checkpoint)
 
@@ -134,7 +134,7 @@ class StandInExecutor(CudaExecutor):
 def _select_stand_in(device: str, merger=None):
     if device == "cuda":
         return tb.TritonBackend(), "cuda"
-    from kernels import cpu_backend
+    from safeblend.kernels import cpu_backend
 
     return cpu_backend(), "cpu"
 
@@ -142,8 +142,8 @@ def _select_stand_in(device: str, merger=None):
 @pytest.fixture
 def stand_in(monkeypatch):
     """Route device="cuda" through StandInExecutor with the interpreted Triton backend."""
-    monkeypatch.setattr(engine.api, "_select_backend", _select_stand_in)
-    monkeypatch.setattr(engine.api, "CudaExecutor", StandInExecutor)
+    monkeypatch.setattr(safeblend.api, "_select_backend", _select_stand_in)
+    monkeypatch.setattr(safeblend.api, "CudaExecutor", StandInExecutor)
     StandInExecutor.reports.clear()
     return StandInExecutor.reports
 
@@ -174,8 +174,8 @@ def test_stand_in_pipeline_matches_cpu_bit_for_bit(tmp_path, stand_in, n_models)
     weights = [0.6] if n_models == 1 else [0.5, -0.25, 0.8]
     models = [tmp_path / f"in{i}" for i in range(1, n_models + 1)]
     kwargs = dict(weight=weights, chunk_size=4096, on_warning=lambda m: None)
-    cuda = engine.merge(tmp_path / "in0", models, tmp_path / "cuda", device="cuda", **kwargs)
-    cpu = engine.merge(tmp_path / "in0", models, tmp_path / "cpu", device="cpu", **kwargs)
+    cuda = safeblend.merge(tmp_path / "in0", models, tmp_path / "cuda", device="cuda", **kwargs)
+    cpu = safeblend.merge(tmp_path / "in0", models, tmp_path / "cpu", device="cpu", **kwargs)
     assert (cuda.device, cpu.device) == ("cuda", "cpu")
     assert (cuda.bytes_read, cuda.bytes_written) == (cpu.bytes_read, cpu.bytes_written)
     for shard in sorted(p.name for p in (tmp_path / "cpu").glob("*.safetensors")):
@@ -198,12 +198,12 @@ def test_stand_in_pipeline_failure_leaves_no_output(tmp_path, stand_in, monkeypa
 
     monkeypatch.setattr(StandInExecutor, "_read", failing)
     with pytest.raises(OSError, match="simulated"):
-        engine.merge(tmp_path / "in0", tmp_path / "in1", tmp_path / "out", device="cuda", chunk_size=4096)
+        safeblend.merge(tmp_path / "in0", tmp_path / "in1", tmp_path / "out", device="cuda", chunk_size=4096)
     assert not (tmp_path / "out").exists()
 
 
 def test_slot_size_is_bounded_by_the_pinned_budget():
-    from engine import execute_cuda as ec
+    from safeblend import execute_cuda as ec
 
     assert ec.staging_slot_bytes(16 * 2**20, 2) == 16 * 2**20
     many = ec.staging_slot_bytes(16 * 2**20, 20)
@@ -213,18 +213,18 @@ def test_slot_size_is_bounded_by_the_pinned_budget():
 
 
 def test_device_cuda_without_gpu_is_a_clear_error(tmp_path, monkeypatch):
-    linear = engine.methods.create_method("linear", 1, weight=0.5)
-    monkeypatch.setattr("kernels.cuda_unavailable_reason", lambda: "no NVIDIA GPU driver found")
-    with pytest.raises(engine.errors.SpecError, match="--device cuda: no NVIDIA GPU driver found"):
-        engine.api._select_backend("cuda", linear)
-    assert engine.api._select_backend("auto", linear)[1] == "cpu"
+    linear = safeblend.methods.create_method("linear", 1, weight=0.5)
+    monkeypatch.setattr("safeblend.kernels.cuda_unavailable_reason", lambda: "no NVIDIA GPU driver found")
+    with pytest.raises(safeblend.errors.SpecError, match="--device cuda: no NVIDIA GPU driver found"):
+        safeblend.api._select_backend("cuda", linear)
+    assert safeblend.api._select_backend("auto", linear)[1] == "cpu"
 
 
 def test_auto_runs_methods_with_reduce_passes_on_the_cpu(monkeypatch):
     """A GPU is present, but slerp's norms have no device version: auto picks the CPU."""
-    monkeypatch.setattr("kernels.cuda_unavailable_reason", lambda: None)
-    slerp = engine.methods.create_method("slerp", 1, weight=0.5)
-    assert engine.api._select_backend("auto", slerp)[1] == "cpu"
+    monkeypatch.setattr("safeblend.kernels.cuda_unavailable_reason", lambda: None)
+    slerp = safeblend.methods.create_method("slerp", 1, weight=0.5)
+    assert safeblend.api._select_backend("auto", slerp)[1] == "cpu"
 
 
 # -- on a GPU ---------------------------------------------------------------------------------
@@ -232,7 +232,7 @@ def test_auto_runs_methods_with_reduce_passes_on_the_cpu(monkeypatch):
 
 def _cli(*args: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-c", "from engine.cli import main; main()", *args, "--json", "--quiet"]
+    command = [sys.executable, "-c", "from safeblend.cli import main; main()", *args, "--json", "--quiet"]
     result = subprocess.run(command,
                             capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
@@ -262,7 +262,7 @@ def test_cli_cuda_matches_cpu(small_pair, tmp_path, dtype):
 
 @gpu
 def test_auto_picks_cuda(small_pair, tmp_path):
-    result = engine.merge(small_pair / "base", small_pair / "ft", tmp_path / "out", device="auto")
+    result = safeblend.merge(small_pair / "base", small_pair / "ft", tmp_path / "out", device="auto")
     assert result.device == "cuda"
 
 
@@ -273,8 +273,8 @@ def test_many_models_cuda_matches_cpu(tmp_path, n_models):
     weights = [round(0.1 * i - 0.15, 3) for i in range(n_models)]
     models = [tmp_path / f"in{i}" for i in range(1, n_models + 1)]
     kwargs = dict(weight=weights, chunk_size=8192, on_warning=lambda m: None)
-    engine.merge(tmp_path / "in0", models, tmp_path / "cuda", device="cuda", **kwargs)
-    engine.merge(tmp_path / "in0", models, tmp_path / "cpu", device="cpu", **kwargs)
+    safeblend.merge(tmp_path / "in0", models, tmp_path / "cuda", device="cuda", **kwargs)
+    safeblend.merge(tmp_path / "in0", models, tmp_path / "cpu", device="cpu", **kwargs)
     assert_outputs_match(tmp_path / "cuda", tmp_path / "cpu", inputs, weights)
 
 
@@ -288,10 +288,10 @@ def test_pinned_staging_streams_and_bounded_device_memory(tmp_path, monkeypatch)
             reports.append(self.report)
             return stats
 
-    monkeypatch.setattr(engine.api, "CudaExecutor", Recording)
+    monkeypatch.setattr(safeblend.api, "CudaExecutor", Recording)
     for preset in ("tiny", "small"):
         write_pair(tmp_path / preset / "base", tmp_path / preset / "ft", PRESETS[preset])
-        engine.merge(tmp_path / preset / "base", tmp_path / preset / "ft", tmp_path / preset / "out",
+        safeblend.merge(tmp_path / preset / "base", tmp_path / preset / "ft", tmp_path / preset / "out",
                      device="cuda", chunk_size="1MiB")
     for report in reports:
         assert report["pinned"], "host staging buffers must be page-locked"

@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import save_file
 
-from engine.cli import main
-from engine.diff import DriftReport, diff, format_report, layer_of, module_of, plot_drift, plot_series
-from engine.errors import IncompatibleInputsError, SafeblendError
+from safeblend.cli import main
+from safeblend.drift import DriftReport, diff, format_report, layer_of, module_of, plot_drift, plot_series
+from safeblend.errors import IncompatibleInputsError, SafeblendError
 from tests.helpers import NUMPY_DTYPES, random_tensor, write_checkpoint
 
 LAYERS = 3
@@ -290,7 +290,7 @@ def test_missing_matplotlib_is_one_line_before_any_reading(tmp_path, monkeypatch
     base_dir, ft_dir, _, _ = _pair(tmp_path)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
-    import engine.diff as module
+    import safeblend.drift as module
 
     read = []
     monkeypatch.setattr(module, "_measure_all", lambda *a, **k: read.append(1) or 0)

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import writer as writer_module
-from engine.checkpoint import Checkpoint
-from engine.plan import plan as make_plan
-from engine.writer import DIRECT_ALIGN, ShardWriter, aligned_buffer, placed
+from safeblend import writer as writer_module
+from safeblend.checkpoint import Checkpoint
+from safeblend.plan import make_plan
+from safeblend.writer import DIRECT_ALIGN, ShardWriter, aligned_buffer, placed
 from tests.helpers import write_checkpoint
 
 # Tensor byte sizes around the 4 KiB block: none, inside one block, exactly one, straddling.
@@ -169,8 +169,8 @@ def test_a_merge_places_its_chunks_so_most_bytes_go_direct(tmp_path, monkeypatch
     partial blocks at chunk ends bypass the page cache (where the filesystem allows it)."""
     if not _takes_direct_io(tmp_path):
         pytest.skip(f"{tmp_path}'s filesystem refuses O_DIRECT; the page-cache path is tested elsewhere")
-    import engine
-    from engine.journal import JournaledWriter
+    import safeblend
+    from safeblend.journal import JournaledWriter
 
     writers: list[ShardWriter] = []
     original_open = JournaledWriter.open
@@ -184,7 +184,7 @@ def test_a_merge_places_its_chunks_so_most_bytes_go_direct(tmp_path, monkeypatch
     tensors = {f"w{i}": rng.standard_normal((257, 999)).astype(np.float32) for i in range(3)}
     write_checkpoint(tmp_path / "base", tensors)
     write_checkpoint(tmp_path / "ft", {k: v + 0.01 for k, v in tensors.items()})
-    result = engine.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", method=method, weight=0.6,
+    result = safeblend.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", method=method, weight=0.6,
                           chunk_size="256KiB", progress=False, on_warning=lambda message: None)
     (writer,) = writers
     # Per chunk at most two partial blocks go through the cache: 2 × 4 KiB of each 256 KiB.

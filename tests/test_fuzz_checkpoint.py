@@ -21,9 +21,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.checkpoint import INDEX_NAME, Checkpoint, read_safetensors_header
-from engine.dtypes import DTYPES
-from engine.errors import CheckpointError
+from safeblend.checkpoint import INDEX_NAME, Checkpoint, read_safetensors_header
+from safeblend.dtypes import DTYPES
+from safeblend.errors import CheckpointError
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
 _COMMON = dict(deadline=None, derandomize=True, database=None,

@@ -1,4 +1,4 @@
-"""The linear merge, end to end through engine.merge, against a float64 reference."""
+"""The linear merge, end to end through safeblend.merge, against a float64 reference."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-import engine
+import safeblend
 from tests.helpers import NUMPY_DTYPES, assert_within_tolerance, load_checkpoint, random_tensor, write_checkpoint
 
 DTYPES = ["bf16", "fp16", "fp32"]
@@ -39,7 +39,7 @@ def _pair(tmp_path, base_dtype, ft_dtype, shapes, shards=1, seed=0):
 @pytest.mark.parametrize("out_dtype", ["auto", "bf16", "fp32"])
 def test_every_dtype_combination_matches_float64(tmp_path, base_dtype, ft_dtype, out_dtype):
     base, ft = _pair(tmp_path, base_dtype, ft_dtype, SHAPES)
-    engine.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=0.6, dtype=out_dtype,
+    safeblend.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=0.6, dtype=out_dtype,
                  chunk_size=4096)
     merged = load_checkpoint(tmp_path / "out")
     for name, b in base.items():
@@ -53,7 +53,7 @@ def test_every_dtype_combination_matches_float64(tmp_path, base_dtype, ft_dtype,
 @pytest.mark.parametrize("weight", [0.0, 1.0, 0.1, 0.9, -0.5, 1.7])
 def test_weights_including_extrapolation(tmp_path, weight):
     base, ft = _pair(tmp_path, "bf16", "bf16", [(33, 77)])
-    engine.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=weight, on_warning=lambda m: None)
+    safeblend.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=weight, on_warning=lambda m: None)
     out = load_checkpoint(tmp_path / "out")["layer.0.weight"]
     b, f = base["layer.0.weight"], ft["layer.0.weight"]
     assert_within_tolerance(out, reference(b, f, weight, b.dtype), [b, f])
@@ -64,7 +64,7 @@ def test_weights_including_extrapolation(tmp_path, weight):
 def test_weight_outside_unit_interval_warns(tmp_path):
     _pair(tmp_path, "fp32", "fp32", [(4,)])
     seen = []
-    result = engine.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=1.5, on_warning=seen.append)
+    result = safeblend.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=1.5, on_warning=seen.append)
     assert any("outside [0, 1]" in m for m in seen)
     assert result.warnings == seen
 
@@ -72,8 +72,8 @@ def test_weight_outside_unit_interval_warns(tmp_path):
 @pytest.mark.parametrize("chunk_size", [2, 4096, 65536 * 4 + 6, 16 * 2**20])
 def test_chunk_size_does_not_change_the_bytes(tmp_path, chunk_size):
     _pair(tmp_path, "bf16", "fp32", [(257, 131), (1000,)])
-    engine.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "whole", weight=0.3)
-    engine.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "chunked", weight=0.3, chunk_size=chunk_size)
+    safeblend.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "whole", weight=0.3)
+    safeblend.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "chunked", weight=0.3, chunk_size=chunk_size)
     whole = (tmp_path / "whole" / "model.safetensors").read_bytes()
     assert (tmp_path / "chunked" / "model.safetensors").read_bytes() == whole
 
@@ -83,7 +83,7 @@ def test_nan_and_inf_follow_the_formula(tmp_path):
     base, ft = (a.ravel() for a in np.meshgrid(specials, specials))
     write_checkpoint(tmp_path / "base", {"w": base.astype(ml_dtypes.bfloat16)})
     write_checkpoint(tmp_path / "ft", {"w": ft})
-    engine.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=0.5, dtype="bf16")
+    safeblend.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=0.5, dtype="bf16")
     out = load_checkpoint(tmp_path / "out")["w"]
     with np.errstate(invalid="ignore", over="ignore"):
         ref = reference(base.astype(ml_dtypes.bfloat16), ft, 0.5, ml_dtypes.bfloat16)
@@ -98,7 +98,7 @@ def test_integer_and_bool_tensors_are_copied_from_the_base(tmp_path, dtype):
     values = rng.integers(0, 2 if dtype is np.bool_ else 100, size=(17, 3)).astype(dtype)
     write_checkpoint(tmp_path / "base", {"buf": values, "w": np.ones(3, np.float32)})
     write_checkpoint(tmp_path / "ft", {"buf": (values == 0).astype(dtype), "w": np.zeros(3, np.float32)})
-    engine.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=0.5, dtype="bf16")
+    safeblend.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=0.5, dtype="bf16")
     out = load_checkpoint(tmp_path / "out")
     assert out["buf"].dtype == dtype and np.array_equal(out["buf"], values)
     assert out["w"].dtype == ml_dtypes.bfloat16
@@ -107,7 +107,7 @@ def test_integer_and_bool_tensors_are_copied_from_the_base(tmp_path, dtype):
 @pytest.mark.parametrize("in_shards", [1, 3])
 def test_sharded_output_has_hf_names_index_and_metadata(tmp_path, in_shards):
     base, ft = _pair(tmp_path, "bf16", "bf16", [(64, 64)] * 6, shards=in_shards)
-    result = engine.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=0.25, shard_size=3 * 8192)
+    result = safeblend.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=0.25, shard_size=3 * 8192)
     out = tmp_path / "out"
     files = sorted(p.name for p in out.glob("*.safetensors"))
     assert files == [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
@@ -135,7 +135,7 @@ def test_single_file_inputs_and_companion_files(tmp_path):
     (tmp_path / "base" / "generation_config.json").write_text('{"do_sample": false}')
     (tmp_path / "base" / "notes.bin").write_text("not copied")
     write_checkpoint(tmp_path / "ft", tensors)
-    engine.merge(tmp_path / "base", tmp_path / "ft" / "model.safetensors", tmp_path / "out", dtype="bf16")
+    safeblend.merge(tmp_path / "base", tmp_path / "ft" / "model.safetensors", tmp_path / "out", dtype="bf16")
     out = tmp_path / "out"
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert (out / "tokenizer.json").read_text() == "{}"
@@ -144,7 +144,7 @@ def test_single_file_inputs_and_companion_files(tmp_path):
 
 def test_result_reports_the_run(tmp_path):
     base, _ = _pair(tmp_path, "bf16", "bf16", [(100, 10)])
-    r = engine.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=0.6, device="cpu")
+    r = safeblend.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=0.6, device="cpu")
     assert r.method == "linear" and r.device == "cpu" and r.tensors == 1 and r.shards == 1
     assert r.bytes_read == 2 * base["layer.0.weight"].nbytes
     assert r.bytes_written == (tmp_path / "out" / "model.safetensors").stat().st_size
@@ -168,7 +168,7 @@ def _mapped_input_rss(directory) -> int:
 def test_consumed_input_pages_leave_the_process(tmp_path, monkeypatch):
     """After the chunk loop, no input page is still mapped into the process: RSS cannot grow
     with the model, whatever the number of chunk boundaries (here ~500 per input)."""
-    from engine import execute
+    from safeblend import execute
 
     _pair(tmp_path, "bf16", "bf16", [(1024, 4096), (4096,), (777, 1000)])
     seen: list[int] = []
@@ -180,5 +180,5 @@ def test_consumed_input_pages_leave_the_process(tmp_path, monkeypatch):
         return stats
 
     monkeypatch.setattr(execute.Executor, "run", run_then_measure)
-    engine.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=0.5, chunk_size=16384)
+    safeblend.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=0.5, chunk_size=16384)
     assert seen == [0]

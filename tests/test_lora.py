@@ -4,7 +4,7 @@ Adapters are made by the real ``peft`` library on tiny transformers models built
 config, with every factor randomised (PEFT initialises B to zero, which would make the delta
 vanish). The reference fine-tuned model is PEFT's own ``merge_and_unload`` run in float64, so
 ``--weight 1.0`` is checked against PEFT's merge and other weights against a float64 merge,
-both with the DESIGN.md tolerance; the merged model is then loaded with transformers.
+both with the tolerance of safeblend.tolerance; the merged model is then loaded with transformers.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file, save_file
 
-import engine
-from engine import lora
-from engine.checkpoint import Checkpoint
-from engine.cli import main
-from engine.errors import CheckpointError, IncompatibleInputsError
-from engine.methods import linear
-from engine.methods.linear import Linear
-from engine.plan import plan
+import safeblend
+from safeblend import lora
+from safeblend.checkpoint import Checkpoint
+from safeblend.cli import main
+from safeblend.errors import CheckpointError, IncompatibleInputsError
+from safeblend.methods import linear
+from safeblend.methods.linear import Linear
+from safeblend.plan import make_plan as plan
 from tests.helpers import NUMPY_DTYPES, assert_within_tolerance, load_checkpoint, random_tensor, write_checkpoint
 
 torch = pytest.importorskip("torch", reason="the test extra installs torch")
@@ -132,7 +132,7 @@ def _reference(p: Prepared, weight: float) -> dict[str, np.ndarray]:
 def test_merge_matches_peft_and_float64(prepared, tmp_path, weight):
     p = prepared
     # 4 KiB chunks: most chunks start and end inside a row of the weight.
-    engine.merge(p.base, p.adapter, tmp_path / "out", weight=weight, chunk_size=4096)
+    safeblend.merge(p.base, p.adapter, tmp_path / "out", weight=weight, chunk_size=4096)
     merged = load_checkpoint(tmp_path / "out")
     assert merged.keys() == p.base_tensors.keys()
     ref = _reference(p, weight)
@@ -148,7 +148,7 @@ def test_fp32_output_of_a_16_bit_model_holds_fp32_tolerance(prepared, tmp_path):
     """A bf16/fp16 model merged with --dtype fp32: the delta is then formed in float64 (an fp32
     product is only good enough for 16-bit outputs), so fp32's 1-ulp rule holds."""
     p = prepared
-    engine.merge(p.base, p.adapter, tmp_path / "out", weight=0.6, dtype="fp32", chunk_size=4096)
+    safeblend.merge(p.base, p.adapter, tmp_path / "out", weight=0.6, dtype="fp32", chunk_size=4096)
     merged = load_checkpoint(tmp_path / "out")
     for name, b in p.base_tensors.items():
         b64 = b.astype(np.float64)
@@ -160,7 +160,7 @@ def test_fp32_output_of_a_16_bit_model_holds_fp32_tolerance(prepared, tmp_path):
 def test_weight_one_equals_peft_merge_and_unload_in_the_models_dtype(prepared, tmp_path):
     """The literal comparison: PEFT's merge_and_unload in the model's own dtype."""
     p = prepared
-    engine.merge(p.base, p.adapter, tmp_path / "out", weight=1.0)
+    safeblend.merge(p.base, p.adapter, tmp_path / "out", weight=1.0)
     merged = load_checkpoint(tmp_path / "out")
     peft_merged = _peft_merged(p.base, p.adapter, dtype=torch.float32)
     for name, b in p.base_tensors.items():
@@ -171,7 +171,7 @@ def test_weight_one_equals_peft_merge_and_unload_in_the_models_dtype(prepared, t
             assert_within_tolerance(merged[name], ref, [b, p.theta[name]], f"{p.case} {name}")
             continue
         # In fp32, PEFT's own product is a few ulps off where W and s·B·A nearly cancel
-        # (safeblend accumulates it in float64), so the DESIGN.md tolerance is widened by
+        # (safeblend accumulates it in float64), so the tolerance of safeblend.tolerance is widened by
         # PEFT's distance from the float64 merge.
         got, theta = merged[name].astype(np.float64), p.theta[name]
         allowed = (np.abs(ref - theta) + np.spacing(np.abs(ref).astype(np.float32))
@@ -229,8 +229,8 @@ def _rewrite_adapter(src: Path, dst: Path, rename) -> Path:
 def test_key_variants_give_the_same_merge(llama, tmp_path, rename):
     base, adapter = llama
     variant = _rewrite_adapter(adapter, tmp_path / "variant", rename)
-    engine.merge(base, adapter, tmp_path / "a", weight=0.6)
-    engine.merge(base, variant, tmp_path / "b", weight=0.6)
+    safeblend.merge(base, adapter, tmp_path / "a", weight=0.6)
+    safeblend.merge(base, variant, tmp_path / "b", weight=0.6)
     _assert_same_tensors(tmp_path / "a", tmp_path / "b")
 
 
@@ -243,8 +243,8 @@ def _assert_same_tensors(a: Path, b: Path) -> None:
 
 def test_adapter_weights_file_path_is_accepted(llama, tmp_path):
     base, adapter = llama
-    engine.merge(base, adapter / "adapter_model.safetensors", tmp_path / "a", weight=0.6)
-    engine.merge(base, adapter, tmp_path / "b", weight=0.6)
+    safeblend.merge(base, adapter / "adapter_model.safetensors", tmp_path / "a", weight=0.6)
+    safeblend.merge(base, adapter, tmp_path / "b", weight=0.6)
     _assert_same_tensors(tmp_path / "a", tmp_path / "b")
 
 
@@ -263,8 +263,8 @@ def test_every_method_matches_the_materialised_fine_tune(llama, tmp_path_factory
     adapters = [adapter, root / "adapter2"] if method != "slerp" else [adapter]
     fulls = [root / "full0", root / "full1"][: len(adapters)]
     params = dict(density=0.5) if method in ("ties", "dare-linear", "dare-ties") else {}
-    engine.merge(base, adapters, tmp_path / "lora", method=method, on_warning=lambda m: None, **params)
-    engine.merge(base, fulls, tmp_path / "full", method=method, on_warning=lambda m: None, **params)
+    safeblend.merge(base, adapters, tmp_path / "lora", method=method, on_warning=lambda m: None, **params)
+    safeblend.merge(base, fulls, tmp_path / "full", method=method, on_warning=lambda m: None, **params)
     got, want = load_checkpoint(tmp_path / "lora"), load_checkpoint(tmp_path / "full")
     for name, w in want.items():
         # Both fine-tunes are fp32 W + s·B·A, rounded once but summed in another order.
@@ -313,19 +313,19 @@ def test_gpu_pipeline_reads_adapters_through_byte_view(llama, tmp_path, monkeypa
     """The CUDA executor (with the CPU stand-ins of tests/test_cuda_pipeline.py) takes a LoRA
     fine-tune's bytes from the same virtual file; the delta is computed on the host."""
     try:
-        import engine.api
+        import safeblend.api
         from tests.test_cuda_pipeline import StandInExecutor, _select_stand_in
     except (ImportError, pytest.skip.Exception) as exc:
         pytest.skip(f"the CUDA stand-ins are unavailable: {exc}")
     base, adapter = llama
-    monkeypatch.setattr(engine.api, "_select_backend", _select_stand_in)
-    monkeypatch.setattr(engine.api, "CudaExecutor", StandInExecutor)
+    monkeypatch.setattr(safeblend.api, "_select_backend", _select_stand_in)
+    monkeypatch.setattr(safeblend.api, "CudaExecutor", StandInExecutor)
     # The CPU merge reads θ_ft from the same virtual file too (not the fused low-rank terms,
     # which skip θ_ft's rounding to fp32 and so differ in the last fp32 bits).
     monkeypatch.setattr(Linear, "takes_low_rank", False)
     kwargs = dict(weight=0.6, chunk_size=4096)
-    engine.merge(base, adapter, tmp_path / "cuda", device="cuda", **kwargs)
-    engine.merge(base, adapter, tmp_path / "cpu", device="cpu", **kwargs)
+    safeblend.merge(base, adapter, tmp_path / "cuda", device="cuda", **kwargs)
+    safeblend.merge(base, adapter, tmp_path / "cpu", device="cpu", **kwargs)
     got, want = load_checkpoint(tmp_path / "cuda"), load_checkpoint(tmp_path / "cpu")
     for name, w in want.items():
         assert np.allclose(got[name], w, rtol=2e-7, atol=1e-9), name
@@ -352,9 +352,9 @@ def low_rank_calls(monkeypatch) -> list[list[str]]:
 @pytest.mark.parametrize("weight", [1.0, 0.6])
 def test_low_rank_linear_merge_matches_float64(prepared, tmp_path, low_rank_calls, weight, dtype):
     """On the CPU, linear adds w·s·B·A to the base without forming θ_ft; the result holds
-    DESIGN.md's tolerance of the float64 merge for 16-bit and fp32 outputs alike."""
+    the tolerance (safeblend.tolerance) of the float64 merge for 16-bit and fp32 outputs alike."""
     p = prepared
-    engine.merge(p.base, p.adapter, tmp_path / "out", weight=weight, dtype=dtype, device="cpu", chunk_size=4096)
+    safeblend.merge(p.base, p.adapter, tmp_path / "out", weight=weight, dtype=dtype, device="cpu", chunk_size=4096)
     assert low_rank_calls and all(kinds == ["lora"] for kinds in low_rank_calls)
     merged = load_checkpoint(tmp_path / "out")
     for name, b in p.base_tensors.items():
@@ -377,7 +377,7 @@ def test_bytes_read_is_what_the_files_hold(prepared, tmp_path, low_rank_calls):
     """The summary's bytes_read for a fused LoRA merge: the base's tensors and the adapter's
     once each, not the fp32 θ_ft that the adapter stands for."""
     p = prepared
-    result = engine.merge(p.base, p.adapter, tmp_path / "out", weight=0.6, chunk_size=4096)
+    result = safeblend.merge(p.base, p.adapter, tmp_path / "out", weight=0.6, chunk_size=4096)
     assert low_rank_calls
     assert result.bytes_read == _stored_tensor_bytes(p.base) + _stored_tensor_bytes(p.adapter)
 
@@ -392,7 +392,7 @@ def test_linear_merge_of_a_lora_and_a_full_model(llama, tmp_path, low_rank_calls
     full = {n: (t + 0.01 * rng.standard_normal(t.shape)).astype(t.dtype) for n, t in base.items()}
     write_checkpoint(tmp_path / "full", full)
     theta = _peft_merged(base_dir, adapter)
-    engine.merge(base_dir, [adapter, tmp_path / "full"], tmp_path / "out", weight=[0.6, 0.3], dtype=dtype,
+    safeblend.merge(base_dir, [adapter, tmp_path / "full"], tmp_path / "out", weight=[0.6, 0.3], dtype=dtype,
                  device="cpu", chunk_size=4096)
     assert low_rank_calls and all(kinds == ["lora", "full"] for kinds in low_rank_calls)
     merged = load_checkpoint(tmp_path / "out")
@@ -469,8 +469,8 @@ def test_tensors_an_adapter_leaves_alone_are_copied_from_the_base(llama, tmp_pat
     ckpt.close()
     base.close()
 
-    engine.merge(tmp_path / "base", adapter, tmp_path / "out", weight=0.6, device="cpu")
-    engine.merge(tmp_path / "base", adapter, tmp_path / "bf16", weight=0.6, dtype="bf16", device="cpu")
+    safeblend.merge(tmp_path / "base", adapter, tmp_path / "out", weight=0.6, device="cpu")
+    safeblend.merge(tmp_path / "base", adapter, tmp_path / "bf16", weight=0.6, dtype="bf16", device="cpu")
     merged, cast = load_checkpoint(tmp_path / "out"), load_checkpoint(tmp_path / "bf16")
     for t in merge_plan.tensors:
         if t.action == "copy":
@@ -495,13 +495,13 @@ def test_a_full_fine_tune_is_merged_even_where_it_equals_the_base(tmp_path):
     for ckpt in (base, other, itself):
         ckpt.close()
 
-    engine.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=0.6)
+    safeblend.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=0.6)
     merged = load_checkpoint(tmp_path / "out")
     for name, b in tensors.items():
         b64 = b.astype(np.float64)
         ref = (b64 + 0.6 * (ft[name].astype(np.float64) - b64)).astype(b.dtype).astype(np.float64)
         assert_within_tolerance(merged[name], ref, [b, ft[name]], name)
-    result = engine.merge(tmp_path / "base", tmp_path / "base", tmp_path / "self", weight=0.6)
+    result = safeblend.merge(tmp_path / "base", tmp_path / "base", tmp_path / "self", weight=0.6)
     assert result.bytes_read == sum(t.nbytes for t in tensors.values())
     copied = load_checkpoint(tmp_path / "self")
     assert all(copied[n].tobytes() == t.tobytes() for n, t in tensors.items())

@@ -2,7 +2,7 @@
 
 The references below are written from the formulas in each method's docstring (and the
 README), on whole tensors upcast to float64, never calling engine code. The engine runs
-through ``engine.merge`` with a chunk size small enough that every larger tensor is cut into
+through ``safeblend.merge`` with a chunk size small enough that every larger tensor is cut into
 many chunks, so the reduce passes and the per-chunk arithmetic are both exercised.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import engine
-from engine.errors import SpecError
-from engine.methods._sparse import COMBINE_BLOCK
+import safeblend
+from safeblend.errors import SpecError
+from safeblend.methods._sparse import COMBINE_BLOCK
 from helpers import NUMPY_DTYPES, assert_within_tolerance, load_checkpoint, random_tensor, write_checkpoint
 
 # Shapes that always include the weird ones: one element, odd sizes, many chunks at a small
@@ -58,7 +58,7 @@ def run(tmp_path: Path, base: dict, models: list[dict], method: str, out: str = 
         chunk_size: int = SMALL_CHUNK, **params) -> dict[str, np.ndarray]:
     b, ms = write_inputs(tmp_path, base, models) if not (tmp_path / "base").exists() else (
         tmp_path / "base", [tmp_path / f"ft{i}" for i in range(len(models))])
-    engine.merge(b, ms, tmp_path / out, method=method, chunk_size=chunk_size, on_warning=lambda m: None,
+    safeblend.merge(b, ms, tmp_path / out, method=method, chunk_size=chunk_size, on_warning=lambda m: None,
                  **params)
     return load_checkpoint(tmp_path / out)
 
@@ -233,7 +233,7 @@ def test_method_matches_float64_reference(tmp_path, case, dtype):
 def operand_scale(method: str, base: np.ndarray, models: list[np.ndarray]) -> np.ndarray:
     """The magnitude the tolerance's absolute term is relative to, per element.
 
-    DESIGN.md's rule (2⁻²²·max|inputs|) is written for two inputs. With N fine-tuned models
+    The tolerance rule (safeblend.tolerance, 2⁻²²·max|inputs|) is written for two inputs. With N fine-tuned models
     the fp32 arithmetic rounds ~3N times, each relative to the terms being added, so the
     term here is the sum of the operands' magnitudes, |base| + Σ|ftᵢ|; DARE's rescale
     (1/density ≤ 4 in these cases) multiplies the deltas that enter the sum.
@@ -253,7 +253,7 @@ def test_output_dtype_differs_from_inputs(tmp_path, method):
     models[0] = {k: v.astype(np.float32) for k, v in models[0].items()}
     params = {"density": 0.5} if method in ("ties", "dare-ties") else {}
     b, ms = write_inputs(tmp_path, base, models)
-    engine.merge(b, ms, tmp_path / "out", method=method, dtype="fp16", chunk_size=512, on_warning=lambda m: None,
+    safeblend.merge(b, ms, tmp_path / "out", method=method, dtype="fp16", chunk_size=512, on_warning=lambda m: None,
                  **params)
     out = load_checkpoint(tmp_path / "out")
     name = next(iter(shapes))
@@ -289,7 +289,7 @@ def _threshold_of(values: np.ndarray, k: int, chunk: int, sample=None, passes: l
     """Run KthLargest over ``values`` in chunks as the engine does (pass 0 sees each chunk's
     sample ranges, or ``sample(chunk_values)`` when given); returns the threshold value and
     appends the number of passes run to ``passes``."""
-    from engine.methods._select import KthLargest, magnitude_bits
+    from safeblend.methods._select import KthLargest, magnitude_bits
 
     selector = KthLargest(values.size, k)
     p = 0
@@ -313,7 +313,7 @@ def test_kth_largest_is_exact_on_a_large_tensor_whatever_the_sample(sample):
     """Above the small-tensor size the first pass only looks at a sample; the answer stays
     exact, and a sample that misleads (here: only the smallest magnitudes) costs two more
     passes, never a wrong threshold."""
-    from engine.methods import _select
+    from safeblend.methods import _select
 
     rng = np.random.default_rng(5)
     n = _select.SMALL * 2 + 12345
@@ -417,7 +417,7 @@ def test_dare_keeps_density_fraction_and_preserves_expectation(tmp_path):
 
 
 def test_dare_masks_differ_between_models_and_tensors():
-    from engine.methods._rng import MaskGenerator, keep_limit, stream_key
+    from safeblend.methods._rng import MaskGenerator, keep_limit, stream_key
 
     gen = MaskGenerator(4096)
     masks = [gen.keep(stream_key(0, name, i), 0, keep_limit(0.5), np.empty(4096, bool)).copy()
@@ -473,7 +473,7 @@ def test_model_stock_colinear_zero_and_orthogonal(tmp_path):
 
 
 def test_model_stock_ratio_formula():
-    from engine.methods.model_stock import interpolation_ratio
+    from safeblend.methods.model_stock import interpolation_ratio
 
     gram = np.array([[4.0, 2.0, 1.0], [0.0, 4.0, 0.0], [0.0, 0.0, 1.0]])  # upper triangle is read
     cos = (2.0 / 4.0 + 1.0 / 2.0 + 0.0) / 3
@@ -502,7 +502,7 @@ def test_weights_by_filter_and_layer_gradient(tmp_path):
 
 
 def test_layer_positions_follow_mergekit():
-    from engine.methods.params import layer_positions, setting
+    from safeblend.methods.params import layer_positions, setting
 
     names = ["model.embed_tokens.weight", "model.layers.0.a", "model.layers.3.a", "model.norm.weight",
              "lm_head.weight"]
@@ -535,7 +535,7 @@ def test_invalid_parameters_are_clear_errors(tmp_path, method, models, params, m
     base, fts = make_inputs(rng, "fp32", models, {"w": (4,)})
     b, ms = write_inputs(tmp_path, base, fts)
     with pytest.raises(SpecError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        engine.merge(b, ms, tmp_path / "out", method=method, **params)
+        safeblend.merge(b, ms, tmp_path / "out", method=method, **params)
     assert not (tmp_path / "out").exists()
 
 
@@ -558,9 +558,9 @@ def test_large_chunks_span_several_compute_blocks(tmp_path, case):
 @pytest.mark.parametrize("chunk_size", ["1MiB", "16MiB"])
 def test_ties_on_a_tensor_large_enough_to_be_sampled(tmp_path, case, chunk_size):
     """Above _select.SMALL elements the threshold's first pass reads only a sample of each
-    chunk (engine.methods._sparse, _accumulate_sample); the merge still equals the float64
+    chunk (safeblend.methods._sparse, _accumulate_sample); the merge still equals the float64
     reference, whose thresholds come from a full sort."""
-    from engine.methods import _select
+    from safeblend.methods import _select
 
     n_models, params, reference = CASES[case]
     rows = _select.SMALL // 1024 + 77  # just above SMALL elements, not a multiple of the sample stride

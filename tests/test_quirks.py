@@ -9,9 +9,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from engine import merge
-from engine.checkpoint import Checkpoint
-from engine.errors import CheckpointError, IncompatibleInputsError
+from safeblend import merge
+from safeblend.checkpoint import Checkpoint
+from safeblend.errors import CheckpointError, IncompatibleInputsError
 from tests.helpers import assert_within_tolerance, load_checkpoint, random_tensor, write_checkpoint
 
 H = 64

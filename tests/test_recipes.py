@@ -10,9 +10,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from engine.cli import main
-from engine.errors import SpecError
-from engine.recipe import load_recipe, merge_recipe, parse_recipe
+from safeblend.cli import main
+from safeblend.errors import SpecError
+from safeblend.recipe import load_recipe, merge_recipe, parse_recipe
 from helpers import assert_within_tolerance, load_checkpoint, random_tensor, write_checkpoint
 
 LAYERS = 3

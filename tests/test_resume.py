@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.errors import OutputError
+from safeblend.errors import OutputError
 from click.testing import CliRunner
 
-from engine import merge
-from engine.cli import main
-from engine.journal import JOURNAL_NAME, LOCK_NAME, MergeInterrupted, read_journal
+from safeblend import merge
+from safeblend.cli import main
+from safeblend.journal import JOURNAL_NAME, LOCK_NAME, MergeInterrupted, read_journal
 from tests.helpers import random_tensor, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def pair(tmp_path_factory) -> Path:
 
 
 def _cli(pair: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "engine.cli", "merge", str(pair / "base"), str(pair / "ft"), "-o", str(out),
+    cmd = [sys.executable, "-m", "safeblend.cli", "merge", str(pair / "base"), str(pair / "ft"), "-o", str(out),
            "--weight", "0.6", "--chunk-size", CHUNK, "--shard-size", "1MB", "--device", "cpu", "-q", *extra]
     return subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True,
                           timeout=120)
@@ -68,7 +68,7 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 def _writes_in(clean: Path) -> int:
     """Chunk writes of the clean run: every tensor's chunks (16 KiB of the widest operand)."""
-    from engine.checkpoint import Checkpoint
+    from safeblend.checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(clean)
     try:
@@ -114,7 +114,7 @@ def test_killed_merge_resumes_byte_identical(pair, clean, tmp_path, point):
 
 
 def test_interrupt_keeps_partial_for_resume(pair, clean, tmp_path, monkeypatch):
-    from engine import execute
+    from safeblend import execute
 
     out = tmp_path / "out"
     original, calls = execute.Executor._collect, []
@@ -139,7 +139,7 @@ def test_interrupt_keeps_partial_for_resume(pair, clean, tmp_path, monkeypatch):
 
 def test_sigterm_stops_cleanly_with_resume_hint(pair, clean, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "engine.cli", "merge", str(pair / "base"), str(pair / "ft"), "-o", str(out),
+    cmd = [sys.executable, "-m", "safeblend.cli", "merge", str(pair / "base"), str(pair / "ft"), "-o", str(out),
            "--weight", "0.6", "--chunk-size", CHUNK, "--shard-size", "1MB", "--device", "cpu", "-q"]
     env = {**os.environ, "SAFEBLEND_FAULT_SLOW_WRITE_S": "0.005"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
@@ -221,7 +221,7 @@ def test_torn_journal_and_corrupted_tensor_are_redone(pair, clean, tmp_path):
 
 
 def test_overwrite_discards_a_stale_partial_and_starts_over(pair, clean, tmp_path, monkeypatch):
-    from engine import execute
+    from safeblend import execute
 
     out = tmp_path / "out"
     original = execute.Executor._collect
@@ -252,7 +252,7 @@ def test_resume_without_partial_starts_fresh(pair, clean, tmp_path):
 
 
 def test_failure_removes_staging_and_leaves_nothing_at_out(pair, tmp_path, monkeypatch):
-    from engine import execute
+    from safeblend import execute
 
     def boom(*args, **kwargs):
         raise RuntimeError("compute failed")

@@ -12,13 +12,13 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import save_file
 
-import engine
-from engine.checkpoint import SafetensorsFile, read_safetensors_header
-from engine.cli import main
-from engine.errors import OutputError, SpecError
-from engine.execute import BufferPool
-from engine.sweep import SWEEPABLE, SweepExecutor, output_name, parse_weights
-from engine.sweep import sweep as run_sweep
+import safeblend
+from safeblend.checkpoint import SafetensorsFile, read_safetensors_header
+from safeblend.cli import main
+from safeblend.errors import OutputError, SpecError
+from safeblend.execute import BufferPool
+from safeblend.lambda_sweep import SWEEPABLE, SweepExecutor, output_name, parse_weights
+from safeblend.lambda_sweep import sweep as run_sweep
 from tests.helpers import load_checkpoint, random_tensor, write_checkpoint
 
 CHUNK = 4096  # bytes: several chunks per tensor, and tensors that end mid-chunk
@@ -59,7 +59,7 @@ def test_every_output_equals_the_merge_at_its_weight_byte_for_byte(tmp_path, met
     result = run_sweep(base, ft, tmp_path / "sweep", weights, method=method, chunk_size=CHUNK, shard_size=6000)
     assert [Path(r.output).name for r in result.outputs] == [output_name(w) for w in weights]
     for w, r in zip(weights, result.outputs):
-        single = engine.merge(base, ft, tmp_path / f"merge-{w}", method=method, weight=w, chunk_size=CHUNK,
+        single = safeblend.merge(base, ft, tmp_path / f"merge-{w}", method=method, weight=w, chunk_size=CHUNK,
                               shard_size=6000)
         _assert_same_files(Path(r.output), Path(single.output))
         assert r.shards == single.shards > 1  # several shards: the index and per-shard offsets are tested
@@ -120,7 +120,7 @@ def test_the_inputs_are_read_once(tmp_path, monkeypatch):
 
 def test_slerp_reads_what_one_merge_reads_whatever_the_number_of_weights(tmp_path, monkeypatch):
     base, ft = _pair(tmp_path)
-    one = engine.merge(base, ft, tmp_path / "m", method="slerp", weight=0.3, chunk_size=CHUNK)
+    one = safeblend.merge(base, ft, tmp_path / "m", method="slerp", weight=0.3, chunk_size=CHUNK)
     seen = _count_views(monkeypatch)
     many = run_sweep(base, ft, tmp_path / "s", "0.1:0.9:0.2", method="slerp", chunk_size=CHUNK)
     assert many.bytes_read == one.bytes_read  # reduce pass + map pass, shared by all five
@@ -208,7 +208,7 @@ def test_existing_output_needs_overwrite_and_nothing_is_half_done(tmp_path):
 
 def test_a_failure_mid_pass_leaves_no_output(tmp_path, monkeypatch):
     base, ft = _pair(tmp_path)
-    from engine.methods.linear import Linear
+    from safeblend.methods.linear import Linear
 
     calls = []
     original = Linear.merge_chunk
@@ -250,7 +250,7 @@ def test_lora_adapter_sweeps_like_it_merges(tmp_path):
               str(adapter / "adapter_model.safetensors"))
     result = run_sweep(base, adapter, tmp_path / "s", "0.3,0.7", chunk_size=CHUNK)
     for w, r in zip((0.3, 0.7), result.outputs):
-        single = engine.merge(base, adapter, tmp_path / f"m{w}", weight=w, chunk_size=CHUNK)
+        single = safeblend.merge(base, adapter, tmp_path / f"m{w}", weight=w, chunk_size=CHUNK)
         _assert_same_files(Path(r.output), Path(single.output))
     merged = load_checkpoint(tmp_path / "s" / "lambda-0.3")
     original = load_checkpoint(base)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import main
+from safeblend.cli import main
 
 torch = pytest.importorskip("torch", reason="the test extra installs torch")
 transformers = pytest.importorskip("transformers", reason="the test extra installs transformers")

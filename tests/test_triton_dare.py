@@ -1,9 +1,9 @@
 """DARE on the Triton path: the drop mask and the fused dare-linear kernel.
 
-The mask must be the CPU's bit for bit (engine.methods._rng.MaskGenerator.keep), for any key,
+The mask must be the CPU's bit for bit (safeblend.methods._rng.MaskGenerator.keep), for any key,
 offset and density, so that the same --seed gives the same merge on either device and for
 any chunking. The kernel must give the numpy engine's bits (``dare-linear``'s merge_chunk)
-and stay within the DESIGN.md tolerance of a float64 reference written here from the formula,
+and stay within the tolerance of safeblend.tolerance of a float64 reference written here from the formula,
 with the generator re-implemented from its specification (engine/methods/_rng.py docstring).
 
 Under Triton's CPU interpreter unless a CUDA GPU is present (tests/triton_env.py); sizes stay
@@ -22,13 +22,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-import engine  # noqa: E402
-import engine.api  # noqa: E402
-from engine.execute_cuda import runs_on_gpu  # noqa: E402
-from engine.methods import create_method  # noqa: E402
-from engine.methods._rng import MaskGenerator, keep_limit, stream_key  # noqa: E402
-from engine.methods.base import ChunkContext, TensorContext  # noqa: E402
-from kernels.numpy_backend import NumpyBackend  # noqa: E402
+import safeblend  # noqa: E402
+import safeblend.api  # noqa: E402
+from safeblend.execute_cuda import runs_on_gpu  # noqa: E402
+from safeblend.methods import create_method  # noqa: E402
+from safeblend.methods._rng import MaskGenerator, keep_limit, stream_key  # noqa: E402
+from safeblend.methods.base import ChunkContext, TensorContext  # noqa: E402
+from safeblend.kernels.numpy_backend import NumpyBackend  # noqa: E402
 from tests.helpers import assert_within_tolerance, load_checkpoint, write_checkpoint  # noqa: E402
 from tests import triton_env  # noqa: E402
 from tests.triton_env import import_triton_backend, to_numpy  # noqa: E402
@@ -116,7 +116,7 @@ def eval_magnitude(base, models, weights, densities, scale=1.0) -> np.ndarray:
 
 
 def assert_near_reference(got, ref, base, models, weights, densities, what, scale=1.0) -> None:
-    """DESIGN.md's rule, with the absolute term sized for this formula: 1 ulp of the output
+    """The tolerance rule (safeblend.tolerance), with the absolute term sized for this formula: 1 ulp of the output
     dtype, or (2N + 3)·2⁻²⁴ of the operands' magnitude (the 2N + 3 fp32 roundings of N
     subtractions and products by fᵢ, N − 1 sums, ·λ and + b; 1 ulp of fp32 is finer than that)."""
     n = len(models)
@@ -329,13 +329,13 @@ def test_which_methods_run_on_the_gpu(method, params, expected):
 
 
 def test_device_cuda_dare_linear_matches_cpu_bit_for_bit(tmp_path, monkeypatch):
-    """engine.merge(device="cuda") against device="cpu": the same bytes, for small chunks.
+    """safeblend.merge(device="cuda") against device="cpu": the same bytes, for small chunks.
     Without a GPU the CUDA pipeline runs with the CPU stand-ins of tests/test_cuda_pipeline.py."""
     if tb.INTERPRETED:
         from tests.test_cuda_pipeline import StandInExecutor, _select_stand_in
 
-        monkeypatch.setattr(engine.api, "_select_backend", _select_stand_in)
-        monkeypatch.setattr(engine.api, "CudaExecutor", StandInExecutor)
+        monkeypatch.setattr(safeblend.api, "_select_backend", _select_stand_in)
+        monkeypatch.setattr(safeblend.api, "CudaExecutor", StandInExecutor)
     rng = np.random.default_rng(12)
     shapes = {"model.embed_tokens.weight": (300, 64), "model.layers.0.mlp.up_proj.weight": (96, 64),
               "model.norm.weight": (64,)}
@@ -347,8 +347,8 @@ def test_device_cuda_dare_linear_matches_cpu_bit_for_bit(tmp_path, monkeypatch):
     models = [tmp_path / "in1", tmp_path / "in2"]
     kwargs = dict(method="dare-linear", weight=[0.6, 0.4], density=[0.3, 0.7], seed=2**63 + 5,
                   chunk_size=4096, on_warning=lambda m: None)
-    cuda = engine.merge(tmp_path / "in0", models, tmp_path / "cuda", device="cuda", **kwargs)
-    cpu = engine.merge(tmp_path / "in0", models, tmp_path / "cpu", device="cpu", **kwargs)
+    cuda = safeblend.merge(tmp_path / "in0", models, tmp_path / "cuda", device="cuda", **kwargs)
+    cpu = safeblend.merge(tmp_path / "in0", models, tmp_path / "cpu", device="cpu", **kwargs)
     assert (cuda.device, cpu.device) == ("cuda", "cpu")
     assert (tmp_path / "cuda" / "model.safetensors").read_bytes() == (tmp_path / "cpu" / "model.safetensors").read_bytes()
     out = load_checkpoint(tmp_path / "cuda")

@@ -18,7 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from kernels.numpy_backend import NumpyBackend  # noqa: E402
+from safeblend.kernels.numpy_backend import NumpyBackend  # noqa: E402
 from tests.helpers import assert_within_tolerance  # noqa: E402
 from tests import triton_env  # noqa: E402
 from tests.triton_env import import_triton_backend, to_numpy  # noqa: E402
@@ -257,7 +257,7 @@ def test_engine_does_not_import_torch_or_triton():
     """The CPU path must work without torch/triton: engine imports neither at module level."""
     import subprocess
 
-    code = "import sys, engine, engine.api, engine.execute_cuda, kernels; " \
+    code = "import sys, safeblend, safeblend.api, safeblend.execute_cuda, safeblend.kernels; " \
            "print('torch' in sys.modules, 'triton' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]

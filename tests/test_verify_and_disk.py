@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from engine import merge
-from engine.cli import main
-from engine.errors import OutputError
-from engine.verify import verify_output
+from safeblend import merge
+from safeblend.cli import main
+from safeblend.errors import OutputError
+from safeblend.manifest import verify
 from tests.helpers import random_tensor, write_checkpoint
 
 
@@ -73,7 +73,7 @@ def _flip(path: Path, offset: int) -> None:
 ])
 def test_damage_is_named(merged, damage, expected):
     damage(merged)
-    report = verify_output(merged)
+    report = verify(merged)
     assert not report.ok
     assert any(expected in p for p in report.problems), report.problems
     result = _verify(merged)
@@ -105,7 +105,7 @@ def test_full_disk_is_refused_up_front_naming_the_filesystem(pair, tiny_fs):
 
 
 def test_full_disk_mid_write_is_a_clear_error_and_leaves_nothing(pair, tiny_fs, monkeypatch):
-    from engine.writer import OutputDir
+    from safeblend.writer import OutputDir
 
     # Another process takes the space after the up-front check: the check passes, writes fail.
     monkeypatch.setattr(OutputDir, "check_space", lambda self, needed: None)
@@ -137,7 +137,7 @@ def test_manifest_digests_equal_the_written_bytes_whatever_the_chunking(pair, tm
 def test_a_failing_hasher_stops_the_merge_with_its_error_and_never_hangs(pair, tmp_path, monkeypatch):
     """Chunk buffers wait for the hasher before returning to their pool; if the hasher dies,
     the buffers it held must come back, or the compute threads would wait for them forever."""
-    from engine import journal
+    from safeblend import journal
 
     calls = {"n": 0}
     original = journal.Progress._feed

@@ -16,14 +16,14 @@ from types import ModuleType
 import ml_dtypes
 import numpy as np
 
-from kernels import cuda_unavailable_reason
+from safeblend.kernels import cuda_unavailable_reason
 
 # Same-width integer types, to move float bits (bf16 included) between numpy and torch.
 INT_OF_WIDTH = {2: np.int16, 4: np.int32, 8: np.int64}
 
 
 def import_triton_backend() -> ModuleType:
-    """kernels.triton_backend, interpreted unless a usable GPU is present and TRITON_INTERPRET is unset."""
+    """safeblend.kernels.triton_backend, interpreted unless a usable GPU is present and TRITON_INTERPRET is unset."""
     wants_interpreter = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or (
         cuda_unavailable_reason() is not None
     )
@@ -31,9 +31,9 @@ def import_triton_backend() -> ModuleType:
     if wants_interpreter:
         os.environ["TRITON_INTERPRET"] = "1"
     try:
-        module = sys.modules.get("kernels.triton_backend")
+        module = sys.modules.get("safeblend.kernels.triton_backend")
         if module is None:
-            module = importlib.import_module("kernels.triton_backend")
+            module = importlib.import_module("safeblend.kernels.triton_backend")
         elif module.INTERPRETED != wants_interpreter:
             module = importlib.reload(module)
         return module

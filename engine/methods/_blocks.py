@@ -1,8 +1,8 @@
 """Cache-sized blocks and per-thread scratch for the numpy arithmetic of merge methods.
 
 Methods whose per-element work is more than a weighted sum run it in numpy here, a block at
-a time with preallocated scratch, for the same reason the numpy backend does (DESIGN.md,
-measured facts: whole-array numpy is 3-4x slower, from allocation and page faults). Scratch
+a time with preallocated scratch, for the same reason the numpy backend does (its module docstring:
+whole-array numpy is 3-4x slower, from allocation and page faults). Scratch
 is per thread because the executor computes chunks on several threads.
 """
 

@@ -21,7 +21,7 @@ class TensorContext:
     """The output tensor a method is working on.
 
     ``position`` is the tensor's place in the layer stack, for parameters that vary across
-    layers (see ``engine.methods.params.layer_positions``).
+    layers (see ``safeblend.methods.params.layer_positions``).
     """
 
     name: str
@@ -45,7 +45,7 @@ class MergeMethod:
     whole-tensor statistics also implement ``reduce_passes``, ``accumulate`` and ``end_pass``.
     ``recipe`` is what the output's metadata records.
 
-    A method with ``takes_low_rank`` accepts, on the CPU, ``engine.lora.LowRankChunk`` objects
+    A method with ``takes_low_rank`` accepts, on the CPU, ``safeblend.lora.LowRankChunk`` objects
     among ``models`` in ``merge_chunk`` (a LoRA fine-tune W + s·B·A, W being the base's tensor,
     left unformed); every other method only ever sees arrays.
     """

@@ -4,7 +4,7 @@ For task vectors dᵢ = θ_ftᵢ − θ_base, weights wᵢ (default 1), densitie
 scale λ (default 1):
 
     drop:     mᵢⱼ ~ Bernoulli(ρᵢ) from the counter-based generator keyed by
-              (seed, tensor name, i, j) (``engine.methods._rng``)
+              (seed, tensor name, i, j) (``safeblend.methods._rng``)
     rescale:  d̃ᵢ = sᵢ·mᵢ·dᵢ with sᵢ = 1/ρᵢ (rescale "density", the DARE paper's rule and the
               default), ‖dᵢ‖₁ / ‖mᵢ·dᵢ‖₁ ("l1": the kept entries carry the task vector's
               whole L1 norm; 1 when nothing is kept) or 1 ("none")
@@ -14,7 +14,7 @@ scale λ (default 1):
 The same seed (default 0) gives the same output for any chunk size, thread count or device.
 The L1 norms come from one reduce pass over the chunks, on the CPU. Without them (rescale
 "density" or "none") the per-element work also runs on a GPU, in one fused Triton kernel
-(``kernels.triton_backend.dare_linear``) that reproduces the CPU's mask and arithmetic bit for
+(``safeblend.kernels.triton_backend.dare_linear``) that reproduces the CPU's mask and arithmetic bit for
 bit.
 """
 

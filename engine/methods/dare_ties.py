@@ -4,7 +4,7 @@ For task vectors dᵢ = θ_ftᵢ − θ_base, weights wᵢ (default 1), densitie
 scale λ (default 1):
 
     drop:     mᵢⱼ ~ Bernoulli(ρᵢ) from the counter-based generator keyed by
-              (seed, tensor name, i, j) (``engine.methods._rng``)
+              (seed, tensor name, i, j) (``safeblend.methods._rng``)
     rescale:  d̃ᵢ = sᵢ·mᵢ·dᵢ with sᵢ = 1/ρᵢ ("density", default), ‖dᵢ‖₁ / ‖mᵢ·dᵢ‖₁ ("l1") or 1
     elect:    eᵢ = wᵢ·d̃ᵢ;  S = Σᵢ eᵢ ("sum", default) or Σᵢ sign(eᵢ) ("count");
               σ = +1 where S ≥ 0, −1 elsewhere;  aᵢ = [sign(eᵢ) = σ]

@@ -7,10 +7,10 @@ fine-tuning merge of Farn et al. (2024). A single weight given for several model
 each. With ``normalize`` the weights are divided by their sum first, wᵢ ← wᵢ / (w_base + Σⱼ wⱼ),
 which makes θ the weighted average (w_base·θ_base + Σ wᵢ·θ_ftᵢ) / (w_base + Σ wᵢ); ``base_weight``
 (w_base, default 0) only enters that sum, as when a mergekit recipe lists the base among its
-models. Weights may vary by tensor (see ``engine.methods.params``). The arithmetic is the
+models. Weights may vary by tensor (see ``safeblend.methods.params``). The arithmetic is the
 backend's ``weighted_delta_sum``.
 
-A LoRA fine-tune (θ_ftᵢ = θ_base + sᵢ·Bᵢ·Aᵢ) may come as an ``engine.lora.LowRankChunk``
+A LoRA fine-tune (θ_ftᵢ = θ_base + sᵢ·Bᵢ·Aᵢ) may come as an ``safeblend.lora.LowRankChunk``
 (``takes_low_rank``): its term wᵢ·(θ_ftᵢ − θ_base) is then wᵢ·sᵢ·Bᵢ·Aᵢ, added to the
 accumulator straight from the factors (``merge_low_rank``) rather than formed as θ_ftᵢ, read
 back, and reduced by θ_base again.
@@ -108,7 +108,7 @@ def merge_low_rank(backend: Any, base: np.ndarray, models: Sequence[np.ndarray |
     written by its matmuls straight into the accumulator), then θ_base, upcast as it is added
     (with full models: their ``backend.weighted_delta_sum``, which includes θ_base), then one
     rounding into ``out``. The accumulator is fp32, or float64 where an operand is float64 or
-    a LoRA product is formed in float64 (an fp32/fp64 output, engine.lora._EXACT_OUTPUTS): a
+    a LoRA product is formed in float64 (an fp32/fp64 output, safeblend.lora._EXACT_OUTPUTS): a
     merge of the materialised fine-tune's precision, without its rounding of θ_ft to fp32.
 
     IEEE edge: where W is ±inf this keeps it (θ_ft − θ_base is s·B·A by definition), while a

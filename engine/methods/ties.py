@@ -12,7 +12,7 @@ densities ρᵢ (default 1) and scale λ (default 1):
     θ = θ_base + λ·Δ
 
 τᵢ is exact, found by streaming selection over the bit patterns of the fp32 magnitudes
-(``engine.methods._select``): a sampled histogram pass, then an exact count in the range it
+(``safeblend.methods._select``): a sampled histogram pass, then an exact count in the range it
 points to (a third or fourth pass only when that range is wide or the sample misled), no sort
 and no copy of the tensor. Every
 parameter may vary by tensor. The per-element work is numpy (CPU) for now.

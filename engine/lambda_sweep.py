@@ -1,6 +1,6 @@
-"""λ sweeps in one pass: ``engine.sweep(base, ft, out, "0.1:0.9:0.1")``.
+"""λ sweeps in one pass: ``safeblend.sweep(base, ft, out, "0.1:0.9:0.1")``.
 
-The paper's recipe (DESIGN.md) picks λ by merging at several weights and evaluating each
+The paper's recipe (Farn et al., 2024) picks λ by merging at several weights and evaluating each
 model. Nine separate merges read both inputs nine times; a sweep reads every input chunk
 once and computes every weight's output from it, so each output is exactly the checkpoint
 ``merge`` writes at that weight (its own recipe metadata, config and tokenizer files, index),
@@ -30,7 +30,7 @@ from math import isfinite
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from kernels import cpu_backend
+from safeblend.kernels import cpu_backend
 
 from .api import MergeResult, _check_output_not_input, output_metadata
 from .checkpoint import Checkpoint
@@ -43,7 +43,7 @@ from .methods import create_method
 from .methods.base import ChunkContext, MergeMethod, TensorContext
 from .model_files import copy_model_files
 from .plan import MergePlan
-from .plan import plan as make_plan
+from .plan import make_plan
 from .units import parse_size
 from .writer import OutputDir, ShardWriter, WriteDone, placed, write_index
 
@@ -178,7 +178,7 @@ def sweep(
         out: the sweep directory (created if needed; other contents are left alone).
         weights: ``"0.1:0.9:0.1"``, ``"0.2,0.5,0.8"`` or a sequence of floats.
         method: linear, task-arithmetic (the weight λ) or slerp (t).
-        dtype, shard_size, chunk_size, overwrite, progress, on_warning: as for ``engine.merge``;
+        dtype, shard_size, chunk_size, overwrite, progress, on_warning: as for ``safeblend.merge``;
             ``overwrite`` replaces existing ``lambda-*`` outputs of the same weights.
         workers: compute threads.
         **method_params: the method's other parameters (e.g. ``normalize``, ``lambda_``).
@@ -187,7 +187,7 @@ def sweep(
         A SweepResult: one MergeResult per weight, in the given order, and the totals.
 
     Example:
-        >>> engine.sweep("base/", "finetune/", "sweep/", "0.1:0.9:0.1")  # doctest: +SKIP
+        >>> safeblend.sweep("base/", "finetune/", "sweep/", "0.1:0.9:0.1")  # doctest: +SKIP
     """
     started = time.perf_counter()
     warn = on_warning or (lambda message: warnings.warn(message, stacklevel=3))
@@ -207,7 +207,7 @@ def sweep(
     _check_output_not_input(out, [base, *model_paths])
 
     base_ckpt = Checkpoint.open(base)
-    model_ckpts = [open_model(p, base_ckpt, out_dtype) for p in model_paths]  # LoRA adapter dirs: engine.lora
+    model_ckpts = [open_model(p, base_ckpt, out_dtype) for p in model_paths]  # LoRA adapter dirs: safeblend.lora
     try:
         metadatas = [output_metadata(m, base, model_paths, out_dtype) for m in mergers]
         plans = [make_plan(base_ckpt, model_ckpts, out_dtype, shard_bytes, md) for md in metadatas]

@@ -1,8 +1,8 @@
 """The output manifest (``safeblend.json``) and ``safeblend verify``.
 
 A merge records, beside its shards, each shard's size and SHA-256 (hashed while writing, see
-``engine.journal``) and the SHA-256 of every other file it wrote (index, config, tokenizer).
-``verify_output`` re-reads everything and reports each mismatch: a missing, resized or
+``safeblend.journal``) and the SHA-256 of every other file it wrote (index, config, tokenizer).
+``verify`` re-reads everything and reports each mismatch: a missing, resized or
 altered shard, a header that does not parse, an index that does not match the shards or whose
 ``total_size`` is wrong, and files that changed or appeared.
 """
@@ -55,7 +55,7 @@ def file_sha256(path: Path) -> str:
 
 @dataclass
 class VerifyReport:
-    """What ``verify_output`` checked and every problem it found."""
+    """What ``verify`` checked and every problem it found."""
 
     path: str
     shards: int = 0
@@ -67,7 +67,7 @@ class VerifyReport:
         return not self.problems
 
 
-def verify_output(directory: str | os.PathLike, threads: int = 2) -> VerifyReport:
+def verify(directory: str | os.PathLike, threads: int = 2) -> VerifyReport:
     """Re-read a merged checkpoint and check it against its manifest, headers and index."""
     root = Path(directory)
     report = VerifyReport(str(root))

@@ -231,7 +231,7 @@ def diff(
         A DriftReport; ``format_report`` renders it, ``plot_drift`` draws it.
 
     Example:
-        >>> report = engine.diff("base/", "finetune/")  # doctest: +SKIP
+        >>> report = safeblend.diff("base/", "finetune/")  # doctest: +SKIP
         >>> report.by_module()["q"].rel_change          # doctest: +SKIP
     """
     started = time.perf_counter()
@@ -241,7 +241,7 @@ def diff(
         raise SpecError(str(exc)) from exc
     base_ckpt = Checkpoint.open(base)
     try:
-        ft_ckpt = open_model(ft, base_ckpt)  # a LoRA adapter directory is base + s·B·A (engine.lora)
+        ft_ckpt = open_model(ft, base_ckpt)  # a LoRA adapter directory is base + s·B·A (safeblend.lora)
     except BaseException:
         base_ckpt.close()
         raise
