@@ -135,7 +135,8 @@ def merge(
             with _progress_bar(merge_plan.total_size, enabled=progress) as bar:
                 bar.update(session.kept_bytes)
                 executor = CudaExecutor if device_name == "cuda" else Executor
-                stats = executor(merge_plan, base_ckpt, model_ckpts, merger, backend, chunk_bytes).run(writer, bar.update)
+                stats = executor(merge_plan, base_ckpt, model_ckpts, merger, backend, chunk_bytes,
+                                 kept=frozenset(session.kept)).run(writer, bar.update)
             writer.close()
             write_index(staging, merge_plan, metadata)
             copy_model_files(base_ckpt.model_dir, staging, out_dtype)

@@ -50,6 +50,11 @@ class TensorInfo:
     def numel(self) -> int:
         return prod(self.shape)
 
+    def byte_range(self, first: int, count: int) -> tuple[int, int]:
+        """(absolute offset, length) in the file of elements [first, first + count)."""
+        size = self.dtype.itemsize
+        return self.start + first * size, count * size
+
 
 @dataclass
 class SafetensorsFile:
@@ -73,7 +78,7 @@ class SafetensorsFile:
 
     def view(self, info: TensorInfo, first: int, count: int) -> np.ndarray:
         """A read-only 1-D array over elements [first, first + count) of a tensor, no copy."""
-        offset = info.start + first * info.dtype.itemsize
+        offset, _ = info.byte_range(first, count)
         return np.frombuffer(self._mapped(), dtype=info.dtype.numpy, count=count, offset=offset)
 
     def byte_view(self, start: int, length: int) -> memoryview:

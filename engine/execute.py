@@ -5,6 +5,13 @@ compute into a pooled output buffer, hand the buffer to the writer thread, and d
 consumed input pages from the process. The next chunk's input ranges are prefetched
 (``MADV_WILLNEED``) while this one computes, the writer writes while the next one computes,
 so reading, compute and writing overlap; memory is a fixed number of chunk buffers.
+
+``ExecutorBase`` holds what every executor shares (the CPU one here, the GPU one in
+safeblend.execute_cuda, the sweep's in safeblend.lambda_sweep): the inputs' files, per-tensor
+method state, the chunk stream, and copied tensors' bytes, which go out from a pooled buffer
+placed for ``O_DIRECT`` (safeblend.writer.placed) when they are cast, straight from the input's
+map when not. Any thread's failure ends the run through the writer's ``Abort``
+(safeblend.abort).
 """
 
 from __future__ import annotations
@@ -14,20 +21,24 @@ import queue
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from functools import partial
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
+from .abort import Abort
 from .blas import single_threaded_blas
 from .checkpoint import Checkpoint, SafetensorsFile, TensorInfo
 from .methods.base import ChunkContext, MergeMethod
 from .plan import MergePlan, OutputTensor
 from .reduce import TensorStates
-from .writer import ShardWriter, aligned_buffer, placed
+from .writer import ShardWriter, WriteDone, aligned_buffer, placed
 
 DEFAULT_CHUNK_BYTES = 8 * 2**20
 # Compute threads: one per core, leaving the kernel's page-cache copies to the writer thread.
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -38,33 +49,82 @@ class Chunk:
     first: int
     count: int
 
+    @property
+    def out_range(self) -> tuple[int, int]:
+        """(offset in its shard, length) of the chunk's output bytes."""
+        return self.tensor.byte_range(self.first, self.count)
 
-def iter_chunks(plan: MergePlan, chunk_bytes: int) -> Iterator[Chunk]:
-    """Every planned tensor cut into chunks whose largest operand is at most ``chunk_bytes``."""
+    def source_range(self, info: TensorInfo) -> tuple[int, int]:
+        """(offset in its file, length) of the chunk's bytes of the input ``info``."""
+        return info.byte_range(self.first, self.count)
+
+
+def element_steps(numel: int, widest_itemsize: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+    """(first, count) of each chunk of a ``numel``-element tensor whose widest operand has
+    ``widest_itemsize`` bytes per element, at most ``chunk_bytes`` per chunk."""
+    step = max(1, chunk_bytes // widest_itemsize)
+    for first in range(0, numel, step):
+        yield first, min(step, numel - first)
+
+
+def iter_chunks(plan: MergePlan, chunk_bytes: int, kept: frozenset[str] = frozenset()) -> Iterator[Chunk]:
+    """Every planned tensor but the ``kept`` ones (already in place: a resumed merge), cut into
+    chunks whose largest operand is at most ``chunk_bytes``."""
     for tensor in plan.tensors:
-        if tensor.name in plan.skip:  # already in place (resumed merge)
+        if tensor.name in kept:
             continue
         for t in tensor.pieces():
             widest = max([t.dtype.itemsize, t.base.dtype.itemsize, *(m.dtype.itemsize for m in t.models)])
-            step = max(1, chunk_bytes // widest)
-            for first in range(0, t.numel, step):
-                yield Chunk(t, first, min(step, t.numel - first))
+            for first, count in element_steps(t.numel, widest, chunk_bytes):
+                yield Chunk(t, first, count)
+
+
+def run_in_order(items: Iterable[T], work: Callable[[T], R], collect: Callable[[T, R], None], workers: int,
+                 in_flight: int, abort: Abort, before: Callable[[T], None] | None = None) -> None:
+    """``work`` on each item on ``workers`` threads, at most ``in_flight`` at once, and
+    ``collect`` of each result in item order (on this thread, so folds are deterministic).
+
+    ``before`` runs on this thread as an item is queued (readahead). A failure anywhere ends
+    the run with the first one (``abort``); the threads are joined before it is raised.
+    """
+    pending: deque[tuple[T, Future]] = deque()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="safeblend-compute")
+    with single_threaded_blas(), pool:
+        try:
+            for item in items:
+                abort.check()  # another thread failed: stop queueing
+                if before is not None:
+                    before(item)
+                pending.append((item, pool.submit(abort.guarded(work), item)))
+                if len(pending) >= in_flight:
+                    item, future = pending.popleft()
+                    collect(item, future.result())
+            while pending:
+                item, future = pending.popleft()
+                collect(item, future.result())
+        except BaseException as exc:
+            first = abort.first(exc)
+            pool.shutdown(wait=True, cancel_futures=True)  # every wait of theirs polls the abort
+            raise first
 
 
 class BufferPool:
     """A fixed set of equal page-aligned byte buffers, handed out and returned across threads;
-    each holds one chunk ``placed`` for the writer (safeblend.writer)."""
+    each holds one chunk ``placed`` for the writer (safeblend.writer). ``acquire`` raises the
+    merge's first failure rather than wait for buffers a failed thread will never return."""
 
-    def __init__(self, count: int, nbytes: int) -> None:
+    def __init__(self, count: int, nbytes: int, abort: Abort | None = None,
+                 allocate: Callable[[int], Any] = aligned_buffer) -> None:
         self.count = count
+        self.abort = abort or Abort()
         self._free: queue.Queue = queue.Queue()
         for _ in range(count):
-            self._free.put(aligned_buffer(nbytes))
+            self._free.put(allocate(nbytes))
 
-    def acquire(self) -> np.ndarray:
-        return self._free.get()
+    def acquire(self) -> Any:
+        return self.abort.get(self._free)
 
-    def release(self, buffer: np.ndarray) -> None:
+    def release(self, buffer: Any) -> None:
         self._free.put(buffer)
 
 
@@ -74,8 +134,9 @@ class ExecutionStats:
     bytes_written: int = 0
 
 
-class Executor:
-    """Runs a plan on the CPU with a few compute threads and one writer thread."""
+class ExecutorBase:
+    """What every executor shares; ``run(writer, progress)`` computes and writes every chunk
+    of the plan but the ``kept`` tensors, and returns the bytes read and written."""
 
     def __init__(
         self,
@@ -86,15 +147,63 @@ class Executor:
         backend,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         workers: int = DEFAULT_WORKERS,
+        kept: frozenset[str] = frozenset(),
     ) -> None:
         self.plan = plan
         self.method = method
         self.backend = backend
         self.chunk_bytes = chunk_bytes
         self.workers = max(1, workers)
+        self.kept = kept
         self._files: dict = {f.path: f for ckpt in (base, *models) for f in ckpt.files}
-        # Per-tensor method state; runs a method's reduce passes (if any) before a tensor's first chunk.
+        # Per-tensor method state; runs a method's reduce passes (if any) before a tensor's first
+        # chunk. Per-tensor parameters are resolved now: a bad recipe fails before any read.
         self._states = TensorStates(method, plan, self._file, chunk_bytes, self.workers)
+
+    def run(self, writer: ShardWriter, progress: Callable[[int], None] | None = None) -> ExecutionStats:
+        raise NotImplementedError
+
+    def _file(self, info: TensorInfo) -> SafetensorsFile:
+        return self._files[info.file]
+
+    def _sources(self, t: OutputTensor) -> list[TensorInfo]:
+        return [t.base, *t.models] if t.action == "merge" else [t.base]
+
+    def _prefetch(self, chunk: Chunk) -> None:
+        for info in self._sources(chunk.tensor):
+            self._file(info).prefetch(*chunk.source_range(info))
+
+    def _copy(self, chunk: Chunk, pool: BufferPool) -> tuple[Any, WriteDone, int]:
+        """A copied chunk's output bytes, the callback that frees them once written, and the
+        input bytes read: the input's own mapped bytes, or, for a tensor taken from one model
+        and cast to the output dtype, the cast into a pooled buffer placed for O_DIRECT."""
+        t = chunk.tensor
+        info, file = t.base, self._file(t.base)
+        start, length = chunk.source_range(info)
+        if info.dtype == t.dtype:
+            return file.byte_view(start, length), partial(file.release, start, length), length
+        buffer = pool.acquire()
+        out = placed(self._host(buffer), *chunk.out_range)
+        np.copyto(out.view(t.dtype.numpy), file.view(info, chunk.first, chunk.count), casting="unsafe")
+        file.release(start, length)
+        return out, partial(pool.release, buffer), length
+
+    def _host(self, buffer: Any) -> np.ndarray:
+        """A pooled buffer as a numpy byte array (a hook: the GPU pool holds pinned tensors)."""
+        return buffer
+
+    def _release(self, sources: list[tuple[TensorInfo, SafetensorsFile]], chunk: Chunk) -> int:
+        """Drop a computed chunk's input ranges from the process; returns the bytes they read."""
+        read = 0
+        for info, f in sources:
+            start, length = chunk.source_range(info)
+            f.release(start, length)
+            read += f.stored_bytes(start, length)
+        return read
+
+
+class Executor(ExecutorBase):
+    """Runs a plan on the CPU with a few compute threads and one writer thread."""
 
     def run(self, writer: ShardWriter, progress: Callable[[int], None] | None = None) -> ExecutionStats:
         """Compute and write every chunk; ``progress`` gets the output bytes of each chunk.
@@ -110,20 +219,10 @@ class Executor:
         stats = ExecutionStats()
         pool = self._buffer_pool(writer)
         in_flight = min(2 * self.workers, 1 + (pool.count - 1) // self._buffers_per_chunk())
-        pending: deque[tuple[Chunk, Future]] = deque()
-        compute = ThreadPoolExecutor(self.workers, thread_name_prefix="safeblend-compute")
-        with single_threaded_blas(), compute as workers:
-            try:
-                for chunk in iter_chunks(self.plan, self.chunk_bytes):
-                    self._prefetch(chunk)  # in flight before a worker reaches it
-                    pending.append((chunk, workers.submit(self._process, chunk, writer, pool)))
-                    if len(pending) >= in_flight:
-                        self._collect(*pending.popleft(), stats, progress)
-                while pending:
-                    self._collect(*pending.popleft(), stats, progress)
-            except BaseException:
-                workers.shutdown(wait=True, cancel_futures=True)
-                raise
+        run_in_order(iter_chunks(self.plan, self.chunk_bytes, self.kept),
+                     lambda chunk: self._process(chunk, writer, pool),
+                     lambda chunk, read: self._collect(chunk, read, stats, progress),
+                     self.workers, in_flight, writer.abort, before=self._prefetch)
         return stats
 
     def _buffer_pool(self, writer: ShardWriter) -> BufferPool:
@@ -131,65 +230,37 @@ class Executor:
 
         A hook: the sweep executor (safeblend.lambda_sweep) sizes its own pool for several outputs.
         """
-        return BufferPool(count=writer.depth + 2 * self.workers, nbytes=self.chunk_bytes)
+        return BufferPool(writer.depth + 2 * self.workers, self.chunk_bytes, writer.abort)
 
     def _buffers_per_chunk(self) -> int:
         """Pool buffers one chunk may hold at once (a hook, like ``_buffer_pool``)."""
         return 1
 
     @staticmethod
-    def _collect(chunk: Chunk, future: Future, stats: ExecutionStats,
-                 progress: Callable[[int], None] | None) -> None:
-        stats.bytes_read += future.result()
-        written = chunk.count * chunk.tensor.dtype.itemsize
+    def _collect(chunk: Chunk, read: int, stats: ExecutionStats, progress: Callable[[int], None] | None) -> None:
+        """Count a finished chunk (on the main thread, in chunk order)."""
+        stats.bytes_read += read
+        written = chunk.out_range[1]
         stats.bytes_written += written
         if progress is not None:
             progress(written)
 
-    def _sources(self, t: OutputTensor) -> list[TensorInfo]:
-        return [t.base, *t.models] if t.action == "merge" else [t.base]
-
-    def _file(self, info: TensorInfo) -> SafetensorsFile:
-        return self._files[info.file]
-
-    def _prefetch(self, chunk: Chunk) -> None:
-        for info in self._sources(chunk.tensor):
-            size = info.dtype.itemsize
-            self._file(info).prefetch(info.start + chunk.first * size, chunk.count * size)
-
     def _process(self, chunk: Chunk, writer: ShardWriter, pool: BufferPool) -> int:
         """Compute one chunk and queue its write; returns the input bytes it read."""
         t = chunk.tensor
-        out_offset = t.offset + chunk.first * t.dtype.itemsize
+        offset, nbytes = chunk.out_range
         if t.action == "copy":
-            info, file = t.base, self._file(t.base)
-            start, length = info.start + chunk.first * info.dtype.itemsize, chunk.count * info.dtype.itemsize
-            if info.dtype != t.dtype:  # a tensor taken from one model, cast to the output dtype
-                buffer = pool.acquire()
-                out_bytes = placed(buffer, out_offset, chunk.count * t.dtype.itemsize)
-                np.copyto(out_bytes.view(t.dtype.numpy), file.view(info, chunk.first, chunk.count), casting="unsafe")
-                file.release(start, length)
-                writer.submit(t.shard, out_offset, out_bytes, lambda: pool.release(buffer))
-                return length
-            writer.submit(t.shard, out_offset, file.byte_view(start, length), lambda: file.release(start, length))
-            return length
+            data, done, read = self._copy(chunk, pool)
+            writer.submit(t.shard, offset, data, done)
+            return read
         buffer = pool.acquire()
-        out_bytes = placed(buffer, out_offset, chunk.count * t.dtype.itemsize)
-        out = out_bytes.view(t.dtype.numpy)
+        out_bytes = placed(buffer, offset, nbytes)
         sources = [(info, self._file(info)) for info in self._sources(t)]
         views = [f.view(info, chunk.first, chunk.count) for info, f in sources]
         context, state, read = self._states.get(t)
-        self.method.merge_chunk(self.backend, views[0], views[1:], out, ChunkContext(context, chunk.first), state)
+        self.method.merge_chunk(self.backend, views[0], views[1:], out_bytes.view(t.dtype.numpy),
+                                ChunkContext(context, chunk.first), state)
         read += self._release(sources, chunk)
-        writer.submit(t.shard, out_offset, out_bytes, lambda: pool.release(buffer))
+        writer.submit(t.shard, offset, out_bytes, partial(pool.release, buffer))
         return read
 
-    @staticmethod
-    def _release(sources: list[tuple[TensorInfo, SafetensorsFile]], chunk: Chunk) -> int:
-        """Drop a computed chunk's input ranges from the process; returns the bytes they read."""
-        read = 0
-        for info, f in sources:
-            start, length = info.start + chunk.first * info.dtype.itemsize, chunk.count * info.dtype.itemsize
-            f.release(start, length)
-            read += f.stored_bytes(start, length)
-        return read

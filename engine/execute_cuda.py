@@ -24,17 +24,17 @@ from __future__ import annotations
 import collections
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from functools import partial
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .checkpoint import Checkpoint, SafetensorsFile, TensorInfo
+from .checkpoint import Checkpoint
 from .errors import SpecError
-from .execute import DEFAULT_CHUNK_BYTES, BufferPool, Chunk, ExecutionStats, iter_chunks
+from .execute import DEFAULT_CHUNK_BYTES, BufferPool, Chunk, ExecutionStats, ExecutorBase, iter_chunks
 from .methods.base import ChunkContext, MergeMethod
 from .plan import MergePlan
-from .reduce import TensorStates
-from .writer import DIRECT_ALIGN, ShardWriter
+from .writer import DIRECT_ALIGN, ShardWriter, WriteDone, placed
 
 # Chunks resident on the device at once: one being copied in, one computed, one copied out.
 DEVICE_SLOTS = 3
@@ -65,27 +65,23 @@ def staging_slot_bytes(chunk_bytes: int, n_inputs: int) -> int:
 
 @dataclass
 class _InFlight:
-    """A chunk whose GPU work has been enqueued; retired once its D2H copy is done."""
+    """A chunk on its way to the writer, in file order: a merge whose GPU work has been
+    enqueued (retired once its D2H copy is done), or a copy whose bytes are ready."""
 
     chunk: Chunk
-    in_slot: int
-    out_buffer: Any  # pinned torch uint8 tensor from the output pool
-    out_shift: int  # where in it the chunk's bytes start (safeblend.writer.placed)
-    out_bytes: int
-    done: Any  # torch.cuda.Event recorded after the D2H copy
+    in_slot: int | None  # the pinned input slot a merge frees when retired
+    data: Any  # the output bytes (a numpy view of a pinned buffer, or an input's map)
+    release: WriteDone  # frees ``data`` once written
+    done: Any = None  # torch.cuda.Event recorded after a merge's D2H copy
+    read: int = 0  # input bytes a copy read (a merge's are counted as its read completes)
 
 
 def runs_on_gpu(method: MergeMethod) -> bool:
-    """Whether this pipeline can run ``method``: reduce passes (norms, thresholds) fold
-    chunks on the host and have no device version yet. A method with reduce passes that can
-    do without them says so itself (``runs_on_gpu()``: dare-linear with its default rescale)."""
-    own = getattr(method, "runs_on_gpu", None)
-    if own is not None:
-        return bool(own())
-    return type(method).reduce_passes is MergeMethod.reduce_passes
+    """Whether this pipeline can run ``method`` (it declares it: ``MergeMethod.runs_on_gpu``)."""
+    return method.runs_on_gpu()
 
 
-class CudaExecutor:
+class CudaExecutor(ExecutorBase):
     """Runs a plan through pinned staging buffers, CUDA streams and the Triton backend.
 
     Same contract as ``safeblend.execute.Executor``: ``run(writer, progress)`` computes and
@@ -101,51 +97,61 @@ class CudaExecutor:
         method: MergeMethod,
         backend,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        kept: frozenset[str] = frozenset(),
     ) -> None:
         if not runs_on_gpu(method):
             raise SpecError(
                 f"--device cuda: method {method.name!r} with these parameters needs whole-tensor "
                 "statistics or per-element work that the GPU pipeline does not have yet; use --device cpu"
             )
-        self.plan = plan
-        self.method = method
-        self.backend = backend
+        super().__init__(plan, base, models, method, backend, chunk_bytes, workers=1, kept=kept)
         self.n_inputs = 1 + len(models)
         self.slot_bytes = staging_slot_bytes(chunk_bytes, self.n_inputs)
-        self._files: dict = {f.path: f for ckpt in (base, *models) for f in ckpt.files}
-        # Per-tensor parameters resolved up front, as on the CPU path (a bad recipe fails early).
-        self._states = TensorStates(method, plan, self._file, chunk_bytes)
         self.report: dict[str, Any] = {}
 
     def run(self, writer: ShardWriter, progress: Callable[[int], None] | None = None) -> ExecutionStats:
-        """Compute and write every chunk; ``progress`` gets the output bytes of each chunk."""
+        """Compute and write every chunk; ``progress`` gets the output bytes of each chunk.
+
+        Chunks reach the writer in file order (copies wait behind the merges before them), so
+        the journal's hasher, which keeps each written buffer until the bytes before it are
+        written, always has the oldest buffer back first: the output pool never runs dry.
+        """
         import torch
 
         self._torch = torch
         self._cuda = self._cuda_api()
+        abort = writer.abort
         self._allocate(writer)
         for f in self._files.values():  # open every map now, not racing in the reader threads
             if f.tensors:
                 f.byte_view(0, 0)
         stats = ExecutionStats()
-        chunks = iter_chunks(self.plan, self.slot_bytes)
-        reads: collections.deque[tuple[Chunk, int, Future]] = collections.deque()
+        chunks = self._chunks()
+        reads: collections.deque[tuple[Chunk, int | None, Future | None]] = collections.deque()
         inflight: collections.deque[_InFlight] = collections.deque()
         readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="safeblend-read")
+        read = abort.guarded(self._read)  # a reader's failure stops every thread at once
         ok = False
         try:
-            exhausted = self._fill(chunks, reads, readers, writer, stats, progress)
+            exhausted = self._fill(chunks, reads, readers, read)
             while reads:
+                abort.check()
                 chunk, in_slot, future = reads.popleft()
-                stats.bytes_read += future.result()
                 while len(inflight) >= DEVICE_SLOTS:
                     self._retire(inflight.popleft(), writer, stats, progress)
-                inflight.append(self._launch(chunk, in_slot, slot=self._next_device_slot()))
+                if future is None:  # a copy: its bytes, cast on the host if need be
+                    data, release, nbytes = self._copy(chunk, self._out_pool)
+                    inflight.append(_InFlight(chunk, None, data, release, read=nbytes))
+                else:
+                    stats.bytes_read += future.result()
+                    inflight.append(self._launch(chunk, in_slot, slot=self._next_device_slot()))
                 if not exhausted:
-                    exhausted = self._fill(chunks, reads, readers, writer, stats, progress)
+                    exhausted = self._fill(chunks, reads, readers, read)
             while inflight:
                 self._retire(inflight.popleft(), writer, stats, progress)
             ok = True
+        except BaseException as exc:
+            raise abort.first(exc)
         finally:
             readers.shutdown(wait=True, cancel_futures=True)
             if not ok:
@@ -153,6 +159,10 @@ class CudaExecutor:
             else:
                 self.report["peak_device_bytes"] = self._cuda.max_memory_allocated(self._device)
         return stats
+
+    def _chunks(self) -> Iterator[Chunk]:
+        """The chunk stream, cut to the staging slot's size."""
+        return iter_chunks(self.plan, self.slot_bytes, self.kept)
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -176,9 +186,8 @@ class CudaExecutor:
         self._free_in = list(range(len(self._pinned_in)))
         # Held by: chunks in flight, the writer's queue, the write in progress.
         out_count = DEVICE_SLOTS + writer.depth + 1
-        self._out_pool = BufferPool(count=0, nbytes=0)
-        for _ in range(out_count):  # room to place a chunk at its file offset modulo DIRECT_ALIGN
-            self._out_pool.release(self._pinned(slot + DIRECT_ALIGN))
+        # Room to place a chunk at its file offset modulo DIRECT_ALIGN (safeblend.writer.placed).
+        self._out_pool = BufferPool(out_count, slot, writer.abort, lambda n: self._pinned(n + DIRECT_ALIGN))
         self.report = {
             "device": cuda.get_device_name(self._device),
             "slot_bytes": slot,
@@ -215,34 +224,28 @@ class CudaExecutor:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _fill(self, chunks, reads, readers: ThreadPoolExecutor, writer: ShardWriter,
-              stats: ExecutionStats, progress) -> bool:
-        """Queue reads until READ_AHEAD are pending or no pinned slot is free; copy chunks go
-        straight to the writer. Returns True once the chunk stream is exhausted."""
+    def _fill(self, chunks: Iterator[Chunk], reads: collections.deque, readers: ThreadPoolExecutor,
+              read: Callable[[Chunk, int], int]) -> bool:
+        """Queue reads until READ_AHEAD chunks are pending or no pinned slot is free; copies
+        queue in order without a slot. Returns True once the chunk stream is exhausted."""
         while len(reads) < READ_AHEAD and self._free_in:
             chunk = next(chunks, None)
             if chunk is None:
                 return True
             if chunk.tensor.action == "copy":
-                stats.bytes_read += self._submit_copy(chunk, writer)
-                written = chunk.count * chunk.tensor.dtype.itemsize
-                stats.bytes_written += written
-                if progress is not None:
-                    progress(written)
+                reads.append((chunk, None, None))
                 continue
+            self._prefetch(chunk)
             in_slot = self._free_in.pop()
-            for info in self._inputs(chunk):
-                size = info.dtype.itemsize
-                self._file(info).prefetch(info.start + chunk.first * size, chunk.count * size)
-            reads.append((chunk, in_slot, readers.submit(self._read, chunk, in_slot)))
+            reads.append((chunk, in_slot, readers.submit(read, chunk, in_slot)))
         return False
 
     def _read(self, chunk: Chunk, in_slot: int) -> int:
         """Copy a chunk's inputs from their memory maps into a pinned slot (reader thread)."""
         staging = self._pinned_in_np[in_slot]
         total = 0
-        for k, info in enumerate(self._inputs(chunk)):
-            start, length = self._byte_range(info, chunk)
+        for k, info in enumerate(self._sources(chunk.tensor)):
+            start, length = chunk.source_range(info)
             f = self._file(info)
             region = staging[k * self.slot_bytes : k * self.slot_bytes + length]
             np.copyto(region, np.frombuffer(f.byte_view(start, length), dtype=np.uint8))
@@ -250,86 +253,63 @@ class CudaExecutor:
             total += f.stored_bytes(start, length)
         return total
 
-    def _submit_copy(self, chunk: Chunk, writer: ShardWriter) -> int:
-        """Hand a copy-only chunk's bytes from the base's map to the writer; returns bytes read."""
-        t = chunk.tensor
-        f = self._file(t.base)
-        start, length = self._byte_range(t.base, chunk)
-        out_offset = t.offset + chunk.first * t.dtype.itemsize
-        if t.base.dtype != t.dtype:  # taken from one model (safeblend.quirks), cast to the output dtype on the host
-            data = np.empty(chunk.count, t.dtype.numpy)
-            np.copyto(data, f.view(t.base, chunk.first, chunk.count), casting="unsafe")
-            f.release(start, length)
-            writer.submit(t.shard, out_offset, data.view(np.uint8))
-            return length
-        writer.submit(t.shard, out_offset, f.byte_view(start, length), lambda: f.release(start, length))
-        return length
-
     # -- GPU -------------------------------------------------------------------------------
 
     def _launch(self, chunk: Chunk, in_slot: int, slot: int) -> _InFlight:
         """Enqueue H2D, the method's kernel and D2H for one chunk on their streams."""
         t = chunk.tensor
-        infos = self._inputs(chunk)
+        infos = self._sources(t)
         device_buffer = self._device_slots[slot]
         staging = self._pinned_in[in_slot]
         sb = self.slot_bytes
         copied = self._cuda.Event()
         with self._cuda.stream(self._copy_in):
             for k, info in enumerate(infos):
-                n = chunk.count * info.dtype.itemsize
+                n = chunk.source_range(info)[1]
                 device_buffer[k * sb : k * sb + n].copy_(staging[k * sb : k * sb + n], non_blocking=True)
             copied.record(self._copy_in)
-        out_bytes = chunk.count * t.dtype.itemsize
+        offset, out_bytes = chunk.out_range
         out_region = device_buffer[self.n_inputs * sb : self.n_inputs * sb + out_bytes]
         computed = self._cuda.Event()
         self._compute.wait_event(copied)
         with self._cuda.stream(self._compute):
-            views = [
-                device_buffer[k * sb : k * sb + chunk.count * info.dtype.itemsize].view(self._dtype(info.dtype.name))
-                for k, info in enumerate(infos)
-            ]
+            views = [device_buffer[k * sb : k * sb + chunk.source_range(info)[1]].view(self._dtype(info.dtype.name))
+                     for k, info in enumerate(infos)]
             context, state, _ = self._states.get(t)  # no reduce passes here: nothing is read
             self.method.merge_chunk(self.backend, views[0], views[1:], out_region.view(self._dtype(t.dtype.name)),
                                     ChunkContext(context, chunk.first), state)
             computed.record(self._compute)
         out_buffer = self._out_pool.acquire()  # blocks only while the writer is behind
-        # Placed like the CPU executor's chunks, so the writer can send it with O_DIRECT where
-        # the pinned buffer is page-aligned (cudaHostAlloc's are).
-        shift = (t.offset + chunk.first * t.dtype.itemsize) % DIRECT_ALIGN
+        # Placed like every pooled chunk, so the writer can send it with O_DIRECT where the
+        # pinned buffer is page-aligned (cudaHostAlloc's are).
+        shift = offset % DIRECT_ALIGN
         done = self._cuda.Event()
         self._copy_out.wait_event(computed)
         with self._cuda.stream(self._copy_out):
             out_buffer[shift : shift + out_bytes].copy_(out_region, non_blocking=True)
             done.record(self._copy_out)
         self.report["merge_chunks"] += 1
-        return _InFlight(chunk, in_slot, out_buffer, shift, out_bytes, done)
+        data = placed(self._host(out_buffer), offset, out_bytes)
+        return _InFlight(chunk, in_slot, data, partial(self._out_pool.release, out_buffer), done)
 
     def _retire(self, job: _InFlight, writer: ShardWriter, stats: ExecutionStats, progress) -> None:
-        """Wait for a chunk's D2H copy, free its input slot and queue its output for writing."""
-        job.done.synchronize()  # releases the GIL while waiting
-        self._free_in.append(job.in_slot)
+        """Wait for a merge's D2H copy and free its input slot; queue the chunk's output for writing."""
+        if job.done is not None:
+            job.done.synchronize()  # releases the GIL while waiting
+        if job.in_slot is not None:
+            self._free_in.append(job.in_slot)
         t = job.chunk.tensor
-        buffer = job.out_buffer
-        out_offset = t.offset + job.chunk.first * t.dtype.itemsize
-        data = buffer[job.out_shift : job.out_shift + job.out_bytes].numpy()
-        writer.submit(t.shard, out_offset, data, lambda: self._out_pool.release(buffer))
-        stats.bytes_written += job.out_bytes
+        offset, nbytes = job.chunk.out_range
+        writer.submit(t.shard, offset, job.data, job.release)
+        stats.bytes_read += job.read
+        stats.bytes_written += nbytes
         if progress is not None:
-            progress(job.out_bytes)
+            progress(nbytes)
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _inputs(self, chunk: Chunk) -> list[TensorInfo]:
-        return [chunk.tensor.base, *chunk.tensor.models]
-
-    def _file(self, info: TensorInfo) -> SafetensorsFile:
-        return self._files[info.file]
-
-    @staticmethod
-    def _byte_range(info: TensorInfo, chunk: Chunk) -> tuple[int, int]:
-        size = info.dtype.itemsize
-        return info.start + chunk.first * size, chunk.count * size
+    def _host(self, buffer) -> np.ndarray:
+        return buffer.numpy()
 
     def _dtype(self, name: str):
         return getattr(self._torch, _TORCH_DTYPES[name])

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .abort import Abort
 from .errors import OutputError
 from .plan import MergePlan, Shard
 from .units import format_size
@@ -192,7 +193,7 @@ class Progress:
     makes the hashed bytes durable, drops them from the page cache and group-commits their
     journal lines — waiting on the disk there, so hashing never does."""
 
-    def __init__(self, directory: Path, plan: MergePlan, journal_fd: int, already: set[str]) -> None:
+    def __init__(self, directory: Path, plan: MergePlan, journal_fd: int, already: set[str], abort: Abort) -> None:
         self.directory = directory
         self.journal_fd = journal_fd
         self.already = already  # journaled by an earlier run: not appended again
@@ -200,7 +201,7 @@ class Progress:
                                                                      for t in s.tensors))
                        for i, s in enumerate(plan.shards)]
         self.journaled: list[str] = []
-        self.error: BaseException | None = None
+        self.abort = abort  # a failure here stops every thread of the merge, and theirs stops these
         self._pending: list[JournalEntry] = []
         self._cv = threading.Condition()
         self._stop = False
@@ -266,20 +267,18 @@ class Progress:
             if s.fd >= 0:
                 os.close(s.fd)
                 s.fd = -1
-        if self.error is not None and not discard:
-            raise self.error
+        if not discard:
+            self.abort.check()
         return {s.filename: s.sha.hexdigest() for s in self.shards if s.cursor == s.size}
-
-    def raise_pending(self) -> None:
-        if self.error is not None:
-            raise self.error
 
     def _run(self) -> None:
         try:
             while True:
                 with self._cv:
-                    while not self._stop and not self._work():
+                    while not self._stop and not self._work() and self.abort.error is None:
                         self._cv.wait(timeout=COMMIT_INTERVAL_S)
+                    if self.abort.error is not None:
+                        return  # another thread failed: nothing more is written
                     work = [] if self._discard else [(s, min(s.frontier, s.cursor + _PASS_BYTES))
                                                      for s in self.shards if s.frontier > s.cursor]
                     stop = self._stop
@@ -288,8 +287,8 @@ class Progress:
                 self._hand_over()
                 if stop and not work:
                     return
-        except BaseException as exc:  # noqa: BLE001  (re-raised on the main thread)
-            self.error = exc
+        except BaseException as exc:  # noqa: BLE001  (every other thread raises it)
+            self.abort.fail(exc)
         finally:
             self._release_blocks()
             with self._flush_cv:
@@ -309,7 +308,7 @@ class Progress:
         """The flusher: flush and drop hashed bytes, then commit the journal lines that cover them
         (group commit: whatever finished while the last batch synced goes in the next)."""
         try:
-            while True:
+            while self.abort.error is None:
                 with self._flush_cv:
                     while not self._hasher_done and not self._to_commit and not self._droppable(_DROP_BYTES):
                         self._flush_cv.wait(timeout=COMMIT_INTERVAL_S)
@@ -324,8 +323,8 @@ class Progress:
                     self._commit(batch)
                 if done and not batch and not targets:
                     return
-        except BaseException as exc:  # noqa: BLE001  (re-raised on the main thread)
-            self.error = self.error or exc
+        except BaseException as exc:  # noqa: BLE001  (every other thread raises it)
+            self.abort.fail(exc)
 
     def _droppable(self, threshold: int) -> bool:
         return any(s.hashed - s.dropped >= threshold for s in self.shards)
@@ -347,7 +346,7 @@ class Progress:
     def _hash(self, s: _ShardProgress, end: int) -> None:
         """Hash the shard from the cursor to at least ``end`` (a held block is hashed whole)."""
         started = time.perf_counter()
-        while s.cursor < end and not self._discard:
+        while s.cursor < end and not self._discard and self.abort.error is None:
             with self._cv:
                 block = s.blocks.pop(s.cursor, None)
                 next_block = min((o for o in s.blocks if o > s.cursor), default=end)
@@ -414,7 +413,7 @@ class JournaledWriter(ShardWriter):
 
     def __init__(self, directory: Path, plan: MergePlan, progress: Progress, kept: dict[str, tuple[int, int]],
                  depth: int = 4) -> None:
-        super().__init__(directory, plan, depth)
+        super().__init__(directory, plan, depth, progress.abort)
         self.progress = progress
         self.kept = kept  # name -> (shard, offset) of tensors kept from the partial output
         self._writes = 0
@@ -436,7 +435,6 @@ class JournaledWriter(ShardWriter):
         self.progress.start()
 
     def submit(self, shard: int, offset: int, data: memoryview, done: WriteDone | None = None) -> None:
-        self.progress.raise_pending()
         length = memoryview(data).nbytes
 
         def landed() -> None:
@@ -472,7 +470,8 @@ def _clear_directory(directory: Path, keep: str) -> None:
 class MergeSession:
     """One merge's output: locked staging beside OUT, journal, resume, manifest, commit."""
 
-    def __init__(self, final: Path, overwrite: bool, plan: MergePlan) -> None:
+    def __init__(self, final: Path, overwrite: bool, plan: MergePlan, abort: Abort) -> None:
+        self.abort = abort
         self.output = OutputDir(final, overwrite)
         self.staging = self.output.staging
         self.plan = plan
@@ -486,10 +485,11 @@ class MergeSession:
 
     @classmethod
     def start(cls, out: str | os.PathLike, *, overwrite: bool, resume: bool, plan: MergePlan,
-              inputs: Sequence[str | os.PathLike], settings: dict[str, Any]) -> "MergeSession":
+              inputs: Sequence[str | os.PathLike], settings: dict[str, Any],
+              abort: Abort | None = None) -> "MergeSession":
         """Create or reopen the staging directory, lock it and (with ``resume``) keep the
         journaled tensors whose bytes check out; ``plan.skip`` gets their names."""
-        session = cls(Path(out), overwrite, plan)
+        session = cls(Path(out), overwrite, plan, abort or Abort())
         try:
             session._open(resume, fingerprint(plan, inputs, settings))
         except BaseException as exc:
@@ -540,7 +540,7 @@ class MergeSession:
                 self.messages.append(f"--resume: no partial output at {staging}; starting a fresh merge")
             self._new_journal(print_)
         self.plan.skip = frozenset(self.kept)
-        self.progress = Progress(staging, self.plan, self._journal_fd, set(self.kept))
+        self.progress = Progress(staging, self.plan, self._journal_fd, set(self.kept), self.abort)
         self.writer = JournaledWriter(staging, self.plan, self.progress, self.kept)
         fault_point("start")
 

@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 from safeblend.kernels import cpu_backend
 
+from .abort import Abort
 from .api import MergeResult, _check_output_not_input, output_metadata
 from .checkpoint import Checkpoint
 from .journal import MergeSession
@@ -261,11 +262,12 @@ def _run(plans: list[MergePlan], metadatas: list[dict[str, str]], base: Checkpoi
     OutputDir(finals[0], overwrite).check_space(sum(p.output_bytes for p in plans))  # all of them at once
     sessions: list[MergeSession] = []
     done = 0  # sessions committed
+    abort = Abort()  # one failure slot for every output's threads
     try:
         for final, plan in zip(finals, plans):
             # The settings are merge's own, so each partial fingerprints as `merge --weight W` would.
             sessions.append(MergeSession.start(final, overwrite=overwrite, resume=False, plan=plan, inputs=inputs,
-                                               settings={"chunk_bytes": chunk_bytes, "device": "cpu"}))
+                                               settings={"chunk_bytes": chunk_bytes, "device": "cpu"}, abort=abort))
         writers = [session.writer for session in sessions]
         for writer in writers:
             writer.open()
@@ -301,6 +303,7 @@ class _Outputs:
     def __init__(self, writers: list[ShardWriter]) -> None:
         self.writers = writers
         self.depth = writers[0].depth  # what run() reads to size the buffer pool
+        self.abort = writers[0].abort  # shared by every output's threads
         first = writers[0].plan
         for w in writers[1:]:
             _check_same_layout(first, w.plan)

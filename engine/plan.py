@@ -55,12 +55,17 @@ class OutputTensor:
     def nbytes(self) -> int:
         return prod(self.shape) * self.dtype.itemsize
 
+    def byte_range(self, first: int, count: int) -> tuple[int, int]:
+        """(absolute offset in its shard, length) of elements [first, first + count)."""
+        size = self.dtype.itemsize
+        return self.offset + first * size, count * size
+
     def pieces(self) -> list["OutputTensor"]:
         """What the executor runs: this tensor's own range, then its tail as a copy."""
         if self.tail is None:
             return [self]
         tail = OutputTensor(self.name, self.tail.shape, self.dtype, self.tail, [], "copy", self.shard,
-                            self.offset + self.numel * self.dtype.itemsize)
+                            self.byte_range(self.numel, 0)[0])
         return [self, tail]
 
 

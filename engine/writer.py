@@ -29,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 
+from .abort import Abort
 from .errors import OutputError
 from .plan import MergePlan
 from .units import format_size
@@ -153,17 +154,20 @@ class ShardWriter:
 
     ``submit`` hands over a buffer and a callback; the callback runs on the writer thread once
     the bytes are in the file (that is how buffers return to their pool and consumed input
-    ranges are released). At most ``depth`` writes wait in the queue, which bounds memory.
+    ranges are released). At most ``depth`` writes wait in the queue, which bounds memory. A
+    failed write is the merge's failure (``abort``, shared with the other threads): the writer
+    stops writing, and waits on it raise it.
     """
 
-    def __init__(self, directory: Path, plan: MergePlan, depth: int = 4) -> None:
+    def __init__(self, directory: Path, plan: MergePlan, depth: int = 4, abort: Abort | None = None) -> None:
         self.directory = directory
         self.plan = plan
         self._fds: list[int] = []
         self._direct_fds: list[int] = []  # -1 where the filesystem refuses O_DIRECT
         self.depth = depth
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
+        self.abort = abort or Abort()
+        self._abandoned = False
         self._thread = threading.Thread(target=self._run, name="safeblend-writer", daemon=True)
         self.bytes_written = 0
         self.bytes_direct = 0  # of which written with O_DIRECT
@@ -192,20 +196,14 @@ class ShardWriter:
 
     def submit(self, shard: int, offset: int, data: memoryview, done: WriteDone | None = None) -> None:
         """Queue ``data`` for writing at ``offset`` of shard ``shard``; blocks while the queue is full."""
-        self._raise_pending()
-        while True:
-            try:
-                self._queue.put((shard, offset, data, done), timeout=0.5)
-                return
-            except queue.Full:
-                self._raise_pending()
+        self.abort.put(self._queue, (shard, offset, data, done))
 
     def close(self) -> None:
         """Wait for every queued write, flush all shards to disk and close them."""
         if self._thread.is_alive():
-            self._queue.put(None)
+            self._queue.put(None)  # the thread drains the queue whatever happened
             self._thread.join()
-        self._raise_pending()
+        self.abort.check()
         for shard, fd in zip(self.plan.shards, self._fds):
             try:
                 os.fdatasync(fd)
@@ -214,9 +212,9 @@ class ShardWriter:
         self._close_fds()
 
     def abandon(self) -> None:
-        """Stop after the writes already started; used when the merge fails."""
+        """Stop after the writes already started; used when the merge fails or is interrupted."""
         if self._thread.is_alive():
-            self._error = self._error or RuntimeError("abandoned")
+            self._abandoned = True
             while True:  # drain so the thread sees the sentinel promptly
                 try:
                     self._queue.get_nowait()
@@ -237,15 +235,15 @@ class ShardWriter:
             job = self._queue.get()
             if job is None:
                 return
-            if self._error is not None:
-                continue
+            if self._abandoned or self.abort.error is not None:
+                continue  # nobody waits for these buffers any more (their waits poll the abort)
             shard, offset, data, done = job
             try:
                 self._write(shard, memoryview(data).cast("B"), offset)
                 if done is not None:
                     done()
-            except BaseException as exc:  # noqa: BLE001  (re-raised on the main thread)
-                self._error = exc
+            except BaseException as exc:  # noqa: BLE001  (every other thread raises it)
+                self.abort.fail(exc)
 
     def _write(self, shard: int, view: memoryview, offset: int) -> None:
         """Write one chunk: its whole aligned blocks with O_DIRECT where its buffer is placed
@@ -284,11 +282,6 @@ class ShardWriter:
         # them for the disk without waiting), so the final fdatasync finds little left
         # and the disk works while the next chunks compute.
         os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
-
-
-    def _raise_pending(self) -> None:
-        if self._error is not None:
-            raise self._error
 
     def _io_error(self, path: Path, exc: OSError) -> OutputError:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):

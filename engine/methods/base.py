@@ -81,6 +81,12 @@ class MergeMethod:
         """How many reduce passes over the tensor's chunks precede ``merge_chunk``."""
         return 0
 
+    def runs_on_gpu(self) -> bool:
+        """Whether the GPU pipeline (safeblend.execute_cuda) can run this merge. Reduce passes
+        fold chunks on the host and have no device version, so a method with them runs on the
+        CPU unless it overrides this (dare-linear with its default rescale needs none)."""
+        return type(self).reduce_passes is MergeMethod.reduce_passes
+
     def accumulate(self, state: Any, pass_index: int, base: Any, models: Sequence[Any], chunk: ChunkContext) -> None:
         """Fold one chunk of the inputs into the tensor's statistics (reduce pass ``pass_index``).
 
