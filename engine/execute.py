@@ -22,13 +22,14 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import numpy as np
 
 from .abort import Abort
 from .blas import single_threaded_blas
 from .checkpoint import Checkpoint, SafetensorsFile, TensorInfo
+from .chunks import Chunk, iter_chunks
 from .methods.base import ChunkContext, MergeMethod
 from .plan import MergePlan, OutputTensor
 from .reduce import TensorStates
@@ -39,44 +40,6 @@ DEFAULT_CHUNK_BYTES = 8 * 2**20
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """Elements [first, first + count) of one output tensor."""
-
-    tensor: OutputTensor
-    first: int
-    count: int
-
-    @property
-    def out_range(self) -> tuple[int, int]:
-        """(offset in its shard, length) of the chunk's output bytes."""
-        return self.tensor.byte_range(self.first, self.count)
-
-    def source_range(self, info: TensorInfo) -> tuple[int, int]:
-        """(offset in its file, length) of the chunk's bytes of the input ``info``."""
-        return info.byte_range(self.first, self.count)
-
-
-def element_steps(numel: int, widest_itemsize: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
-    """(first, count) of each chunk of a ``numel``-element tensor whose widest operand has
-    ``widest_itemsize`` bytes per element, at most ``chunk_bytes`` per chunk."""
-    step = max(1, chunk_bytes // widest_itemsize)
-    for first in range(0, numel, step):
-        yield first, min(step, numel - first)
-
-
-def iter_chunks(plan: MergePlan, chunk_bytes: int, kept: frozenset[str] = frozenset()) -> Iterator[Chunk]:
-    """Every planned tensor but the ``kept`` ones (already in place: a resumed merge), cut into
-    chunks whose largest operand is at most ``chunk_bytes``."""
-    for tensor in plan.tensors:
-        if tensor.name in kept:
-            continue
-        for t in tensor.pieces():
-            widest = max([t.dtype.itemsize, t.base.dtype.itemsize, *(m.dtype.itemsize for m in t.models)])
-            for first, count in element_steps(t.numel, widest, chunk_bytes):
-                yield Chunk(t, first, count)
 
 
 def run_in_order(items: Iterable[T], work: Callable[[T], R], collect: Callable[[T, R], None], workers: int,

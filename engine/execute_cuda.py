@@ -31,7 +31,8 @@ import numpy as np
 
 from .checkpoint import Checkpoint
 from .errors import SpecError
-from .execute import DEFAULT_CHUNK_BYTES, BufferPool, Chunk, ExecutionStats, ExecutorBase, iter_chunks
+from .chunks import Chunk, iter_chunks
+from .execute import DEFAULT_CHUNK_BYTES, BufferPool, ExecutionStats, ExecutorBase
 from .methods.base import ChunkContext, MergeMethod
 from .plan import MergePlan
 from .writer import DIRECT_ALIGN, ShardWriter, WriteDone, placed

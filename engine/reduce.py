@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .checkpoint import SafetensorsFile, TensorInfo
+from .chunks import element_steps
 from .methods.base import ChunkContext, MergeMethod, TensorContext
 from .methods.params import layer_positions
 from .plan import MergePlan, OutputTensor
@@ -93,31 +94,30 @@ class TensorStates:
             return 0
         sources = [t.base, *t.models]
         files = [self.file_of(info) for info in sources]
-        step = max(1, self.chunk_bytes // max(info.dtype.itemsize for info in sources))
-        firsts = range(0, t.numel, step)
+        steps = list(element_steps(t.numel, max(info.dtype.itemsize for info in sources), self.chunk_bytes))
 
-        def fold(pass_index: int, first: int) -> int:
-            count = min(step, t.numel - first)
+        def fold(pass_index: int, step: tuple[int, int]) -> int:
+            first, count = step
             views = [f.view(info, first, count) for info, f in zip(sources, files)]
             self.method.accumulate(state, pass_index, views[0], views[1:], ChunkContext(context, first))
             del views
             read = 0
             for info, f in zip(sources, files):
-                size = info.dtype.itemsize
-                f.release(info.start + first * size, count * size)
-                read += f.stored_bytes(info.start + first * size, count * size)
+                start, length = info.byte_range(first, count)
+                f.release(start, length)
+                read += f.stored_bytes(start, length)
             return read
 
         read = 0
-        threads = min(self.workers, len(firsts))
+        threads = min(self.workers, len(steps))
         pool = ThreadPoolExecutor(threads, thread_name_prefix="safeblend-reduce") if threads > 1 else None
         try:
             pass_index = 0
             while pass_index < passes:
                 if pool is None:
-                    read += sum(fold(pass_index, first) for first in firsts)
+                    read += sum(fold(pass_index, step) for step in steps)
                 else:
-                    read += sum(pool.map(lambda first: fold(pass_index, first), firsts))
+                    read += sum(pool.map(lambda step: fold(pass_index, step), steps))
                 self.method.end_pass(state, pass_index)
                 pass_index += 1
                 passes = self.method.reduce_passes(state)  # a pass may find it needs more

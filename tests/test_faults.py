@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 import safeblend
 from safeblend import execute, journal, writer
+from safeblend.chunks import Chunk, iter_chunks
 from safeblend.cli import main
 from safeblend.errors import OutputError
 from tests.helpers import random_tensor, write_checkpoint
@@ -45,13 +46,13 @@ def pair(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def chunks(pair, tmp_path_factory) -> list[execute.Chunk]:
+def chunks(pair, tmp_path_factory) -> list[Chunk]:
     """The chunks of a clean run, in order (what the cases aim at)."""
-    seen: list[execute.Chunk] = []
+    seen: list[Chunk] = []
     original = execute.Executor.run
 
     def recording(self, *args, **kwargs):
-        seen.extend(execute.iter_chunks(self.plan, self.chunk_bytes))
+        seen.extend(iter_chunks(self.plan, self.chunk_bytes))
         return original(self, *args, **kwargs)
 
     execute.Executor.run = recording
@@ -68,7 +69,7 @@ def _merge(pair: Path, out: Path) -> None:
                     device="cpu", on_warning=lambda m: None)
 
 
-def _target(chunks: list[execute.Chunk], position: str) -> execute.Chunk:
+def _target(chunks: list[Chunk], position: str) -> Chunk:
     return {"first": chunks[0], "middle": chunks[len(chunks) // 2], "last": chunks[-1]}[position]
 
 
@@ -76,12 +77,12 @@ def _injected(what: str) -> OSError:
     return OSError(errno.EIO, f"{what} failed (injected)")
 
 
-def _inject(monkeypatch, thread: str, target: execute.Chunk) -> None:
+def _inject(monkeypatch, thread: str, target: Chunk) -> None:
     """Make ``thread`` fail when it reaches the ``target`` chunk."""
     offset, nbytes = target.out_range
     shard, name = target.tensor.shard, target.tensor.name
 
-    def is_target(chunk: execute.Chunk) -> bool:
+    def is_target(chunk: Chunk) -> bool:
         return (chunk.tensor.name, chunk.first) == (name, target.first)
 
     if thread == "prefetch":

@@ -1,0 +1,53 @@
+"""The chunk vocabulary: how a tensor is cut, and where a chunk's bytes are.
+
+Every stream over tensors (a merge's executors, reduce passes, the drift report) cuts each
+tensor into chunks of consecutive elements whose widest operand fits ``chunk_bytes``; a chunk's
+bytes in an input file and in the output shard come from ``TensorInfo.byte_range`` and
+``OutputTensor.byte_range``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from .checkpoint import TensorInfo
+from .plan import MergePlan, OutputTensor
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Elements [first, first + count) of one output tensor."""
+
+    tensor: OutputTensor
+    first: int
+    count: int
+
+    @property
+    def out_range(self) -> tuple[int, int]:
+        """(offset in its shard, length) of the chunk's output bytes."""
+        return self.tensor.byte_range(self.first, self.count)
+
+    def source_range(self, info: TensorInfo) -> tuple[int, int]:
+        """(offset in its file, length) of the chunk's bytes of the input ``info``."""
+        return info.byte_range(self.first, self.count)
+
+
+def element_steps(numel: int, widest_itemsize: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+    """(first, count) of each chunk of a ``numel``-element tensor whose widest operand has
+    ``widest_itemsize`` bytes per element, at most ``chunk_bytes`` per chunk."""
+    step = max(1, chunk_bytes // widest_itemsize)
+    for first in range(0, numel, step):
+        yield first, min(step, numel - first)
+
+
+def iter_chunks(plan: MergePlan, chunk_bytes: int, kept: frozenset[str] = frozenset()) -> Iterator[Chunk]:
+    """Every planned tensor but the ``kept`` ones (already in place: a resumed merge), cut into
+    chunks whose largest operand is at most ``chunk_bytes``."""
+    for tensor in plan.tensors:
+        if tensor.name in kept:
+            continue
+        for t in tensor.pieces():
+            widest = max([t.dtype.itemsize, t.base.dtype.itemsize, *(m.dtype.itemsize for m in t.models)])
+            for first, count in element_steps(t.numel, widest, chunk_bytes):
+                yield Chunk(t, first, count)
