@@ -1,4 +1,5 @@
-"""The Python entry point: ``safeblend.merge(base, models, out, ...)``."""
+"""The Python entry point ``safeblend.merge(base, models, out, ...)``, and the one skeleton every
+run that writes checkpoints shares (``write_outputs``; ``safeblend.sweep`` is its other user)."""
 
 from __future__ import annotations
 
@@ -8,24 +9,25 @@ import resource
 import sys
 import time
 import warnings
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
+from .abort import Abort
 from .checkpoint import Checkpoint
 from .dtypes import dtype_from_alias
 from .errors import SpecError
-from .execute import DEFAULT_CHUNK_BYTES, Executor
-from .execute_cuda import CudaExecutor, runs_on_gpu
+from .execute import DEFAULT_CHUNK_BYTES, ExecutionStats, Executor
+from .execute_cuda import CudaExecutor
 from .lora import open_model
 from .methods import MergeMethod, create_method
-from .model_files import copy_model_files
-from .plan import make_plan
+from .model_files import write_model_files
+from .plan import MergePlan, make_plan
+from .session import MergeSession
 from .units import parse_size
-from .journal import MergeSession
-from .writer import write_index
+from .writer import ShardWriter, write_index
 
 
 @dataclass
@@ -83,7 +85,7 @@ def merge(
         chunk_size: largest chunk processed at once; bounds memory.
         overwrite: replace an existing OUT.
         resume: finish the partial output an interrupted merge into OUT left beside it
-            (``.OUT.safeblend-partial``), keeping its journaled tensors (``safeblend.journal``).
+            (``.OUT.safeblend-partial``), keeping its journaled tensors (``safeblend.session``).
         allow_missing: ``"take"`` copies tensors that only some inputs have from the base, else
             from the first model that has them; None (default) refuses such inputs.
         progress: show a progress bar on stderr.
@@ -99,69 +101,146 @@ def merge(
         >>> safeblend.merge("base/", "finetune/", "merged/", weight=0.6)  # doctest: +SKIP
     """
     started = time.perf_counter()
-    warn = on_warning or (lambda message: warnings.warn(message, stacklevel=3))
+    # stacklevel: the warning points at the caller of merge (through write_outputs).
+    warn = on_warning or (lambda message: warnings.warn(message, stacklevel=4))
     model_paths = [models] if isinstance(models, (str, os.PathLike)) else list(models)
-    try:
-        out_dtype = dtype_from_alias(dtype)
-        shard_bytes = parse_size(shard_size)
-        chunk_bytes = parse_size(chunk_size)
-    except ValueError as exc:
-        raise SpecError(str(exc)) from exc
+    options = parse_options(dtype, shard_size, chunk_size)
     merger = create_method(method, len(model_paths), weight=weight, **method_params)
     backend, device_name = _select_backend(device, merger)
     _check_output_not_input(out, [base, *model_paths])
 
-    with ExitStack() as opened:  # every checkpoint opened is closed, however this ends
-        base_ckpt = opened.enter_context(closing(Checkpoint.open(base)))
-        # LoRA adapter directories open as lazily materialised fine-tunes (safeblend.lora); as
-        # low-rank terms where the method adds them itself (the linear family, on the CPU).
-        low_rank = device_name == "cpu" and merger.takes_low_rank
-        model_ckpts = [opened.enter_context(closing(open_model(p, base_ckpt, out_dtype, low_rank)))
-                       for p in model_paths]
-        metadata = output_metadata(merger, base, model_paths, out_dtype)
-        merge_plan = make_plan(base_ckpt, model_ckpts, out_dtype, shard_bytes, metadata, allow_missing=allow_missing)
-        for message in [*merger.warnings, *merge_plan.warnings]:
-            warn(message)
+    def execute(plans, base_ckpt, model_ckpts, writers, kept, update) -> ExecutionStats:
+        executor = CudaExecutor if device_name == "cuda" else Executor
+        return executor(plans[0], base_ckpt, model_ckpts, merger, backend, options.chunk_bytes,
+                        kept=kept).run(writers[0], update)
 
-        # Staging beside OUT, locked and journaled; with resume, plan.skip lists the kept tensors.
-        session = MergeSession.start(out, overwrite=overwrite, resume=resume, plan=merge_plan,
-                                     inputs=[base, *model_paths],
-                                     settings={"chunk_bytes": chunk_bytes, "device": device_name})
-        for message in session.messages:
+    # LoRA adapter directories open as lazily materialised fine-tunes (safeblend.lora); as
+    # low-rank terms where the method adds them itself (the linear family, on the CPU).
+    results, _ = write_outputs(base, model_paths, [Path(out)], [merger], options, execute, device=device_name,
+                               low_rank=device_name == "cpu" and merger.takes_low_rank, overwrite=overwrite,
+                               resume=resume, keep_partial=True, allow_missing=allow_missing,
+                               progress="merging" if progress else None, warn=warn, started=started)
+    return results[0]
+
+
+@dataclass(frozen=True)
+class Options:
+    """The options every run parses the same way."""
+
+    out_dtype: str | None  # safetensors name, or None to keep the base's per tensor
+    shard_bytes: int
+    chunk_bytes: int
+
+
+def parse_options(dtype: str, shard_size: int | str, chunk_size: int | str) -> Options:
+    """``dtype``, ``shard_size`` and ``chunk_size`` as given to merge or sweep; SpecError if bad."""
+    try:
+        return Options(dtype_from_alias(dtype), parse_size(shard_size), parse_size(chunk_size))
+    except ValueError as exc:
+        raise SpecError(str(exc)) from exc
+
+
+def open_inputs(stack: ExitStack, base: str | os.PathLike, model_paths: Sequence[str | os.PathLike],
+                out_dtype: str | None, low_rank: bool = False) -> tuple[Checkpoint, list[Checkpoint]]:
+    """Open BASE and the fine-tuned models (LoRA adapters as lazy fine-tunes, safeblend.lora),
+    each closed by ``stack`` however the run ends."""
+    base_ckpt = stack.enter_context(closing(Checkpoint.open(base)))
+    models = [stack.enter_context(closing(open_model(p, base_ckpt, out_dtype, low_rank))) for p in model_paths]
+    return base_ckpt, models
+
+
+# Runs the executor: (plans, base, models, each output's writer, kept tensors, progress) -> stats.
+Execute = Callable[[list[MergePlan], Checkpoint, list[Checkpoint], list[ShardWriter], frozenset[str],
+                    Callable[[int], None]], ExecutionStats]
+
+
+def write_outputs(
+    base: str | os.PathLike,
+    model_paths: Sequence[str | os.PathLike],
+    finals: list[Path],
+    mergers: list[MergeMethod],
+    options: Options,
+    execute: Execute,
+    *,
+    device: str,
+    low_rank: bool,
+    overwrite: bool,
+    resume: bool,
+    keep_partial: bool,
+    allow_missing: str | None,
+    progress: str | None,
+    warn: Callable[[str], None],
+    started: float,
+    before_staging: Callable[[list[MergePlan]], None] | None = None,
+) -> tuple[list[MergeResult], list[str]]:
+    """The one merge skeleton, for one output (merge) or several (sweep): open the inputs, plan
+    each output, stage it (``MergeSession``), run ``execute`` once for all of them, then finish
+    and commit each in turn. Returns one MergeResult per output and the warnings given.
+
+    On failure every output not yet committed is removed, except that an interrupt keeps a
+    merge's partial output for ``--resume`` (``keep_partial``). The first failure of any thread
+    is the one raised (safeblend.abort).
+    """
+    with ExitStack() as stack:  # every input opened is closed, however this ends
+        base_ckpt, model_ckpts = open_inputs(stack, base, model_paths, options.out_dtype, low_rank)
+        metadatas = [output_metadata(m, base, model_paths, options.out_dtype) for m in mergers]
+        plans = [make_plan(base_ckpt, model_ckpts, options.out_dtype, options.shard_bytes, md,
+                           allow_missing=allow_missing) for md in metadatas]
+        messages = list(dict.fromkeys(msg for m, p in zip(mergers, plans) for msg in [*m.warnings, *p.warnings]))
+        for message in messages:
             warn(message)
-        output, staging, writer = session.output, session.staging, session.writer
+        abort = Abort()  # one failure slot for every thread of every output
+        sessions: list[MergeSession] = []
+        done = 0  # outputs committed
         try:
-            writer.open()
-            with _progress_bar(merge_plan.total_size, enabled=progress) as bar:
-                bar.update(session.kept_bytes)
-                executor = CudaExecutor if device_name == "cuda" else Executor
-                stats = executor(merge_plan, base_ckpt, model_ckpts, merger, backend, chunk_bytes,
-                                 kept=frozenset(session.kept)).run(writer, bar.update)
-            writer.close()
-            write_index(staging, merge_plan, metadata)
-            copy_model_files(base_ckpt.model_dir, staging, out_dtype)
-            session.commit()  # hashes, manifest, checkpoint quirks' config, then the atomic rename
+            if before_staging is not None:
+                before_staging(plans)
+            for final, plan in zip(finals, plans):
+                # Staging beside OUT, locked and journaled; with resume, ``kept`` lists what is in place.
+                sessions.append(MergeSession.start(final, overwrite=overwrite, resume=resume, plan=plan,
+                                                   inputs=[base, *model_paths], abort=abort,
+                                                   settings={"chunk_bytes": options.chunk_bytes, "device": device}))
+                for message in sessions[-1].messages:
+                    warn(message)
+            writers = [session.writer for session in sessions]
+            for writer in writers:
+                writer.open()
+            with progress_bar(plans[0].total_size, progress) as bar:
+                bar.update(sessions[0].kept_bytes)
+                stats = execute(plans, base_ckpt, model_ckpts, writers, frozenset(sessions[0].kept), bar.update)
+            for writer in writers:
+                writer.close()
+            for session, plan, metadata in zip(sessions, plans, metadatas):
+                write_index(session.staging, plan, metadata)
+                write_model_files(plan, base_ckpt.model_dir, session.staging, options.out_dtype)
+                session.commit()  # hashes, manifest, then the atomic rename
+                done += 1
         except BaseException as exc:
-            session.fail(exc)  # an interrupt keeps the partial output for --resume
-            raise
+            failure = abort.first(exc)
+            for session in sessions[done:]:  # an interrupted merge keeps its partial output for --resume
+                session.fail(failure if keep_partial else _Discarded(failure))
+            if failure is exc:
+                raise
+            raise failure from None
 
     seconds = time.perf_counter() - started
-    written = writer.bytes_written
-    return MergeResult(
-        output=str(output.final),
-        method=merger.name,
-        params=merger.recipe(),
-        dtype=out_dtype or "auto",
-        device=device_name,
-        tensors=len(merge_plan.tensors),
-        shards=len(merge_plan.shards),
-        bytes_read=stats.bytes_read,
-        bytes_written=written,
-        seconds=round(seconds, 4),
-        throughput_bytes_per_s=round((stats.bytes_read + written) / max(seconds, 1e-9), 1),
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        warnings=[*merger.warnings, *merge_plan.warnings],
-    )
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    results = [
+        MergeResult(
+            output=str(session.output.final), method=m.name, params=m.recipe(), dtype=options.out_dtype or "auto",
+            device=device, tensors=len(p.tensors), shards=len(p.shards), bytes_read=stats.bytes_read,
+            bytes_written=w.bytes_written, seconds=round(seconds, 4),
+            throughput_bytes_per_s=round((stats.bytes_read + w.bytes_written) / max(seconds, 1e-9), 1),
+            peak_rss_bytes=rss, warnings=[*m.warnings, *p.warnings],
+        )
+        for session, m, p, w in zip(sessions, mergers, plans, writers)
+    ]
+    return results, messages
+
+
+class _Discarded(Exception):
+    """Passed to ``MergeSession.fail`` so that it removes a partial output even on an interrupt
+    (a sweep's: it has no resume)."""
 
 
 def output_metadata(merger: MergeMethod, base: str | os.PathLike, model_paths: Sequence[str | os.PathLike],
@@ -185,7 +264,7 @@ def _select_backend(device: str, merger):
     if device == "cpu":
         return cpu_backend(), "cpu"
     reason = cuda_unavailable_reason()
-    if device == "auto" and reason is None and not runs_on_gpu(merger):
+    if device == "auto" and reason is None and not merger.runs_on_gpu():
         return cpu_backend(), "cpu"  # the method needs host-side reduce passes
     if reason is None:
         from safeblend.kernels.triton_backend import TritonBackend  # imports torch and triton
@@ -204,21 +283,17 @@ def _check_output_not_input(out: str | os.PathLike, inputs: list) -> None:
             raise SpecError(f"{target}: the output must not be, contain or lie inside an input ({source})")
 
 
-class _NullBar:
+class _NoBar:
     def update(self, n: int) -> None:
         pass
 
-    def __enter__(self) -> "_NullBar":
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return _NullBar()
+def progress_bar(total: int, label: str | None):
+    """A context manager giving a tqdm bar in bytes on stderr titled ``label``, or a no-op
+    (``label`` None); merge, sweep and diff show theirs with it."""
+    if label is None:
+        return nullcontext(_NoBar())
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="merging",
-                file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=label, file=sys.stderr,
+                dynamic_ncols=True, smoothing=0.1)

@@ -28,22 +28,21 @@ import importlib.util
 import math
 import os
 import re
-import sys
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .blas import single_threaded_blas
-from .checkpoint import Checkpoint, SafetensorsFile, TensorInfo
+from .abort import Abort
+from .api import open_inputs, progress_bar
+from .checkpoint import SafetensorsFile, TensorInfo
+from .chunks import element_steps
 from .errors import SafeblendError, SpecError
-from .execute import DEFAULT_CHUNK_BYTES, DEFAULT_WORKERS
-from .lora import open_model
+from .execute import DEFAULT_CHUNK_BYTES, DEFAULT_WORKERS, run_in_order
 from .plan import check_compatible
 from .units import parse_size
 
@@ -239,25 +238,18 @@ def diff(
         chunk_bytes = parse_size(chunk_size)
     except ValueError as exc:
         raise SpecError(str(exc)) from exc
-    base_ckpt = Checkpoint.open(base)
-    try:
-        ft_ckpt = open_model(ft, base_ckpt)  # a LoRA adapter directory is base + s·B·A (safeblend.lora)
-    except BaseException:
-        base_ckpt.close()
-        raise
-    try:
+    with ExitStack() as stack:  # both inputs closed however this ends
+        # A LoRA adapter directory is base + s·B·A (safeblend.lora), formed in float64.
+        base_ckpt, (ft_ckpt,) = open_inputs(stack, base, [ft], out_dtype="F64")
         check_compatible(base_ckpt, [ft_ckpt])
         report = DriftReport(str(base), str(ft), [])
         files = {f.path: f for ckpt in (base_ckpt, ft_ckpt) for f in ckpt.files}
         pairs = [(info, ft_ckpt.tensors[name]) for name, info in base_ckpt.tensors.items()]
         report.tensors = [_new_entry(a, b) for a, b in pairs]
-        with _progress_bar(base_ckpt.nbytes + ft_ckpt.nbytes, progress) as bar:
+        with progress_bar(base_ckpt.nbytes + ft_ckpt.nbytes, "diff" if progress else None) as bar:
             report.bytes_read = _measure_all(pairs, report.tensors, files, chunk_bytes, max(1, workers), bar.update)
         report.warnings = [f"{t.name}: {t.changed} of {t.sums.numel} elements differ (a {t.dtype} tensor)"
                            for t in report.tensors if not t.is_float and t.changed]
-    finally:
-        base_ckpt.close()
-        ft_ckpt.close()
     report.seconds = time.perf_counter() - started
     return report
 
@@ -268,18 +260,11 @@ def _new_entry(a: TensorInfo, b: TensorInfo) -> TensorDrift:
     return TensorDrift(a.name, layer_of(a.name), module_of(a.name), a.shape, dtype, Sums(numel=a.numel), is_float)
 
 
-@dataclass(frozen=True)
-class _Chunk:
-    index: int  # which tensor
-    first: int
-    count: int
-
-
-def _chunks(pairs: list[tuple[TensorInfo, TensorInfo]], chunk_bytes: int) -> Iterator[_Chunk]:
+def _chunks(pairs: list[tuple[TensorInfo, TensorInfo]], chunk_bytes: int) -> Iterator[tuple[int, int, int]]:
+    """(tensor index, first, count) of every chunk, cut as a merge's (safeblend.chunks)."""
     for i, (a, b) in enumerate(pairs):
-        step = max(1, chunk_bytes // max(a.dtype.itemsize, b.dtype.itemsize))
-        for first in range(0, a.numel, step):
-            yield _Chunk(i, first, min(step, a.numel - first))
+        for first, count in element_steps(a.numel, max(a.dtype.itemsize, b.dtype.itemsize), chunk_bytes):
+            yield i, first, count
 
 
 def _measure_all(pairs: list[tuple[TensorInfo, TensorInfo]], entries: list[TensorDrift],
@@ -287,13 +272,20 @@ def _measure_all(pairs: list[tuple[TensorInfo, TensorInfo]], entries: list[Tenso
                  progress: Callable[[int], None] | None) -> int:
     """Measure every chunk on ``workers`` threads; fold results in chunk order (deterministic sums)."""
     read = 0
-    pending: deque[tuple[_Chunk, Future]] = deque()
 
-    def collect() -> None:
+    def prefetch(chunk: tuple[int, int, int]) -> None:  # readahead while earlier chunks are measured
+        index, first, count = chunk
+        for info in pairs[index]:
+            files[info.file].prefetch(*info.byte_range(first, count))
+
+    def measure(chunk: tuple[int, int, int]) -> tuple[Sums, int, int]:
+        index, first, count = chunk
+        return _measure(*pairs[index], files, first, count, entries[index].is_float)
+
+    def collect(chunk: tuple[int, int, int], result: tuple[Sums, int, int]) -> None:
         nonlocal read
-        chunk, future = pending.popleft()
-        partial, changed, nbytes = future.result()
-        entry = entries[chunk.index]
+        partial, changed, nbytes = result
+        entry = entries[chunk[0]]
         if entry.is_float:
             entry.sums.add(partial)  # a chunk's Sums has numel 0: the entry's stays the tensor's
         entry.changed += changed
@@ -301,22 +293,7 @@ def _measure_all(pairs: list[tuple[TensorInfo, TensorInfo]], entries: list[Tenso
         if progress is not None:
             progress(nbytes)
 
-    with ThreadPoolExecutor(workers, thread_name_prefix="safeblend-diff") as pool, single_threaded_blas():
-        try:
-            for chunk in _chunks(pairs, chunk_bytes):
-                a, b = pairs[chunk.index]
-                for info in (a, b):  # readahead while earlier chunks are measured
-                    size = info.dtype.itemsize
-                    files[info.file].prefetch(info.start + chunk.first * size, chunk.count * size)
-                pending.append((chunk, pool.submit(_measure, a, b, files, chunk.first, chunk.count,
-                                                   entries[chunk.index].is_float)))
-                if len(pending) >= 2 * workers:
-                    collect()
-            while pending:
-                collect()
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+    run_in_order(_chunks(pairs, chunk_bytes), measure, collect, workers, 2 * workers, Abort(), before=prefetch)
     return read
 
 
@@ -365,8 +342,7 @@ def _measure(a: TensorInfo, b: TensorInfo, files: dict[Path, SafetensorsFile], f
         changed = count
     del va, vb
     for info, f in ((a, fa), (b, fb)):
-        size = info.dtype.itemsize
-        f.release(info.start + first * size, count * size)
+        f.release(*info.byte_range(first, count))
     return sums, changed, count * (a.dtype.itemsize + b.dtype.itemsize)
 
 
@@ -550,25 +526,3 @@ def plot_drift(report: DriftReport, path: str | os.PathLike, dpi: int = 120) -> 
 def _short(path: str) -> str:
     p = Path(path)
     return p.name or str(p)
-
-
-def _progress_bar(total: int, enabled: bool):
-    """A tqdm bar on stderr in input bytes, or a no-op."""
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="diff", file=sys.stderr,
-                dynamic_ncols=True, smoothing=0.1)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def __enter__(self) -> "_NoBar":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-

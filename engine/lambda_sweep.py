@@ -18,8 +18,6 @@ extra output.
 from __future__ import annotations
 
 import os
-import resource
-import sys
 import threading
 import time
 import warnings
@@ -32,21 +30,15 @@ from typing import Any, Callable, Sequence
 
 from safeblend.kernels import cpu_backend
 
-from .abort import Abort
-from .api import MergeResult, _check_output_not_input, output_metadata
+from .api import MergeResult, _check_output_not_input, parse_options, write_outputs
 from .checkpoint import Checkpoint
-from .journal import MergeSession
-from .lora import open_model
-from .dtypes import dtype_from_alias
+from .chunks import Chunk
 from .errors import OutputError, SpecError
-from .execute import DEFAULT_CHUNK_BYTES, DEFAULT_WORKERS, BufferPool, Chunk, ExecutionStats, Executor
+from .execute import DEFAULT_CHUNK_BYTES, DEFAULT_WORKERS, BufferPool, ExecutionStats, Executor
 from .methods import create_method
 from .methods.base import ChunkContext, MergeMethod, TensorContext
-from .model_files import copy_model_files
 from .plan import MergePlan
-from .plan import make_plan
-from .units import parse_size
-from .writer import OutputDir, ShardWriter, WriteDone, placed, write_index
+from .writer import OutputDir, ShardWriter, WriteDone, placed
 
 # Methods whose swept parameter is one scalar, the ``weight`` keyword (λ; SLERP's t).
 SWEEPABLE = ("linear", "task-arithmetic", "slerp")
@@ -191,106 +183,48 @@ def sweep(
         >>> safeblend.sweep("base/", "finetune/", "sweep/", "0.1:0.9:0.1")  # doctest: +SKIP
     """
     started = time.perf_counter()
-    warn = on_warning or (lambda message: warnings.warn(message, stacklevel=3))
+    # stacklevel: the warning points at the caller of sweep (through write_outputs).
+    warn = on_warning or (lambda message: warnings.warn(message, stacklevel=4))
     model_paths = [models] if isinstance(models, (str, os.PathLike)) else list(models)
     points = parse_weights(weights) if isinstance(weights, str) else check_weights(weights)
     check_sweepable(method)
     if "weight" in method_params:
         raise SpecError("sweep sets the weight itself; give the weights to sweep, not weight=")
-    try:
-        out_dtype = dtype_from_alias(dtype)
-        shard_bytes = parse_size(shard_size)
-        chunk_bytes = parse_size(chunk_size)
-    except ValueError as exc:
-        raise SpecError(str(exc)) from exc
+    options = parse_options(dtype, shard_size, chunk_size)
     mergers = [create_method(method, len(model_paths), weight=w, **method_params) for w in points]
-    backend, device_name = cpu_backend(), "cpu"  # the sweep runs on the CPU executor
     _check_output_not_input(out, [base, *model_paths])
+    root = Path(os.path.abspath(out))
 
-    base_ckpt = Checkpoint.open(base)
-    model_ckpts = [open_model(p, base_ckpt, out_dtype) for p in model_paths]  # LoRA adapter dirs: safeblend.lora
-    try:
-        metadatas = [output_metadata(m, base, model_paths, out_dtype) for m in mergers]
-        plans = [make_plan(base_ckpt, model_ckpts, out_dtype, shard_bytes, md) for md in metadatas]
-        messages = list(dict.fromkeys(msg for m, p in zip(mergers, plans) for msg in [*m.warnings, *p.warnings]))
-        for message in messages:
-            warn(message)
-        root = Path(os.path.abspath(out))
-        finals = [root / output_name(w) for w in points]
-        stats, writers = _run(plans, metadatas, base_ckpt, model_ckpts, mergers, backend, finals,
-                              [base, *model_paths], overwrite, out_dtype, chunk_bytes, workers, progress)
-    finally:
-        for ckpt in (base_ckpt, *model_ckpts):
-            ckpt.close()
+    def execute(plans, base_ckpt, model_ckpts, writers, kept, update) -> ExecutionStats:
+        executor = SweepExecutor(plans, base_ckpt, model_ckpts, mergers, cpu_backend(), options.chunk_bytes, workers)
+        return executor.run(_Outputs(writers), update)
 
-    seconds = time.perf_counter() - started
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    results = [
-        MergeResult(
-            output=str(final), method=m.name, params=m.recipe(), dtype=out_dtype or "auto", device=device_name,
-            tensors=len(p.tensors), shards=len(p.shards), bytes_read=stats.bytes_read,
-            bytes_written=w.bytes_written, seconds=round(seconds, 4),
-            throughput_bytes_per_s=round((stats.bytes_read + w.bytes_written) / max(seconds, 1e-9), 1),
-            peak_rss_bytes=rss, warnings=[*m.warnings, *p.warnings],
-        )
-        for final, m, p, w in zip(finals, mergers, plans, writers)
-    ]
-    written = sum(w.bytes_written for w in writers)
+    # Each output is staged as a merge's (its settings are merge's own, so each partial
+    # fingerprints as `merge --weight W` would) but a sweep has no resume: on any failure,
+    # interrupts included, every output not yet committed is removed.
+    results, messages = write_outputs(
+        base, model_paths, [root / output_name(w) for w in points], mergers, options, execute, device="cpu",
+        low_rank=False, overwrite=overwrite, resume=False, keep_partial=False, allow_missing=None,
+        progress=f"sweeping ×{len(points)}" if progress else None, warn=warn, started=started,
+        before_staging=lambda plans: _make_sweep_dir(root / output_name(points[0]), overwrite, plans))
+    first = results[0]
+    written = sum(r.bytes_written for r in results)
     return SweepResult(
-        output=str(root), method=mergers[0].name, weights=points, outputs=results, tensors=len(plans[0].tensors),
-        bytes_read=stats.bytes_read, bytes_written=written, seconds=round(seconds, 4),
-        throughput_bytes_per_s=round((stats.bytes_read + written) / max(seconds, 1e-9), 1),
-        peak_rss_bytes=rss, warnings=messages,
+        output=str(root), method=first.method, weights=points, outputs=results, tensors=first.tensors,
+        bytes_read=first.bytes_read, bytes_written=written, seconds=first.seconds,
+        throughput_bytes_per_s=round((first.bytes_read + written) / max(first.seconds, 1e-9), 1),
+        peak_rss_bytes=first.peak_rss_bytes, warnings=messages,
     )
 
 
-def _run(plans: list[MergePlan], metadatas: list[dict[str, str]], base: Checkpoint, models: list[Checkpoint],
-         mergers: list[MergeMethod], backend, finals: list[Path], inputs: list[str | os.PathLike], overwrite: bool,
-         out_dtype: str | None, chunk_bytes: int, workers: int,
-         progress: bool) -> tuple[ExecutionStats, list[ShardWriter]]:
-    """Stage every output as merge does (``MergeSession``: locked, journaled staging beside
-    it), run the one pass, then finish and commit each output in turn.
-
-    A sweep does not resume: on any failure, interrupts included, every output not yet
-    committed is removed; committed ones are complete.
-    """
-    root = finals[0].parent
+def _make_sweep_dir(first: Path, overwrite: bool, plans: list[MergePlan]) -> None:
+    """Create the sweep directory (``first``'s parent) and check there is room for every output at once."""
+    root = first.parent
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{root}: cannot create the sweep directory: {exc.strerror or exc}") from exc
-    OutputDir(finals[0], overwrite).check_space(sum(p.output_bytes for p in plans))  # all of them at once
-    sessions: list[MergeSession] = []
-    done = 0  # sessions committed
-    abort = Abort()  # one failure slot for every output's threads
-    try:
-        for final, plan in zip(finals, plans):
-            # The settings are merge's own, so each partial fingerprints as `merge --weight W` would.
-            sessions.append(MergeSession.start(final, overwrite=overwrite, resume=False, plan=plan, inputs=inputs,
-                                               settings={"chunk_bytes": chunk_bytes, "device": "cpu"}, abort=abort))
-        writers = [session.writer for session in sessions]
-        for writer in writers:
-            writer.open()
-        with _progress_bar(plans[0].total_size, len(plans), progress) as bar:
-            executor = SweepExecutor(plans, base, models, mergers, backend, chunk_bytes, workers)
-            stats = executor.run(_Outputs(writers), bar.update)
-        for writer in writers:
-            writer.close()
-        for session, plan, metadata in zip(sessions, plans, metadatas):
-            write_index(session.staging, plan, metadata)
-            copy_model_files(base.model_dir, session.staging, out_dtype)
-            session.commit()
-            done += 1
-    except BaseException as exc:
-        for session in sessions[done:]:
-            session.fail(_Discarded(exc))
-        raise
-    return stats, writers
-
-
-class _Discarded(Exception):
-    """Passed to ``MergeSession.fail`` so that it removes a sweep's partial outputs even on an
-    interrupt (merge keeps them for ``--resume``; a sweep has no resume)."""
+    OutputDir(first, overwrite).check_space(sum(p.output_bytes for p in plans))
 
 
 class _Outputs:
@@ -303,7 +237,7 @@ class _Outputs:
     def __init__(self, writers: list[ShardWriter]) -> None:
         self.writers = writers
         self.depth = writers[0].depth  # what run() reads to size the buffer pool
-        self.abort = writers[0].abort  # shared by every output's threads
+        self.abort = writers[0].abort  # one for every output's threads (safeblend.api.write_outputs)
         first = writers[0].plan
         for w in writers[1:]:
             _check_same_layout(first, w.plan)
@@ -399,8 +333,7 @@ class SweepExecutor(Executor):
         views = [f.view(info, chunk.first, chunk.count) for info, f in sources]
         context, states, read = self._states.get(t)
         where = ChunkContext(context, chunk.first)
-        offset = t.offset + chunk.first * t.dtype.itemsize
-        nbytes = chunk.count * t.dtype.itemsize
+        offset, nbytes = chunk.out_range
         for k, (method, state) in enumerate(zip(self.methods, states)):
             buffer = pool.acquire()
             out_bytes = placed(buffer, writer.offset_in(k, t.shard, offset), nbytes)
@@ -423,24 +356,3 @@ def _countdown(count: int, action: Callable[[], None]) -> Callable[[], None]:
             action()
 
     return done
-
-
-class _NullBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def __enter__(self) -> "_NullBar":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-def _progress_bar(total: int, outputs: int, enabled: bool):
-    """Progress in bytes of one output (every output advances together)."""
-    if not enabled:
-        return _NullBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=f"sweeping ×{outputs}",
-                file=sys.stderr, dynamic_ncols=True, smoothing=0.1)

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from .checkpoint import Checkpoint, TensorInfo
 from .dtypes import DTYPES, DType
 from .errors import IncompatibleInputsError
+from .quirks import reconcile  # tied embeddings, resized vocabularies, missing tensors
 
 Action = Literal["merge", "copy"]
 
@@ -93,7 +94,6 @@ class MergePlan:
     tensors: list[OutputTensor]
     shards: list[Shard]
     warnings: list[str]
-    skip: frozenset[str] = frozenset()  # tensors already in place (a resumed merge)
     config: dict[str, Any] = field(default_factory=dict)  # config.json keys the output must change
     files_from: Path | None = None  # model directory whose tokenizer files the output needs
 
@@ -153,8 +153,6 @@ def make_plan(
         metadata: strings recorded in every shard header (``format`` is added).
         allow_missing: ``"take"`` copies tensors only some inputs have (``safeblend.quirks``).
     """
-    from .quirks import reconcile  # tied embeddings, resized vocabularies, missing tensors
-
     matched = reconcile(base, models, allow_missing)
     warnings: list[str] = list(matched.warnings)
     tensors: list[OutputTensor] = []

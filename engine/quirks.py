@@ -14,9 +14,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -36,9 +34,6 @@ TIE_PAIRS = (
 # Tensors whose first dimension is the vocabulary.
 _VOCAB_NAME = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_in|embed_out|tok_embeddings|output)"
                          r"\.weight$")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.json",
-                    "chat_template.jinja")
 
 
 @dataclass
@@ -147,10 +142,10 @@ def _resize(entry: Entry, models: list[Checkpoint], resized: list) -> None:
     if not base.dtype.computable:
         raise IncompatibleInputsError(f"tensor {entry.name!r}: a resized {base.dtype.name} tensor cannot be merged")
     model, info = larger[0]
-    row_bytes = prod(rest) * info.dtype.itemsize
     entry.shape = info.shape
+    start, nbytes = info.byte_range(rows * prod(rest), (info.shape[0] - rows) * prod(rest))
     entry.tail = TensorInfo(f"{entry.name}[{rows}:]", info.dtype, (info.shape[0] - rows, *rest), info.file,
-                            info.start + rows * row_bytes, (info.shape[0] - rows) * row_bytes)
+                            start, nbytes)
     resized.append((entry.name, rows, info.shape[0], model))
 
 
@@ -193,21 +188,3 @@ def _config(ckpt: Checkpoint) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot read config JSON ({exc})") from exc
     return data if isinstance(data, dict) else {}
-
-
-def apply_output_files(plan, directory: Path) -> None:
-    """Give the output the config keys and tokenizer files the quirks call for."""
-    from .writer import write_text_durably
-
-    if plan.files_from is not None:
-        for name in _TOKENIZER_FILES:
-            source = plan.files_from / name
-            if source.is_file():
-                shutil.copyfile(source, directory / name)
-                with open(directory / name, "rb+") as handle:
-                    os.fsync(handle.fileno())
-    config = directory / "config.json"
-    if plan.config and config.is_file():
-        data = json.loads(config.read_text(encoding="utf-8"))
-        data.update(plan.config)
-        write_text_durably(config, json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -63,27 +63,6 @@ class OutputDir:
         self.overwrite = overwrite
         self.staging = self.final.with_name(f".{self.final.name}.safeblend-partial")
 
-    def create(self, needed_bytes: int) -> Path:
-        """Check OUT and the free space, then create the staging directory and return it."""
-        if self.final.exists() and not self.overwrite:
-            raise OutputError(f"{self.final}: output already exists (pass --overwrite to replace it)")
-        parent = self.final.parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"{parent}: cannot create output's parent directory: {exc.strerror}") from exc
-        self.check_space(needed_bytes)
-        try:
-            self.staging.mkdir()
-        except FileExistsError as exc:
-            raise OutputError(
-                f"{self.staging}: a partial output of another merge into {self.final.name} exists; resume it "
-                f"with --resume, or, if no merge is running, delete it (rm -r '{self.staging}') to start over"
-            ) from exc
-        except OSError as exc:
-            raise OutputError(f"{self.staging}: cannot create: {exc.strerror}") from exc
-        return self.staging
-
     def check_space(self, needed_bytes: int) -> None:
         """OutputError naming the filesystem when it has less than ``needed_bytes`` free."""
         free = shutil.disk_usage(self.final.parent).free
@@ -185,7 +164,7 @@ class ShardWriter:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             # Sized, not allocated: posix_fallocate's unwritten extents measured slower to fill
-            # here, and free space is checked up front (OutputDir.create).
+            # here, and free space is checked up front (OutputDir.check_space).
             os.ftruncate(fd, shard.size)
             self._write_buffered(fd, memoryview(shard.header), 0, path)
         except BaseException:

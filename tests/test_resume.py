@@ -20,7 +20,8 @@ from click.testing import CliRunner
 
 from safeblend import merge
 from safeblend.cli import main
-from safeblend.journal import JOURNAL_NAME, LOCK_NAME, MergeInterrupted, read_journal
+from safeblend.journal import JOURNAL_NAME, read_journal
+from safeblend.session import LOCK_NAME, MergeInterrupted
 from tests.helpers import random_tensor, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
