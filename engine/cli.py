@@ -90,6 +90,32 @@ def _debug_option(f):
                         help="Show full tracebacks on errors.")(f)
 
 
+# Options several commands share, declared once (each command gives its own help where it differs).
+def _dtype_option(help: str):
+    return click.option("--dtype", default="auto", show_default=True,
+                        type=click.Choice(["auto", "bf16", "fp16", "fp32"], case_sensitive=False), help=help)
+
+
+_shard_size_option = click.option("--shard-size", default="5GB", show_default=True, type=SizeType(),
+                                  help="Largest output shard.")
+
+
+def _chunk_size_option(help: str):
+    return click.option("--chunk-size", default=DEFAULT_CHUNK_BYTES, type=SizeType(), help=help)
+
+
+def _json_option(help: str):
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def _quiet_option(help: str):
+    return click.option("-q", "--quiet", is_flag=True, help=help)
+
+
+def _output_option(help: str):
+    return click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help=help)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="safeblend")
 @_debug_option
@@ -104,8 +130,7 @@ def _warn(message: str) -> None:
 @main.command()
 @click.argument("base", required=False, type=click.Path(path_type=Path))
 @click.argument("models", nargs=-1, type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
-              help="Output model directory (created; appears only when complete).")
+@_output_option("Output model directory (created; appears only when complete).")
 @click.option("--config", "config", type=click.Path(path_type=Path, dir_okay=False),
               help="A mergekit-style YAML recipe; BASE, MODELS, the method and its parameters come from it.")
 @click.option("--method", default="linear", show_default=True, type=click.Choice(method_names()),
@@ -125,21 +150,18 @@ def _warn(message: str) -> None:
 @click.option("--rescale", type=click.Choice(["density", "l1", "none"]),
               help="DARE: scale kept entries by 1/density (default), to preserve the L1 norm, or not at all.")
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), help="DARE's random seed (default 0).")
-@click.option("--dtype", default="auto", show_default=True,
-              type=click.Choice(["auto", "bf16", "fp16", "fp32"], case_sensitive=False),
-              help="Output dtype of float tensors; auto keeps the base's per tensor (or the recipe's).")
+@_dtype_option("Output dtype of float tensors; auto keeps the base's per tensor (or the recipe's).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where to compute; auto uses a GPU when torch, triton and CUDA are present.")
-@click.option("--shard-size", default="5GB", show_default=True, type=SizeType(), help="Largest output shard.")
-@click.option("--chunk-size", default=DEFAULT_CHUNK_BYTES, type=SizeType(),
-              help="Largest chunk held in memory at once (default 8 MiB).")
+@_shard_size_option
+@_chunk_size_option("Largest chunk held in memory at once (default 8 MiB).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (and discard a stale partial output of an interrupted merge).")
 @click.option("--resume", is_flag=True, help="Finish the partial output an interrupted merge into OUTPUT left "
               "beside it (.OUTPUT.safeblend-partial), keeping the tensors it completed.")
 @click.option("--allow-missing", type=click.Choice(["take"]),
               help="Tensors that only some inputs have: copy each from the input that has it (default: error).")
-@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary line.")
+@_json_option("Print the run summary as JSON on stdout.")
+@_quiet_option("No progress bar or summary line.")
 @_debug_option
 @click.pass_context
 def merge(ctx, base, models, out, config, method, weights, densities, lambda_, normalize, consensus, rescale,
@@ -175,17 +197,28 @@ def merge(ctx, base, models, out, config, method, weights, densities, lambda_, n
         params = dict(normalize=normalize, lambda_=lambda_, consensus=consensus, rescale=rescale, seed=seed,
                       weight=_one_or_many(weights), density=_one_or_many(densities))
         result = run_merge(base, list(models), out, method=method, **params, **options)
+    _print_summary(result, as_json, quiet)
+
+
+def _print_summary(result, as_json: bool, quiet: bool) -> None:
+    """A merge's or a sweep's result: JSON on stdout, or a summary on stderr (nothing if quiet)."""
+    from .lambda_sweep import SweepResult, output_name
+
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
-    elif not quiet:
-        rate = format_size(result.throughput_bytes_per_s)
-        click.echo(
-            f"Merged {result.tensors} tensors ({_describe(result.params)}) "
-            f"on {result.device} into {result.output}: {result.shards} shard(s), "
-            f"{format_size(result.bytes_written)} written in {result.seconds:.1f} s ({rate}/s), "
-            f"peak RSS {format_size(result.peak_rss_bytes)}",
-            err=True,
-        )
+        return
+    if quiet:
+        return
+    size, rate = format_size(result.bytes_written), format_size(result.throughput_bytes_per_s)
+    timing = f"in {result.seconds:.1f} s ({rate}/s), peak RSS {format_size(result.peak_rss_bytes)}"
+    if not isinstance(result, SweepResult):
+        click.echo(f"Merged {result.tensors} tensors ({_describe(result.params)}) on {result.device} into "
+                   f"{result.output}: {result.shards} shard(s), {size} written {timing}", err=True)
+        return
+    click.echo(f"Swept {len(result.weights)} weights ({result.method}) over {result.tensors} tensors into "
+               f"{result.output}: read {format_size(result.bytes_read)} once, wrote {size} {timing}", err=True)
+    for w, r in zip(result.weights, result.outputs):
+        click.echo(f"  {output_name(w)}  {r.shards} shard(s), {format_size(r.bytes_written)}", err=True)
 
 
 def _one_or_many(values: tuple[float, ...]) -> float | list[float] | None:
@@ -204,7 +237,7 @@ def _describe(params: dict) -> str:
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_json_option("Print the summary as JSON.")
 @_debug_option
 def inspect(checkpoint, as_json) -> None:
     """Summarise CHECKPOINT: tensors, parameters, dtypes, shards, bytes."""
@@ -244,7 +277,7 @@ def inspect(checkpoint, as_json) -> None:
 
 @main.command()
 @click.argument("output", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@_json_option("Print the report as JSON on stdout.")
 @_debug_option
 def verify(output, as_json) -> None:
     """Re-read a merged OUTPUT and check every shard against safeblend.json (size, SHA-256),
@@ -281,23 +314,19 @@ def demo(directory, weight, size) -> None:
 @main.command()
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
-              help="Sweep directory: each weight's model goes to OUTPUT/lambda-<w>/, complete or not at all.")
+@_output_option("Sweep directory: each weight's model goes to OUTPUT/lambda-<w>/, complete or not at all.")
 @click.option("--weights", required=True, help="Weights to sweep: a list (0.2,0.5,0.8) or an inclusive range "
               "start:stop:step (0.1:0.9:0.1).")
 @click.option("--method", default="linear", show_default=True, type=click.Choice(method_names()),
               help="Merge method; the swept weight is λ (linear, task-arithmetic) or t (slerp).")
 @click.option("--lambda", "lambda_", type=float, help="task-arithmetic's scale of the task vector (default 1).")
 @click.option("--normalize/--no-normalize", default=None, help="Divide by the sum of the weights (default off).")
-@click.option("--dtype", default="auto", show_default=True,
-              type=click.Choice(["auto", "bf16", "fp16", "fp32"], case_sensitive=False),
-              help="Output dtype of float tensors; auto keeps the base's per tensor.")
-@click.option("--shard-size", default="5GB", show_default=True, type=SizeType(), help="Largest output shard.")
-@click.option("--chunk-size", default=DEFAULT_CHUNK_BYTES, type=SizeType(),
-              help="Largest chunk held in memory at once, per output (default 8 MiB).")
+@_dtype_option("Output dtype of float tensors; auto keeps the base's per tensor.")
+@_shard_size_option
+@_chunk_size_option("Largest chunk held in memory at once, per output (default 8 MiB).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs of the same weights.")
-@click.option("--json", "as_json", is_flag=True, help="Print every output's summary and the totals as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@_json_option("Print every output's summary and the totals as JSON.")
+@_quiet_option("No progress bar or summary.")
 @_debug_option
 def sweep(base, models, out, weights, method, lambda_, normalize, dtype, shard_size, chunk_size, overwrite,
           as_json, quiet) -> None:
@@ -306,38 +335,25 @@ def sweep(base, models, out, weights, method, lambda_, normalize, dtype, shard_s
     Each output is exactly what `safeblend merge --weight W` writes. Only methods with one
     scalar weight sweep: linear, task-arithmetic, slerp.
     """
-    from .lambda_sweep import output_name, parse_weights
+    from .lambda_sweep import parse_weights
     from .lambda_sweep import sweep as run_sweep
 
     result = run_sweep(base, list(models), out, parse_weights(weights), method=method, lambda_=lambda_,
                        normalize=normalize, dtype=dtype.lower(), shard_size=shard_size, chunk_size=chunk_size,
                        overwrite=overwrite, progress=not quiet and not as_json, on_warning=_warn)
-    if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
-    elif not quiet:
-        rate = format_size(result.throughput_bytes_per_s)
-        click.echo(
-            f"Swept {len(result.weights)} weights ({result.method}) over {result.tensors} tensors into "
-            f"{result.output}: read {format_size(result.bytes_read)} once, wrote "
-            f"{format_size(result.bytes_written)} in {result.seconds:.1f} s ({rate}/s), "
-            f"peak RSS {format_size(result.peak_rss_bytes)}",
-            err=True,
-        )
-        for w, r in zip(result.weights, result.outputs):
-            click.echo(f"  {output_name(w)}  {r.shards} shard(s), {format_size(r.bytes_written)}", err=True)
+    _print_summary(result, as_json, quiet)
 
 
 @main.command()
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("ft", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print every figure as JSON on stdout instead of the table.")
+@_json_option("Print every figure as JSON on stdout instead of the table.")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False),
               help="Also draw relative change per layer, one line per module type, to this PNG (needs matplotlib).")
 @click.option("--top", default=10, show_default=True, type=click.IntRange(0),
               help="How many of the most-changed tensors the table lists.")
-@click.option("--chunk-size", default=DEFAULT_CHUNK_BYTES, type=SizeType(),
-              help="Largest chunk read at once per input (default 8 MiB).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_chunk_size_option("Largest chunk read at once per input (default 8 MiB).")
+@_quiet_option("No progress bar.")
 @_debug_option
 def diff(base, ft, as_json, plot, top, chunk_size, quiet) -> None:
     """Report where fine-tuning moved FT away from BASE: per tensor, layer and module type.

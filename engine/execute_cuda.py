@@ -77,11 +77,6 @@ class _InFlight:
     read: int = 0  # input bytes a copy read (a merge's are counted as its read completes)
 
 
-def runs_on_gpu(method: MergeMethod) -> bool:
-    """Whether this pipeline can run ``method`` (it declares it: ``MergeMethod.runs_on_gpu``)."""
-    return method.runs_on_gpu()
-
-
 class CudaExecutor(ExecutorBase):
     """Runs a plan through pinned staging buffers, CUDA streams and the Triton backend.
 
@@ -100,7 +95,7 @@ class CudaExecutor(ExecutorBase):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         kept: frozenset[str] = frozenset(),
     ) -> None:
-        if not runs_on_gpu(method):
+        if not method.runs_on_gpu():  # the method declares it
             raise SpecError(
                 f"--device cuda: method {method.name!r} with these parameters needs whole-tensor "
                 "statistics or per-element work that the GPU pipeline does not have yet; use --device cpu"

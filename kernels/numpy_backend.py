@@ -22,6 +22,7 @@ class NumpyBackend:
     """Blocked fp32 merge arithmetic on numpy arrays; safe to share between threads."""
 
     name = "numpy"
+    fuses_dare = False  # DARE runs as the method's own blocked numpy code (safeblend.methods._sparse)
 
     def __init__(self, block_elements: int = BLOCK_ELEMENTS) -> None:
         self.block = block_elements

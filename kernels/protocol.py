@@ -14,6 +14,10 @@ class Backend(Protocol):
     """
 
     name: str
+    # What it runs besides ``weighted_delta_sum``, which every backend has: ``dare_linear``,
+    # DARE's drop, rescale and sum fused into one pass. A method asks this, never probes;
+    # where the backend lacks an operation the method runs its own numpy code.
+    fuses_dare: bool
 
     def weighted_delta_sum(
         self, base: Any, models: Sequence[Any], weights: Sequence[float], out: Any
@@ -22,4 +26,11 @@ class Backend(Protocol):
 
         With one model this is linear interpolation, ``(1 − λ)·base + λ·model``.
         """
+        ...
+
+    def dare_linear(self, base: Any, models: Sequence[Any], out: Any, *, factors: Sequence[float],
+                    keys: Sequence[int], limits: Sequence[int], first: int, scale: float) -> None:
+        """``out = base + scale·Σ factors[i]·keepᵢ·(models[i] − base)`` for elements [first, first +
+        len(out)) of a tensor, keepᵢ being DARE's mask (safeblend.methods._rng). Only where
+        ``fuses_dare``."""
         ...

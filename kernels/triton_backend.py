@@ -515,6 +515,7 @@ class TritonBackend:
     """The Backend protocol on torch tensors (CUDA, or CPU under the interpreter)."""
 
     name = "triton"
+    fuses_dare = True
 
     def __init__(self, block_size: int | None = None, num_warps: int | None = None) -> None:
         self.block_size = block_size

@@ -24,7 +24,6 @@ pytest.importorskip("triton")
 
 import safeblend  # noqa: E402
 import safeblend.api  # noqa: E402
-from safeblend.execute_cuda import runs_on_gpu  # noqa: E402
 from safeblend.methods import create_method  # noqa: E402
 from safeblend.methods._rng import MaskGenerator, keep_limit, stream_key  # noqa: E402
 from safeblend.methods.base import ChunkContext, TensorContext  # noqa: E402
@@ -325,7 +324,7 @@ def test_dare_linear_operand_errors():
     ("slerp", {}, False),
 ])
 def test_which_methods_run_on_the_gpu(method, params, expected):
-    assert runs_on_gpu(create_method(method, 1, **params)) is expected
+    assert create_method(method, 1, **params).runs_on_gpu() is expected
 
 
 def test_device_cuda_dare_linear_matches_cpu_bit_for_bit(tmp_path, monkeypatch):

@@ -248,12 +248,11 @@ class SparseTaskArithmetic(MergeMethod):
             total = sum(state.weights)
             if abs(total) >= 1e-8:
                 factors = [f / total for f in factors]
-        fused = getattr(backend, "dare_linear", None)
-        if fused is not None and self.sparsify == "random" and not self.elect_signs:
+        if backend.fuses_dare and self.sparsify == "random" and not self.elect_signs:
             # The Triton backend fuses drop, rescale and sum into one kernel that computes the
             # same bits as the numpy code below (kernels/triton_backend.py, dare_linear).
-            fused(base, models, out, factors=factors, keys=state.keys, limits=state.limits, first=chunk.first,
-                  scale=state.scale)
+            backend.dare_linear(base, models, out, factors=factors, keys=state.keys, limits=state.limits,
+                                first=chunk.first, scale=state.scale)
             return
         b32, acc, sigma, agree, total_w, *deltas = scratch("sparse-combine", n + 5, np.float32, COMBINE_BLOCK)
         (bits,) = scratch("sparse-bits", 1, np.uint32, COMBINE_BLOCK)
