@@ -1,46 +1,45 @@
 """One merge's failure slot, shared by every pipeline thread.
 
-A merge runs on several threads: compute (or, on a GPU, readers), the writer, the journal's
-hasher and flusher. Each waits on the others (a free buffer, room in the write queue, bytes to
-hash), so one thread dying silently would leave the rest waiting forever. Instead every thread
-reports its failure here, and every blocking wait polls this slot: the first failure wakes all
-threads, and the merge ends with that failure's error (later ones are its consequences).
-
-An interrupt (Ctrl-C, SIGTERM) is not a failure: the writer and hasher finish what was queued,
-so that the journal covers it and ``--resume`` keeps it.
+A merge's threads (compute or GPU readers, the writer, the journal's hasher and flusher) wait on
+each other: for a free buffer, room in the write queue, bytes to hash. So that one failing
+thread never leaves the rest waiting forever, each reports its failure here and every blocking
+wait polls the slot: the first failure wakes all threads, and the merge ends with its error
+(later ones are its consequences). An interrupt (Ctrl-C, SIGTERM) is not a failure: the writer
+and hasher finish what was queued, so the journal covers it for ``--resume``.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, TypeVar
+from typing import Any, Callable
 
-T = TypeVar("T")
-# How often a blocked thread looks at the slot: the longest a failure goes unnoticed.
-POLL_S = 0.05
+POLL_S = 0.05  # how often a blocked thread looks at the slot
 
 
 class Abort:
-    """The first failure of any thread of one merge, and the event that wakes the others."""
+    """The first failure of any thread of one merge."""
 
     def __init__(self) -> None:
         self.error: BaseException | None = None
         self._lock = threading.Lock()
 
     def fail(self, exc: BaseException) -> BaseException:
-        """Record ``exc`` unless a failure came first; returns the first one (to re-raise)."""
+        """Record ``exc`` unless a failure came first; returns the first one."""
         with self._lock:
-            if self.error is None:
-                self.error = exc
+            self.error = self.error or exc
             return self.error
 
+    def first(self, exc: BaseException) -> BaseException:
+        """What a thread stopped by ``exc`` raises: the first failure. An interrupt is not
+        recorded (module docstring) but yields to a failure that came before it."""
+        return (self.error or exc) if isinstance(exc, KeyboardInterrupt) else self.fail(exc)
+
     def check(self) -> None:
-        """Raise the first failure, if any thread has failed."""
         if self.error is not None:
             raise self.error
 
-    def get(self, source: queue.Queue) -> T:
+    def get(self, source: queue.Queue) -> Any:
         """``source.get()`` that raises the first failure instead of waiting forever."""
         while True:
             self.check()
@@ -54,28 +53,18 @@ class Abort:
         while True:
             self.check()
             try:
-                target.put(item, timeout=POLL_S)
-                return
+                return target.put(item, timeout=POLL_S)
             except queue.Full:
                 pass
 
-    def guarded(self, work: Callable[..., T]) -> Callable[..., T]:
-        """``work`` reporting its failure here (for work run on a pool thread)."""
+    def guarded(self, work: Callable[..., Any]) -> Callable[..., Any]:
+        """``work`` (run on a pool thread) reporting its failure here."""
 
-        def run(*args, **kwargs) -> T:
+        def run(*args: Any) -> Any:
             try:
-                return work(*args, **kwargs)
+                return work(*args)
             except BaseException as exc:
                 self.fail(exc)
                 raise
 
         return run
-
-    def first(self, exc: BaseException) -> BaseException:
-        """What a thread stopped by ``exc`` should raise: the first failure, or ``exc`` itself.
-
-        An interrupt is never recorded (the other threads finish their queued work, module
-        docstring), but yields to a failure that came before it."""
-        if isinstance(exc, KeyboardInterrupt):
-            return self.error or exc
-        return self.fail(exc)

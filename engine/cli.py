@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import click
@@ -90,30 +91,20 @@ def _debug_option(f):
                         help="Show full tracebacks on errors.")(f)
 
 
-# Options several commands share, declared once (each command gives its own help where it differs).
-def _dtype_option(help: str):
-    return click.option("--dtype", default="auto", show_default=True,
-                        type=click.Choice(["auto", "bf16", "fp16", "fp32"], case_sensitive=False), help=help)
-
-
+# Options several commands share, declared once; each command gives its own help text.
+_dtype_option = partial(click.option, "--dtype", default="auto", show_default=True,
+                        type=click.Choice(["auto", "bf16", "fp16", "fp32"], case_sensitive=False))
 _shard_size_option = click.option("--shard-size", default="5GB", show_default=True, type=SizeType(),
                                   help="Largest output shard.")
-
-
-def _chunk_size_option(help: str):
-    return click.option("--chunk-size", default=DEFAULT_CHUNK_BYTES, type=SizeType(), help=help)
-
-
-def _json_option(help: str):
-    return click.option("--json", "as_json", is_flag=True, help=help)
-
-
-def _quiet_option(help: str):
-    return click.option("-q", "--quiet", is_flag=True, help=help)
-
-
-def _output_option(help: str):
-    return click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help=help)
+_chunk_size_option = partial(click.option, "--chunk-size", default=DEFAULT_CHUNK_BYTES, type=SizeType())
+_json_option = partial(click.option, "--json", "as_json", is_flag=True)
+_quiet_option = partial(click.option, "-q", "--quiet", is_flag=True)
+_output_option = partial(click.option, "-o", "--output", "out", required=True, type=click.Path(path_type=Path))
+_method_option = partial(click.option, "--method", default="linear", show_default=True,
+                         type=click.Choice(method_names()))
+_lambda_option = partial(click.option, "--lambda", "lambda_", type=float)
+_normalize_option = partial(click.option, "--normalize/--no-normalize", default=None)
+_overwrite_option = partial(click.option, "--overwrite", is_flag=True)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -130,38 +121,36 @@ def _warn(message: str) -> None:
 @main.command()
 @click.argument("base", required=False, type=click.Path(path_type=Path))
 @click.argument("models", nargs=-1, type=click.Path(path_type=Path))
-@_output_option("Output model directory (created; appears only when complete).")
+@_output_option(help="Output model directory (created; appears only when complete).")
 @click.option("--config", "config", type=click.Path(path_type=Path, dir_okay=False),
               help="A mergekit-style YAML recipe; BASE, MODELS, the method and its parameters come from it.")
-@click.option("--method", default="linear", show_default=True, type=click.Choice(method_names()),
-              help="Merge method.")
+@_method_option(help="Merge method.")
 @click.option("--weight", "weights", multiple=True, type=float,
               help="λ, the fine-tuned model's weight (slerp: t); repeat once per model for several. "
                    "Default 0.5 for linear and slerp, 1 for the others.")
 @click.option("--density", "densities", multiple=True, type=float,
               help="Fraction of each task vector kept (ties, dare-*); repeat once per model for several.")
-@click.option("--lambda", "lambda_", type=float, help="Scale of the merged task vector "
+@_lambda_option(help="Scale of the merged task vector "
               "(task-arithmetic, ties, dare-*; default 1).")
-@click.option("--normalize/--no-normalize", default=None,
-              help="Divide by the sum of the weights (default: on for ties, off otherwise).")
+@_normalize_option(help="Divide by the sum of the weights (default: on for ties, off otherwise).")
 @click.option("--consensus", type=click.Choice(["sum", "count"]),
               help="Sign election (ties, dare-ties): sign of the summed weighted deltas (default) or of "
                    "the count of signs.")
 @click.option("--rescale", type=click.Choice(["density", "l1", "none"]),
               help="DARE: scale kept entries by 1/density (default), to preserve the L1 norm, or not at all.")
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), help="DARE's random seed (default 0).")
-@_dtype_option("Output dtype of float tensors; auto keeps the base's per tensor (or the recipe's).")
+@_dtype_option(help="Output dtype of float tensors; auto keeps the base's per tensor (or the recipe's).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where to compute; auto uses a GPU when torch, triton and CUDA are present.")
 @_shard_size_option
-@_chunk_size_option("Largest chunk held in memory at once (default 8 MiB).")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (and discard a stale partial output of an interrupted merge).")
+@_chunk_size_option(help="Largest chunk held in memory at once (default 8 MiB).")
+@_overwrite_option(help="Replace OUTPUT if it exists (and discard a stale partial output of an interrupted merge).")
 @click.option("--resume", is_flag=True, help="Finish the partial output an interrupted merge into OUTPUT left "
               "beside it (.OUTPUT.safeblend-partial), keeping the tensors it completed.")
 @click.option("--allow-missing", type=click.Choice(["take"]),
               help="Tensors that only some inputs have: copy each from the input that has it (default: error).")
-@_json_option("Print the run summary as JSON on stdout.")
-@_quiet_option("No progress bar or summary line.")
+@_json_option(help="Print the run summary as JSON on stdout.")
+@_quiet_option(help="No progress bar or summary line.")
 @_debug_option
 @click.pass_context
 def merge(ctx, base, models, out, config, method, weights, densities, lambda_, normalize, consensus, rescale,
@@ -237,7 +226,7 @@ def _describe(params: dict) -> str:
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@_json_option("Print the summary as JSON.")
+@_json_option(help="Print the summary as JSON.")
 @_debug_option
 def inspect(checkpoint, as_json) -> None:
     """Summarise CHECKPOINT: tensors, parameters, dtypes, shards, bytes."""
@@ -277,7 +266,7 @@ def inspect(checkpoint, as_json) -> None:
 
 @main.command()
 @click.argument("output", type=click.Path(path_type=Path))
-@_json_option("Print the report as JSON on stdout.")
+@_json_option(help="Print the report as JSON on stdout.")
 @_debug_option
 def verify(output, as_json) -> None:
     """Re-read a merged OUTPUT and check every shard against safeblend.json (size, SHA-256),
@@ -314,19 +303,18 @@ def demo(directory, weight, size) -> None:
 @main.command()
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
-@_output_option("Sweep directory: each weight's model goes to OUTPUT/lambda-<w>/, complete or not at all.")
+@_output_option(help="Sweep directory: each weight's model goes to OUTPUT/lambda-<w>/, complete or not at all.")
 @click.option("--weights", required=True, help="Weights to sweep: a list (0.2,0.5,0.8) or an inclusive range "
               "start:stop:step (0.1:0.9:0.1).")
-@click.option("--method", default="linear", show_default=True, type=click.Choice(method_names()),
-              help="Merge method; the swept weight is λ (linear, task-arithmetic) or t (slerp).")
-@click.option("--lambda", "lambda_", type=float, help="task-arithmetic's scale of the task vector (default 1).")
-@click.option("--normalize/--no-normalize", default=None, help="Divide by the sum of the weights (default off).")
-@_dtype_option("Output dtype of float tensors; auto keeps the base's per tensor.")
+@_method_option(help="Merge method; the swept weight is λ (linear, task-arithmetic) or t (slerp).")
+@_lambda_option(help="task-arithmetic's scale of the task vector (default 1).")
+@_normalize_option(help="Divide by the sum of the weights (default off).")
+@_dtype_option(help="Output dtype of float tensors; auto keeps the base's per tensor.")
 @_shard_size_option
-@_chunk_size_option("Largest chunk held in memory at once, per output (default 8 MiB).")
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs of the same weights.")
-@_json_option("Print every output's summary and the totals as JSON.")
-@_quiet_option("No progress bar or summary.")
+@_chunk_size_option(help="Largest chunk held in memory at once, per output (default 8 MiB).")
+@_overwrite_option(help="Replace existing outputs of the same weights.")
+@_json_option(help="Print every output's summary and the totals as JSON.")
+@_quiet_option(help="No progress bar or summary.")
 @_debug_option
 def sweep(base, models, out, weights, method, lambda_, normalize, dtype, shard_size, chunk_size, overwrite,
           as_json, quiet) -> None:
@@ -347,13 +335,13 @@ def sweep(base, models, out, weights, method, lambda_, normalize, dtype, shard_s
 @main.command()
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("ft", type=click.Path(path_type=Path))
-@_json_option("Print every figure as JSON on stdout instead of the table.")
+@_json_option(help="Print every figure as JSON on stdout instead of the table.")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False),
               help="Also draw relative change per layer, one line per module type, to this PNG (needs matplotlib).")
 @click.option("--top", default=10, show_default=True, type=click.IntRange(0),
               help="How many of the most-changed tensors the table lists.")
-@_chunk_size_option("Largest chunk read at once per input (default 8 MiB).")
-@_quiet_option("No progress bar.")
+@_chunk_size_option(help="Largest chunk read at once per input (default 8 MiB).")
+@_quiet_option(help="No progress bar.")
 @_debug_option
 def diff(base, ft, as_json, plot, top, chunk_size, quiet) -> None:
     """Report where fine-tuning moved FT away from BASE: per tensor, layer and module type.

@@ -39,10 +39,9 @@ DEFAULT_CHUNK_BYTES = 8 * 2**20
 # Compute threads: one per core, leaving the kernel's page-cache copies to the writer thread.
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 T = TypeVar("T")
-R = TypeVar("R")
 
 
-def run_in_order(items: Iterable[T], work: Callable[[T], R], collect: Callable[[T, R], None], workers: int,
+def run_in_order(items: Iterable[T], work: Callable[[T], Any], collect: Callable[[T, Any], None], workers: int,
                  in_flight: int, abort: Abort, before: Callable[[T], None] | None = None) -> None:
     """``work`` on each item on ``workers`` threads, at most ``in_flight`` at once, and
     ``collect`` of each result in item order (on this thread, so folds are deterministic).
@@ -122,9 +121,6 @@ class ExecutorBase:
         # Per-tensor method state; runs a method's reduce passes (if any) before a tensor's first
         # chunk. Per-tensor parameters are resolved now: a bad recipe fails before any read.
         self._states = TensorStates(method, plan, self._file, chunk_bytes, self.workers)
-
-    def run(self, writer: ShardWriter, progress: Callable[[int], None] | None = None) -> ExecutionStats:
-        raise NotImplementedError
 
     def _file(self, info: TensorInfo) -> SafetensorsFile:
         return self._files[info.file]

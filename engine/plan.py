@@ -106,11 +106,6 @@ class MergePlan:
     def output_bytes(self) -> int:
         return sum(s.size for s in self.shards)
 
-    @property
-    def bytes_to_read(self) -> int:
-        return sum(t.base.nbytes + (sum(m.nbytes for m in t.models) if t.action == "merge" else 0)
-                   + (t.tail.nbytes if t.tail is not None else 0) for t in self.tensors)
-
 
 def check_compatible(base: Checkpoint, models: list[Checkpoint]) -> None:
     """The inputs must hold the same tensor names with the same shapes (dtypes may differ)."""
