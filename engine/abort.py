@@ -41,20 +41,18 @@ class Abort:
 
     def get(self, source: queue.Queue) -> Any:
         """``source.get()`` that raises the first failure instead of waiting forever."""
-        while True:
-            self.check()
-            try:
-                return source.get(timeout=POLL_S)
-            except queue.Empty:
-                pass
+        return self._poll(source.get, queue.Empty)
 
     def put(self, target: queue.Queue, item: object) -> None:
         """``target.put(item)`` that raises the first failure instead of waiting forever."""
+        self._poll(lambda timeout: target.put(item, timeout=timeout), queue.Full)
+
+    def _poll(self, wait: Callable[..., Any], retry: type[Exception]) -> Any:
         while True:
             self.check()
             try:
-                return target.put(item, timeout=POLL_S)
-            except queue.Full:
+                return wait(timeout=POLL_S)
+            except retry:
                 pass
 
     def guarded(self, work: Callable[..., Any]) -> Callable[..., Any]:

@@ -9,7 +9,7 @@ import resource
 import sys
 import time
 import warnings
-from contextlib import ExitStack, closing, nullcontext
+from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,7 +27,7 @@ from .model_files import write_model_files
 from .plan import MergePlan, make_plan
 from .session import MergeSession
 from .units import parse_size
-from .writer import ShardWriter, write_index
+from .writer import write_index
 
 
 @dataclass
@@ -149,33 +149,16 @@ def open_inputs(stack: ExitStack, base: str | os.PathLike, model_paths: Sequence
     return base_ckpt, models
 
 
-# Runs the executor: (plans, base, models, each output's writer, kept tensors, progress) -> stats.
-Execute = Callable[[list[MergePlan], Checkpoint, list[Checkpoint], list[ShardWriter], frozenset[str],
-                    Callable[[int], None]], ExecutionStats]
-
-
 def write_outputs(
-    base: str | os.PathLike,
-    model_paths: Sequence[str | os.PathLike],
-    finals: list[Path],
-    mergers: list[MergeMethod],
-    options: Options,
-    execute: Execute,
-    *,
-    device: str,
-    low_rank: bool,
-    overwrite: bool,
-    resume: bool,
-    keep_partial: bool,
-    allow_missing: str | None,
-    progress: str | None,
-    warn: Callable[[str], None],
-    started: float,
-    before_staging: Callable[[list[MergePlan]], None] | None = None,
+    base: str | os.PathLike, model_paths: Sequence[str | os.PathLike], finals: list[Path],
+    mergers: list[MergeMethod], options: Options, execute: Callable[..., ExecutionStats], *, device: str,
+    low_rank: bool, overwrite: bool, resume: bool, keep_partial: bool, allow_missing: str | None, progress: str | None,
+    warn: Callable[[str], None], started: float, before_staging: Callable[[list[MergePlan]], None] | None = None,
 ) -> tuple[list[MergeResult], list[str]]:
     """The one merge skeleton, for one output (merge) or several (sweep): open the inputs, plan
-    each output, stage it (``MergeSession``), run ``execute`` once for all of them, then finish
-    and commit each in turn. Returns one MergeResult per output and the warnings given.
+    each output, stage it (``MergeSession``), run ``execute(plans, base, models, writers, kept,
+    progress)`` once for all of them, then finish and commit each in turn. Returns one
+    MergeResult per output and the warnings given.
 
     On failure every output not yet committed is removed, except that an interrupt keeps a
     merge's partial output for ``--resume`` (``keep_partial``). The first failure of any thread
@@ -283,17 +266,10 @@ def _check_output_not_input(out: str | os.PathLike, inputs: list) -> None:
             raise SpecError(f"{target}: the output must not be, contain or lie inside an input ({source})")
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-
 def progress_bar(total: int, label: str | None):
-    """A context manager giving a tqdm bar in bytes on stderr titled ``label``, or a no-op
-    (``label`` None); merge, sweep and diff show theirs with it."""
-    if label is None:
-        return nullcontext(_NoBar())
+    """A tqdm bar in bytes on stderr titled ``label`` (a context manager; none if ``label`` is
+    None): merge, sweep and diff show theirs with it."""
     from tqdm import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=label, file=sys.stderr,
-                dynamic_ncols=True, smoothing=0.1)
+                dynamic_ncols=True, smoothing=0.1, disable=label is None)

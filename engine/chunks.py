@@ -1,17 +1,13 @@
-"""The chunk vocabulary: how a tensor is cut, and where a chunk's bytes are.
-
-Every stream over tensors (a merge's executors, reduce passes, the drift report) cuts each
-tensor into chunks of consecutive elements whose widest operand fits ``chunk_bytes``; a chunk's
-bytes in an input file and in the output shard come from ``TensorInfo.byte_range`` and
-``OutputTensor.byte_range``.
-"""
+"""The chunk vocabulary shared by every stream over tensors (the executors, reduce passes, the
+drift report): how a tensor is cut, and where a chunk's bytes are (``TensorInfo.byte_range``
+in an input, ``OutputTensor.byte_range`` in the output)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterator
 
-from .checkpoint import TensorInfo
+from .checkpoint import SafetensorsFile, TensorInfo
 from .plan import MergePlan, OutputTensor
 
 
@@ -51,3 +47,14 @@ def iter_chunks(plan: MergePlan, chunk_bytes: int, kept: frozenset[str] = frozen
             widest = max([t.dtype.itemsize, t.base.dtype.itemsize, *(m.dtype.itemsize for m in t.models)])
             for first, count in element_steps(t.numel, widest, chunk_bytes):
                 yield Chunk(t, first, count)
+
+
+def release_inputs(inputs: list[tuple[TensorInfo, SafetensorsFile]], first: int, count: int) -> int:
+    """Drop elements [first, first + count) of each input from the process once consumed;
+    returns the bytes they read from disk."""
+    read = 0
+    for info, f in inputs:
+        start, length = info.byte_range(first, count)
+        f.release(start, length)
+        read += f.stored_bytes(start, length)
+    return read

@@ -6,12 +6,10 @@ consumed input pages from the process. The next chunk's input ranges are prefetc
 (``MADV_WILLNEED``) while this one computes, the writer writes while the next one computes,
 so reading, compute and writing overlap; memory is a fixed number of chunk buffers.
 
-``ExecutorBase`` holds what every executor shares (the CPU one here, the GPU one in
-safeblend.execute_cuda, the sweep's in safeblend.lambda_sweep): the inputs' files, per-tensor
-method state, the chunk stream, and copied tensors' bytes, which go out from a pooled buffer
-placed for ``O_DIRECT`` (safeblend.writer.placed) when they are cast, straight from the input's
-map when not. Any thread's failure ends the run through the writer's ``Abort``
-(safeblend.abort).
+``ExecutorBase`` is what every executor (CPU here, GPU in safeblend.execute_cuda, the sweep's
+in safeblend.lambda_sweep) shares: the inputs' files, per-tensor method state, and copied
+tensors' bytes (cast ones through a pooled buffer placed for ``O_DIRECT``). Any thread's
+failure ends the run through the writer's ``Abort`` (safeblend.abort).
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ import numpy as np
 from .abort import Abort
 from .blas import single_threaded_blas
 from .checkpoint import Checkpoint, SafetensorsFile, TensorInfo
-from .chunks import Chunk, iter_chunks
+from .chunks import Chunk, iter_chunks, release_inputs
 from .methods.base import ChunkContext, MergeMethod
 from .plan import MergePlan, OutputTensor
 from .reduce import TensorStates
@@ -151,15 +149,6 @@ class ExecutorBase:
         """A pooled buffer as a numpy byte array (a hook: the GPU pool holds pinned tensors)."""
         return buffer
 
-    def _release(self, sources: list[tuple[TensorInfo, SafetensorsFile]], chunk: Chunk) -> int:
-        """Drop a computed chunk's input ranges from the process; returns the bytes they read."""
-        read = 0
-        for info, f in sources:
-            start, length = chunk.source_range(info)
-            f.release(start, length)
-            read += f.stored_bytes(start, length)
-        return read
-
 
 class Executor(ExecutorBase):
     """Runs a plan on the CPU with a few compute threads and one writer thread."""
@@ -219,7 +208,7 @@ class Executor(ExecutorBase):
         context, state, read = self._states.get(t)
         self.method.merge_chunk(self.backend, views[0], views[1:], out_bytes.view(t.dtype.numpy),
                                 ChunkContext(context, chunk.first), state)
-        read += self._release(sources, chunk)
+        read += release_inputs(sources, chunk.first, chunk.count)
         writer.submit(t.shard, offset, out_bytes, partial(pool.release, buffer))
         return read
 

@@ -14,7 +14,8 @@ waits, later chunks are being read, copied and computed. Every buffer is allocat
 before the first chunk: device memory is ``DEVICE_SLOTS × (inputs + 1) × slot bytes`` and
 pinned host memory is bounded by ``PINNED_INPUT_BUDGET`` plus the output buffers, whatever the
 model or tensor size. Tensors that are only copied (integer buffers, fp8) never touch the GPU:
-their bytes go from the input's memory map straight to the writer, as on the CPU path.
+their bytes go from the input's memory map to the writer (cast ones through the pinned output
+pool), in file order with the merged chunks, as on the CPU path.
 
 torch is imported inside ``run``, so importing this module costs nothing on a CPU-only box.
 """
@@ -31,7 +32,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint
 from .errors import SpecError
-from .chunks import Chunk, iter_chunks
+from .chunks import Chunk, iter_chunks, release_inputs
 from .execute import DEFAULT_CHUNK_BYTES, BufferPool, ExecutionStats, ExecutorBase
 from .methods.base import ChunkContext, MergeMethod
 from .plan import MergePlan
@@ -122,7 +123,7 @@ class CudaExecutor(ExecutorBase):
             if f.tensors:
                 f.byte_view(0, 0)
         stats = ExecutionStats()
-        chunks = self._chunks()
+        chunks = iter_chunks(self.plan, self.slot_bytes, self.kept)  # cut to the staging slot
         reads: collections.deque[tuple[Chunk, int | None, Future | None]] = collections.deque()
         inflight: collections.deque[_InFlight] = collections.deque()
         readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="safeblend-read")
@@ -155,10 +156,6 @@ class CudaExecutor(ExecutorBase):
             else:
                 self.report["peak_device_bytes"] = self._cuda.max_memory_allocated(self._device)
         return stats
-
-    def _chunks(self) -> Iterator[Chunk]:
-        """The chunk stream, cut to the staging slot's size."""
-        return iter_chunks(self.plan, self.slot_bytes, self.kept)
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -239,15 +236,12 @@ class CudaExecutor(ExecutorBase):
     def _read(self, chunk: Chunk, in_slot: int) -> int:
         """Copy a chunk's inputs from their memory maps into a pinned slot (reader thread)."""
         staging = self._pinned_in_np[in_slot]
-        total = 0
-        for k, info in enumerate(self._sources(chunk.tensor)):
+        sources = [(info, self._file(info)) for info in self._sources(chunk.tensor)]
+        for k, (info, f) in enumerate(sources):
             start, length = chunk.source_range(info)
-            f = self._file(info)
             region = staging[k * self.slot_bytes : k * self.slot_bytes + length]
             np.copyto(region, np.frombuffer(f.byte_view(start, length), dtype=np.uint8))
-            f.release(start, length)
-            total += f.stored_bytes(start, length)
-        return total
+        return release_inputs(sources, chunk.first, chunk.count)
 
     # -- GPU -------------------------------------------------------------------------------
 

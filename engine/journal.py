@@ -1,32 +1,28 @@
 """The journal of a merge's finished tensors: its format, the run's fingerprint, and the
 hasher and flusher threads that write it while the output is written.
 
-A merge's staging directory (safeblend.session) holds ``.safeblend-journal``: JSON lines. The
-first holds the run's fingerprint (every shard header — so the recipe and the layout —, each
-input file's path, size, mtime and header digest, and the settings that change bytes); each
-further line names one tensor whose bytes are on disk, with its shard, offset, length and
-prefix digest (below). Lines are appended in batches, each batch after ``fdatasync`` of the
-shards it covers and followed by ``fdatasync`` of the journal, so a journaled tensor's bytes
-are durable. A torn last line is ignored.
+``.safeblend-journal`` (in the staging directory, safeblend.session) is JSON lines. The first
+holds the run's fingerprint (every shard header — so the recipe and the layout —, each input
+file's path, size and mtime, and the settings that change bytes); each further line names one
+tensor whose bytes are on disk, with its shard, offset, length and prefix digest. Lines are
+appended in batches, each after ``fdatasync`` of the shards it covers and followed by
+``fdatasync`` of the journal, so a journaled tensor's bytes are durable. A torn last line is
+ignored.
 
 A hasher thread follows the writes in file order, feeding each shard's SHA-256 (recorded in
 the manifest). When the hash passes a tensor's last byte, the digest of the shard so far (a
-copy of the running SHA-256, finished) is that tensor's journal checksum: it covers the tensor,
-and one pass yields both the manifest and the journal at no cost beyond the SHA-256 itself (a
-separate CRC-32 per tensor took 0.55 s of CPU on a 2.2 GB output). It hashes a written chunk
-from the chunk's own buffer, which the writer hands over instead of releasing (so the buffer
-pool, not the hasher, bounds how far writing runs ahead), and re-reads from the file only what
-no buffer brought: headers, and tensors kept by ``--resume``. Behind it the hashed prefix is
-flushed and dropped from the page cache (``fdatasync`` + ``POSIX_FADV_DONTNEED``; most of each
-chunk never entered it, being written with O_DIRECT, safeblend.writer, but the rest did): the output
-then holds a few tens of MiB of cache, not its whole size, and new writes reuse those pages
-instead of claiming memory the kernel has not touched yet, which on a VM costs a host fault per
-4 KiB page (benchmarks/page_recycling.py: 0.35 GiB/s into fresh pages, 1.3 GiB/s recycled,
-fsync included).
-
-Hashing runs in file order, so a shard's journaled tensors form a prefix of it; on resume,
-``check_prefix_digests`` re-hashes that prefix. The fault hooks (``fault_point``, the slowed
-writes) let tests kill a merge at named points.
+copy of the running SHA-256, finished) is that tensor's journal checksum: one pass yields both
+the manifest and the journal at no cost beyond the SHA-256 itself (a separate CRC-32 per tensor
+took 0.55 s of CPU on a 2.2 GB output). It hashes a written chunk from the chunk's own buffer,
+which the writer hands over instead of releasing (so the buffer pool, not the hasher, bounds how
+far writing runs ahead), and re-reads from the file only what no buffer brought: headers, and
+tensors kept by ``--resume``. Behind it a flusher thread makes the hashed prefix durable, drops
+it from the page cache (``fdatasync`` + ``POSIX_FADV_DONTNEED``: the output then holds a few tens
+of MiB of cache, and new writes reuse those pages instead of claiming fresh ones, which on a VM
+costs a host fault per 4 KiB page; benchmarks/page_recycling.py: 0.35 GiB/s into fresh pages,
+1.3 GiB/s recycled) and commits the journal lines. Hashing runs in file order, so a shard's
+journaled tensors form a prefix of it, which ``check_prefix_digests`` re-hashes on resume.
+``fault_point`` and the slowed writes are test hooks: they kill a merge at named points.
 """
 
 from __future__ import annotations
@@ -202,8 +198,6 @@ class Progress:
         self._hasher_done = False
         self._buffer = memoryview(bytearray(_READ_BLOCK))  # the hasher thread's read buffer
         self._holding = True  # landed() keeps blocks for hashing; off once the thread ends
-        self.hash_seconds = 0.0
-        self.commit_seconds = 0.0
 
     def start(self) -> None:
         for s in self.shards:
@@ -334,7 +328,6 @@ class Progress:
 
     def _hash(self, s: _ShardProgress, end: int) -> None:
         """Hash the shard from the cursor to at least ``end`` (a held block is hashed whole)."""
-        started = time.perf_counter()
         while s.cursor < end and not self._discard and self.abort.error is None:
             with self._cv:
                 block = s.blocks.pop(s.cursor, None)
@@ -351,7 +344,6 @@ class Progress:
                 raise OutputError(f"{self.directory / s.filename}: short read at byte {s.cursor} while hashing")
             self._feed(s, view[:n])
         self._journal_through(s, s.cursor)  # empty tensors at the cursor
-        self.hash_seconds += time.perf_counter() - started
 
     def _feed(self, s: _ShardProgress, block: memoryview) -> None:
         """The next bytes of the shard, at the cursor, into its SHA-256, pausing at each tensor's
@@ -369,12 +361,10 @@ class Progress:
     def _drop(self, s: _ShardProgress, hashed: int) -> None:
         """Flush the shard and drop its bytes up to ``hashed`` from the page cache: nothing reads
         them again. The flush also makes the journal lines of tensors before ``hashed`` safe."""
-        started = time.perf_counter()
         os.fdatasync(s.fd)  # dirty pages cannot be dropped
         if hashed > s.dropped:
             os.posix_fadvise(s.fd, s.dropped, hashed - s.dropped, os.POSIX_FADV_DONTNEED)
             s.dropped = hashed
-        self.commit_seconds += time.perf_counter() - started
 
     def _journal_through(self, s: _ShardProgress, pos: int) -> None:
         """Queue a journal entry for every tensor that ends at or before ``pos`` (the SHA-256
@@ -387,13 +377,11 @@ class Progress:
 
     def _commit(self, batch: list[JournalEntry]) -> None:
         """Append and sync the batch's journal lines (its shards were flushed just before)."""
-        started = time.perf_counter()
         data = b"".join(e.line() for e in batch)
         while data:
             data = data[os.write(self.journal_fd, data):]
         os.fdatasync(self.journal_fd)
         self.journaled += [e.name for e in batch]
-        self.commit_seconds += time.perf_counter() - started
 
 
 class JournaledWriter(ShardWriter):

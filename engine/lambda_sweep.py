@@ -32,7 +32,7 @@ from safeblend.kernels import cpu_backend
 
 from .api import MergeResult, _check_output_not_input, parse_options, write_outputs
 from .checkpoint import Checkpoint
-from .chunks import Chunk
+from .chunks import Chunk, release_inputs
 from .errors import OutputError, SpecError
 from .execute import DEFAULT_CHUNK_BYTES, DEFAULT_WORKERS, BufferPool, ExecutionStats, Executor
 from .methods import create_method
@@ -340,7 +340,7 @@ class SweepExecutor(Executor):
             method.merge_chunk(self.backend, views[0], views[1:], out_bytes.view(t.dtype.numpy), where, state)
             writer.submit_to(k, t.shard, offset, out_bytes, partial(pool.release, buffer))
         del views
-        return read + self._release(sources, chunk)
+        return read + release_inputs(sources, chunk.first, chunk.count)
 
 
 def _countdown(count: int, action: Callable[[], None]) -> Callable[[], None]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .checkpoint import SafetensorsFile, TensorInfo
-from .chunks import element_steps
+from .chunks import element_steps, release_inputs
 from .methods.base import ChunkContext, MergeMethod, TensorContext
 from .methods.params import layer_positions
 from .plan import MergePlan, OutputTensor
@@ -101,12 +101,7 @@ class TensorStates:
             views = [f.view(info, first, count) for info, f in zip(sources, files)]
             self.method.accumulate(state, pass_index, views[0], views[1:], ChunkContext(context, first))
             del views
-            read = 0
-            for info, f in zip(sources, files):
-                start, length = info.byte_range(first, count)
-                f.release(start, length)
-                read += f.stored_bytes(start, length)
-            return read
+            return release_inputs(list(zip(sources, files)), first, count)
 
         read = 0
         threads = min(self.workers, len(steps))

@@ -1,14 +1,11 @@
 """One merge's output while it is built: a locked staging directory beside OUT, resume, commit.
 
-A merge writes into ``.{OUT}.safeblend-partial`` beside OUT. Inside it, ``.safeblend-lock`` is
-held with ``flock`` for the whole run, so a second merge into the same OUT is refused while the
-first is alive, and a partial left by a dead one can be resumed; ``.safeblend-journal``
-(safeblend.journal) lists the finished tensors.
-
-``--resume`` checks the journal's fingerprint, re-hashes each shard's journaled prefix and
-keeps the tensors up to the first whose prefix digest differs (that one and every later one in
-its shard are redone); the session hands the kept tensors to the executor, which skips them,
-so a resumed output is byte-identical to an uninterrupted one.
+A merge writes into ``.{OUT}.safeblend-partial`` beside OUT, holding ``.safeblend-lock`` with
+``flock`` for the whole run (a second merge into OUT is refused while the first is alive; a
+partial left by a dead one can be resumed) and the journal (safeblend.journal). ``--resume``
+checks the journal's fingerprint, re-hashes each shard's journaled prefix and keeps the tensors
+up to the first whose digest differs; the executor skips the kept ones, so a resumed output is
+byte-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
