@@ -9,7 +9,7 @@ import resource
 import sys
 import time
 import warnings
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -266,10 +266,17 @@ def _check_output_not_input(out: str | os.PathLike, inputs: list) -> None:
             raise SpecError(f"{target}: the output must not be, contain or lie inside an input ({source})")
 
 
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
 def progress_bar(total: int, label: str | None):
-    """A tqdm bar in bytes on stderr titled ``label`` (a context manager; none if ``label`` is
-    None): merge, sweep and diff show theirs with it."""
+    """A tqdm bar in bytes on stderr titled ``label``, or a no-op when ``label`` is None (tqdm
+    not even imported: it costs RSS); a context manager. merge, sweep and diff show theirs with it."""
+    if label is None:
+        return nullcontext(_NoBar())
     from tqdm import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=label, file=sys.stderr,
-                dynamic_ncols=True, smoothing=0.1, disable=label is None)
+                dynamic_ncols=True, smoothing=0.1)
