@@ -281,8 +281,7 @@ class _DeltaFile:
         if length > 0:
             d, first, count = self._locate(start, length)
             if not d.low_rank:  # a LowRankChunk reads none of W: the base's own view does
-                size = d.w.dtype.itemsize
-                self._files[d.w.file].prefetch(d.w.start + first * size, count * size)
+                self._files[d.w.file].prefetch(*d.w.byte_range(first, count))
 
     def stored_bytes(self, start: int, length: int) -> int:
         """Bytes read from the files for a virtual range: W's (except for a low-rank delta,
@@ -299,8 +298,7 @@ class _DeltaFile:
         if length > 0:
             d, first, count = self._locate(start, length)
             if not d.low_rank:
-                size = d.w.dtype.itemsize
-                self._files[d.w.file].release(d.w.start + first * size, count * size)
+                self._files[d.w.file].release(*d.w.byte_range(first, count))
 
     def product_into(self, d: _Delta, acc: np.ndarray, first: int, weight: float, accumulate: bool) -> None:
         """``acc = weight·s·B·A`` (``acc +=`` with ``accumulate``) over elements
