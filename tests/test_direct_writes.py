@@ -189,3 +189,45 @@ def test_a_merge_places_its_chunks_so_most_bytes_go_direct(tmp_path, monkeypatch
     (writer,) = writers
     # Per chunk at most two partial blocks go through the cache: 2 × 4 KiB of each 256 KiB.
     assert writer.bytes_direct >= 0.9 * result.bytes_written
+
+
+def test_gpu_pipeline_cast_copies_come_from_its_placed_pool(tmp_path, monkeypatch):
+    """The GPU pipeline's copied tensors cast to the output dtype go out like its merged chunks:
+    from a pooled pinned buffer, placed, so their whole blocks bypass the page cache (they were
+    once cast into a fresh, unplaced array per chunk, all written through the cache)."""
+    if not _takes_direct_io(tmp_path):
+        pytest.skip(f"{tmp_path}'s filesystem refuses O_DIRECT; the page-cache path is tested elsewhere")
+    pytest.importorskip("torch", reason="the test extra installs torch")
+    pytest.importorskip("triton", reason="the test extra installs triton")
+    import torch
+
+    import safeblend
+    import safeblend.api
+    from safeblend.journal import JournaledWriter
+    from tests import test_cuda_pipeline as cuda
+
+    if not cuda.tb.INTERPRETED:
+        pytest.skip("a GPU is present: the stand-in runs only under the Triton interpreter")
+    writers: list[ShardWriter] = []
+    original_open = JournaledWriter.open
+
+    def remember(self) -> None:
+        writers.append(self)
+        original_open(self)
+
+    class PageAligned(cuda.StandInExecutor):
+        def _pinned(self, nbytes: int):  # as cudaHostAlloc's: page-aligned
+            return torch.from_numpy(aligned_buffer(nbytes)[:nbytes])
+
+    monkeypatch.setattr(JournaledWriter, "open", remember)
+    monkeypatch.setattr(safeblend.api, "_select_backend", cuda._select_stand_in)
+    monkeypatch.setattr(safeblend.api, "CudaExecutor", PageAligned)
+    rng = np.random.default_rng(5)
+    write_checkpoint(tmp_path / "base", {f"w{i}": rng.standard_normal((257, 999)).astype(np.float32)
+                                         for i in range(3)})
+    # The base as its own fine-tune: every tensor is planned as a copy, here cast to bf16.
+    result = safeblend.merge(tmp_path / "base", tmp_path / "base", tmp_path / "out", weight=0.6, dtype="bf16",
+                             device="cuda", chunk_size="256KiB", on_warning=lambda message: None)
+    (writer,) = writers
+    assert result.device == "cuda"
+    assert writer.bytes_direct >= 0.9 * result.bytes_written
