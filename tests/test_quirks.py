@@ -4,6 +4,7 @@ has, PyTorch .bin checkpoints."""
 from __future__ import annotations
 
 import json
+import os
 
 import ml_dtypes
 import numpy as np
@@ -55,6 +56,42 @@ def test_resized_vocabulary_merges_shared_rows_and_takes_added_rows(tmp_path, ou
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["vocab_size"] == 108
     assert "added tokens" in (tmp_path / "out" / "tokenizer.json").read_text()
+
+
+def test_non_weight_files_are_written_once_as_the_quirks_decide(tmp_path, monkeypatch):
+    """config.json and the tokenizer files go into the output once each, already holding what
+    the quirks decided (they were once copied from the base, then rewritten at commit)."""
+    import shutil
+
+    import safeblend.model_files
+    import safeblend.writer
+
+    rng = np.random.default_rng(2)
+    write_checkpoint(tmp_path / "base", _model(rng, 100), config={"vocab_size": 100, "torch_dtype": "bfloat16"})
+    write_checkpoint(tmp_path / "ft", _model(rng, 104), config={"vocab_size": 104})
+    for side in ("base", "ft"):
+        (tmp_path / side / "tokenizer.json").write_text(json.dumps({"vocab": side}))
+    (tmp_path / "base" / "generation_config.json").write_text('{"temperature": 0.7}')
+    written: list[str] = []
+    real_text, real_copy = safeblend.writer.write_text_durably, shutil.copyfile
+
+    def text(path, content):
+        written.append(path.name)
+        real_text(path, content)
+
+    def copy(source, target, *args, **kwargs):
+        written.append(os.path.basename(target))
+        return real_copy(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(safeblend.writer, "write_text_durably", text)
+    monkeypatch.setattr(safeblend.model_files, "write_text_durably", text)
+    monkeypatch.setattr(shutil, "copyfile", copy)
+    merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=0.5, dtype="fp16", on_warning=lambda m: None)
+    assert sorted(n for n in written if n != "safeblend.json") == ["config.json", "generation_config.json",
+                                                                   "tokenizer.json"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["vocab_size"], config["torch_dtype"]) == (104, "float16")
+    assert json.loads((tmp_path / "out" / "tokenizer.json").read_text()) == {"vocab": "ft"}
 
 
 def test_fewer_rows_in_fine_tune_is_an_error(tmp_path):
