@@ -324,3 +324,40 @@ def test_a_slow_oldest_chunk_never_starves_for_a_buffer(tmp_path, monkeypatch):
     assert not thread.is_alive(), "the sweep hung: its oldest chunk found no buffer"
     assert len(finished) == 1 and not isinstance(finished[0], BaseException), finished
     assert len(finished[0].outputs) == 9
+
+
+@pytest.mark.parametrize("run", ["merge", "sweep", "diff"])
+def test_every_input_opened_is_closed_when_a_later_one_fails_to_open(tmp_path, monkeypatch, run):
+    """An adapter that fails to open after the base was opened: the base is closed all the same
+    (a sweep once opened its inputs outside its cleanup and leaked the base)."""
+    from safeblend.checkpoint import Checkpoint
+    from safeblend.errors import CheckpointError
+
+    base, _ = _pair(tmp_path)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                             "target_modules": ["q_proj"]}))  # no weights file
+    opened: list[Checkpoint] = []
+    closed: list[Checkpoint] = []
+    real_open, real_close = Checkpoint.open.__func__, Checkpoint.close
+
+    def spy_open(cls, path):
+        ckpt = real_open(cls, path)
+        opened.append(ckpt)
+        return ckpt
+
+    def spy_close(self):
+        closed.append(self)
+        real_close(self)
+
+    monkeypatch.setattr(Checkpoint, "open", classmethod(spy_open))
+    monkeypatch.setattr(Checkpoint, "close", spy_close)
+    with pytest.raises(CheckpointError):
+        if run == "merge":
+            safeblend.merge(base, adapter, tmp_path / "out", on_warning=lambda m: None)
+        elif run == "sweep":
+            run_sweep(base, adapter, tmp_path / "s", "0.2,0.8", on_warning=lambda m: None)
+        else:
+            safeblend.diff(base, adapter)
+    assert opened and all(any(c is o for c in closed) for o in opened)
