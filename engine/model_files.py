@@ -19,6 +19,7 @@ from typing import Any
 from .dtypes import TORCH_DTYPE_NAMES
 from .errors import CheckpointError
 from .plan import MergePlan
+from .quirks import read_config
 from .writer import write_text_durably
 
 # Files a Hugging Face model directory carries besides weights, by name pattern.
@@ -72,10 +73,7 @@ def write_model_files(plan: MergePlan, model_dir: Path | None, out_dir: Path, ou
 
 
 def _config_text(config_path: Path, out_dtype: str | None, changes: dict[str, Any]) -> str:
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{config_path}: cannot read config JSON ({exc})") from exc
+    config = read_config(config_path)
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path}: config must be a JSON object")
     if out_dtype in TORCH_DTYPE_NAMES:

@@ -181,10 +181,13 @@ def _first(names: str, limit: int = 200) -> str:
 
 def _config(ckpt: Checkpoint) -> dict[str, Any]:
     path = ckpt.model_dir / "config.json" if ckpt.model_dir is not None else None
-    if path is None or not path.is_file():
-        return {}
+    data = read_config(path) if path is not None and path.is_file() else {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_config(path: Path) -> Any:
+    """A model's config.json, parsed; CheckpointError naming it when it cannot be read."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot read config JSON ({exc})") from exc
-    return data if isinstance(data, dict) else {}
