@@ -19,6 +19,7 @@ from .dtypes import dtype_from_alias
 from .errors import SpecError
 from .execute import DEFAULT_CHUNK_BYTES, Executor
 from .execute_cuda import CudaExecutor, runs_on_gpu
+from .hub import resolve_inputs
 from .lora import open_model
 from .methods import MergeMethod, create_method
 from .model_files import copy_model_files
@@ -51,7 +52,7 @@ class MergeResult:
 
 
 def merge(
-    base: str | os.PathLike,
+    base: str | os.PathLike | None,
     models: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
     method: str = "linear",
@@ -71,8 +72,10 @@ def merge(
     """Merge fine-tuned checkpoints into a base checkpoint, streaming, and write OUT.
 
     Args:
-        base: the pre-fine-tuning model (directory or ``.safetensors`` file).
-        models: one or more fine-tuned models of the same architecture.
+        base: the pre-fine-tuning model (directory, ``.safetensors`` file or Hub repo id
+            ``org/name[@revision]``); None takes it from the adapters' ``base_model_name_or_path``
+            when every model is a PEFT adapter.
+        models: one or more fine-tuned models of the same architecture (paths or repo ids).
         out: output directory; appears only once complete.
         method: a registered method name (see ``safeblend.methods.method_names()``).
         weight: λ, the fine-tuned model's weight (one value, or one per model); None takes the
@@ -109,6 +112,7 @@ def merge(
         raise SpecError(str(exc)) from exc
     merger = create_method(method, len(model_paths), weight=weight, **method_params)
     backend, device_name = _select_backend(device, merger)
+    base, model_paths = resolve_inputs(base, model_paths, warn, progress)  # Hub ids, adapters' own base
     _check_output_not_input(out, [base, *model_paths])
 
     with ExitStack() as opened:  # every checkpoint opened is closed, however this ends

@@ -147,7 +147,9 @@ def merge(ctx, base, models, out, config, method, weights, densities, lambda_, n
     """Merge fine-tuned MODELS into BASE: θ = θ_base + λ·(θ_ft − θ_base).
 
     BASE is the model before fine-tuning (e.g. the aligned instruct model), each of MODELS a
-    fine-tuned one. Each may be a model directory or a single .safetensors file. With
+    fine-tuned one. Each may be a model directory, a single .safetensors file, a PEFT adapter
+    directory or a Hugging Face Hub repo id (org/name or org/name@revision; a local path wins).
+    A lone PEFT adapter is merged onto the base its adapter_config.json names. With
     --config RECIPE, the inputs, method and parameters come from a mergekit-style YAML recipe.
     """
     from .api import merge as run_merge
@@ -170,8 +172,10 @@ def merge(ctx, base, models, out, config, method, weights, densities, lambda_, n
             options["seed"] = seed
         result = merge_recipe(config, out, **options)
     else:
-        if base is None or not models:
+        if base is None:
             raise click.UsageError("give BASE and at least one fine-tuned MODEL, or --config RECIPE", ctx)
+        if not models:  # one input: a PEFT adapter, merged onto the base it names
+            base, models = None, (base,)
         params = dict(normalize=normalize, lambda_=lambda_, consensus=consensus, rescale=rescale, seed=seed,
                       weight=_one_or_many(weights), density=_one_or_many(densities))
         result = run_merge(base, list(models), out, method=method, **params, **options)
@@ -209,8 +213,9 @@ def _describe(params: dict) -> str:
 def inspect(checkpoint, as_json) -> None:
     """Summarise CHECKPOINT: tensors, parameters, dtypes, shards, bytes."""
     from .checkpoint import Checkpoint
+    from .hub import resolve_inputs
 
-    ckpt = Checkpoint.open(checkpoint)
+    ckpt = Checkpoint.open(resolve_inputs(checkpoint, [])[0])  # a local path or a Hub repo id
     tensors = ckpt.tensors.values()
     by_dtype: Counter = Counter()
     for t in tensors:
@@ -280,7 +285,7 @@ def demo(directory, weight, size) -> None:
 
 @main.command()
 @click.argument("base", type=click.Path(path_type=Path))
-@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("models", nargs=-1, type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Sweep directory: each weight's model goes to OUTPUT/lambda-<w>/, complete or not at all.")
 @click.option("--weights", required=True, help="Weights to sweep: a list (0.2,0.5,0.8) or an inclusive range "
@@ -303,12 +308,15 @@ def sweep(base, models, out, weights, method, lambda_, normalize, dtype, shard_s
           as_json, quiet) -> None:
     """Merge BASE with MODELS at every weight in one read pass: OUTPUT/lambda-0.1/, ...
 
-    Each output is exactly what `safeblend merge --weight W` writes. Only methods with one
+    Each output is exactly what `safeblend merge --weight W` writes. Inputs are given as for
+    merge (paths or Hub repo ids; a lone adapter brings its own base). Only methods with one
     scalar weight sweep: linear, task-arithmetic, slerp.
     """
     from .lambda_sweep import output_name, parse_weights
     from .lambda_sweep import sweep as run_sweep
 
+    if not models:  # one input: a PEFT adapter, merged onto the base it names
+        base, models = None, (base,)
     result = run_sweep(base, list(models), out, parse_weights(weights), method=method, lambda_=lambda_,
                        normalize=normalize, dtype=dtype.lower(), shard_size=shard_size, chunk_size=chunk_size,
                        overwrite=overwrite, progress=not quiet and not as_json, on_warning=_warn)
@@ -329,7 +337,7 @@ def sweep(base, models, out, weights, method, lambda_, normalize, dtype, shard_s
 
 @main.command()
 @click.argument("base", type=click.Path(path_type=Path))
-@click.argument("ft", type=click.Path(path_type=Path))
+@click.argument("ft", required=False, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print every figure as JSON on stdout instead of the table.")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False),
               help="Also draw relative change per layer, one line per module type, to this PNG (needs matplotlib).")
@@ -342,6 +350,7 @@ def sweep(base, models, out, weights, method, lambda_, normalize, dtype, shard_s
 def diff(base, ft, as_json, plot, top, chunk_size, quiet) -> None:
     """Report where fine-tuning moved FT away from BASE: per tensor, layer and module type.
 
+    BASE and FT are given as for merge; a lone adapter (FT) is measured against the base it names.
     Figures: relative change ‖Δ‖/‖base‖, cosine(base, ft) and max |Δ|, from one streaming read.
     """
     from .drift import diff as run_diff
@@ -349,6 +358,8 @@ def diff(base, ft, as_json, plot, top, chunk_size, quiet) -> None:
 
     if plot is not None:
         require_matplotlib()  # fail before reading the models, not after
+    if ft is None:  # one input: a PEFT adapter, against the base it names
+        base, ft = None, base
     report = run_diff(base, ft, chunk_size=chunk_size, progress=not quiet and not as_json)
     if plot is not None:
         plot_drift(report, plot)

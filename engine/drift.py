@@ -43,6 +43,7 @@ from .blas import single_threaded_blas
 from .checkpoint import Checkpoint, SafetensorsFile, TensorInfo
 from .errors import SafeblendError, SpecError
 from .execute import DEFAULT_CHUNK_BYTES, DEFAULT_WORKERS
+from .hub import resolve_inputs
 from .lora import open_model
 from .plan import check_compatible
 from .units import parse_size
@@ -211,7 +212,7 @@ class DriftReport:
 
 
 def diff(
-    base: str | os.PathLike,
+    base: str | os.PathLike | None,
     ft: str | os.PathLike,
     *,
     chunk_size: int | str = DEFAULT_CHUNK_BYTES,
@@ -221,7 +222,8 @@ def diff(
     """Measure how far FT moved from BASE, tensor by tensor, in one streaming read.
 
     Args:
-        base: the model before fine-tuning (directory or ``.safetensors`` file).
+        base: the model before fine-tuning (directory, ``.safetensors`` file or Hub repo id); None
+            takes it from FT when FT is a PEFT adapter (``base_model_name_or_path``).
         ft: the fine-tuned model; same tensor names and shapes (dtypes may differ).
         chunk_size: largest chunk read at once per input.
         workers: threads measuring chunks in parallel.
@@ -239,6 +241,8 @@ def diff(
         chunk_bytes = parse_size(chunk_size)
     except ValueError as exc:
         raise SpecError(str(exc)) from exc
+    notes: list[str] = []
+    base, (ft,) = resolve_inputs(base, [ft], notes.append, progress)  # Hub ids, an adapter's own base
     base_ckpt = Checkpoint.open(base)
     try:
         ft_ckpt = open_model(ft, base_ckpt)  # a LoRA adapter directory is base + s·B·A (safeblend.lora)
@@ -253,7 +257,7 @@ def diff(
         report.tensors = [_new_entry(a, b) for a, b in pairs]
         with _progress_bar(base_ckpt.nbytes + ft_ckpt.nbytes, progress) as bar:
             report.bytes_read = _measure_all(pairs, report.tensors, files, chunk_bytes, max(1, workers), bar.update)
-        report.warnings = [f"{t.name}: {t.changed} of {t.sums.numel} elements differ (a {t.dtype} tensor)"
+        report.warnings = notes + [f"{t.name}: {t.changed} of {t.sums.numel} elements differ (a {t.dtype} tensor)"
                            for t in report.tensors if not t.is_float and t.changed]
     finally:
         base_ckpt.close()

@@ -35,6 +35,7 @@ from safeblend.kernels import cpu_backend
 from .api import MergeResult, _check_output_not_input, output_metadata
 from .checkpoint import Checkpoint
 from .journal import MergeSession
+from .hub import resolve_inputs
 from .lora import open_model
 from .dtypes import dtype_from_alias
 from .errors import OutputError, SpecError
@@ -155,7 +156,7 @@ def check_sweepable(method: str) -> None:
 
 
 def sweep(
-    base: str | os.PathLike,
+    base: str | os.PathLike | None,
     models: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
     weights: str | Sequence[float],
@@ -173,7 +174,8 @@ def sweep(
     """Merge at every weight in one read pass; write ``OUT/lambda-<w>/`` for each weight.
 
     Args:
-        base: the pre-fine-tuning model (directory or ``.safetensors`` file).
+        base: the pre-fine-tuning model (directory, ``.safetensors`` file or Hub repo id); None
+            takes it from the adapters, as for ``safeblend.merge``.
         models: the fine-tuned model(s); each gets the swept weight.
         out: the sweep directory (created if needed; other contents are left alone).
         weights: ``"0.1:0.9:0.1"``, ``"0.2,0.5,0.8"`` or a sequence of floats.
@@ -204,6 +206,7 @@ def sweep(
         raise SpecError(str(exc)) from exc
     mergers = [create_method(method, len(model_paths), weight=w, **method_params) for w in points]
     backend, device_name = cpu_backend(), "cpu"  # the sweep runs on the CPU executor
+    base, model_paths = resolve_inputs(base, model_paths, warn, progress)  # Hub ids, adapters' own base
     _check_output_not_input(out, [base, *model_paths])
 
     base_ckpt = Checkpoint.open(base)

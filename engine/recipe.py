@@ -203,10 +203,11 @@ def _model_entries(data: dict, source: str) -> tuple[list[tuple[str, dict]], dic
 def _check_full_range(path: str, layer_range: Any, source: str) -> None:
     """A slice must span every layer of the model: [0, number of layers]."""
     from .checkpoint import Checkpoint
+    from .hub import resolve_inputs
 
     if not (isinstance(layer_range, list) and len(layer_range) == 2 and all(isinstance(v, int) for v in layer_range)):
         raise SpecError(f"{source}: layer_range must be [start, end], got {layer_range!r}")
-    checkpoint = Checkpoint.open(path)
+    checkpoint = Checkpoint.open(resolve_inputs(path, [])[0])  # a local path or a Hub repo id
     try:
         count = layer_count(checkpoint.tensors)
     finally:
