@@ -293,7 +293,9 @@ class Checkpoint:
             if not root.name.endswith(".safetensors"):
                 hint = _BIN_HINT if root.name.endswith((".bin", ".pt", ".pth", ".bin.index.json")) else ""
                 raise CheckpointError(f"{root}: not a .safetensors file or model directory{hint}")
-            return cls._from_files(root, [root], model_dir=None)
+            # A weights file inside a model directory: config and tokenizer come from beside it.
+            beside = root.parent if (root.parent / "config.json").is_file() else None
+            return cls._from_files(root, [root], model_dir=beside)
         index = root / INDEX_NAME
         if index.is_file():
             return cls._from_index(index, root)

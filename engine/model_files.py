@@ -39,12 +39,15 @@ COMPANION_PATTERNS = (
     "dict.txt",
     "emoji.json",
     "byte_maps.json",
+    "bpe.codes",
+    "normalizer.json",
+    "word_pronunciation.json",
+    "word_shape.json",
     # processors, chat templates
     "processor_config.json",
     "preprocessor_config.json",
     "video_preprocessor_config.json",
     "audio_tokenizer_config.json",
-    "feature_extractor_config.json",
     "chat_template.json",
     "chat_template.jinja",
     # custom code named by config.json's auto_map

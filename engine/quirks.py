@@ -70,6 +70,9 @@ def reconcile(base: Checkpoint, models: list[Checkpoint], allow_missing: str | N
     if allow_missing not in (None, *ALLOW_MISSING):
         raise SpecError(f"allow_missing must be one of {', '.join(ALLOW_MISSING)} or None, got {allow_missing!r}")
     result = Reconciled(entries=[])
+    if base.model_dir is None:
+        result.warnings.append(f"{base.path}: a bare weights file with no config.json beside it: the output holds "
+                               "weights only (no config or tokenizer) and will not load with from_pretrained")
     tables = [dict(c.tensors) for c in (base, *models)]
     _untie([base, *models], tables, result)
     order = list(dict.fromkeys(n for table in tables for n in table))
