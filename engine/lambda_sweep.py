@@ -210,7 +210,10 @@ def sweep(
     _check_output_not_input(out, [base, *model_paths])
 
     base_ckpt = Checkpoint.open(base)
-    model_ckpts = [open_model(p, base_ckpt, out_dtype) for p in model_paths]  # LoRA adapter dirs: safeblend.lora
+    # LoRA adapter dirs (safeblend.lora): as low-rank terms where merge takes them too (the linear
+    # family on the CPU), so that each output has merge's bytes, not a materialised θ_ft's rounding.
+    low_rank = all(m.takes_low_rank for m in mergers)
+    model_ckpts = [open_model(p, base_ckpt, out_dtype, low_rank) for p in model_paths]
     try:
         metadatas = [output_metadata(m, base, model_paths, out_dtype) for m in mergers]
         plans = [make_plan(base_ckpt, model_ckpts, out_dtype, shard_bytes, md) for md in metadatas]
