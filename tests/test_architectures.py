@@ -197,3 +197,21 @@ def test_sweep_with_an_adapter_equals_merge(built, tmp_path):
     for name in names:
         if (merged / name).is_file():
             assert (swept / name).read_bytes() == (merged / name).read_bytes(), name
+
+
+def test_tie_warnings_name_only_tensors_the_models_have(tmp_path):
+    """A tied Qwen2-style base and a fine-tune that unties (stores lm_head): the warnings speak
+    of lm_head.weight and model.embed_tokens.weight, never of another architecture's pair."""
+    from helpers import random_tensor, write_checkpoint
+
+    rng = np.random.default_rng(0)
+    embed = random_tensor(rng, (12, 4), "fp32")
+    write_checkpoint(tmp_path / "base", {"model.embed_tokens.weight": embed},
+                     config={"model_type": "qwen2", "tie_word_embeddings": True})
+    write_checkpoint(tmp_path / "ft", {"model.embed_tokens.weight": embed + 1, "lm_head.weight": embed - 1},
+                     config={"model_type": "qwen2", "tie_word_embeddings": False})
+    messages = []
+    safeblend.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", on_warning=messages.append)
+    assert messages and all("transformer.wte" not in m and "embed_in" not in m and "tok_embeddings" not in m
+                            for m in messages), messages
+    assert any("lm_head.weight" in m and "model.embed_tokens.weight" in m for m in messages), messages
