@@ -79,7 +79,12 @@ def resolve_inputs(base: str | os.PathLike | None, models: Sequence[str | os.Pat
     model_paths = [_resolve(m, progress) for m in models]
     declared = {path: _declared_base(path) for path in model_paths if peft_adapter_dir(path) is not None}
     if base is None:
-        return _resolve(_base_from_adapters(model_paths, declared), progress), model_paths
+        named = _base_from_adapters(model_paths, declared)
+        try:
+            return _resolve(named, progress), model_paths
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc} (the base named by base_model_name_or_path in "
+                                  f"{model_paths[0] / ADAPTER_CONFIG_NAME}; give BASE to merge onto another)") from None
     base_path = _resolve(base, progress)
     for adapter, name in declared.items():
         if name is not None and warn is not None and not _same_model(base, base_path, name):

@@ -143,6 +143,12 @@ def test_revisions_pick_their_snapshot(cache, tmp_path, revision, commit):
     assert json.loads(result.stdout)["path"] == str(cache / "models--org--base" / "snapshots" / commit)
 
 
+def test_hf_home_alone_locates_the_cache(cache, tmp_path):
+    result = _run(["inspect", "org/base", "--json"], tmp_path, HF_HOME=str(cache.parent), HF_HUB_OFFLINE="1")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["path"] == str(cache / "models--org--base" / "snapshots" / COMMIT)
+
+
 def test_offline_and_not_cached_is_one_line_naming_the_fetch_command(cache, tmp_path):
     result = _run(["merge", "org/base@v2", "org/ft", "-o", "out", "-q"], tmp_path, **_offline(cache))
     assert result.returncode == 1
@@ -301,7 +307,8 @@ def test_download_fetches_only_what_a_merge_needs_then_works_offline(models, tmp
     (repo_dir / "original").mkdir()
     (repo_dir / "original" / "consolidated.safetensors").write_bytes((models["ft"] / "model.safetensors").read_bytes())
     cache = tmp_path / "cache"
-    with _Hub({"org/base": repo_dir, "org/ft": models["ft"]}, token="hf_secret") as hub:
+    with _Hub({"org/base": repo_dir, "org/ft": models["ft"], "org/adapter": models["adapter"]},
+              token="hf_secret") as hub:
         online = {"HF_HOME": str(tmp_path / "home"), "HF_HUB_CACHE": str(cache), "HF_ENDPOINT": hub.url,
                   "HF_TOKEN": "hf_secret"}
         result = _run(["merge", "org/base", "org/ft", "-o", "by-id", "--weight", "0.6"], tmp_path, **online)
@@ -311,6 +318,11 @@ def test_download_fetches_only_what_a_merge_needs_then_works_offline(models, tmp
         # registries, e.g. /api/agent-harnesses, without it).
         repo_requests = [r for r in hub.requests if r[1].startswith(("/api/models/", "/org/"))]
         assert repo_requests and all(auth == "Bearer hf_secret" for _, _, auth in repo_requests), hub.requests
+        # An adapter repo alone: it and the base it names are downloaded.
+        lone = _run(["merge", "org/adapter", "-o", "lone", "-q"], tmp_path, **online)
+        assert lone.returncode == 0, lone.stderr
+        adapter_files = {p.rsplit("/", 1)[1] for m, p, _ in hub.requests if m == "GET" and p.startswith("/org/adapter/resolve/")}
+        assert adapter_files == {"adapter_config.json", "adapter_model.safetensors"}
         # A wrong token: the repo is "not found", in one line.
         denied = _run(["inspect", "org/other"], tmp_path, **{**online, "HF_TOKEN": "wrong"})
     assert {p.rsplit("/", 1)[1] for p in fetched} == {
