@@ -1,11 +1,12 @@
 """Tiny transformers models of the architectures fine-tunes come in, merged end to end.
 
 For each architecture — Llama, Gemma2 (tied embeddings, LoRA on the tied LM head), Qwen2 (tied,
-lm_head in modules_to_save), Phi3 (fused qkv/gate_up), GPT-2 (Conv1D, tied), Mixtral (MoE) and
-Llava (saved as language_model.model.*, adapted by PEFT as model.language_model.*) — a full
-fine-tune and a PEFT LoRA adapter are merged at λ = 0.6. The output must load with
-``from_pretrained`` with no missing or unexpected weights (and AutoProcessor where the base has
-a processor), and its logits must match those of a float64 reference merge computed here from
+lm_head in modules_to_save; or embed_tokens with ensure_weight_tying), Phi3 (fused qkv/gate_up),
+GPT-2 (Conv1D, tied), Mixtral (MoE) and Llava (saved as language_model.model.*, adapted by
+PEFT as model.language_model.*) — a full fine-tune and a PEFT LoRA adapter are merged at
+λ = 0.6. The output must load with ``from_pretrained`` with no missing or unexpected weights (and
+AutoProcessor where the base has a processor), tied embeddings must be tied or not as in PEFT's
+merge, and its logits must match those of a float64 reference merge computed here from
 the formula θ_base + λ·(θ_ft − θ_base), θ_ft being the fine-tune or PEFT's own float64
 ``merge_and_unload``.
 """
@@ -37,7 +38,6 @@ class Arch:
     lora: dict  # LoraConfig arguments
     loader: str = "AutoModelForCausalLM"
     load_options: dict = field(default_factory=dict)  # from_pretrained options for float64 inference
-    tied: bool = False  # the base stores only the input embedding
     inputs: dict = field(default_factory=lambda: {"input_ids": torch.tensor(TOKENS)})
 
 
@@ -47,6 +47,10 @@ def _llava():
                   num_attention_heads=2, image_size=16, patch_size=8)
     return transformers.LlavaForConditionalGeneration(
         transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=IMAGE_TOKEN))
+
+
+def _qwen2_tied():
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TEXT, tie_word_embeddings=True))
 
 
 def _llava_inputs() -> dict:
@@ -59,15 +63,18 @@ ARCHS = {
     "llama": Arch(lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**TEXT, tie_word_embeddings=False)),
                   dict(r=4, lora_alpha=8, target_modules="all-linear")),
     "gemma2-tied": Arch(lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**TEXT, head_dim=8)),
-                        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"]), tied=True),
-    "qwen2-tied": Arch(lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TEXT, tie_word_embeddings=True)),
+                        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"])),
+    "qwen2-tied": Arch(lambda: _qwen2_tied(),
                        dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], modules_to_save=["lm_head"]),
-                       tied=True),
+                       ),
+    "qwen2-tied-kept": Arch(lambda: _qwen2_tied(),
+                            dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                                 ensure_weight_tying=True)),
     "phi3": Arch(lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(**TEXT)),
                  dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj", "o_proj", "down_proj"])),
     "gpt2": Arch(lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)),
-                 dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc", "c_proj"], fan_in_fan_out=True), tied=True),
+                 dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc", "c_proj"], fan_in_fan_out=True)),
     "mixtral-moe": Arch(lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
         **TEXT, num_local_experts=4, num_experts_per_tok=2)), dict(r=4, lora_alpha=8,
                                                                    target_modules=["q_proj", "v_proj", "o_proj"]),
@@ -123,6 +130,7 @@ class Built:
     adapter: Path
     reference_ft: np.ndarray  # logits of the float64 reference merge with the full fine-tune
     reference_lora: np.ndarray  # ... with PEFT's float64 merge of the adapter
+    tied_lora: bool | None  # tie_word_embeddings of PEFT's merged model
 
 
 def _reference_logits(arch: Arch, base_dir: Path, theta_model) -> np.ndarray:
@@ -153,8 +161,10 @@ def built(request, tmp_path_factory) -> Built:
     _randomise(peft_model, 0.05, seed=2, trainable_only=True)
     peft_model.save_pretrained(root / "adapter")
     theta = peft.PeftModel.from_pretrained(_load(arch, root / "base")[0], root / "adapter").to(torch.float64)
-    reference_lora = _reference_logits(arch, root / "base", theta.merge_and_unload())
-    return Built(arch, root / "base", root / "ft", root / "adapter", reference_ft, reference_lora)
+    theta = theta.merge_and_unload()
+    tied_lora = getattr(theta.config, "tie_word_embeddings", None)
+    reference_lora = _reference_logits(arch, root / "base", theta)
+    return Built(arch, root / "base", root / "ft", root / "adapter", reference_ft, reference_lora, tied_lora)
 
 
 def _check(built: Built, out: Path, reference: np.ndarray) -> None:
@@ -173,6 +183,9 @@ def test_merge_loads_and_matches_the_float64_reference(built, tmp_path, kind):
     messages = []
     safeblend.merge(built.base, model, tmp_path / "out", weight=WEIGHT, on_warning=messages.append)
     _check(built, tmp_path / "out", built.reference_ft if kind == "full" else built.reference_lora)
+    if kind == "lora":  # tied embeddings stay tied, or are untied, as in PEFT's merge
+        config = transformers.AutoConfig.from_pretrained(tmp_path / "out")
+        assert getattr(config, "tie_word_embeddings", None) == built.tied_lora
     # Warnings name only tensors the models have.
     names = set(safeblend.checkpoint.Checkpoint.open(built.base).tensors) | {"lm_head.weight"}
     for message in messages:

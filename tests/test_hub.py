@@ -321,7 +321,8 @@ def test_download_fetches_only_what_a_merge_needs_then_works_offline(models, tmp
         # An adapter repo alone: it and the base it names are downloaded.
         lone = _run(["merge", "org/adapter", "-o", "lone", "-q"], tmp_path, **online)
         assert lone.returncode == 0, lone.stderr
-        adapter_files = {p.rsplit("/", 1)[1] for m, p, _ in hub.requests if m == "GET" and p.startswith("/org/adapter/resolve/")}
+        adapter_files = {p.rsplit("/", 1)[1] for m, p, _ in hub.requests
+                         if m == "GET" and p.startswith("/org/adapter/resolve/")}
         assert adapter_files == {"adapter_config.json", "adapter_model.safetensors"}
         # A wrong token: the repo is "not found", in one line.
         denied = _run(["inspect", "org/other"], tmp_path, **{**online, "HF_TOKEN": "wrong"})

@@ -59,10 +59,11 @@ def test_a_full_fine_tune_in_another_layout_merges_under_the_base_names(tmp_path
            "language_model.lm_head.weight": random_tensor(rng, (10, 4), "fp32"),
            "vision_tower.vision_model.encoder.layers.0.fc1.weight": random_tensor(rng, (3, 4), "fp32"),
            "multi_modal_projector.linear_1.weight": random_tensor(rng, (4, 3), "fp32")}
-    new_names = {"language_model.model.layers.0.mlp.down_proj.weight": "model.language_model.layers.0.mlp.down_proj.weight",
-                 "language_model.lm_head.weight": "lm_head.weight",
-                 "vision_tower.vision_model.encoder.layers.0.fc1.weight": "model.vision_tower.encoder.layers.0.fc1.weight",
-                 "multi_modal_projector.linear_1.weight": "model.multi_modal_projector.linear_1.weight"}
+    new_names = {  # as transformers' llava renames name them
+        "language_model.model.layers.0.mlp.down_proj.weight": "model.language_model.layers.0.mlp.down_proj.weight",
+        "language_model.lm_head.weight": "lm_head.weight",
+        "vision_tower.vision_model.encoder.layers.0.fc1.weight": "model.vision_tower.encoder.layers.0.fc1.weight",
+        "multi_modal_projector.linear_1.weight": "model.multi_modal_projector.linear_1.weight"}
     ft = {new_names[n]: t + 1 for n, t in old.items()}
     write_checkpoint(tmp_path / "base", old)
     write_checkpoint(tmp_path / "ft", ft)
