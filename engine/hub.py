@@ -160,8 +160,7 @@ def _index_shards(index: Path) -> list[str]:
 def _download(ref: RepoRef, progress: bool) -> Path:
     """Download what a merge of ``ref`` needs into the cache; its snapshot folder."""
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     where = f"Hub repo {ref.repo_id} at revision {ref.revision}"
     tqdm_class = None if progress else _silent_tqdm()
@@ -186,8 +185,11 @@ def _download(ref: RepoRef, progress: bool) -> Path:
                               f"hf auth login) ({_first_line(exc)})") from None
     except RevisionNotFoundError:
         raise CheckpointError(f"{where}: the repo has no revision {ref.revision!r}") from None
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
-        raise CheckpointError(f"{where}: cannot download ({_first_line(exc)}); fetch it with: "
+    except CheckpointError:
+        raise
+    except Exception as exc:  # the HTTP client's own errors (connection refused, timeouts, ...) too
+        reason = f"{type(exc).__name__}: {_first_line(exc)}"
+        raise CheckpointError(f"{where}: not in the cache and cannot be downloaded ({reason}); fetch it with: "
                               f"{ref.fetch_command()}") from None
     return Path(folder)
 

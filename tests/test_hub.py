@@ -342,3 +342,20 @@ def test_download_fetches_only_what_a_merge_needs_then_works_offline(models, tmp
     again = _run(["merge", "org/base", "org/ft", "-o", "again", "--weight", "0.6", "-q"], tmp_path, **_offline(cache))
     assert again.returncode == 0, again.stderr
     assert _files(tmp_path / "again") == _files(tmp_path / "by-id")
+
+
+def test_an_unreachable_hub_is_one_line_naming_the_fetch_command(tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = _run(["inspect", "org/none"], tmp_path, HF_HOME=str(tmp_path / "home"),
+                  HF_ENDPOINT=f"http://127.0.0.1:{port}")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: Hub repo org/none at revision main: not in the cache and "
+                                                   "cannot be downloaded ("), result.stderr
+    assert lines[0].endswith("; fetch it with: " + 'hf download org/none --revision main --include "*.safetensors" '
+                             '--include "*.json" --include "*.jinja" --include "*.model" --include "*.txt" '
+                             '--include "*.tiktoken"')
