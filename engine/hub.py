@@ -84,7 +84,8 @@ def resolve_inputs(base: str | os.PathLike | None, models: Sequence[str | os.Pat
             return _resolve(named, progress), model_paths
         except CheckpointError as exc:
             raise CheckpointError(f"{exc} (the base named by base_model_name_or_path in "
-                                  f"{model_paths[0] / ADAPTER_CONFIG_NAME}; give BASE to merge onto another)") from None
+                                  f"{peft_adapter_dir(model_paths[0]) / ADAPTER_CONFIG_NAME}; give BASE to merge onto "
+                                  "another)") from None
     base_path = _resolve(base, progress)
     for adapter, name in declared.items():
         if name is not None and warn is not None and not _same_model(base, base_path, name):
