@@ -10,7 +10,6 @@ import time
 import warnings
 from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
@@ -22,6 +21,7 @@ from .execute_cuda import CudaExecutor, runs_on_gpu
 from .lora import open_model
 from .methods import MergeMethod, create_method
 from .model_files import copy_model_files
+from .output_paths import check_output_not_input
 from .plan import make_plan
 from .units import parse_size
 from .journal import MergeSession
@@ -196,11 +196,7 @@ def _select_backend(device: str, merger):
 
 
 def _check_output_not_input(out: str | os.PathLike, inputs: list) -> None:
-    target = Path(os.path.abspath(out))
-    for item in inputs:
-        source = Path(os.path.abspath(item))
-        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
-            raise SpecError(f"{target}: the output must not be, contain or lie inside an input ({source})")
+    check_output_not_input(out, inputs)  # real paths and (device, inode): safeblend.output_paths
 
 
 class _NullBar:

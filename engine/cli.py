@@ -34,6 +34,15 @@ class SizeType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class OutputPath(click.Path):
+    """A path that must be named: click would read an empty one (an unset variable) as ``.``."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("the output path is empty (an unset variable?); name the output directory", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class _Group(click.Group):
     """Routes engine errors to one-line messages unless --debug was given."""
 
@@ -104,7 +113,7 @@ def _warn(message: str) -> None:
 @main.command()
 @click.argument("base", required=False, type=click.Path(path_type=Path))
 @click.argument("models", nargs=-1, type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+@click.option("-o", "--output", "out", required=True, type=OutputPath(path_type=Path),
               help="Output model directory (created; appears only when complete).")
 @click.option("--config", "config", type=click.Path(path_type=Path, dir_okay=False),
               help="A mergekit-style YAML recipe; BASE, MODELS, the method and its parameters come from it.")
@@ -266,7 +275,7 @@ def verify(output, as_json) -> None:
 
 
 @main.command()
-@click.argument("directory", default="safeblend-demo", type=click.Path(path_type=Path))
+@click.argument("directory", default="safeblend-demo", type=OutputPath(path_type=Path))
 @click.option("--weight", default=0.6, show_default=True, type=float, help="λ for the demo merge.")
 @click.option("--size", default="small", show_default=True, type=click.Choice(["tiny", "small"]),
               help="How big a model pair to generate.")
@@ -281,7 +290,7 @@ def demo(directory, weight, size) -> None:
 @main.command()
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+@click.option("-o", "--output", "out", required=True, type=OutputPath(path_type=Path),
               help="Sweep directory: each weight's model goes to OUTPUT/lambda-<w>/, complete or not at all.")
 @click.option("--weights", required=True, help="Weights to sweep: a list (0.2,0.5,0.8) or an inclusive range "
               "start:stop:step (0.1:0.9:0.1).")
