@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, check_inputs_unchanged
 from .dtypes import dtype_from_alias
 from .errors import SpecError
 from .execute import DEFAULT_CHUNK_BYTES, Executor
@@ -21,6 +21,7 @@ from .execute_cuda import CudaExecutor, runs_on_gpu
 from .lora import open_model
 from .methods import MergeMethod, create_method
 from .model_files import copy_model_files
+from .output_checks import OutputWatch
 from .output_paths import check_output_not_input
 from .plan import make_plan
 from .units import parse_size
@@ -45,6 +46,7 @@ class MergeResult:
     throughput_bytes_per_s: float
     peak_rss_bytes: int
     warnings: list[str] = field(default_factory=list)
+    output_equals_base: bool = False  # the merge changed nothing (safeblend.output_checks)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,16 +132,20 @@ def merge(
         for message in session.messages:
             warn(message)
         output, staging, writer = session.output, session.staging, session.writer
+        watch = OutputWatch(merge_plan, base_ckpt)  # non-finite values, output equal to the base
         try:
             writer.open()
             with _progress_bar(merge_plan.total_size, enabled=progress) as bar:
                 bar.update(session.kept_bytes)
                 executor = CudaExecutor if device_name == "cuda" else Executor
-                stats = executor(merge_plan, base_ckpt, model_ckpts, merger, backend, chunk_bytes).run(writer, bar.update)
+                stats = executor(merge_plan, base_ckpt, model_ckpts, merger, backend, chunk_bytes).run(watch.wrap(writer), bar.update)
             writer.close()
             write_index(staging, merge_plan, metadata)
             copy_model_files(base_ckpt.model_dir, staging, out_dtype)
+            check_inputs_unchanged([base_ckpt, *model_ckpts])  # size, mtime, inode, lease
             session.commit()  # hashes, manifest, checkpoint quirks' config, then the atomic rename
+            for message in watch.messages():
+                warn(message)
         except BaseException as exc:
             session.fail(exc)  # an interrupt keeps the partial output for --resume
             raise
@@ -159,7 +165,8 @@ def merge(
         seconds=round(seconds, 4),
         throughput_bytes_per_s=round((stats.bytes_read + written) / max(seconds, 1e-9), 1),
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        warnings=[*merger.warnings, *merge_plan.warnings],
+        warnings=[*merger.warnings, *merge_plan.warnings, *watch.messages()],
+        output_equals_base=watch.equals_base,
     )
 
 

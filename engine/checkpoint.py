@@ -9,9 +9,12 @@ memory maps, one chunk at a time, and released once consumed.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import mmap
 import os
+import signal
+import stat
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -22,6 +25,10 @@ import numpy as np
 
 from .dtypes import DTYPES, DType
 from .errors import CheckpointError
+
+
+class InputChangedError(CheckpointError):
+    """An input file was truncated, rewritten or replaced while the merge was reading it."""
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -59,17 +66,46 @@ class SafetensorsFile:
     size: int
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
+    # (device, inode, size, mtime) when the header was read: the file the merge planned with.
+    identity: tuple[int, int, int, int] | None = None
     _map: mmap.mmap | None = field(default=None, repr=False)
     _map_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _fd: int = field(default=-1, repr=False)  # kept open while mapped: holds the read lease
 
     def _mapped(self) -> mmap.mmap:
-        """The file's read-only map, created on first use (once, even with several threads)."""
+        """The file's read-only map, created on first use (once, even with several threads).
+
+        The file must still be the one whose header was read (same inode, size and mtime).
+        A read lease is taken where the system grants one (safeblend.checkpoint's
+        ``input_guard``), so that a truncation stops the merge with a clear error instead of a
+        SIGBUS when a mapped page beyond the new end is touched.
+        """
         with self._map_lock:
             if self._map is None:
-                with open(self.path, "rb") as handle:
-                    self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    _check_identity(self.path, os.fstat(fd), self.identity)
+                    input_guard.lease(self, fd)
+                    self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                except BaseException:
+                    input_guard.forget(self)
+                    os.close(fd)
+                    raise
+                self._fd = fd
                 self._map.madvise(mmap.MADV_SEQUENTIAL)
             return self._map
+
+    def check_unchanged(self) -> None:
+        """InputChangedError if the file on disk is no longer the one the merge read: its
+        lease was broken, or its inode, size or modification time differ."""
+        if self._fd >= 0 and input_guard.broken(self):
+            raise InputChangedError(f"{self.path}: changed while being read (another process opened it for "
+                                    "writing or truncated it)")
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            raise InputChangedError(f"{self.path}: changed while being read (it is gone)") from None
+        _check_identity(self.path, st, self.identity)
 
     def view(self, info: TensorInfo, first: int, count: int) -> np.ndarray:
         """A read-only 1-D array over elements [first, first + count) of a tensor, no copy."""
@@ -115,6 +151,90 @@ class SafetensorsFile:
             except BufferError:  # a view is still alive; the map goes when it does
                 pass
             self._map = None
+        if self._fd >= 0:
+            input_guard.forget(self)
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _check_identity(path: Path, st: os.stat_result, expected: tuple[int, int, int, int] | None) -> None:
+    if expected is not None and _file_identity(st) != expected:
+        raise InputChangedError(f"{path}: changed while being read (its inode, size or modification time "
+                                "differ from when the merge began)")
+
+
+def check_inputs_unchanged(checkpoints: list) -> None:
+    """Before committing an output: every input file is still the one its bytes were read from."""
+    for ckpt in checkpoints:
+        for f in getattr(ckpt, "files", ()):
+            if isinstance(f, SafetensorsFile):
+                f.check_unchanged()
+
+
+class _InputGuard:
+    """Read leases (``F_SETLEASE``) on mapped inputs, and the SIGIO handler they need.
+
+    With a lease held, another process that opens the file for writing or truncates it is
+    made to wait (up to /proc/sys/fs/lease-break-time, 45 s by default) while the kernel sends
+    this process SIGIO. The handler, on the main thread, raises InputChangedError naming the
+    file; the merge stops, its threads finish the chunks they hold, the inputs are unmapped —
+    which releases the lease — and only then does the other process's change happen, so no
+    mapped page is ever cut from under a reader. Leases are taken only on the main thread
+    (where the handler can run; SIGIO's default action would end the process) and only where
+    the kernel grants them (the file's owner, no writer already, a local filesystem); without
+    one, the change is still caught before commit by ``check_inputs_unchanged``, but a
+    truncation can then still end the process with SIGBUS.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._previous = None  # the SIGIO handler to restore once no lease is held
+        self._held: dict[int, tuple["SafetensorsFile", int]] = {}  # id(file) -> (file, fd with a lease)
+
+    def lease(self, f: "SafetensorsFile", fd: int) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        with self._lock:
+            if not self._held:
+                self._previous = signal.signal(signal.SIGIO, self._on_signal)
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+            except OSError:  # not the owner, a writer already has it open, or no lease support
+                if not self._held:
+                    signal.signal(signal.SIGIO, self._previous)
+                return
+            self._held[id(f)] = (f, fd)
+
+    def forget(self, f: "SafetensorsFile") -> None:
+        with self._lock:
+            if self._held.pop(id(f), None) is not None:
+                if not self._held and threading.current_thread() is threading.main_thread():
+                    signal.signal(signal.SIGIO, self._previous or signal.SIG_DFL)
+
+    def broken(self, f: "SafetensorsFile") -> bool:
+        held = self._held.get(id(f))
+        if held is None:
+            return False
+        fd = held[1]
+        try:
+            return fcntl.fcntl(fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK
+        except OSError:
+            return True
+
+    def _on_signal(self, signum: int, frame) -> None:
+        for f, _ in list(self._held.values()):
+            if self.broken(f):
+                raise InputChangedError(f"{f.path}: changed while being read (another process opened it for "
+                                        "writing or truncated it)")
+        if callable(self._previous):
+            self._previous(signum, frame)
+
+
+input_guard = _InputGuard()
 
 
 def _page_span(start: int, length: int, limit: int) -> tuple[int, int]:
@@ -132,8 +252,11 @@ def read_safetensors_header(path: Path) -> SafetensorsFile:
     not cover the data region exactly.
     """
     try:
-        size = path.stat().st_size
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open, a device never end
+            raise CheckpointError(f"{path}: not a regular file")
         with open(path, "rb") as handle:
+            st = os.fstat(handle.fileno())
+            size = st.st_size
             prefix = handle.read(8)
             if len(prefix) < 8:
                 raise CheckpointError(f"{path}: file is {size} bytes, too short to be safetensors")
@@ -166,7 +289,7 @@ def read_safetensors_header(path: Path) -> SafetensorsFile:
     data_start = 8 + header_len
     tensors = {name: _parse_entry(path, name, entry, data_start, size - data_start) for name, entry in header.items()}
     _check_coverage(path, tensors, data_start, size)
-    return SafetensorsFile(path=path, size=size, tensors=tensors, metadata=metadata)
+    return SafetensorsFile(path=path, size=size, tensors=tensors, metadata=metadata, identity=_file_identity(st))
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:

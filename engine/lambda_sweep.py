@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 from safeblend.kernels import cpu_backend
 
 from .api import MergeResult, _check_output_not_input, output_metadata
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, check_inputs_unchanged
 from .journal import MergeSession
 from .lora import open_model
 from .dtypes import dtype_from_alias
@@ -274,6 +274,7 @@ def _run(plans: list[MergePlan], metadatas: list[dict[str, str]], base: Checkpoi
             stats = executor.run(_Outputs(writers), bar.update)
         for writer in writers:
             writer.close()
+        check_inputs_unchanged([base, *models])  # size, mtime, inode, lease (safeblend.checkpoint)
         for session, plan, metadata in zip(sessions, plans, metadatas):
             write_index(session.staging, plan, metadata)
             copy_model_files(base.model_dir, session.staging, out_dtype)

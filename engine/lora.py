@@ -58,7 +58,7 @@ from .checkpoint import (
     read_safetensors_header,
 )
 from .dtypes import DTYPES
-from .errors import CheckpointError, IncompatibleInputsError
+from .errors import CheckpointError, IncompatibleInputsError, SpecError
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
@@ -81,6 +81,7 @@ _EXACT_OUTPUTS = ("F32", "F64")
 _BLOCK_MULS = 1 << 19
 # Modules whose factors stay loaded: more than the tensors the compute threads touch at once.
 _FACTOR_CACHE = 4
+_FLOAT32_MAX = 3.4028234663852886e38  # LoRA products run in float32 (or float64)
 # Config fields of LoRA variants whose merge is not W + s·B·A (or that change the model's shape).
 _UNSUPPORTED_FIELDS = {
     "use_dora": "DoRA (use_dora) rescales each merged weight by a learned magnitude",
@@ -164,6 +165,10 @@ def read_adapter_config(directory: Path) -> AdapterConfig:
         raise CheckpointError(f"{path}: r, lora_alpha, rank_pattern or alpha_pattern is malformed ({exc})") from exc
     if r <= 0 or any(v <= 0 for v in rank_pattern.values()):
         raise CheckpointError(f"{path}: ranks must be positive")
+    for what, value in [("lora_alpha", alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in alpha_pattern.items())]:
+        # A merge weight like any other: NaN, inf or beyond float32 (where products run) is refused.
+        if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+            raise SpecError(f"{path}: {what} is {value!r}, not a finite number within float32's range")
     return AdapterConfig(path, r, alpha, bool(data.get("use_rslora")), bool(data.get("fan_in_fan_out")),
                          rank_pattern, alpha_pattern)
 
