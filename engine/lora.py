@@ -37,6 +37,7 @@ Embedding LoRA is always (B·A)ᵀ, as PEFT computes it.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import json
 import math
@@ -59,6 +60,7 @@ from .checkpoint import (
 )
 from .dtypes import DTYPES
 from .errors import CheckpointError, IncompatibleInputsError, SpecError
+from .module_patterns import ModulePattern, PatternError
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
@@ -129,11 +131,17 @@ class AdapterConfig:
 
 
 def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
-    """The first pattern that names ``module`` (PEFT's rule: the pattern matches a dotted suffix)."""
+    """The first pattern that names ``module`` (PEFT's rule: the pattern matches a dotted
+    suffix), matched in bounded time (safeblend.module_patterns)."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if _compiled_pattern(key).matches(module):
             return key
     return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled_pattern(key: str) -> ModulePattern:
+    return ModulePattern(key)
 
 
 def read_adapter_config(directory: Path) -> AdapterConfig:
@@ -165,6 +173,11 @@ def read_adapter_config(directory: Path) -> AdapterConfig:
         raise CheckpointError(f"{path}: r, lora_alpha, rank_pattern or alpha_pattern is malformed ({exc})") from exc
     if r <= 0 or any(v <= 0 for v in rank_pattern.values()):
         raise CheckpointError(f"{path}: ranks must be positive")
+    for key in [*rank_pattern, *alpha_pattern]:
+        try:
+            _compiled_pattern(key)
+        except PatternError as exc:
+            raise CheckpointError(f"{path}: rank_pattern/alpha_pattern: {exc}") from None
     for what, value in [("lora_alpha", alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in alpha_pattern.items())]:
         # A merge weight like any other: NaN, inf or beyond float32 (where products run) is refused.
         if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
