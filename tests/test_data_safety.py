@@ -255,3 +255,54 @@ def test_a_read_only_output_is_refused_up_front(pair, tmp_path, monkeypatch):
         merge(pair / "base", pair / "ft", out, weight=0.2, overwrite=True)
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# -- item 9: verify reports added files and never reads outside OUT ------------------------------
+
+
+def _verify(out: Path):
+    from safeblend.manifest import verify
+
+    return verify(out)
+
+
+def test_verify_reports_files_added_to_the_output(pair, tmp_path):
+    out = tmp_path / "out"
+    merge(pair / "base", pair / "ft", out)
+    assert _verify(out).ok
+    (out / "notes.txt").write_text("added")
+    (out / "extra").mkdir()
+    report = _verify(out)
+    assert any("notes.txt: not listed in safeblend.json" in p for p in report.problems), report.problems
+    assert any("extra: not listed in safeblend.json" in p for p in report.problems), report.problems
+
+
+def test_verify_never_reads_a_path_outside_the_output(pair, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    merge(pair / "base", pair / "ft", out)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("outside")
+    from safeblend import manifest as manifest_module
+
+    data = json.loads((out / "safeblend.json").read_text())
+    data["files"]["../secret.txt"] = manifest_module.file_sha256(secret)
+    data["files"][str(secret)] = manifest_module.file_sha256(secret)
+    (out / "safeblend.json").write_text(json.dumps(data))
+    config = out / "config.json"
+    (tmp_path / "config-elsewhere.json").write_bytes(config.read_bytes())
+    config.unlink()
+    config.symlink_to(tmp_path / "config-elsewhere.json")  # same bytes, but outside OUT
+    opened: list[str] = []
+    real_open = open
+
+    def watching_open(file, *args, **kwargs):
+        opened.append(os.path.realpath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", watching_open)
+    report = _verify(out)
+    monkeypatch.undo()
+    outside = [p for p in opened if not p.startswith(str(out.resolve()) + os.sep)]
+    assert not outside, outside
+    assert sum("not a plain file name" in p for p in report.problems) == 2, report.problems
+    assert any("config.json: is a symbolic link" in p for p in report.problems), report.problems
