@@ -141,7 +141,7 @@ def merge(
                 stats = executor(merge_plan, base_ckpt, model_ckpts, merger, backend, chunk_bytes).run(watch.wrap(writer), bar.update)
             writer.close()
             write_index(staging, merge_plan, metadata)
-            copy_model_files(base_ckpt.model_dir, staging, out_dtype)
+            copy_model_files(base_ckpt.model_dir, staging, out_dtype, warn)  # regular files only
             check_inputs_unchanged([base_ckpt, *model_ckpts])  # size, mtime, inode, lease
             session.commit()  # hashes, manifest, checkpoint quirks' config, then the atomic rename
             for message in watch.messages():

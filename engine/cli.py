@@ -17,6 +17,7 @@ from . import __version__
 from .errors import SafeblendError, SpecError
 from .execute import DEFAULT_CHUNK_BYTES
 from .methods import method_names
+from .output_paths import printable
 from .units import format_size, parse_size
 
 
@@ -53,11 +54,11 @@ class _Group(click.Group):
         except SpecError as exc:
             if ctx.meta.get("debug"):
                 raise
-            raise click.UsageError(str(exc), ctx) from None
+            raise click.UsageError(printable(str(exc)), ctx) from None
         except SafeblendError as exc:
             if ctx.meta.get("debug"):
                 raise
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(printable(str(exc))) from None
         except KeyboardInterrupt as exc:
             if ctx.meta.get("debug"):
                 raise
@@ -69,7 +70,7 @@ class _Group(click.Group):
             if ctx.meta.get("debug"):
                 raise
             where = f"{exc.filename}: " if exc.filename else ""
-            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+            raise click.ClickException(printable(f"{where}{exc.strerror or exc}")) from None
         finally:
             if previous is not None:
                 import signal
@@ -107,7 +108,7 @@ def main() -> None:
 
 
 def _warn(message: str) -> None:
-    click.echo(f"Warning: {message}", err=True)
+    click.echo(f"Warning: {printable(message)}", err=True)
 
 
 @main.command()
@@ -190,7 +191,7 @@ def merge(ctx, base, models, out, config, method, weights, densities, lambda_, n
         rate = format_size(result.throughput_bytes_per_s)
         click.echo(
             f"Merged {result.tensors} tensors ({_describe(result.params)}) "
-            f"on {result.device} into {result.output}: {result.shards} shard(s), "
+            f"on {result.device} into {printable(result.output)}: {result.shards} shard(s), "
             f"{format_size(result.bytes_written)} written in {result.seconds:.1f} s ({rate}/s), "
             f"peak RSS {format_size(result.peak_rss_bytes)}",
             err=True,
@@ -237,7 +238,7 @@ def inspect(checkpoint, as_json) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"{summary['path']}")
+    click.echo(printable(summary["path"]))
     click.echo(f"  tensors     {summary['tensors']}")
     click.echo(f"  parameters  {summary['parameters']:,} ({summary['parameters'] / 1e9:.3f} B)")
     click.echo(f"  bytes       {format_size(summary['bytes'])}")
@@ -245,10 +246,10 @@ def inspect(checkpoint, as_json) -> None:
         click.echo(f"  {name:<11} {d['tensors']} tensors, {format_size(d['bytes'])}")
     click.echo(f"  shards      {len(summary['shards'])}")
     for s in summary["shards"]:
-        click.echo(f"    {s['file']}  {s['tensors']} tensors, {format_size(s['bytes'])}")
+        click.echo(f"    {printable(s['file'])}  {s['tensors']} tensors, {format_size(s['bytes'])}")
     if summary["largest_tensor"]:
         largest = ckpt.tensors[summary["largest_tensor"]]
-        click.echo(f"  largest     {largest.name} {list(largest.shape)} {largest.dtype.name}")
+        click.echo(f"  largest     {printable(largest.name)} {list(largest.shape)} {largest.dtype.name}")
 
 
 @main.command()
@@ -268,7 +269,7 @@ def verify(output, as_json) -> None:
         if not as_json:
             for problem in report.problems:
                 click.echo(f"  {problem}", err=True)
-        raise click.ClickException(f"{output}: verification failed: {len(report.problems)} problem(s)")
+        raise click.ClickException(f"{printable(output)}: verification failed: {len(report.problems)} problem(s)")
     if not as_json:
         click.echo(f"OK: {output}: {report.shards} shard(s), {format_size(report.bytes_checked)} match "
                    "safeblend.json, headers and index", err=True)
