@@ -24,7 +24,7 @@ from .model_files import copy_model_files
 from .output_checks import OutputWatch
 from .output_paths import check_output_not_input
 from .plan import make_plan
-from .units import parse_size
+from .units import fit_chunk_size, parse_size
 from .journal import MergeSession
 from .writer import write_index
 
@@ -124,6 +124,7 @@ def merge(
         merge_plan = make_plan(base_ckpt, model_ckpts, out_dtype, shard_bytes, metadata, allow_missing=allow_missing)
         for message in [*merger.warnings, *merge_plan.warnings]:
             warn(message)
+        chunk_bytes = fit_chunk_size(chunk_bytes, merge_plan)  # capped at the largest tensor; fits in memory
 
         # Staging beside OUT, locked and journaled; with resume, plan.skip lists the kept tensors.
         session = MergeSession.start(out, overwrite=overwrite, resume=resume, plan=merge_plan,
