@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .checkpoint import Checkpoint, check_inputs_unchanged
+from .checkpoint import Checkpoint, check_inputs_unchanged, ensure_descriptors
 from .dtypes import dtype_from_alias
 from .errors import SpecError
 from .execute import DEFAULT_CHUNK_BYTES, Executor
@@ -125,6 +125,7 @@ def merge(
         for message in [*merger.warnings, *merge_plan.warnings]:
             warn(message)
         chunk_bytes = fit_chunk_size(chunk_bytes, merge_plan)  # capped at the largest tensor; fits in memory
+        ensure_descriptors(len(merge_plan.shards))  # open-file limit (safeblend.checkpoint)
 
         # Staging beside OUT, locked and journaled; with resume, plan.skip lists the kept tensors.
         session = MergeSession.start(out, overwrite=overwrite, resume=resume, plan=merge_plan,

@@ -17,6 +17,7 @@ import signal
 import stat
 import struct
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -38,6 +39,8 @@ MAX_HEADER_BYTES = 100_000_000
 _PAGE = mmap.PAGESIZE
 # How far beyond a consumed range release() also drops pages (see there): a PMD-sized folio.
 RELEASE_MARGIN = 2 * 2**20
+# Input files mapped at once (each holds two descriptors); older idle ones are closed (_OpenMaps).
+MAX_OPEN_MAPS = 256
 _BIN_HINT = (" (PyTorch pickle weights: only safetensors is read; convert with transformers: "
              "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True))")
 
@@ -73,27 +76,30 @@ class SafetensorsFile:
     _fd: int = field(default=-1, repr=False)  # kept open while mapped: holds the read lease
 
     def _mapped(self) -> mmap.mmap:
-        """The file's read-only map, created on first use (once, even with several threads).
+        """The file's read-only map, opened on first use; the caller holds ``_map_lock`` and
+        uses the map before releasing it (an idle map may be closed by ``_open_maps``).
 
         The file must still be the one whose header was read (same inode, size and mtime).
-        A read lease is taken where the system grants one (safeblend.checkpoint's
-        ``input_guard``), so that a truncation stops the merge with a clear error instead of a
-        SIGBUS when a mapped page beyond the new end is touched.
+        A read lease is taken where the system grants one (``input_guard``), so that a
+        truncation stops the merge with a clear error instead of a SIGBUS when a mapped page
+        beyond the new end is touched.
         """
-        with self._map_lock:
-            if self._map is None:
-                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    _check_identity(self.path, os.fstat(fd), self.identity)
-                    input_guard.lease(self, fd)
-                    self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-                except BaseException:
-                    input_guard.forget(self)
-                    os.close(fd)
-                    raise
-                self._fd = fd
-                self._map.madvise(mmap.MADV_SEQUENTIAL)
-            return self._map
+        if self._map is None:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _check_identity(self.path, os.fstat(fd), self.identity)
+                input_guard.lease(self, fd)
+                self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            except BaseException:
+                input_guard.forget(self)
+                os.close(fd)
+                raise
+            self._fd = fd
+            self._map.madvise(mmap.MADV_SEQUENTIAL)
+            _open_maps.opened(self)
+        else:
+            _open_maps.used(self)
+        return self._map
 
     def check_unchanged(self) -> None:
         """InputChangedError if the file on disk is no longer the one the merge read: its
@@ -110,18 +116,21 @@ class SafetensorsFile:
     def view(self, info: TensorInfo, first: int, count: int) -> np.ndarray:
         """A read-only 1-D array over elements [first, first + count) of a tensor, no copy."""
         offset = info.start + first * info.dtype.itemsize
-        return np.frombuffer(self._mapped(), dtype=info.dtype.numpy, count=count, offset=offset)
+        with self._map_lock:  # a live view keeps the map open (close raises BufferError)
+            return np.frombuffer(self._mapped(), dtype=info.dtype.numpy, count=count, offset=offset)
 
     def byte_view(self, start: int, length: int) -> memoryview:
         """A read-only memoryview over absolute bytes [start, start + length) of the file."""
-        return memoryview(self._mapped())[start : start + length]
+        with self._map_lock:
+            return memoryview(self._mapped())[start : start + length]
 
     def prefetch(self, start: int, length: int) -> None:
         """Ask the kernel to start reading a byte range ahead of use (asynchronous readahead)."""
         if length > 0:
-            mapped = self._mapped()
-            lo, hi = _page_span(start, length, len(mapped))
-            mapped.madvise(mmap.MADV_WILLNEED, lo, hi - lo)
+            with self._map_lock:
+                mapped = self._mapped()
+                lo, hi = _page_span(start, length, len(mapped))
+                mapped.madvise(mmap.MADV_WILLNEED, lo, hi - lo)
 
     def stored_bytes(self, start: int, length: int) -> int:
         """Bytes read from disk for a byte range (``bytes_read`` in the summary): the range."""
@@ -138,23 +147,89 @@ class SafetensorsFile:
         number of chunks (measured: 11 MiB after a 1.1B merge, 18 MiB after a 3.3B one).
         Dropping a neighbour's pages while it is still being read only costs a refault.
         """
-        if self._map is not None and length > 0:
-            start, length = max(0, start - RELEASE_MARGIN), length + 2 * RELEASE_MARGIN
-            lo, hi = _page_span(start, length, len(self._map))
-            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        with self._map_lock:
+            if self._map is not None and length > 0:
+                start, length = max(0, start - RELEASE_MARGIN), length + 2 * RELEASE_MARGIN
+                lo, hi = _page_span(start, length, len(self._map))
+                self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def close(self) -> None:
         """Unmap the file (views taken from it must no longer be used)."""
+        with self._map_lock:
+            self._unmap(force=True)
+
+    def _unmap(self, force: bool) -> bool:
+        """Close the map and its descriptor (the caller holds ``_map_lock``). Without
+        ``force``, a map that a live view still uses is kept; returns whether it was closed."""
         if self._map is not None:
             try:
                 self._map.close()
             except BufferError:  # a view is still alive; the map goes when it does
-                pass
+                if not force:
+                    return False
             self._map = None
         if self._fd >= 0:
             input_guard.forget(self)
             os.close(self._fd)
             self._fd = -1
+        _open_maps.closed(self)
+        return True
+
+
+class _OpenMaps:
+    """Bounds the input files held open at once (each map holds two descriptors): beyond
+    ``MAX_OPEN_MAPS``, the least recently used idle map is closed, to be reopened (and checked
+    against its identity again) if read later. A model of 10k+ shards then needs a few hundred
+    descriptors, not tens of thousands."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._order: "OrderedDict[int, SafetensorsFile]" = OrderedDict()
+
+    def opened(self, f: "SafetensorsFile") -> None:
+        with self._lock:
+            self._order[id(f)] = f
+            over = len(self._order) - MAX_OPEN_MAPS
+            victims = [v for k, v in self._order.items() if k != id(f)][: max(0, over) * 4]
+        for victim in victims:  # outside our lock: a victim's own lock is taken without waiting
+            if over <= 0:
+                break
+            if victim._map_lock.acquire(blocking=False):
+                try:
+                    if victim._unmap(force=False):
+                        over -= 1
+                finally:
+                    victim._map_lock.release()
+
+    def used(self, f: "SafetensorsFile") -> None:
+        with self._lock:
+            if id(f) in self._order:
+                self._order.move_to_end(id(f))
+
+    def closed(self, f: "SafetensorsFile") -> None:
+        with self._lock:
+            self._order.pop(id(f), None)
+
+
+_open_maps = _OpenMaps()
+
+
+def ensure_descriptors(output_files: int) -> None:
+    """Make room for the descriptors a merge holds: three per output shard (writer, direct
+    writer, hasher) plus the bounded input maps. The soft RLIMIT_NOFILE is raised toward the
+    hard one if need be; SpecError naming the limit when even that is too low."""
+    import resource
+
+    from .errors import SpecError
+
+    needed = 3 * output_files + 2 * MAX_OPEN_MAPS + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or needed <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and needed > hard:
+        raise SpecError(f"the output's {output_files} shard file(s) need about {needed} open files, over this "
+                        f"process's limit of {hard} (ulimit -n); give a larger --shard-size")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
 def _file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -183,8 +258,8 @@ class _InputGuard:
     this process SIGIO. The handler, on the main thread, raises InputChangedError naming the
     file; the merge stops, its threads finish the chunks they hold, the inputs are unmapped —
     which releases the lease — and only then does the other process's change happen, so no
-    mapped page is ever cut from under a reader. Leases are taken only on the main thread
-    (where the handler can run; SIGIO's default action would end the process) and only where
+    mapped page is ever cut from under a reader. Leases are taken only once the main thread
+    has installed the handler (SIGIO's default action would end the process) and only where
     the kernel grants them (the file's owner, no writer already, a local filesystem); without
     one, the change is still caught before commit by ``check_inputs_unchanged``, but a
     truncation can then still end the process with SIGBUS.
@@ -194,26 +269,28 @@ class _InputGuard:
         self._lock = threading.Lock()
         self._previous = None  # the SIGIO handler to restore once no lease is held
         self._held: dict[int, tuple["SafetensorsFile", int]] = {}  # id(file) -> (file, fd with a lease)
+        self._installed = False  # our SIGIO handler is in place
 
     def lease(self, f: "SafetensorsFile", fd: int) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
+        main = threading.current_thread() is threading.main_thread()
         with self._lock:
-            if not self._held:
+            if not self._installed:
+                if not main:
+                    return  # only the main thread can install the handler; no lease without it
                 self._previous = signal.signal(signal.SIGIO, self._on_signal)
+                self._installed = True
             try:
                 fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
             except OSError:  # not the owner, a writer already has it open, or no lease support
-                if not self._held:
-                    signal.signal(signal.SIGIO, self._previous)
                 return
             self._held[id(f)] = (f, fd)
 
     def forget(self, f: "SafetensorsFile") -> None:
         with self._lock:
-            if self._held.pop(id(f), None) is not None:
-                if not self._held and threading.current_thread() is threading.main_thread():
-                    signal.signal(signal.SIGIO, self._previous or signal.SIG_DFL)
+            self._held.pop(id(f), None)
+            if not self._held and self._installed and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGIO, self._previous if self._previous is not None else signal.SIG_DFL)
+                self._installed = False
 
     def broken(self, f: "SafetensorsFile") -> bool:
         held = self._held.get(id(f))

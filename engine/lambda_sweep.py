@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 from safeblend.kernels import cpu_backend
 
 from .api import MergeResult, _check_output_not_input, output_metadata
-from .checkpoint import Checkpoint, check_inputs_unchanged
+from .checkpoint import Checkpoint, check_inputs_unchanged, ensure_descriptors
 from .journal import MergeSession
 from .lora import open_model
 from .dtypes import dtype_from_alias
@@ -218,6 +218,7 @@ def sweep(
         for message in messages:
             warn(message)
         chunk_bytes = fit_chunk_size(chunk_bytes, plans[0], buffers=8 + len(plans) - 1)  # safeblend.units
+        ensure_descriptors(sum(len(p.shards) for p in plans))  # open-file limit (safeblend.checkpoint)
         root = Path(os.path.abspath(out))
         finals = [root / output_name(w) for w in points]
         stats, writers = _run(plans, metadatas, base_ckpt, model_ckpts, mergers, backend, finals,
