@@ -28,6 +28,7 @@ from .plan import MergePlan, OutputTensor
 
 # The exponent field of 16-bit floats: all bits set means inf or NaN.
 _EXPONENT_16 = {"F16": 0x7C00, "BF16": 0x7F80}
+_local = threading.local()
 
 
 class OutputWatch:
@@ -111,7 +112,11 @@ def _count_nonfinite(values: np.ndarray, dtype_name: str) -> int:
     exponent = _EXPONENT_16.get(dtype_name)
     if exponent is None:
         return 0
-    bits = values.view(np.uint16) & np.uint16(exponent)
+    # Into a per-thread scratch buffer: a fresh temporary per chunk costs its page faults.
+    scratch = getattr(_local, "scratch", None)
+    if scratch is None or scratch.size < values.size:
+        scratch = _local.scratch = np.empty(values.size, np.uint16)
+    bits = np.bitwise_and(values.view(np.uint16), np.uint16(exponent), out=scratch[: values.size])
     if bits.max() < exponent:
         return 0
     return int(np.count_nonzero(bits == exponent))
