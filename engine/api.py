@@ -46,7 +46,8 @@ class MergeResult:
     throughput_bytes_per_s: float
     peak_rss_bytes: int
     warnings: list[str] = field(default_factory=list)
-    output_equals_base: bool = False  # the merge changed nothing (safeblend.output_checks)
+    # The merge changed nothing (safeblend.output_checks); None where not checked (sweep outputs).
+    output_equals_base: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -140,7 +141,8 @@ def merge(
             with _progress_bar(merge_plan.total_size, enabled=progress) as bar:
                 bar.update(session.kept_bytes)
                 executor = CudaExecutor if device_name == "cuda" else Executor
-                stats = executor(merge_plan, base_ckpt, model_ckpts, merger, backend, chunk_bytes).run(watch.wrap(writer), bar.update)
+                stats = executor(merge_plan, base_ckpt, model_ckpts, merger, backend, chunk_bytes).run(
+                    watch.wrap(writer), bar.update)
             writer.close()
             write_index(staging, merge_plan, metadata)
             copy_model_files(base_ckpt.model_dir, staging, out_dtype, warn)  # regular files only

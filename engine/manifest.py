@@ -90,7 +90,8 @@ def verify(directory: str | os.PathLike, threads: int = 2) -> VerifyReport:
         written = {*listed, *files, MANIFEST_NAME}
         for name in sorted(set(os.listdir(root)) - written - set(linked)):
             if not name.endswith(".safetensors"):  # unlisted shards are reported above
-                report.problems.append(f"{printable(root / name)}: not listed in {MANIFEST_NAME} (added after the merge)")
+                report.problems.append(f"{printable(root / name)}: not listed in {MANIFEST_NAME} "
+                                       "(added after the merge)")
     names = [n for n in (listed if manifest is not None else present) if n not in linked]
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for problems, size in pool.map(lambda n: _check_shard(root / n, listed.get(n)), names):

@@ -64,7 +64,8 @@ def test_non_finite_parameters_are_usage_errors(pair, tmp_path, args, what):
 
 
 def test_non_finite_parameters_from_python_and_recipes(pair, tmp_path):
-    for bad in (float("nan"), [{"value": [0.5, float("inf")]}], [{"filter": "q_proj", "value": float("nan")}, {"value": 0.5}]):
+    rules = [{"filter": "q_proj", "value": float("nan")}, {"value": 0.5}]
+    for bad in (float("nan"), [{"value": [0.5, float("inf")]}], rules):
         with pytest.raises(SpecError, match="not a finite number"):
             merge(pair / "base", pair / "ft", tmp_path / "o", weight=bad)
     with pytest.raises(SpecError, match="not a finite number"):

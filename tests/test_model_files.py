@@ -3,7 +3,6 @@ up-front space check; names and paths printed with control characters escaped.""
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from pathlib import Path
