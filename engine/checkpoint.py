@@ -84,6 +84,10 @@ class SafetensorsFile:
         truncation stops the merge with a clear error instead of a SIGBUS when a mapped page
         beyond the new end is touched.
         """
+        if self._map is not None and not input_guard.holds(self) and os.fstat(self._fd).st_size != self.size:
+            # Without a lease, a truncation is caught here, before the next chunk is read.
+            raise InputChangedError(f"{self.path}: changed while being read (its size is no longer "
+                                    f"{self.size} bytes)")
         if self._map is None:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -261,8 +265,9 @@ class _InputGuard:
     mapped page is ever cut from under a reader. Leases are taken only once the main thread
     has installed the handler (SIGIO's default action would end the process) and only where
     the kernel grants them (the file's owner, no writer already, a local filesystem); without
-    one, the change is still caught before commit by ``check_inputs_unchanged``, but a
-    truncation can then still end the process with SIGBUS.
+    one, a truncation is caught before each chunk is read (the mapped file's size is checked
+    then) and any change before commit by ``check_inputs_unchanged``; a truncation that lands
+    while a chunk is being read can then still end the process with SIGBUS.
     """
 
     def __init__(self) -> None:
@@ -291,6 +296,10 @@ class _InputGuard:
             if not self._held and self._installed and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGIO, self._previous if self._previous is not None else signal.SIG_DFL)
                 self._installed = False
+
+    def holds(self, f: "SafetensorsFile") -> bool:
+        """Whether ``f`` is held with a lease."""
+        return id(f) in self._held
 
     def broken(self, f: "SafetensorsFile") -> bool:
         held = self._held.get(id(f))

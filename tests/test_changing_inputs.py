@@ -90,3 +90,39 @@ def test_an_input_rewritten_in_place_is_caught_before_commit(pair, tmp_path, mon
                                                 "or modification time differ"):
         merge(pair / "base", ft, tmp_path / "out", device="cpu")
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.safeblend-partial").exists()
+
+
+_NO_LEASE_SCRIPT = """
+import os, sys
+from safeblend import checkpoint, merge
+if hasattr(checkpoint, "input_guard"):  # as where no lease is granted (another owner, NFS)
+    checkpoint.input_guard.lease = lambda f, fd: None
+victim, calls = sys.argv[1], []
+original = checkpoint.SafetensorsFile.prefetch
+
+def prefetch(self, start, length):
+    calls.append(start)
+    if len(calls) == 6:  # a few chunks in: cut the file's last 64 KiB, which no chunk in flight reads
+        os.truncate(victim, os.path.getsize(victim) - 65536)
+    return original(self, start, length)
+
+checkpoint.SafetensorsFile.prefetch = prefetch
+try:
+    merge(sys.argv[2], sys.argv[3], sys.argv[4], chunk_size="64KiB", device="cpu")
+except checkpoint.CheckpointError as exc:
+    print(exc)
+    sys.exit(1)
+"""
+
+
+def test_without_a_lease_a_truncation_is_caught_before_the_next_chunk(pair, tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes((pair / "base" / "model.safetensors").read_bytes())
+    done = subprocess.run([sys.executable, "-c", _NO_LEASE_SCRIPT, str(base / "model.safetensors"), str(base),
+                           str(pair / "ft"), str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1, (done.returncode, done.stderr[-2000:])  # SIGBUS would be -7
+    assert done.stdout.strip() == f"{base / 'model.safetensors'}: changed while being read (its size is no longer " \
+                                  f"{(pair / 'base' / 'model.safetensors').stat().st_size} bytes)"
+    assert not (tmp_path / "out").exists()
