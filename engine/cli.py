@@ -271,7 +271,7 @@ def verify(output, as_json) -> None:
                 click.echo(f"  {problem}", err=True)
         raise click.ClickException(f"{printable(output)}: verification failed: {len(report.problems)} problem(s)")
     if not as_json:
-        click.echo(f"OK: {output}: {report.shards} shard(s), {format_size(report.bytes_checked)} match "
+        click.echo(f"OK: {printable(output)}: {report.shards} shard(s), {format_size(report.bytes_checked)} match "
                    "safeblend.json, headers and index", err=True)
 
 
@@ -365,9 +365,9 @@ def diff(base, ft, as_json, plot, top, chunk_size, quiet) -> None:
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        click.echo(format_report(report, top=top))
+        click.echo("\n".join(printable(line) for line in format_report(report, top=top).split("\n")))
         if plot is not None:
-            click.echo(f"Plot written to {plot}", err=True)
+            click.echo(f"Plot written to {printable(plot)}", err=True)
     for message in report.warnings:
         _warn(message)
 

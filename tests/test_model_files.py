@@ -83,3 +83,12 @@ def test_control_characters_in_names_and_paths_are_escaped(tmp_path):
     inspected = CliRunner().invoke(main, ["inspect", str(tmp_path / "odd")])
     assert inspected.exit_code == 0 and "\x1b" not in inspected.output and "\x07" not in inspected.output
     assert "w\\x1b]0;pwned\\x07" in inspected.output
+
+
+def test_diff_escapes_control_characters_in_tensor_names(tmp_path):
+    name = "w\x1b[31mred"
+    write_checkpoint(tmp_path / "a", {name: np.ones(4, np.float32)})
+    write_checkpoint(tmp_path / "b", {name: np.full(4, 2, np.float32)})
+    result = CliRunner().invoke(main, ["diff", str(tmp_path / "a"), str(tmp_path / "b"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "w\\x1b[31mred" in result.output
