@@ -22,6 +22,7 @@ The rules, enforced here and called from the merge, the sweep and the writer:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import stat
@@ -85,18 +86,25 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 def _ancestry(path: Path) -> set[tuple[int, int]]:
     """(device, inode) of ``path`` (symlinks followed) and of every directory above it."""
-    ids = set()
     real = Path(os.path.realpath(path))
-    for p in (real, *real.parents):
-        ident = _identity(p)
-        if ident is not None:
-            ids.add(ident)
+    ident = _identity(real)
+    ids = set(_directory_ancestry(str(real.parent)))
+    if ident is not None:
+        ids.add(ident)
     return ids
+
+
+@functools.lru_cache(maxsize=256)
+def _directory_ancestry(directory: str) -> frozenset[tuple[int, int]]:
+    """``_ancestry`` of a resolved directory; the files of one model share it (10k shards: one walk)."""
+    real = Path(directory)
+    return frozenset(i for i in (_identity(p) for p in (real, *real.parents)) if i is not None)
 
 
 def check_output_not_input(out: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> None:
     """SpecError when OUT is, contains or lies inside any input file or directory."""
     target = check_output_name(out)
+    _directory_ancestry.cache_clear()  # identities are read afresh for every merge
     real_target = Path(os.path.realpath(target))
     target_ids = _ancestry(target)  # OUT and what holds it, if they exist
     out_id = _identity(target)
