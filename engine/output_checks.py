@@ -6,9 +6,10 @@ compute threads, before the write is queued) and passes it on unchanged:
 
 - In every merged chunk it counts NaN and ±inf by their bit pattern (an all-ones exponent),
   which is what overflow on the cast to fp16/bf16, or a huge λ, leaves. A float32 chunk whose
-  sum is finite has none, so the common case costs one summing pass (~17 GiB/s here); 16-bit
-  chunks take a mask and a max (~7.6 GiB/s). Copied tensors are the inputs' own bytes and are
-  not counted.
+  sum is finite has none, so the common case costs one summing pass (~12-17 GiB/s here); 16-bit
+  chunks take a mask and a max per cache-sized block (~7.8 GiB/s): about 7% of a bf16 linear
+  merge's CPU time (40-50 ms of 0.61-0.64 s, a 123M-parameter pair). Copied tensors are the
+  inputs' own bytes and are not counted.
 - Until the first merged chunk that differs from the base, it compares each with the base's
   values there (−0.0 equals 0.0, NaN equals NaN). A normal merge stops comparing after its
   first chunk; a merge whose every chunk equals the base (BASE given as its own fine-tune, an
@@ -29,6 +30,7 @@ from .plan import MergePlan, OutputTensor
 # The exponent field of 16-bit floats: all bits set means inf or NaN.
 _EXPONENT_16 = {"F16": 0x7C00, "BF16": 0x7F80}
 _local = threading.local()
+_BLOCK = 1 << 16  # 16-bit values checked per pass (128 KiB)
 
 
 class OutputWatch:
@@ -112,14 +114,20 @@ def _count_nonfinite(values: np.ndarray, dtype_name: str) -> int:
     exponent = _EXPONENT_16.get(dtype_name)
     if exponent is None:
         return 0
-    # Into a per-thread scratch buffer: a fresh temporary per chunk costs its page faults.
+    # In cache-sized blocks, into a per-thread scratch buffer (a fresh temporary per chunk
+    # costs its page faults; blocks that stay in cache measured 7.8 GiB/s here, whole 8 MiB
+    # chunks 5.8).
     scratch = getattr(_local, "scratch", None)
-    if scratch is None or scratch.size < values.size:
-        scratch = _local.scratch = np.empty(values.size, np.uint16)
-    bits = np.bitwise_and(values.view(np.uint16), np.uint16(exponent), out=scratch[: values.size])
-    if bits.max() < exponent:
-        return 0
-    return int(np.count_nonzero(bits == exponent))
+    if scratch is None:
+        scratch = _local.scratch = np.empty(_BLOCK, np.uint16)
+    bits16 = values.view(np.uint16)
+    count = 0
+    for start in range(0, bits16.size, _BLOCK):
+        block = bits16[start : start + _BLOCK]
+        bits = np.bitwise_and(block, np.uint16(exponent), out=scratch[: block.size])
+        if bits.max() >= exponent:
+            count += int(np.count_nonzero(bits == exponent))
+    return count
 
 
 def _same_values(out: np.ndarray, base: np.ndarray) -> bool:
