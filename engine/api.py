@@ -10,11 +10,10 @@ import time
 import warnings
 from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, check_inputs_unchanged, ensure_descriptors
 from .dtypes import dtype_from_alias
 from .errors import SpecError
 from .execute import DEFAULT_CHUNK_BYTES, Executor
@@ -23,8 +22,10 @@ from .hub import resolve_inputs
 from .lora import open_model
 from .methods import MergeMethod, create_method
 from .model_files import copy_model_files
+from .output_checks import OutputWatch
+from .output_paths import check_output_not_input
 from .plan import make_plan
-from .units import parse_size
+from .units import fit_chunk_size, parse_size
 from .journal import MergeSession
 from .writer import write_index
 
@@ -46,6 +47,8 @@ class MergeResult:
     throughput_bytes_per_s: float
     peak_rss_bytes: int
     warnings: list[str] = field(default_factory=list)
+    # The merge changed nothing (safeblend.output_checks); None where not checked (sweep outputs).
+    output_equals_base: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,6 +129,8 @@ def merge(
         merge_plan = make_plan(base_ckpt, model_ckpts, out_dtype, shard_bytes, metadata, allow_missing=allow_missing)
         for message in [*merger.warnings, *merge_plan.warnings]:
             warn(message)
+        chunk_bytes = fit_chunk_size(chunk_bytes, merge_plan)  # capped at the largest tensor; fits in memory
+        ensure_descriptors(len(merge_plan.shards))  # open-file limit (safeblend.checkpoint)
 
         # Staging beside OUT, locked and journaled; with resume, plan.skip lists the kept tensors.
         session = MergeSession.start(out, overwrite=overwrite, resume=resume, plan=merge_plan,
@@ -134,16 +139,21 @@ def merge(
         for message in session.messages:
             warn(message)
         output, staging, writer = session.output, session.staging, session.writer
+        watch = OutputWatch(merge_plan, base_ckpt)  # non-finite values, output equal to the base
         try:
             writer.open()
             with _progress_bar(merge_plan.total_size, enabled=progress) as bar:
                 bar.update(session.kept_bytes)
                 executor = CudaExecutor if device_name == "cuda" else Executor
-                stats = executor(merge_plan, base_ckpt, model_ckpts, merger, backend, chunk_bytes).run(writer, bar.update)
+                stats = executor(merge_plan, base_ckpt, model_ckpts, merger, backend, chunk_bytes).run(
+                    watch.wrap(writer), bar.update)
             writer.close()
             write_index(staging, merge_plan, metadata)
-            copy_model_files(base_ckpt.model_dir, staging, out_dtype)
+            copy_model_files(base_ckpt.model_dir, staging, out_dtype, warn)  # regular files only
+            check_inputs_unchanged([base_ckpt, *model_ckpts])  # size, mtime, inode, lease
             session.commit()  # hashes, manifest, checkpoint quirks' config, then the atomic rename
+            for message in watch.messages():
+                warn(message)
         except BaseException as exc:
             session.fail(exc)  # an interrupt keeps the partial output for --resume
             raise
@@ -163,7 +173,8 @@ def merge(
         seconds=round(seconds, 4),
         throughput_bytes_per_s=round((stats.bytes_read + written) / max(seconds, 1e-9), 1),
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        warnings=[*merger.warnings, *merge_plan.warnings],
+        warnings=[*merger.warnings, *merge_plan.warnings, *watch.messages()],
+        output_equals_base=watch.equals_base,
     )
 
 
@@ -200,11 +211,7 @@ def _select_backend(device: str, merger):
 
 
 def _check_output_not_input(out: str | os.PathLike, inputs: list) -> None:
-    target = Path(os.path.abspath(out))
-    for item in inputs:
-        source = Path(os.path.abspath(item))
-        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
-            raise SpecError(f"{target}: the output must not be, contain or lie inside an input ({source})")
+    check_output_not_input(out, inputs)  # real paths and (device, inode): safeblend.output_paths
 
 
 class _NullBar:

@@ -17,6 +17,7 @@ from . import __version__
 from .errors import SafeblendError, SpecError
 from .execute import DEFAULT_CHUNK_BYTES
 from .methods import method_names
+from .output_paths import printable
 from .units import format_size, parse_size
 
 
@@ -34,6 +35,15 @@ class SizeType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class OutputPath(click.Path):
+    """A path that must be named: click would read an empty one (an unset variable) as ``.``."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("the output path is empty (an unset variable?); name the output directory", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class _Group(click.Group):
     """Routes engine errors to one-line messages unless --debug was given."""
 
@@ -44,11 +54,11 @@ class _Group(click.Group):
         except SpecError as exc:
             if ctx.meta.get("debug"):
                 raise
-            raise click.UsageError(str(exc), ctx) from None
+            raise click.UsageError(printable(str(exc)), ctx) from None
         except SafeblendError as exc:
             if ctx.meta.get("debug"):
                 raise
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(printable(str(exc))) from None
         except KeyboardInterrupt as exc:
             if ctx.meta.get("debug"):
                 raise
@@ -60,7 +70,7 @@ class _Group(click.Group):
             if ctx.meta.get("debug"):
                 raise
             where = f"{exc.filename}: " if exc.filename else ""
-            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+            raise click.ClickException(printable(f"{where}{exc.strerror or exc}")) from None
         finally:
             if previous is not None:
                 import signal
@@ -98,13 +108,13 @@ def main() -> None:
 
 
 def _warn(message: str) -> None:
-    click.echo(f"Warning: {message}", err=True)
+    click.echo(f"Warning: {printable(message)}", err=True)
 
 
 @main.command()
 @click.argument("base", required=False, type=click.Path(path_type=Path))
 @click.argument("models", nargs=-1, type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+@click.option("-o", "--output", "out", required=True, type=OutputPath(path_type=Path),
               help="Output model directory (created; appears only when complete).")
 @click.option("--config", "config", type=click.Path(path_type=Path, dir_okay=False),
               help="A mergekit-style YAML recipe; BASE, MODELS, the method and its parameters come from it.")
@@ -185,7 +195,7 @@ def merge(ctx, base, models, out, config, method, weights, densities, lambda_, n
         rate = format_size(result.throughput_bytes_per_s)
         click.echo(
             f"Merged {result.tensors} tensors ({_describe(result.params)}) "
-            f"on {result.device} into {result.output}: {result.shards} shard(s), "
+            f"on {result.device} into {printable(result.output)}: {result.shards} shard(s), "
             f"{format_size(result.bytes_written)} written in {result.seconds:.1f} s ({rate}/s), "
             f"peak RSS {format_size(result.peak_rss_bytes)}",
             err=True,
@@ -233,7 +243,7 @@ def inspect(checkpoint, as_json) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"{summary['path']}")
+    click.echo(printable(summary["path"]))
     click.echo(f"  tensors     {summary['tensors']}")
     click.echo(f"  parameters  {summary['parameters']:,} ({summary['parameters'] / 1e9:.3f} B)")
     click.echo(f"  bytes       {format_size(summary['bytes'])}")
@@ -241,10 +251,10 @@ def inspect(checkpoint, as_json) -> None:
         click.echo(f"  {name:<11} {d['tensors']} tensors, {format_size(d['bytes'])}")
     click.echo(f"  shards      {len(summary['shards'])}")
     for s in summary["shards"]:
-        click.echo(f"    {s['file']}  {s['tensors']} tensors, {format_size(s['bytes'])}")
+        click.echo(f"    {printable(s['file'])}  {s['tensors']} tensors, {format_size(s['bytes'])}")
     if summary["largest_tensor"]:
         largest = ckpt.tensors[summary["largest_tensor"]]
-        click.echo(f"  largest     {largest.name} {list(largest.shape)} {largest.dtype.name}")
+        click.echo(f"  largest     {printable(largest.name)} {list(largest.shape)} {largest.dtype.name}")
 
 
 @main.command()
@@ -264,14 +274,14 @@ def verify(output, as_json) -> None:
         if not as_json:
             for problem in report.problems:
                 click.echo(f"  {problem}", err=True)
-        raise click.ClickException(f"{output}: verification failed: {len(report.problems)} problem(s)")
+        raise click.ClickException(f"{printable(output)}: verification failed: {len(report.problems)} problem(s)")
     if not as_json:
-        click.echo(f"OK: {output}: {report.shards} shard(s), {format_size(report.bytes_checked)} match "
+        click.echo(f"OK: {printable(output)}: {report.shards} shard(s), {format_size(report.bytes_checked)} match "
                    "safeblend.json, headers and index", err=True)
 
 
 @main.command()
-@click.argument("directory", default="safeblend-demo", type=click.Path(path_type=Path))
+@click.argument("directory", default="safeblend-demo", type=OutputPath(path_type=Path))
 @click.option("--weight", default=0.6, show_default=True, type=float, help="λ for the demo merge.")
 @click.option("--size", default="small", show_default=True, type=click.Choice(["tiny", "small"]),
               help="How big a model pair to generate.")
@@ -286,7 +296,7 @@ def demo(directory, weight, size) -> None:
 @main.command()
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("models", nargs=-1, type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+@click.option("-o", "--output", "out", required=True, type=OutputPath(path_type=Path),
               help="Sweep directory: each weight's model goes to OUTPUT/lambda-<w>/, complete or not at all.")
 @click.option("--weights", required=True, help="Weights to sweep: a list (0.2,0.5,0.8) or an inclusive range "
               "start:stop:step (0.1:0.9:0.1).")
@@ -366,9 +376,9 @@ def diff(base, ft, as_json, plot, top, chunk_size, quiet) -> None:
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        click.echo(format_report(report, top=top))
+        click.echo("\n".join(printable(line) for line in format_report(report, top=top).split("\n")))
         if plot is not None:
-            click.echo(f"Plot written to {plot}", err=True)
+            click.echo(f"Plot written to {printable(plot)}", err=True)
     for message in report.warnings:
         _warn(message)
 

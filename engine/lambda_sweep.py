@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 from safeblend.kernels import cpu_backend
 
 from .api import MergeResult, _check_output_not_input, output_metadata
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, check_inputs_unchanged, ensure_descriptors
 from .journal import MergeSession
 from .hub import resolve_inputs
 from .lora import open_model
@@ -45,7 +45,7 @@ from .methods.base import ChunkContext, MergeMethod, TensorContext
 from .model_files import copy_model_files
 from .plan import MergePlan
 from .plan import make_plan
-from .units import parse_size
+from .units import fit_chunk_size, parse_size
 from .writer import OutputDir, ShardWriter, WriteDone, placed, write_index
 
 # Methods whose swept parameter is one scalar, the ``weight`` keyword (λ; SLERP's t).
@@ -99,7 +99,10 @@ def parse_weights(text: str) -> list[float]:
         if stop < start:
             raise SpecError(f"weights {text!r}: stop {parts[1].strip()} is below start {parts[0].strip()}")
         # A relative slack of 1e-9 step keeps a stop that is a rounding hair short of the grid.
-        count = int((stop - start) / step + Decimal("1e-9")) + 1
+        try:
+            count = int((stop - start) / step + Decimal("1e-9")) + 1
+        except ArithmeticError:  # decimal.Overflow: a step so small the count has no size
+            raise SpecError(f"weights {text!r}: the step is too small (more than {MAX_POINTS} points)") from None
         if count > MAX_POINTS:
             raise SpecError(f"weights {text!r}: {count} points, more than {MAX_POINTS}; check the step")
         values = [float(start + i * step) for i in range(count)]
@@ -220,6 +223,8 @@ def sweep(
         messages = list(dict.fromkeys(msg for m, p in zip(mergers, plans) for msg in [*m.warnings, *p.warnings]))
         for message in messages:
             warn(message)
+        chunk_bytes = fit_chunk_size(chunk_bytes, plans[0], buffers=8 + len(plans) - 1)  # safeblend.units
+        ensure_descriptors(sum(len(p.shards) for p in plans))  # open-file limit (safeblend.checkpoint)
         root = Path(os.path.abspath(out))
         finals = [root / output_name(w) for w in points]
         stats, writers = _run(plans, metadatas, base_ckpt, model_ckpts, mergers, backend, finals,
@@ -280,6 +285,7 @@ def _run(plans: list[MergePlan], metadatas: list[dict[str, str]], base: Checkpoi
             stats = executor.run(_Outputs(writers), bar.update)
         for writer in writers:
             writer.close()
+        check_inputs_unchanged([base, *models])  # size, mtime, inode, lease (safeblend.checkpoint)
         for session, plan, metadata in zip(sessions, plans, metadatas):
             write_index(session.staging, plan, metadata)
             copy_model_files(base.model_dir, session.staging, out_dtype)

@@ -37,6 +37,7 @@ Embedding LoRA is always (B·A)ᵀ, as PEFT computes it.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import json
 import math
@@ -58,8 +59,9 @@ from .checkpoint import (
     read_safetensors_header,
 )
 from .dtypes import DTYPES
-from .errors import CheckpointError, IncompatibleInputsError
+from .errors import CheckpointError, IncompatibleInputsError, SpecError
 from .layouts import canonical, canonical_lookup
+from .module_patterns import ModulePattern, PatternError
 from .quirks import tied_heads
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -83,6 +85,7 @@ _EXACT_OUTPUTS = ("F32", "F64")
 _BLOCK_MULS = 1 << 19
 # Modules whose factors stay loaded: more than the tensors the compute threads touch at once.
 _FACTOR_CACHE = 4
+_FLOAT32_MAX = 3.4028234663852886e38  # LoRA products run in float32 (or float64)
 # Config fields of LoRA variants whose merge is not W + s·B·A (or that change the model's shape).
 _UNSUPPORTED_FIELDS = {
     "use_dora": "DoRA (use_dora) rescales each merged weight by a learned magnitude",
@@ -131,11 +134,17 @@ class AdapterConfig:
 
 
 def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
-    """The first pattern that names ``module`` (PEFT's rule: the pattern matches a dotted suffix)."""
+    """The first pattern that names ``module`` (PEFT's rule: the pattern matches a dotted
+    suffix), matched in bounded time (safeblend.module_patterns)."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if _compiled_pattern(key).matches(module):
             return key
     return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled_pattern(key: str) -> ModulePattern:
+    return ModulePattern(key)
 
 
 def read_adapter_config(directory: Path) -> AdapterConfig:
@@ -167,6 +176,15 @@ def read_adapter_config(directory: Path) -> AdapterConfig:
         raise CheckpointError(f"{path}: r, lora_alpha, rank_pattern or alpha_pattern is malformed ({exc})") from exc
     if r <= 0 or any(v <= 0 for v in rank_pattern.values()):
         raise CheckpointError(f"{path}: ranks must be positive")
+    for key in [*rank_pattern, *alpha_pattern]:
+        try:
+            _compiled_pattern(key)
+        except PatternError as exc:
+            raise CheckpointError(f"{path}: rank_pattern/alpha_pattern: {exc}") from None
+    for what, value in [("lora_alpha", alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in alpha_pattern.items())]:
+        # A merge weight like any other: NaN, inf or beyond float32 (where products run) is refused.
+        if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+            raise SpecError(f"{path}: {what} is {value!r}, not a finite number within float32's range")
     return AdapterConfig(path, r, alpha, bool(data.get("use_rslora")), bool(data.get("fan_in_fan_out")),
                          rank_pattern, alpha_pattern, bool(data.get("ensure_weight_tying")))
 

@@ -1,7 +1,10 @@
 """The base model's non-weight files: config, generation config, tokenizer, processors, chat template.
 
 A merged checkpoint is only usable with these beside it. They are copied from the base model's
-directory; config.json gets ``torch_dtype`` set to the output's dtype.
+directory; config.json gets ``torch_dtype`` set to the output's dtype. Only regular files are
+copied (FIFOs, devices and sockets are skipped with a warning; a config.json that is not a
+regular file is an error), a copy's permissions never exceed its source's, and their size is
+part of the up-front free-space check.
 """
 
 from __future__ import annotations
@@ -10,10 +13,13 @@ import fnmatch
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
+from typing import Callable
 
 from .dtypes import TORCH_DTYPE_NAMES
 from .errors import CheckpointError
+from .output_paths import printable
 from .writer import write_text_durably
 
 # Files a Hugging Face model directory carries besides weights and config.json, by name
@@ -63,31 +69,91 @@ def is_companion(name: str) -> bool:
 
 
 def companion_files(model_dir: Path | None) -> list[Path]:
-    """The non-weight files to carry over from a model directory, config.json excluded."""
+    """The non-weight files to carry over from a model directory, config.json excluded:
+    regular files only (a symlink to one counts; FIFOs, devices and sockets do not)."""
+    return [p for p in _companion_entries(model_dir) if _is_regular(p)]
+
+
+def _companion_entries(model_dir: Path | None) -> list[Path]:
     if model_dir is None:
         return []
-    return sorted(p for p in model_dir.iterdir() if p.is_file() and is_companion(p.name))
+    return sorted(p for p in model_dir.iterdir() if is_companion(p.name))
 
 
-def copy_model_files(model_dir: Path | None, out_dir: Path, out_dtype: str | None) -> list[str]:
-    """Copy config (dtype updated) and tokenizer files into ``out_dir``; returns the names copied."""
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def check_config_file(model_dir: Path | None) -> None:
+    """CheckpointError when a model's config.json exists but is not a regular file (a FIFO
+    would block its reader, a device never end): it is never silently dropped."""
+    if model_dir is None:
+        return
+    path = model_dir / "config.json"
+    if os.path.lexists(path) and not _is_regular(path):
+        raise CheckpointError(f"{path}: is not a regular file (a FIFO, device, socket or broken link)")
+
+
+def companion_bytes(model_dir: Path | None) -> int:
+    """Bytes the non-weight files will take in the output, for the up-front space check."""
+    check_config_file(model_dir)
+    paths = companion_files(model_dir)
+    if model_dir is not None and _is_regular(model_dir / "config.json"):
+        paths.append(model_dir / "config.json")
+    return sum(os.stat(p).st_size for p in paths)
+
+
+def copy_regular_file(source: Path, target: Path) -> None:
+    """Copy a regular file's bytes to ``target`` and fsync it; the copy's permission bits never
+    exceed the source's (a private tokenizer stays private). OSError for anything else."""
+    fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise IsADirectoryError(0, "not a regular file", str(source))
+        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, st.st_mode & 0o666)
+        try:
+            os.fchmod(out, stat.S_IMODE(os.fstat(out).st_mode) & stat.S_IMODE(st.st_mode))
+            with os.fdopen(os.dup(fd), "rb") as reader, os.fdopen(os.dup(out), "wb") as writer:
+                shutil.copyfileobj(reader, writer, 2**20)
+            os.fsync(out)
+        finally:
+            os.close(out)
+    finally:
+        os.close(fd)
+
+
+def copy_model_files(model_dir: Path | None, out_dir: Path, out_dtype: str | None,
+                     warn: Callable[[str], None] | None = None) -> list[str]:
+    """Copy config (dtype updated) and tokenizer files into ``out_dir``; returns the names copied.
+
+    Entries that are not regular files are skipped with a warning; a config.json that is
+    not one is an error (``check_config_file``).
+    """
     copied = []
-    for path in companion_files(model_dir):
-        shutil.copyfile(path, out_dir / path.name)
-        with open(out_dir / path.name, "rb+") as handle:
-            os.fsync(handle.fileno())
+    for path in _companion_entries(model_dir):
+        if not _is_regular(path):
+            if warn is not None:
+                warn(f"{printable(path)}: skipped: not a regular file (a FIFO, device, socket or broken link)")
+            continue
+        copy_regular_file(path, out_dir / path.name)
         copied.append(path.name)
     for folder in COMPANION_DIRS:
         source = model_dir / folder if model_dir is not None else None
-        if source is not None and source.is_dir():
-            for path in sorted(p for p in source.iterdir() if p.is_file()):
+        if source is not None and source.is_dir() and not source.is_symlink():
+            for path in sorted(p for p in source.iterdir() if _is_regular(p)):
                 (out_dir / folder).mkdir(exist_ok=True)
-                shutil.copyfile(path, out_dir / folder / path.name)
-                with open(out_dir / folder / path.name, "rb+") as handle:
-                    os.fsync(handle.fileno())
+                copy_regular_file(path, out_dir / folder / path.name)
                 copied.append(f"{folder}/{path.name}")
+    check_config_file(model_dir)
     if model_dir is not None and (model_dir / "config.json").is_file():
-        write_text_durably(out_dir / "config.json", _config_with_dtype(model_dir / "config.json", out_dtype))
+        config = model_dir / "config.json"
+        write_text_durably(out_dir / "config.json", _config_with_dtype(config, out_dtype))
+        os.chmod(out_dir / "config.json", stat.S_IMODE(os.stat(out_dir / "config.json").st_mode)
+                 & stat.S_IMODE(os.stat(config).st_mode))
         copied.append("config.json")
     return copied
 

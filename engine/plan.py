@@ -91,6 +91,7 @@ class MergePlan:
     skip: frozenset[str] = frozenset()  # tensors already in place (a resumed merge)
     config: dict[str, Any] = field(default_factory=dict)  # config.json keys the output must change
     files_from: Path | None = None  # model directory whose tokenizer files the output needs
+    companion_bytes: int = 0  # config and tokenizer files copied beside the shards (safeblend.model_files)
 
     @property
     def total_size(self) -> int:
@@ -99,7 +100,7 @@ class MergePlan:
 
     @property
     def output_bytes(self) -> int:
-        return sum(s.size for s in self.shards)
+        return sum(s.size for s in self.shards) + self.companion_bytes
 
     @property
     def bytes_to_read(self) -> int:
@@ -148,8 +149,12 @@ def make_plan(
         metadata: strings recorded in every shard header (``format`` is added).
         allow_missing: ``"take"`` copies tensors only some inputs have (``safeblend.quirks``).
     """
+    from .model_files import check_config_file, companion_bytes
     from .quirks import reconcile  # tied embeddings, resized vocabularies, missing tensors
 
+    for ckpt in models:
+        check_config_file(ckpt.model_dir)  # before anything reads it: a FIFO would block
+    extra_bytes = companion_bytes(base.model_dir)
     matched = reconcile(base, models, allow_missing)
     warnings: list[str] = list(matched.warnings)
     tensors: list[OutputTensor] = []
@@ -178,7 +183,7 @@ def make_plan(
         )
     shards = _layout(tensors, shard_size, {"format": "pt", **metadata})
     return MergePlan(tensors=tensors, shards=shards, warnings=warnings, config=matched.config,
-                     files_from=matched.files_from)
+                     files_from=matched.files_from, companion_bytes=extra_bytes)
 
 
 def _same_tensor(a: TensorInfo, b: TensorInfo) -> bool:

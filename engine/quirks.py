@@ -14,9 +14,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -228,15 +226,14 @@ def _config(ckpt: Checkpoint) -> dict[str, Any]:
 
 def apply_output_files(plan, directory: Path) -> None:
     """Give the output the config keys and tokenizer files the quirks call for."""
+    from .model_files import copy_regular_file
     from .writer import write_text_durably
 
     if plan.files_from is not None:
         for name in _TOKENIZER_FILES:
             source = plan.files_from / name
             if source.is_file():
-                shutil.copyfile(source, directory / name)
-                with open(directory / name, "rb+") as handle:
-                    os.fsync(handle.fileno())
+                copy_regular_file(source, directory / name)  # regular files only, mode never widened
     config = directory / "config.json"
     if plan.config and config.is_file():
         data = json.loads(config.read_text(encoding="utf-8"))

@@ -90,7 +90,7 @@ def setting(value: Any, what: str) -> Setting:
     if isinstance(value, Setting):
         return value
     if _is_scalar(value):
-        return Setting(((None, value),))
+        return Setting(((None, _check_finite(value, what)),))
     if isinstance(value, dict):
         value = [value]
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
@@ -112,15 +112,31 @@ def setting(value: Any, what: str) -> Setting:
 
 def _value(value: Any, what: str) -> Value:
     if _is_scalar(value):
-        return value
+        return _check_finite(value, what)
     if isinstance(value, (list, tuple)) and value and all(_is_scalar(v) for v in value):
-        return tuple(value)
+        return tuple(_check_finite(v, what) for v in value)
     raise SpecError(f"{what}: expected a number, a list of numbers (a gradient across layers) "
                     f"or a list of {{filter, value}} rules, got {json.dumps(value, default=str)}")
 
 
 def _is_scalar(value: Any) -> bool:
     return isinstance(value, (int, float, bool, str))
+
+
+# Merges compute in float32: a parameter beyond its range would become inf there.
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_finite(value: Any, what: str) -> Any:
+    """SpecError for a number that is NaN, infinite or beyond float32's range."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            finite = math.isfinite(float(value)) and abs(float(value)) <= _FLOAT32_MAX
+        except OverflowError:  # an int too large for a float
+            finite = False
+        if not finite:
+            raise SpecError(f"{what}: {value!r} is not a finite number (within float32's range)")
+    return value
 
 
 def per_model(value: Any, n_models: int, what: str) -> list[Setting]:
