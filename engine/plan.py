@@ -53,10 +53,13 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        return prod(self.shape) * self.dtype.itemsize
+        return self.dtype.nbytes(prod(self.shape))
 
     def pieces(self) -> list["OutputTensor"]:
         """What the executor runs: this tensor's own range, then its tail as a copy."""
+        if self.dtype.packed:  # sub-byte elements (always a copy): moved as the bytes they are
+            return [OutputTensor(self.name, (self.nbytes,), DTYPES["U8"], self.base.as_bytes(), [], "copy",
+                                 self.shard, self.offset)]
         if self.tail is None:
             return [self]
         tail = OutputTensor(self.name, self.tail.shape, self.dtype, self.tail, [], "copy", self.shard,
@@ -157,12 +160,12 @@ def make_plan(
     for entry in matched.entries:
         if entry.only is not None:  # present in one input only: copied (cast to out_dtype if float)
             only = entry.only
-            dtype = DTYPES[out_dtype] if out_dtype and only.dtype.computable else only.dtype
+            dtype = DTYPES[out_dtype] if out_dtype and only.dtype.computable else only.auto_dtype
             tensors.append(OutputTensor(entry.name, only.shape, dtype, only, [], "copy"))
             continue
         name, info, sources = entry.name, entry.base, entry.models
         if info.dtype.computable and all(s.dtype.computable for s in sources):
-            dtype = DTYPES[out_dtype] if out_dtype else info.dtype
+            dtype = DTYPES[out_dtype] if out_dtype else info.auto_dtype
             if all(_same_tensor(s, info) for s in sources):  # every task vector is zero (module doc)
                 tensors.append(OutputTensor(name, entry.shape, dtype, info, [], "copy"))
                 continue
