@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .checkpoint import Checkpoint
 from .dtypes import dtype_from_alias
 from .errors import SpecError
 from .execute import DEFAULT_CHUNK_BYTES, Executor
@@ -23,6 +22,7 @@ from .lora import open_model
 from .methods import MergeMethod, create_method
 from .model_files import copy_model_files
 from .plan import make_plan
+from .quantized import open_checkpoint
 from .units import parse_size
 from .journal import MergeSession
 from .writer import write_index
@@ -112,7 +112,7 @@ def merge(
     _check_output_not_input(out, [base, *model_paths])
 
     with ExitStack() as opened:  # every checkpoint opened is closed, however this ends
-        base_ckpt = opened.enter_context(closing(Checkpoint.open(base)))
+        base_ckpt = opened.enter_context(closing(open_checkpoint(base)))  # quantized: safeblend.quantized
         # LoRA adapter directories open as lazily materialised fine-tunes (safeblend.lora); as
         # low-rank terms where the method adds them itself (the linear family, on the CPU).
         low_rank = device_name == "cpu" and merger.takes_low_rank

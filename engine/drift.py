@@ -45,6 +45,7 @@ from .errors import IncompatibleInputsError, SafeblendError, SpecError
 from .execute import DEFAULT_CHUNK_BYTES, DEFAULT_WORKERS
 from .lora import open_model
 from .plan import check_compatible
+from .quantized import open_checkpoint
 from .units import parse_size
 
 # Scratch per thread: float64 blocks of 64K elements keep both operands (512 KiB each) in L2;
@@ -239,7 +240,7 @@ def diff(
         chunk_bytes = parse_size(chunk_size)
     except ValueError as exc:
         raise SpecError(str(exc)) from exc
-    base_ckpt = Checkpoint.open(base)
+    base_ckpt = open_checkpoint(base)  # a quantized base is dequantized (safeblend.quantized)
     try:
         ft_ckpt = open_model(ft, base_ckpt)  # a LoRA adapter directory is base + s·B·A (safeblend.lora)
     except BaseException:

@@ -44,6 +44,7 @@ from .methods.base import ChunkContext, MergeMethod, TensorContext
 from .model_files import copy_model_files
 from .plan import MergePlan
 from .plan import make_plan
+from .quantized import open_checkpoint
 from .units import parse_size
 from .writer import OutputDir, ShardWriter, WriteDone, placed, write_index
 
@@ -206,7 +207,7 @@ def sweep(
     backend, device_name = cpu_backend(), "cpu"  # the sweep runs on the CPU executor
     _check_output_not_input(out, [base, *model_paths])
 
-    base_ckpt = Checkpoint.open(base)
+    base_ckpt = open_checkpoint(base)  # a quantized base is dequantized (safeblend.quantized)
     model_ckpts = [open_model(p, base_ckpt, out_dtype) for p in model_paths]  # LoRA adapter dirs: safeblend.lora
     try:
         metadatas = [output_metadata(m, base, model_paths, out_dtype) for m in mergers]

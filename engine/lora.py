@@ -59,6 +59,7 @@ from .checkpoint import (
 )
 from .dtypes import DTYPES
 from .errors import CheckpointError, IncompatibleInputsError
+from .quantized import open_checkpoint
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
@@ -472,7 +473,7 @@ def open_model(path: str | Path, base: Checkpoint, out_dtype: str | None = "F64"
     """
     directory = peft_adapter_dir(Path(path))
     if directory is None:
-        return Checkpoint.open(path)
+        return open_checkpoint(path)  # dequantized where its config declares a quantization
     return open_adapter(directory, base, out_dtype, low_rank)
 
 

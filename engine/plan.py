@@ -27,6 +27,7 @@ from typing import Any, Literal
 from .checkpoint import Checkpoint, TensorInfo
 from .dtypes import DTYPES, DType
 from .errors import IncompatibleInputsError
+from .quantized import output_config_changes
 
 Action = Literal["merge", "copy"]
 
@@ -180,7 +181,8 @@ def make_plan(
             f"{uncomputable[0].base.dtype.name}) are copied from the base"
         )
     shards = _layout(tensors, shard_size, {"format": "pt", **metadata})
-    return MergePlan(tensors=tensors, shards=shards, warnings=warnings, config=matched.config,
+    config = {**matched.config, **output_config_changes(base)}  # a dequantized base's quantization_config goes
+    return MergePlan(tensors=tensors, shards=shards, warnings=warnings, config=config,
                      files_from=matched.files_from)
 
 
