@@ -42,6 +42,7 @@ import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cache
 from math import ceil, prod
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,6 @@ _FP8_WEIGHTS = ("F8_E4M3", "F8_E5M2")
 _SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")
 # Scales kept after use: more than the tensors the compute threads touch at once.
 _SCALE_CACHE = 8
-# The 256 values of each 8-bit code, as fp32 (exact): decoding is one table lookup per element.
-_FP8_TABLES = {name: np.arange(256, dtype=np.uint8).view(DTYPES[name].numpy).astype(np.float32)
-               for name in _FP8_WEIGHTS}
 # MXFP4: each byte holds two E2M1 values, the low nibble first.
 _E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
 _MX_BLOCK = 32  # values per MXFP4 block (16 bytes)
@@ -114,8 +112,7 @@ class _Scaled:
 
     def dequantize(self, file: SafetensorsFile, scales: np.ndarray, first: int, count: int, out: np.ndarray) -> None:
         """Elements [first, first + count) of the dequantized weight into ``out`` (fp32)."""
-        codes = np.frombuffer(file.byte_view(self.weight.start + first, count), dtype=np.uint8)
-        np.take(_FP8_TABLES[self.weight.dtype.name], codes, out=out)
+        _decode_fp8(self.weight.dtype.name, file.byte_view(self.weight.start + first, count), out)
         for lo, r0, rows, c0, c1 in _pieces(first, count, self.cols):
             block = out[lo : lo + rows * (c1 - c0)].reshape(rows, c1 - c0)
             srows = self.scale_rows(r0, rows)
@@ -169,6 +166,27 @@ class _Mxfp4:
                 values *= scales[e, c0:c1, g0:g1][:, :, None, None]
                 values = values.reshape(c1 - c0, (g1 - g0) * _MX_BLOCK)[:, k0 - g0 * _MX_BLOCK : k1 - g0 * _MX_BLOCK]
                 target[at : at + k1 - k0] = values.T
+
+
+@cache
+def _fp8_tables(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The fp32 value (exact) of each 8-bit code, and of each pair of codes read as a
+    little-endian uint16 (two fp32 values packed in a uint64)."""
+    single = np.arange(256, dtype=np.uint8).view(DTYPES[name].numpy).astype(np.float32)
+    bits = single.view(np.uint32).astype(np.uint64)
+    pair = np.arange(65536)
+    return single, bits[pair & 0xFF] | (bits[pair >> 8] << np.uint64(32))
+
+
+def _decode_fp8(name: str, raw: memoryview, out: np.ndarray) -> None:
+    """fp8 codes to fp32 by table lookup, two codes per lookup (measured here: ~1000 Melem/s
+    against ~300 for ml_dtypes' cast; ``mode="clip"`` spares numpy's buffered bounds check)."""
+    single, pairs = _fp8_tables(name)
+    codes = np.frombuffer(raw, dtype=np.uint8)
+    even = codes.shape[0] - codes.shape[0] % 2
+    np.take(pairs, codes[:even].view(np.uint16), out=out[:even].view(np.uint64), mode="clip")
+    if even < codes.shape[0]:
+        out[even] = single[codes[even]]
 
 
 def _pieces(first: int, count: int, cols: int):
