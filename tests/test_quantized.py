@@ -438,3 +438,46 @@ def test_fp8_without_a_quantization_config_is_copied_from_the_base(fp8_pair, tmp
     messages = []
     safeblend.merge(single, single, tmp_path / "out", on_warning=messages.append)
     assert read_raw_safetensors(tmp_path / "out" / "model.safetensors") == read_raw_safetensors(single)
+
+
+# -- the output loads in transformers -----------------------------------------------------------------
+
+
+def test_merge_of_an_fp8_llama_loads_in_transformers(tmp_path):
+    """A tiny Llama quantized as DeepSeek/Qwen3-FP8 publish it, merged with a bf16 fine-tune: the
+    output loads in transformers as a plain bf16 model whose logits match the float64 reference."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=144, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    state = {k: v.detach().numpy().astype(np.float64) for k, v in model.state_dict().items()}
+    linear = [k for k, v in state.items() if v.ndim == 2 and "proj" in k]
+    (tmp_path / "base").mkdir()
+    tensors, base = {}, {}
+    for name, w in state.items():
+        if name in linear:
+            q, grid = quantize_fp8_blocks(w.astype(np.float32), (128, 128))
+            tensors[name], tensors[name + "_scale_inv"] = _raw(q, "F8_E4M3"), _raw(grid, "F32")
+            base[name] = dequantize_fp8_blocks64(q, grid, (128, 128))
+        else:
+            tensors[name] = _raw(w.astype(BF16), "BF16")
+            base[name] = w.astype(BF16).astype(np.float64)
+    write_raw_safetensors(tmp_path / "base" / "model.safetensors", tensors)
+    (tmp_path / "base" / "config.json").write_text(json.dumps(
+        {**config.to_dict(), "torch_dtype": "bfloat16", "quantization_config": FP8_CONFIG}))
+    rng = np.random.default_rng(7)
+    ft = write_bf16_model(tmp_path / "ft", {n: (v + rng.standard_normal(v.shape) * 0.01).astype(np.float32)
+                                             for n, v in base.items()})
+    safeblend.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=0.5)
+    merged, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    assert getattr(merged.config, "quantization_config", None) is None
+    assert all(p.dtype == torch.bfloat16 for p in merged.parameters())
+    reference = transformers.LlamaForCausalLM(config).to(torch.float64)
+    reference.load_state_dict({n: torch.from_numpy(base[n] + 0.5 * (ft[n] - base[n])) for n in base})
+    tokens = torch.tensor([[1, 5, 9, 33, 60, 2]])
+    with torch.no_grad():
+        got, want = merged.to(torch.float64)(tokens).logits, reference(tokens).logits
+    assert torch.allclose(got, want, rtol=1e-2, atol=1e-2), (got - want).abs().max()
