@@ -108,6 +108,10 @@ def merge(
     except ValueError as exc:
         raise SpecError(str(exc)) from exc
     merger = create_method(method, len(model_paths), weight=weight, **method_params)
+    if out_dtype == "F8_E4M3":  # fp8 output is quantized by the CPU executor (safeblend.quantized)
+        if device == "cuda":
+            raise SpecError("--dtype fp8 runs on the CPU; leave out --device cuda")
+        device = "cpu"
     backend, device_name = _select_backend(device, merger)
     _check_output_not_input(out, [base, *model_paths])
 

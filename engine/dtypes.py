@@ -100,6 +100,7 @@ DTYPE_ALIASES: dict[str, str | None] = {
     "fp32": "F32",
     "float32": "F32",
     "float": "F32",
+    "fp8": "F8_E4M3",  # the base's fp8 block format (safeblend.quantized): only for an fp8 base
 }
 
 # config.json's torch_dtype for each output dtype.
@@ -114,5 +115,5 @@ def dtype_from_alias(alias: str) -> str | None:
     """
     key = alias.strip().lower()
     if key not in DTYPE_ALIASES:
-        raise ValueError(f"unknown dtype {alias!r}; expected one of auto, bf16, fp16, fp32")
+        raise ValueError(f"unknown dtype {alias!r}; expected one of auto, bf16, fp16, fp32, fp8")
     return DTYPE_ALIASES[key]

@@ -203,6 +203,8 @@ def sweep(
         chunk_bytes = parse_size(chunk_size)
     except ValueError as exc:
         raise SpecError(str(exc)) from exc
+    if out_dtype == "F8_E4M3":
+        raise SpecError("sweep does not write fp8 (--dtype fp8); merge each weight with safeblend merge")
     mergers = [create_method(method, len(model_paths), weight=w, **method_params) for w in points]
     backend, device_name = cpu_backend(), "cpu"  # the sweep runs on the CPU executor
     _check_output_not_input(out, [base, *model_paths])

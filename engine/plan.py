@@ -27,7 +27,7 @@ from typing import Any, Literal
 from .checkpoint import Checkpoint, TensorInfo
 from .dtypes import DTYPES, DType
 from .errors import IncompatibleInputsError
-from .quantized import output_config_changes
+from .quantized import output_config_changes, requantized_tensors
 
 Action = Literal["merge", "copy"]
 
@@ -46,6 +46,7 @@ class OutputTensor:
     offset: int = -1  # absolute byte offset in its shard file
     # Elements past ``numel`` (rows a fine-tune added to the vocabulary) are copied from here.
     tail: TensorInfo | None = None
+    requant: Any = None  # fp8 output with fresh block scales (safeblend.quantized.Requantize)
 
     @property
     def numel(self) -> int:
@@ -58,6 +59,8 @@ class OutputTensor:
 
     def pieces(self) -> list["OutputTensor"]:
         """What the executor runs: this tensor's own range, then its tail as a copy."""
+        if self.requant is not None and self.requant.derived:  # a scale tensor its weight's chunks write
+            return []
         if self.dtype.packed:  # sub-byte elements (always a copy): moved as the bytes they are
             return [OutputTensor(self.name, (self.nbytes,), DTYPES["U8"], self.base.as_bytes(), [], "copy",
                                  self.shard, self.offset)]
@@ -180,8 +183,9 @@ def make_plan(
             f"{len(uncomputable)} tensor(s) in a dtype that is not merged (e.g. {uncomputable[0].name!r}, "
             f"{uncomputable[0].base.dtype.name}) are copied from the base"
         )
+    tensors = requantized_tensors(tensors, base, out_dtype)  # --dtype fp8: the base's fp8 block format
     shards = _layout(tensors, shard_size, {"format": "pt", **metadata})
-    config = {**matched.config, **output_config_changes(base)}  # a dequantized base's quantization_config goes
+    config = {**matched.config, **output_config_changes(base, out_dtype)}  # a dequantized base's quantization_config goes
     return MergePlan(tensors=tensors, shards=shards, warnings=warnings, config=config,
                      files_from=matched.files_from)
 

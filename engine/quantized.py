@@ -94,6 +94,7 @@ class _Scaled:
     grid_rows: int  # scale rows per matrix
     grid_cols: int
     per_matrix: bool  # the scale has the weight's leading dimensions (else one grid for all)
+    kind: str = "block"  # or "tensor", "channel": the layout the config named
     virtual: DequantizedInfo | None = None
 
     @property
@@ -283,6 +284,11 @@ class _DequantFile:
             self._scales.clear()
         self._local = threading.local()
 
+    def entry(self, info: TensorInfo):
+        """The quantized weight whose dequantized tensor ``info`` is."""
+        q = self._entries[bisect.bisect_right(self._starts, info.start) - 1]
+        return q if q.virtual == info else None
+
     # Helpers.
 
     def _dequantize(self, q, first: int, count: int, out: np.ndarray) -> np.ndarray:
@@ -430,11 +436,11 @@ def _scaled(config: Path, weight: TensorInfo, scale: TensorInfo, layouts: list[t
     for kind, block in layouts:
         if kind == "tensor":
             if scale.numel == 1:
-                return _Scaled(weight, scale, rows, cols, rows, cols, 1, 1, False)
+                return _Scaled(weight, scale, rows, cols, rows, cols, 1, 1, False, "tensor")
             expected.append("[] or [1]")
         elif kind == "channel":
             if scale.shape in ((rows, 1), (rows,)) and not lead:
-                return _Scaled(weight, scale, rows, cols, 1, cols, rows, 1, False)
+                return _Scaled(weight, scale, rows, cols, 1, cols, rows, 1, False, "channel")
             expected.append(str([rows, 1]))
         else:
             bm, bn = block
@@ -538,7 +544,115 @@ def _mxfp4_entries(ckpt: Checkpoint, config: Path) -> tuple[list, set[str]]:
     return entries, set()
 
 
-def output_config_changes(base: Checkpoint) -> dict[str, Any]:
+def output_config_changes(base: Checkpoint, out_dtype: str | None = None) -> dict[str, Any]:
     """config.json keys a merge output changes when its base was dequantized: its
-    ``quantization_config`` goes (None deletes a key), since every weight is now float."""
-    return {"quantization_config": None} if isinstance(base, QuantizedCheckpoint) else {}
+    ``quantization_config`` goes (None deletes a key), since every weight is now float —
+    unless the output is written in the base's fp8 format (``--dtype fp8``)."""
+    return {"quantization_config": None} if isinstance(base, QuantizedCheckpoint) and out_dtype != FP8_OUTPUT else {}
+
+
+# -- fp8 output: fresh block scales (--dtype fp8) ------------------------------------------------
+
+FP8_OUTPUT = "F8_E4M3"  # what --dtype fp8 maps to
+_F8 = DTYPES["F8_E4M3"]
+_E4M3_MAX = np.float32(448.0)
+
+
+@dataclass
+class Requantize:
+    """An fp8 output weight written with fresh block scales, or (``derived``) its scale tensor,
+    whose bytes the weight's chunks write (each chunk covers whole block rows; see ``quantize``).
+
+    The reference quantizer, per (bm × bn) block of the merged fp32 values x: s = fp32(amax|x|
+    / 448) (1 for an all-zero block), q = fp8_e4m3fn(clip(fp32(x / s), ±448)), rounded to
+    nearest even; ``W_scale_inv`` holds s, so q × s is what a reader dequantizes.
+    """
+
+    rows: int
+    cols: int
+    bm: int
+    bn: int
+    grid_rows: int
+    grid_cols: int
+    per_matrix: bool
+    derived: bool = False
+    scale: Any = None  # the weight's scale tensor (a planned OutputTensor)
+
+    @property
+    def unit(self) -> int:
+        """Elements per chunk step: whole block rows (whole matrices where a matrix's last
+        block row is partial and several matrices are stacked)."""
+        if self.per_matrix and self.rows % self.bm:
+            return self.rows * self.cols
+        return self.bm * self.cols
+
+    def step(self, step: int) -> int:
+        """The executor's chunk step rounded to whole block rows."""
+        return max(1, step // self.unit) * self.unit
+
+    def quantize(self, weight: Any, merged: np.ndarray, first: int, skip: frozenset[str]) -> list[tuple[Any, int, memoryview]]:
+        """fp8 codes of a chunk of ``weight``'s merged values (whole block rows from ``first``)
+        and its rows of scales: [(output tensor, byte offset in it, bytes)], the scales left out
+        where a resumed merge kept them."""
+        nrows = merged.shape[0] // self.cols
+        r0 = first // self.cols
+        values = merged.reshape(nrows, self.cols)
+        codes = np.empty((nrows, self.cols), ml_dtypes.float8_e4m3fn)
+        flat = np.arange(r0, r0 + nrows)
+        srows = (flat % self.rows) // self.bm + ((flat // self.rows) * self.grid_rows if self.per_matrix else 0)
+        edges = [0, *(np.flatnonzero(np.diff(srows)) + 1), nrows]
+        grid = np.empty((len(edges) - 1, self.grid_cols), np.float32)
+        starts = np.arange(0, self.cols, self.bn)
+        with np.errstate(all="ignore"):  # NaN/inf propagate into the block's scale and codes
+            for k, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
+                amax = np.maximum.reduceat(np.abs(values[a:b]).max(axis=0), starts)
+                s = amax / _E4M3_MAX
+                s[amax == 0] = 1.0
+                grid[k] = s
+                scaled = values[a:b] / np.repeat(s, self.bn)[: self.cols]
+                np.clip(scaled, -_E4M3_MAX, _E4M3_MAX, out=scaled)
+                codes[a:b] = scaled.astype(ml_dtypes.float8_e4m3fn)
+        out = [(weight, first, memoryview(codes.reshape(-1).view(np.uint8)))]
+        if self.scale.name not in skip:
+            out.append((self.scale, int(srows[0]) * self.grid_cols * 4, memoryview(grid.reshape(-1).view(np.uint8))))
+        return out
+
+
+def requantized_tensors(tensors: list, base: Checkpoint, out_dtype: str | None) -> list:
+    """The planned output tensors for ``--dtype fp8``: each weight the base stores in fp8 blocks
+    is written in fp8 with its ``W_scale_inv`` — copied as stored where every fine-tune leaves
+    it unchanged, else merged in fp32 and quantized with fresh scales (its scale tensor placed
+    before it, filled by its chunks) — and every other tensor in the base's dtype. Any other
+    ``out_dtype`` leaves the list as it is."""
+    if out_dtype != FP8_OUTPUT:
+        return tensors
+    from .plan import OutputTensor  # (plan imports this module)
+    from .errors import SpecError
+
+    if not isinstance(base, QuantizedCheckpoint) or base.quant_method != "fp8":
+        method = base.quant_method if isinstance(base, QuantizedCheckpoint) else "none"
+        raise SpecError(f"{base.path}: --dtype fp8 writes the base's fp8 block format, but the base is not an fp8 "
+                        f"block-quantized checkpoint (quant_method: {method})")
+    result = []
+    for t in tensors:
+        q = base.dequant_file.entry(t.base) if t.base.file == base.dequant_file.path else None
+        if q is None:  # stored unquantized by the base: kept in the base's own dtype
+            t.dtype = t.base.auto_dtype if t.dtype == _F8 else t.dtype
+            result.append(t)
+            continue
+        if q.kind != "block":
+            raise SpecError(f"{base.path}: --dtype fp8 writes block scales; this base's weights have one scale per "
+                            "tensor (no weight_block_size)")
+        if q.scale.dtype.name != "F32":
+            raise SpecError(f"{q.scale.file}: --dtype fp8 writes F32 block scales; the base stores "
+                            f"{q.scale.dtype.name} ({q.scale.name!r})")
+        if t.action == "copy" and t.tail is None:  # unchanged by every fine-tune: the stored bytes
+            result.append(OutputTensor(q.weight.name, q.weight.shape, _F8, q.weight, [], "copy"))
+            result.append(OutputTensor(q.scale.name, q.scale.shape, q.scale.dtype, q.scale, [], "copy"))
+            continue
+        scale = OutputTensor(q.scale.name, q.scale.shape, _F32, q.scale, [], "copy")
+        layout = (q.rows, q.cols, q.bm, q.bn, q.grid_rows, q.grid_cols, q.per_matrix)
+        scale.requant = Requantize(*layout, derived=True)
+        t.dtype, t.requant = _F8, Requantize(*layout, scale=scale)
+        result += [scale, t]
+    return result

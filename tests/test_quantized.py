@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 import safeblend
+import safeblend.errors
 from safeblend.cli import main
 from safeblend.quantized import open_checkpoint
 from tests.helpers import assert_within_tolerance, load_checkpoint, read_raw_safetensors, write_raw_safetensors
@@ -507,3 +508,145 @@ def test_gpu_pipeline_reads_dequantized_bytes(fp8_pair, mxfp4_pair, tmp_path, mo
         for name, w in want.items():
             np.testing.assert_allclose(got[name].astype(np.float64), w.astype(np.float64), rtol=1e-2, atol=1e-6,
                                        err_msg=name)
+
+
+# -- fp8 output (--dtype fp8) ---------------------------------------------------------------------------
+
+
+def requantize_reference(x: np.ndarray, block: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The reference quantizer (README): per block s = fp32(amax / 448) (1 where amax is 0),
+    q = fp8_e4m3fn(clip(fp32(x / s), ±448)) rounded to nearest even; returns (q, s grid)."""
+    *lead, rows, cols = x.shape
+    bm, bn = block
+    grid = np.zeros((*lead, ceil(rows / bm), ceil(cols / bn)), np.float32)
+    q = np.zeros(x.shape, FP8)
+    for index in np.ndindex(*grid.shape):
+        *l, i, j = index
+        at = (*l, slice(i * bm, (i + 1) * bm), slice(j * bn, (j + 1) * bn))
+        part = x[at].astype(np.float32)
+        amax = np.float32(np.abs(part).max())
+        s = np.float32(amax / np.float32(E4M3_MAX)) if amax != 0 else np.float32(1.0)
+        grid[index] = s
+        q[at] = np.clip(part / s, -E4M3_MAX, E4M3_MAX).astype(FP8)
+    return q, grid
+
+
+@pytest.mark.parametrize("chunk_size, method, params", [
+    ("8MiB", "linear", {}), ("1KiB", "linear", {}), ("1KiB", "ties", {"density": 0.5}),
+    ("8KiB", "slerp", {}),
+])
+def test_fp8_output_requantizes_with_fresh_block_scales(fp8_pair, tmp_path, chunk_size, method, params):
+    """--dtype fp8: every merged weight is the reference quantizer's output on the fp32 merge,
+    bit for bit; scales are F32 in the base's grid, other tensors keep the base's dtype, the
+    config keeps its quantization_config."""
+    root, base, ft = fp8_pair
+    safeblend.merge(root / "base", root / "ft", tmp_path / "fp8", method=method, weight=0.3, dtype="fp8",
+                    chunk_size=chunk_size, **params)
+    safeblend.merge(root / "base", root / "ft", tmp_path / "fp32", method=method, weight=0.3, dtype="fp32", **params)
+    out = read_raw_safetensors(tmp_path / "fp8" / "model.safetensors")
+    merged32 = load_checkpoint(tmp_path / "fp32")
+    stored = read_raw_safetensors(root / "base" / "model.safetensors")
+    assert set(out) == set(stored)
+    for name in base:
+        if method == "linear":
+            reference = base[name] + 0.3 * (ft[name] - base[name])
+            assert_within_tolerance(merged32[name], reference, [base[name], ft[name]], name)
+        if name not in SHAPES:
+            assert out[name][0] == "BF16", name
+            continue
+        q, grid = requantize_reference(merged32[name], (128, 128))
+        assert out[name][:2] == ("F8_E4M3", list(q.shape)), name
+        assert out[name + "_scale_inv"][:2] == ("F32", list(grid.shape)), name
+        np.testing.assert_array_equal(np.frombuffer(out[name + "_scale_inv"][2], np.float32), grid.ravel(), name)
+        assert out[name][2] == q.tobytes(), name
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    assert config["quantization_config"] == FP8_CONFIG
+    assert CliRunner().invoke(main, ["verify", str(tmp_path / "fp8")]).exit_code == 0
+    reopened = open_checkpoint(tmp_path / "fp8")  # and it reads back as an fp8 model
+    reopened.close()
+
+
+def test_fp8_output_copies_weights_a_lora_leaves_alone_as_stored(fp8_pair, tmp_path):
+    root, base, _ = fp8_pair
+    target = "model.layers.0.self_attn.q_proj.weight"
+    a, b = _write_lora(tmp_path / "lora", target, SHAPES[target], 4, 8.0, 6)
+    safeblend.merge(root / "base", tmp_path / "lora", tmp_path / "out", weight=0.6, dtype="fp8")
+    safeblend.merge(root / "base", tmp_path / "lora", tmp_path / "f32", weight=0.6, dtype="fp32")
+    out = read_raw_safetensors(tmp_path / "out" / "model.safetensors")
+    stored = read_raw_safetensors(root / "base" / "model.safetensors")
+    for name in stored:
+        if name.startswith(target):
+            continue
+        assert out[name] == stored[name], name  # byte for byte, scales included
+    # With an fp8 output the LoRA product is formed in fp32 (with an fp32 output in float64), so
+    # the merge differs from the fp32 output in the last fp32 bits: compare the dequantized
+    # output with the float64 reference instead, within half an fp8 step of each block.
+    ft = base[target] + 2.0 * b @ a
+    reference = base[target] + 0.6 * (ft - base[target])
+    q = np.frombuffer(out[target][2], FP8).reshape(SHAPES[target]).astype(np.float64)
+    grid = np.frombuffer(out[target + "_scale_inv"][2], np.float32).reshape(3, 3).astype(np.float64)
+    scale = np.repeat(np.repeat(grid, 128, 0), 128, 1)[: q.shape[0], : q.shape[1]]
+    _, want_grid = requantize_reference(reference, (128, 128))
+    np.testing.assert_allclose(grid, want_grid, rtol=2**-22)
+    magnitude = np.maximum(np.abs(reference) / scale, 2.0**-6)  # e4m3: 3 mantissa bits, subnormals below 2^-6
+    step = np.exp2(np.floor(np.log2(magnitude)) - 3) * scale
+    assert np.all(np.abs(q * scale - reference) <= 0.5 * step * (1 + 2**-10) + 2**-20 * np.abs(reference))
+
+
+def test_fp8_output_needs_an_fp8_block_base(fp8_pair, tmp_path):
+    root, _, _ = fp8_pair
+    result = CliRunner().invoke(main, ["merge", str(root / "ft"), str(root / "base"), "-o", str(tmp_path / "o"),
+                                       "--dtype", "fp8", "--quiet"])
+    assert result.exit_code == 2 and "is not an fp8 block-quantized checkpoint" in result.stderr, result.output
+    assert "Traceback" not in result.output
+    with pytest.raises(safeblend.errors.SpecError, match="sweep does not write fp8"):
+        safeblend.sweep(root / "base", root / "ft", tmp_path / "s", "0.5", dtype="fp8")
+    with pytest.raises(safeblend.errors.SpecError, match="runs on the CPU"):
+        safeblend.merge(root / "base", root / "ft", tmp_path / "o", dtype="fp8", device="cuda")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("point", ["write:2", "write:6", "write:11", "write:16"])
+def test_killed_fp8_output_merge_resumes_byte_identical(fp8_pair, tmp_path, point):
+    """A scale tensor is written by its weight's chunks and laid out before the weight, so a
+    resumed merge never keeps a weight whose scales it would have to recompute."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root, _, _ = fp8_pair
+    safeblend.merge(root / "base", root / "ft", tmp_path / "clean", weight=0.4, dtype="fp8", chunk_size="1KiB")
+    cmd = [sys.executable, "-m", "safeblend.cli", "merge", str(root / "base"), str(root / "ft"), "-o",
+           str(tmp_path / "out"), "--weight", "0.4", "--dtype", "fp8", "--chunk-size", "1KiB", "-q"]
+    env = {**os.environ, "SAFEBLEND_FAULT_KILL_AT": point, "SAFEBLEND_FAULT_SLOW_WRITE_S": "0.003"}
+    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    safeblend.merge(root / "base", root / "ft", tmp_path / "out", weight=0.4, dtype="fp8", chunk_size="1KiB",
+                    resume=True, on_warning=lambda m: None)
+    for f in sorted((tmp_path / "clean").iterdir()):
+        assert (tmp_path / "out" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_requantize_matches_the_reference_on_zero_tiny_and_3d_blocks():
+    """The quantizer itself, on whole-block-row chunks: all-zero blocks (scale 1), subnormal-range
+    values, stacked matrices whose last block row is partial (chunks of whole matrices)."""
+    from safeblend.quantized import Requantize
+
+    class Target:  # what the executor passes: the output tensors' names
+        name = "w_scale_inv"
+
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((3, 40, 50)) * np.exp2(rng.integers(-30, 10, (3, 40, 1)))).astype(np.float32)
+    x[0, :16, :32] = 0.0
+    x[1, 16:32, 32:] = 1e-41  # fp32 subnormals
+    q, grid = requantize_reference(x, (16, 32))
+    spec = Requantize(40, 50, 16, 32, 3, 2, True, scale=Target())
+    assert spec.step(100) == 40 * 50  # a matrix's last block row is partial: whole matrices per chunk
+    codes, scales = bytearray(), bytearray()
+    for first in range(0, x.size, spec.step(100)):
+        for target, offset, data in spec.quantize("w", x.reshape(-1)[first : first + spec.step(100)], first, frozenset()):
+            (codes if target == "w" else scales).extend(bytes(data))
+    assert bytes(codes) == q.tobytes()
+    assert bytes(scales) == grid.tobytes()
+    assert grid[0, 0, 0] == 1.0
