@@ -628,10 +628,14 @@ def test_killed_fp8_output_merge_resumes_byte_identical(fp8_pair, tmp_path, poin
         assert (tmp_path / "out" / f.name).read_bytes() == f.read_bytes(), f.name
 
 
-def test_requantize_matches_the_reference_on_zero_tiny_and_3d_blocks():
+@pytest.mark.parametrize("encode_block", [1 << 16, 7])
+def test_requantize_matches_the_reference_on_zero_tiny_and_3d_blocks(monkeypatch, encode_block):
     """The quantizer itself, on whole-block-row chunks: all-zero blocks (scale 1), subnormal-range
-    values, stacked matrices whose last block row is partial (chunks of whole matrices)."""
+    values, stacked matrices whose last block row is partial (chunks of whole matrices); codes
+    encoded in one piece or in many."""
     from safeblend.quantized import Requantize
+
+    monkeypatch.setattr("safeblend.quantized._ENCODE_BLOCK", encode_block)
 
     class Target:  # what the executor passes: the output tensors' names
         name = "w_scale_inv"
@@ -650,3 +654,19 @@ def test_requantize_matches_the_reference_on_zero_tiny_and_3d_blocks():
     assert bytes(codes) == q.tobytes()
     assert bytes(scales) == grid.tobytes()
     assert grid[0, 0, 0] == 1.0
+
+
+def test_fp8_encoding_table_rounds_every_float_as_ml_dtypes():
+    """The table encoder against ml_dtypes' cast on random bit patterns (NaN codes aside) and
+    on every tie between neighbouring fp8 values."""
+    from safeblend.quantized import _encode_e4m3
+
+    rng = np.random.default_rng(11)
+    values = rng.integers(0, 2**32, 1 << 20, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    finite = np.isfinite(values)
+    values = np.clip(values[finite], -E4M3_MAX, E4M3_MAX)
+    grid = np.arange(256, dtype=np.uint8).view(FP8).astype(np.float64)
+    grid = np.sort(grid[np.isfinite(grid)])
+    ties = ((grid[1:] + grid[:-1]) / 2).astype(np.float32)  # exact in fp32
+    values = np.concatenate([values, ties, np.nextafter(ties, np.float32(np.inf)), -ties]).astype(np.float32)
+    np.testing.assert_array_equal(_encode_e4m3(values), values.astype(FP8).view(np.uint8))
