@@ -29,7 +29,9 @@ Formats (``quant_method``):
 Dequantization is exact: an fp8 or fp4 value and an E8M0 scale are exact in fp32, and the
 product with an F32 scale is rounded once, in fp32 — what the reference dequantizers compute
 before they round to bf16. By default dequantized weights are written in bf16 and the output's
-``config.json`` loses its ``quantization_config`` (``--dtype`` picks another float dtype).
+``config.json`` loses its ``quantization_config`` (``--dtype`` picks another float dtype);
+``--dtype fp8`` writes an fp8 block-quantized base's format back instead, each merged weight
+quantized again with fresh block scales (``Requantize``, ``requantized_tensors``).
 Memory: a view reads only its own elements' quantized values and a tensor's scales (a few KiB
 to MiB, a few tensors' worth cached), never a whole dequantized tensor.
 """
@@ -52,7 +54,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint, SafetensorsFile, TensorInfo
 from .dtypes import DTYPES, DType
-from .errors import CheckpointError
+from .errors import CheckpointError, SpecError
 
 QUANT_METHODS = ("fp8", "compressed-tensors", "mxfp4")
 _F32, _BF16 = DTYPES["F32"], DTYPES["BF16"]
@@ -651,8 +653,7 @@ def requantized_tensors(tensors: list, base: Checkpoint, out_dtype: str | None) 
     ``out_dtype`` leaves the list as it is."""
     if out_dtype != FP8_OUTPUT:
         return tensors
-    from .plan import OutputTensor  # (plan imports this module)
-    from .errors import SpecError
+    from .plan import OutputTensor  # here: plan imports this module
 
     if not isinstance(base, QuantizedCheckpoint) or base.quant_method != "fp8":
         method = base.quant_method if isinstance(base, QuantizedCheckpoint) else "none"
@@ -668,6 +669,9 @@ def requantized_tensors(tensors: list, base: Checkpoint, out_dtype: str | None) 
         if q.kind != "block":
             raise SpecError(f"{base.path}: --dtype fp8 writes block scales; this base's weights have one scale per "
                             "tensor (no weight_block_size)")
+        if q.weight.dtype != _F8:
+            raise SpecError(f"{q.weight.file}: --dtype fp8 writes F8_E4M3 weights; the base stores "
+                            f"{q.weight.dtype.name} ({q.weight.name!r})")
         if q.scale.dtype.name != "F32":
             raise SpecError(f"{q.scale.file}: --dtype fp8 writes F32 block scales; the base stores "
                             f"{q.scale.dtype.name} ({q.scale.name!r})")
