@@ -444,6 +444,32 @@ def test_fp8_without_a_quantization_config_is_copied_from_the_base(fp8_pair, tmp
     messages = []
     safeblend.merge(single, single, tmp_path / "out", on_warning=messages.append)
     assert read_raw_safetensors(tmp_path / "out" / "model.safetensors") == read_raw_safetensors(single)
+    ft = root / "ft" / "model.safetensors"  # a bf16 fine-tune: fp8 weights are not merged, and it says so
+    safeblend.merge(single, ft, tmp_path / "out2", allow_missing="take", on_warning=messages.append)
+    assert any("F8_E4M3) are copied from the base" in m for m in messages), messages
+    out, stored = read_raw_safetensors(tmp_path / "out2" / "model.safetensors"), read_raw_safetensors(single)
+    assert all(out[n] == stored[n] for n in stored if stored[n][0] != "BF16")
+
+
+def test_sharded_base_with_scales_in_other_shards(fp8_pair, tmp_path):
+    """DeepSeek's shards split a weight from its scale; the index is followed for both."""
+    root, base, ft = fp8_pair
+    stored = read_raw_safetensors(root / "base" / "model.safetensors")
+    names = list(stored)
+    (tmp_path / "base").mkdir()
+    shards = {"model-00001-of-00002.safetensors": names[0::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for filename, group in shards.items():
+        write_raw_safetensors(tmp_path / "base" / filename, {n: stored[n] for n in group})
+    (tmp_path / "base" / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: f for f, group in shards.items() for n in group}}))
+    (tmp_path / "base" / "config.json").write_text((root / "base" / "config.json").read_text())
+    first, second = shards.values()
+    assert any(n + "_scale_inv" in second for n in first)  # weights whose scale lies in the other shard
+    safeblend.merge(tmp_path / "base", root / "ft", tmp_path / "sharded", weight=0.3)
+    safeblend.merge(root / "base", root / "ft", tmp_path / "single", weight=0.3)
+    assert load_checkpoint(tmp_path / "sharded").keys() == load_checkpoint(tmp_path / "single").keys()
+    for name, value in load_checkpoint(tmp_path / "single").items():
+        np.testing.assert_array_equal(load_checkpoint(tmp_path / "sharded")[name].view(np.uint16), value.view(np.uint16))
 
 
 # -- the output loads in transformers -----------------------------------------------------------------
