@@ -440,7 +440,9 @@ def test_bad_quantized_inputs_are_one_line_errors(fp8_pair, tmp_path, change, me
 def test_fp8_without_a_quantization_config_is_copied_from_the_base(fp8_pair, tmp_path):
     """No config, no dequantization: the fp8 weights and their scales are copied as stored."""
     root, _, _ = fp8_pair
-    single = root / "base" / "model.safetensors"
+    (tmp_path / "bare").mkdir()
+    single = tmp_path / "bare" / "model.safetensors"  # no config.json beside it
+    single.write_bytes((root / "base" / "model.safetensors").read_bytes())
     messages = []
     safeblend.merge(single, single, tmp_path / "out", on_warning=messages.append)
     assert read_raw_safetensors(tmp_path / "out" / "model.safetensors") == read_raw_safetensors(single)
