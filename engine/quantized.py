@@ -66,6 +66,8 @@ _SCALE_CACHE = 8
 _E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
 _MX_BLOCK = 32  # values per MXFP4 block (16 bytes)
 _MX_TILE = 256  # stored rows dequantized and transposed at a time
+# E8M0 exponent e (stored as U8 or F8_E8M0) as the fp32 scale 2^(e − 127), exact (255 is NaN).
+_E8M0 = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e8m0fnu).astype(np.float32)
 # Each byte's two values (low nibble first) as one uint64 holding two fp32: one lookup per byte.
 _E2M1_PAIRS = (_E2M1.view(np.uint32).astype(np.uint64)[np.arange(256) & 0x0F]
                | (_E2M1.view(np.uint32).astype(np.uint64)[np.arange(256) >> 4] << np.uint64(32)))
@@ -113,9 +115,10 @@ class _Scaled:
         row = (flat % self.rows) // self.bm
         return row + (flat // self.rows) * self.grid_rows if self.per_matrix else row
 
-    def source(self, first: int, count: int) -> tuple[int, int]:
-        """The stored byte range holding elements [first, first + count)."""
-        return self.weight.start + first, count
+    def sources(self, first: int, count: int) -> list[tuple[Path, int, int]]:
+        """The stored byte ranges (file, start, length) elements [first, first + count) are
+        read from (the scales, read once per tensor, aside)."""
+        return [(self.weight.file, self.weight.start + first, count)]
 
     def dequantize(self, file: SafetensorsFile, scales: np.ndarray, first: int, count: int, out: np.ndarray) -> None:
         """Elements [first, first + count) of the dequantized weight into ``out`` (fp32)."""
@@ -149,13 +152,15 @@ class _Mxfp4:
     def virtual_shape(self) -> tuple[int, ...]:
         return self.experts, self.groups * _MX_BLOCK, self.rows
 
-    def source(self, first: int, count: int) -> tuple[int, int]:
-        """The stored byte range holding elements [first, first + count): every row of the
-        blocks those elements' 32-value groups live in (the weight is stored transposed)."""
+    def sources(self, first: int, count: int) -> list[tuple[Path, int, int]]:
+        """The stored byte ranges (file, start, length) elements [first, first + count) are
+        read from: the blocks and scales of every expert they touch (the weight is stored
+        transposed, so a chunk reads some groups of every stored row of its experts)."""
         width = self.groups * _MX_BLOCK
         e0, e1 = first // (width * self.rows), (first + count - 1) // (width * self.rows)
-        expert_bytes = self.rows * self.groups * 16
-        return self.weight.start + e0 * expert_bytes, (e1 - e0 + 1) * expert_bytes
+        per_expert = self.rows * self.groups
+        return [(self.weight.file, self.weight.start + e0 * per_expert * 16, (e1 - e0 + 1) * per_expert * 16),
+                (self.scale.file, self.scale.start + e0 * per_expert, (e1 - e0 + 1) * per_expert)]
 
     def dequantize(self, file: SafetensorsFile, scales: np.ndarray, first: int, count: int, out: np.ndarray) -> None:
         """Elements [first, first + count) of the dequantized (E, G·32, R) weight into ``out``."""
@@ -166,15 +171,15 @@ class _Mxfp4:
             target = out[lo : lo + rows * (c1 - c0)].reshape(rows, c1 - c0)
             for e, k0, k1, at in _expert_runs(r0, rows, self.groups * _MX_BLOCK):
                 g0, g1 = k0 // _MX_BLOCK, (k1 - 1) // _MX_BLOCK + 1
-                lo, hi = k0 - g0 * _MX_BLOCK, k1 - g0 * _MX_BLOCK
+                v0, v1 = k0 - g0 * _MX_BLOCK, k1 - g0 * _MX_BLOCK  # the wanted values among the groups'
                 # Tiles of stored rows keep the transposing copy in cache (6× faster measured here).
                 for t0 in range(c0, c1, _MX_TILE):
                     t1 = min(t0 + _MX_TILE, c1)
                     codes = blocks[e, t0:t1, g0:g1]  # (stored rows, groups, 16 bytes)
                     values = np.take(_E2M1_PAIRS, codes, mode="clip").view(np.float32)  # (rows, groups, 32)
-                    np.multiply(values, scales[e, t0:t1, g0:g1, None], out=values)
+                    np.multiply(values, _E8M0[scales[e, t0:t1, g0:g1]][..., None], out=values)
                     values = values.reshape(t1 - t0, (g1 - g0) * _MX_BLOCK)
-                    target[at : at + k1 - k0, t0 - c0 : t1 - c0] = values[:, lo:hi].T
+                    target[at : at + k1 - k0, t0 - c0 : t1 - c0] = values[:, v0:v1].T
 
 
 @cache
@@ -229,9 +234,10 @@ def _expert_runs(r0: int, rows: int, width: int):
 class _DequantFile:
     """A virtual safetensors file holding every quantized weight of a checkpoint, dequantized,
     in F32. Each tensor has a virtual byte range, so the ranges the executors pass to
-    ``prefetch``/``release``/``byte_view`` identify it. A ``view`` is computed into a buffer
-    of the calling thread and stays valid until that thread's next view of another tensor of
-    this file; ``byte_view`` returns a fresh buffer (the writer thread holds it)."""
+    ``prefetch``/``release``/``byte_view`` identify it. A ``view`` is computed into the calling
+    thread's buffer for that tensor and stays valid until the thread views that tensor again
+    (the executors consume each view first) or two other tensors of this file; ``byte_view``
+    returns a fresh buffer (the writer thread holds it)."""
 
     def __init__(self, path: Path, entries: list, files: dict[Path, SafetensorsFile]) -> None:
         self.path = path
@@ -265,21 +271,23 @@ class _DequantFile:
     def prefetch(self, start: int, length: int) -> None:
         if length > 0:
             q, first, count = self._locate(start, length)
-            self._files[q.weight.file].prefetch(*q.source(first, count))
+            for path, begin, size in q.sources(first, count):
+                self._files[path].prefetch(begin, size)
 
     def release(self, start: int, length: int) -> None:
         if length > 0:
             q, first, count = self._locate(start, length)
-            self._files[q.weight.file].release(*q.source(first, count))
+            for path, begin, size in q.sources(first, count):
+                self._files[path].release(begin, size)
 
     def stored_bytes(self, start: int, length: int) -> int:
-        """Bytes read from the files for a virtual range: its quantized values, plus the
-        scales for the range opening a tensor."""
+        """Bytes read from the files for a virtual range: its quantized values (and MXFP4
+        scales), plus an fp8 weight's scales for the range opening the tensor."""
         if length == 0:
             return 0
         q, first, count = self._locate(start, length)
-        read = q.source(first, count)[1] if isinstance(q, _Mxfp4) else count
-        return read + (q.scale.nbytes if first == 0 else 0)
+        read = sum(size for _, _, size in q.sources(first, count))
+        return read + (q.scale.nbytes if first == 0 and isinstance(q, _Scaled) else 0)
 
     def close(self) -> None:
         with self._lock:
@@ -309,8 +317,8 @@ class _DequantFile:
         return q, offset + first
 
     def _buffer(self, q, count: int) -> np.ndarray:
-        """This thread's view buffer for ``q``: two tensors' buffers are kept, since a LoRA
-        adapter on this model views the base's weight while the base's view is in use."""
+        """This thread's view buffer for ``q`` (two tensors' are kept). A LoRA adapter on this
+        model re-views the range the base's view of the same chunk holds: the same values."""
         buffers = self._local.__dict__.setdefault("buffers", OrderedDict())
         buffer = buffers.get(q.name)
         if buffer is None or buffer.shape[0] < count:
@@ -321,7 +329,12 @@ class _DequantFile:
         return buffer[:count]
 
     def _scale_table(self, q) -> np.ndarray:
-        """``q``'s scales as fp32: (·, grid_cols) for fp8, (E, R, G) powers of two for MXFP4."""
+        """``q``'s scales: fp32 (·, grid_cols) for fp8, read once and cached; for MXFP4 the
+        stored E8M0 exponents (E, R, G) themselves, mapped, not copied (gpt-oss-120b's are
+        66 MB a tensor), each tile's decoded as it is used."""
+        if isinstance(q, _Mxfp4):
+            raw = self._files[q.scale.file].byte_view(q.scale.start, q.scale.nbytes)
+            return np.frombuffer(raw, dtype=np.uint8).reshape(q.scale.shape)
         with self._lock:
             table = self._scales.get(q.name)
             if table is not None:
@@ -329,10 +342,7 @@ class _DequantFile:
                 return table
             f = self._files[q.scale.file]
             raw = np.frombuffer(f.byte_view(q.scale.start, q.scale.nbytes), dtype=q.scale.dtype.numpy)
-            if isinstance(q, _Mxfp4):  # E8M0 stored as U8: 2^(e − 127), exact in fp32 (255 is NaN)
-                table = raw.view(ml_dtypes.float8_e8m0fnu).astype(np.float32).reshape(q.scale.shape)
-            else:
-                table = raw.astype(np.float32).reshape(-1, q.grid_cols)
+            table = raw.astype(np.float32).reshape(-1, q.grid_cols)
             f.release(q.scale.start, q.scale.nbytes)
             self._scales[q.name] = table
             while len(self._scales) > _SCALE_CACHE:
