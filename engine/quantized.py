@@ -360,6 +360,7 @@ class QuantizedCheckpoint(Checkpoint):
     quant_method: str = ""
     dequantized: list[str] | None = None  # names of the weights presented dequantized
     dequant_file: _DequantFile | None = None
+    dropped: dict[str, TensorInfo] | None = None  # activation scales: of no use to a float model
 
     def close(self) -> None:
         for f in self.files:
@@ -422,7 +423,8 @@ def dequantized_view(ckpt: Checkpoint) -> Checkpoint:
             tensors[name] = info
     return QuantizedCheckpoint(path=ckpt.path, files=[virtual, *ckpt.files], tensors=tensors,
                                model_dir=ckpt.model_dir, quant_method=method,
-                               dequantized=[q.name for q in entries], dequant_file=virtual)
+                               dequantized=[q.name for q in entries], dequant_file=virtual,
+                               dropped={n: ckpt.tensors[n] for n in ckpt.tensors if n in dropped})
 
 
 def _block_size(config: Path, value: Any, key: str) -> tuple[int, int]:
@@ -659,8 +661,8 @@ def requantized_tensors(tensors: list, base: Checkpoint, out_dtype: str | None) 
     """The planned output tensors for ``--dtype fp8``: each weight the base stores in fp8 blocks
     is written in fp8 with its ``W_scale_inv`` — copied as stored where every fine-tune leaves
     it unchanged, else merged in fp32 and quantized with fresh scales (its scale tensor placed
-    before it, filled by its chunks) — and every other tensor in the base's dtype. Any other
-    ``out_dtype`` leaves the list as it is."""
+    before it, filled by its chunks) — every other tensor in the base's dtype, and the base's
+    static activation scales as stored. Any other ``out_dtype`` leaves the list as it is."""
     if out_dtype != FP8_OUTPUT:
         return tensors
     from .plan import OutputTensor  # here: plan imports this module
@@ -694,4 +696,5 @@ def requantized_tensors(tensors: list, base: Checkpoint, out_dtype: str | None) 
         scale.requant = Requantize(*layout, derived=True)
         t.dtype, t.requant = _F8, Requantize(*layout, scale=scale)
         result += [scale, t]
-    return result
+    # Static activation scales belong to the format the output keeps: copied as stored.
+    return result + [OutputTensor(n, i.shape, i.dtype, i, [], "copy") for n, i in base.dropped.items()]

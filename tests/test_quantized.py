@@ -713,3 +713,20 @@ def test_fp8_encoding_table_rounds_every_float_as_ml_dtypes():
     ties = ((grid[1:] + grid[:-1]) / 2).astype(np.float32)  # exact in fp32
     values = np.concatenate([values, ties, np.nextafter(ties, np.float32(np.inf)), -ties]).astype(np.float32)
     np.testing.assert_array_equal(_encode_e4m3(values), values.astype(FP8).view(np.uint8))
+
+
+def test_static_activation_scales_dropped_for_bf16_and_kept_for_fp8(fp8_pair, tmp_path):
+    root, base, _ = fp8_pair
+    stored = read_raw_safetensors(root / "base" / "model.safetensors")
+    act = {n.removesuffix("weight") + "activation_scale": _raw(np.array([0.5 + i], np.float32), "F32")
+           for i, n in enumerate(SHAPES)}
+    (tmp_path / "base").mkdir()
+    write_raw_safetensors(tmp_path / "base" / "model.safetensors", {**stored, **act})
+    (tmp_path / "base" / "config.json").write_text(json.dumps(
+        {"quantization_config": {**FP8_CONFIG, "activation_scheme": "static"}}))
+    safeblend.merge(tmp_path / "base", root / "ft", tmp_path / "bf16", weight=0.5)
+    assert set(load_checkpoint(tmp_path / "bf16")) == set(base)
+    safeblend.merge(tmp_path / "base", root / "ft", tmp_path / "fp8", weight=0.5, dtype="fp8")
+    out = read_raw_safetensors(tmp_path / "fp8" / "model.safetensors")
+    assert set(out) == set(stored) | set(act)
+    assert all(out[n] == act[n] for n in act)
