@@ -25,6 +25,7 @@ from .model_files import copy_model_files
 from .output_checks import OutputWatch
 from .output_paths import check_output_not_input
 from .plan import make_plan
+from .quantized import open_checkpoint
 from .units import fit_chunk_size, parse_size
 from .journal import MergeSession
 from .writer import write_index
@@ -114,12 +115,16 @@ def merge(
     except ValueError as exc:
         raise SpecError(str(exc)) from exc
     merger = create_method(method, len(model_paths), weight=weight, **method_params)
+    if out_dtype == "F8_E4M3":  # fp8 output is quantized by the CPU executor (safeblend.quantized)
+        if device == "cuda":
+            raise SpecError("--dtype fp8 runs on the CPU; leave out --device cuda")
+        device = "cpu"
     backend, device_name = _select_backend(device, merger)
     base, model_paths = resolve_inputs(base, model_paths, warn, progress)  # Hub ids, adapters' own base
     _check_output_not_input(out, [base, *model_paths])
 
     with ExitStack() as opened:  # every checkpoint opened is closed, however this ends
-        base_ckpt = opened.enter_context(closing(Checkpoint.open(base)))
+        base_ckpt = opened.enter_context(closing(open_checkpoint(base)))  # quantized: safeblend.quantized
         # LoRA adapter directories open as lazily materialised fine-tunes (safeblend.lora); as
         # low-rank terms where the method adds them itself (the linear family, on the CPU).
         low_rank = device_name == "cpu" and merger.takes_low_rank

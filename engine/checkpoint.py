@@ -60,6 +60,15 @@ class TensorInfo:
     def numel(self) -> int:
         return prod(self.shape)
 
+    @property
+    def auto_dtype(self) -> DType:
+        """The dtype ``--dtype auto`` writes this tensor in: its own (a dequantized one's differs)."""
+        return self.dtype
+
+    def as_bytes(self) -> "TensorInfo":
+        """The same bytes seen as a flat U8 tensor: how packed (sub-byte) tensors are copied."""
+        return TensorInfo(self.name, DTYPES["U8"], (self.nbytes,), self.file, self.start, self.nbytes)
+
 
 @dataclass
 class SafetensorsFile:
@@ -406,10 +415,14 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_siz
     ):
         raise CheckpointError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {_clip(offsets)}")
     dtype = DTYPES[dtype_name]
-    expected = _shape_bytes(shape, dtype.itemsize, 2**64)
-    if expected is None:
+    bits = _shape_bytes(shape, dtype.bits, 2**67)
+    if bits is None:
         raise CheckpointError(f"{where}: shape {_clip(shape)} of {dtype_name} needs over 2^64 bytes, more than any "
                               f"file (the data region here is {data_size} bytes)")
+    if bits % 8:  # packed sub-byte elements must end on a byte boundary (safetensors' own rule)
+        raise CheckpointError(f"{where}: shape {shape} of {dtype_name} is {bits} bits, not a whole number of "
+                              f"bytes ({dtype.bits}-bit elements are packed without padding)")
+    expected = bits // 8
     if offsets[1] - offsets[0] != expected:
         raise CheckpointError(
             f"{where}: holds {offsets[1] - offsets[0]} bytes but shape {shape} of {dtype_name} "
@@ -418,12 +431,12 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_siz
     return TensorInfo(name, dtype, tuple(shape), path, data_start + offsets[0], expected)
 
 
-def _shape_bytes(shape: list[int], itemsize: int, limit: int) -> int | None:
-    """Bytes a shape needs, or None once it exceeds ``limit``. Stops early: the product of a
+def _shape_bytes(shape: list[int], bits: int, limit: int) -> int | None:
+    """Bits a shape needs, or None once it exceeds ``limit``. Stops early: the product of a
     long list of large dimensions (fuzzing found this) would otherwise grow without bound."""
     if 0 in shape:
         return 0
-    total = itemsize
+    total = bits
     for dim in shape:
         total *= dim
         if total > limit:

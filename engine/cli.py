@@ -136,8 +136,9 @@ def _warn(message: str) -> None:
               help="DARE: scale kept entries by 1/density (default), to preserve the L1 norm, or not at all.")
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), help="DARE's random seed (default 0).")
 @click.option("--dtype", default="auto", show_default=True,
-              type=click.Choice(["auto", "bf16", "fp16", "fp32"], case_sensitive=False),
-              help="Output dtype of float tensors; auto keeps the base's per tensor (or the recipe's).")
+              type=click.Choice(["auto", "bf16", "fp16", "fp32", "fp8"], case_sensitive=False),
+              help="Output dtype of float tensors; auto keeps the base's per tensor (or the recipe's); fp8 "
+                   "writes an fp8 base's block format.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where to compute; auto uses a GPU when torch, triton and CUDA are present.")
 @click.option("--shard-size", default="5GB", show_default=True, type=SizeType(), help="Largest output shard.")

@@ -41,11 +41,12 @@ import numpy as np
 
 from .blas import single_threaded_blas
 from .checkpoint import Checkpoint, SafetensorsFile, TensorInfo
-from .errors import SafeblendError, SpecError
+from .errors import IncompatibleInputsError, SafeblendError, SpecError
 from .execute import DEFAULT_CHUNK_BYTES, DEFAULT_WORKERS
 from .hub import resolve_inputs
 from .lora import open_model
 from .plan import check_compatible
+from .quantized import open_checkpoint
 from .units import parse_size
 
 # Scratch per thread: float64 blocks of 64K elements keep both operands (512 KiB each) in L2;
@@ -243,7 +244,7 @@ def diff(
         raise SpecError(str(exc)) from exc
     notes: list[str] = []
     base, (ft,) = resolve_inputs(base, [ft], notes.append, progress)  # Hub ids, an adapter's own base
-    base_ckpt = Checkpoint.open(base)
+    base_ckpt = open_checkpoint(base)  # a quantized base is dequantized (safeblend.quantized)
     try:
         ft_ckpt = open_model(ft, base_ckpt)  # a LoRA adapter directory is base + s·B·A (safeblend.lora)
     except BaseException:
@@ -255,6 +256,7 @@ def diff(
         files = {f.path: f for ckpt in (base_ckpt, ft_ckpt) for f in ckpt.files}
         pairs = [(info, ft_ckpt.tensors[name]) for name, info in base_ckpt.tensors.items()]
         report.tensors = [_new_entry(a, b) for a, b in pairs]
+        pairs = [_addressable(a, b) for a, b in pairs]
         with _progress_bar(base_ckpt.nbytes + ft_ckpt.nbytes, progress) as bar:
             report.bytes_read = _measure_all(pairs, report.tensors, files, chunk_bytes, max(1, workers), bar.update)
         report.warnings = notes + [f"{t.name}: {t.changed} of {t.sums.numel} elements differ (a {t.dtype} tensor)"
@@ -266,8 +268,18 @@ def diff(
     return report
 
 
+def _addressable(a: TensorInfo, b: TensorInfo) -> tuple[TensorInfo, TensorInfo]:
+    """Packed sub-byte tensors (F4, F6_*) are compared as their bytes."""
+    if not (a.dtype.packed or b.dtype.packed):
+        return a, b
+    if a.dtype != b.dtype:
+        raise IncompatibleInputsError(f"tensor {a.name!r} is {a.dtype.name} in the base but {b.dtype.name} in the "
+                                      "fine-tuned model; packed sub-byte tensors are compared only in one dtype")
+    return a.as_bytes(), b.as_bytes()
+
+
 def _new_entry(a: TensorInfo, b: TensorInfo) -> TensorDrift:
-    is_float = a.dtype.is_float and b.dtype.is_float
+    is_float = a.dtype.is_float and b.dtype.is_float and not (a.dtype.packed or b.dtype.packed)
     dtype = a.dtype.name if a.dtype == b.dtype else f"{a.dtype.name}/{b.dtype.name}"
     return TensorDrift(a.name, layer_of(a.name), module_of(a.name), a.shape, dtype, Sums(numel=a.numel), is_float)
 

@@ -47,6 +47,7 @@ def iter_chunks(plan: MergePlan, chunk_bytes: int) -> Iterator[Chunk]:
         for t in tensor.pieces():
             widest = max([t.dtype.itemsize, t.base.dtype.itemsize, *(m.dtype.itemsize for m in t.models)])
             step = max(1, chunk_bytes // widest)
+            step = t.requant.step(step) if t.requant is not None else step  # whole fp8 block rows
             for first in range(0, t.numel, step):
                 yield Chunk(t, first, min(step, t.numel - first))
 
@@ -173,6 +174,8 @@ class Executor:
                 return length
             writer.submit(t.shard, out_offset, file.byte_view(start, length), lambda: file.release(start, length))
             return length
+        if t.requant is not None:  # --dtype fp8: merge in fp32, then fresh block scales (safeblend.quantized)
+            return self._process_requantized(chunk, writer)
         buffer = pool.acquire()
         out_bytes = placed(buffer, out_offset, chunk.count * t.dtype.itemsize)
         out = out_bytes.view(t.dtype.numpy)
@@ -182,6 +185,20 @@ class Executor:
         self.method.merge_chunk(self.backend, views[0], views[1:], out, ChunkContext(context, chunk.first), state)
         read += self._release(sources, chunk)
         writer.submit(t.shard, out_offset, out_bytes, lambda: pool.release(buffer))
+        return read
+
+    def _process_requantized(self, chunk: Chunk, writer: ShardWriter) -> int:
+        """A chunk of whole fp8 block rows: merged in fp32, quantized with fresh block scales;
+        its codes and its rows of the scale tensor are queued for writing."""
+        t = chunk.tensor
+        sources = [(info, self._file(info)) for info in self._sources(t)]
+        views = [f.view(info, chunk.first, chunk.count) for info, f in sources]
+        context, state, read = self._states.get(t)
+        merged = np.empty(chunk.count, np.float32)
+        self.method.merge_chunk(self.backend, views[0], views[1:], merged, ChunkContext(context, chunk.first), state)
+        read += self._release(sources, chunk)
+        for target, offset, data in t.requant.quantize(t, merged, chunk.first, self.plan.skip):
+            writer.submit(target.shard, target.offset + offset, data)
         return read
 
     @staticmethod

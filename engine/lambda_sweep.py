@@ -45,6 +45,7 @@ from .methods.base import ChunkContext, MergeMethod, TensorContext
 from .model_files import copy_model_files
 from .plan import MergePlan
 from .plan import make_plan
+from .quantized import open_checkpoint
 from .units import fit_chunk_size, parse_size
 from .writer import OutputDir, ShardWriter, WriteDone, placed, write_index
 
@@ -207,12 +208,14 @@ def sweep(
         chunk_bytes = parse_size(chunk_size)
     except ValueError as exc:
         raise SpecError(str(exc)) from exc
+    if out_dtype == "F8_E4M3":
+        raise SpecError("sweep does not write fp8 (--dtype fp8); merge each weight with safeblend merge")
     mergers = [create_method(method, len(model_paths), weight=w, **method_params) for w in points]
     backend, device_name = cpu_backend(), "cpu"  # the sweep runs on the CPU executor
     base, model_paths = resolve_inputs(base, model_paths, warn, progress)  # Hub ids, adapters' own base
     _check_output_not_input(out, [base, *model_paths])
 
-    base_ckpt = Checkpoint.open(base)
+    base_ckpt = open_checkpoint(base)  # a quantized base is dequantized (safeblend.quantized)
     # LoRA adapter dirs (safeblend.lora): as low-rank terms where merge takes them too (the linear
     # family on the CPU), so that each output has merge's bytes, not a materialised θ_ft's rounding.
     low_rank = all(m.takes_low_rank for m in mergers)

@@ -63,6 +63,7 @@ from .errors import CheckpointError, IncompatibleInputsError, SpecError
 from .layouts import canonical, canonical_lookup
 from .module_patterns import ModulePattern, PatternError
 from .quirks import tied_heads
+from .quantized import open_checkpoint
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
@@ -493,7 +494,7 @@ def open_model(path: str | Path, base: Checkpoint, out_dtype: str | None = "F64"
     """
     directory = peft_adapter_dir(Path(path))
     if directory is None:
-        return Checkpoint.open(path)
+        return open_checkpoint(path)  # dequantized where its config declares a quantization
     return open_adapter(directory, base, out_dtype, low_rank)
 
 
@@ -543,7 +544,7 @@ def open_adapter(directory: Path, base: Checkpoint, out_dtype: str | None = "F64
             raise CheckpointError(f"{adapter.path}: modules {module!r} and "
                                   f"{next(o.module for o in deltas if o.w.name == d.w.name)!r} both change the base's "
                                   f"{d.w.name!r} (tied embeddings); merge this adapter with PEFT first")
-        d.product = np.float64 if (out_dtype or base.tensors[d.w.name].dtype.name) in _EXACT_OUTPUTS else np.float32
+        d.product = np.float64 if (out_dtype or base.tensors[d.w.name].auto_dtype.name) in _EXACT_OUTPUTS else np.float32
         # Only where W is the base's own tensor is θ_ft − θ_base the low-rank term alone.
         d.low_rank = low_rank and d.w == base.tensors[d.w.name]
         deltas.append(d)

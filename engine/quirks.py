@@ -237,5 +237,5 @@ def apply_output_files(plan, directory: Path) -> None:
     config = directory / "config.json"
     if plan.config and config.is_file():
         data = json.loads(config.read_text(encoding="utf-8"))
-        data.update(plan.config)
+        data = {k: v for k, v in {**data, **plan.config}.items() if v is not None}  # None removes a key
         write_text_durably(config, json.dumps(data, indent=2, sort_keys=True) + "\n")
