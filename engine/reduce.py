@@ -60,7 +60,7 @@ class TensorStates:
                 method.prepare(self.context(t))
 
     def context(self, t: OutputTensor) -> TensorContext:
-        return TensorContext(t.name, t.numel, self._positions.get(t.name, 1.0))
+        return TensorContext(t.name, t.numel, self._positions.get(t.name, 1.0), tuple(t.shape))
 
     def get(self, t: OutputTensor) -> tuple[TensorContext, Any, int]:
         with self._lock:

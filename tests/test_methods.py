@@ -80,9 +80,8 @@ def ref_linear(base, models, weights, normalize=False, scale=1.0):
 def ref_slerp(base, model, t):
     a, b = f64(base).ravel(), f64(model).ravel()
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    if na <= 1e-12 or nb <= 1e-12:
-        return ((1 - t) * a + t * b).reshape(base.shape)
-    cos = np.clip(a @ b / (na * nb), -1, 1)
+    # mergekit divides out only norms above 1e-8: a zero tensor counts as orthogonal
+    cos = np.clip(a @ b / ((na if na > 1e-8 else 1.0) * (nb if nb > 1e-8 else 1.0)), -1, 1)
     if abs(cos) > 0.9995:
         return ((1 - t) * a + t * b).reshape(base.shape)
     omega = math.acos(cos)
@@ -444,10 +443,12 @@ def test_slerp_endpoints_and_fallbacks(tmp_path):
             ref = ref_slerp(base[name], ft[name], t)
             assert_within_tolerance(out[name], ref, [base[name], ft[name]], f"slerp t={t} {name}")
         if t == 0.4:
-            # colinear, antiparallel and zero-norm fall back to the linear interpolation
-            for name in ("colinear", "zero", "antiparallel"):
+            # colinear and antiparallel fall back to the linear interpolation
+            for name in ("colinear", "antiparallel"):
                 lerp = 0.6 * f64(base[name]) + 0.4 * f64(ft[name])
                 assert_within_tolerance(out[name], lerp, [base[name], ft[name]], name)
+            # a zero base is orthogonal to everything (mergekit's rule): sin(t·π/2)·θ_ft
+            assert_within_tolerance(out["zero"], math.sin(0.4 * math.pi / 2) * f64(b), [b], "zero")
             # the spherical one keeps the norm between the endpoints' norms, unlike the lerp
             assert np.linalg.norm(out["orth"]) > np.linalg.norm(0.6 * a + 0.4 * b) * 1.2
 
@@ -507,8 +508,9 @@ def test_layer_positions_follow_mergekit():
     names = ["model.embed_tokens.weight", "model.layers.0.a", "model.layers.3.a", "model.norm.weight",
              "lm_head.weight"]
     positions = layer_positions(names)
+    # tensors after the last layer sit at the first anchor, like the embeddings (mergekit >= 0.1.2)
     assert positions == {"model.embed_tokens.weight": 0.0, "model.layers.0.a": 0.0, "model.layers.3.a": 1.0,
-                         "model.norm.weight": 1.0, "lm_head.weight": 1.0}
+                         "model.norm.weight": 0.0, "lm_head.weight": 0.0}
     gradient = setting([0.0, 0.5, 1.0, 0.0], "t")
     assert gradient.at("x", 0.5) == pytest.approx(0.75)
     assert gradient.at("x", 1.0) == 0.0
