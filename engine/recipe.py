@@ -222,7 +222,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     if not isinstance(raw_method, str) or raw_method not in METHODS:
         choices = ", ".join(k for k in METHODS if "_" in k or k in ("linear", "slerp", "ties"))
         shown = raw_method if isinstance(raw_method, (str, int, float, type(None))) else type(raw_method).__name__
-        later = " yet" if raw_method in NOT_YET else ""
+        later = " yet" if isinstance(raw_method, str) and raw_method in NOT_YET else ""
         raise SpecError(f"{source}: merge_method {shown!r} is not supported{later}; choose one of: {choices}")
     method = METHODS[raw_method]
     warnings: list[str] = []

@@ -165,7 +165,7 @@ def ref_dare(name, base, models, weights, densities, elect, normalize=False, sca
         kept = np.where(keep, d, 0.0)
         if p < 1 and rescale == "density":
             kept = kept / p
-        elif p < 1 and rescale == "l1" and np.abs(kept).sum() > 0:
+        elif p < 1 and rescale == "l1" and min(np.abs(kept).sum(), np.abs(d).sum()) >= 1e-7:
             kept = kept * (np.abs(d).sum() / np.abs(kept).sum())
         deltas.append(kept)
     return ref_combine(base, deltas, weights, elect, normalize, scale, consensus)

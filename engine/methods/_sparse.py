@@ -4,7 +4,8 @@ For task vectors dᵢ = θ_ftᵢ − θ_base (fp32), weights wᵢ, a scale λ:
 
 1. sparsify each dᵢ into d̃ᵢ: by magnitude (TIES: keep |dᵢ| ≥ the k-th largest |dᵢ| of the
    tensor, k = ⌊densityᵢ·n⌋) or at random (DARE: keep each entry with probability densityᵢ,
-   then rescale the kept ones by sᵢ: 1/densityᵢ, or ‖dᵢ‖₁/‖keptᵢ‖₁, or 1);
+   then rescale the kept ones by sᵢ: 1/densityᵢ, or ‖dᵢ‖₁/‖keptᵢ‖₁ (1 where either norm is
+   below 1e-7, as in mergekit), or 1);
 2. weight: eᵢ = wᵢ·d̃ᵢ;
 3. combine, per element:
    - without sign election: Δ = Σᵢ eᵢ, and with ``normalize`` Δ /= Σᵢ wᵢ (if |Σ wᵢ| ≥ 1e-8);
@@ -41,6 +42,7 @@ from .params import per_model, resolve, resolve_bool, resolve_float, setting
 # 256K → 12.6–13.6 s, 512K → 13.9–15.2 s (and +40 MiB RSS); linear 3.9–4.5 s.
 COMBINE_BLOCK = 1 << 18
 RESCALES = ("density", "l1", "none")
+L1_FLOOR = 1e-7  # mergekit's eps: no L1 rescale where either norm is below it
 CONSENSUS = ("sum", "count")
 
 _local = threading.local()
@@ -72,7 +74,7 @@ class SparseState:
             if self.keys and p < 1.0:
                 if self.rescale == "density":
                     s = 1.0 / p if p > 0 else 0.0
-                elif self.rescale == "l1" and self.l1 is not None and self.l1[i, 1] > 0:
+                elif self.rescale == "l1" and self.l1 is not None and min(self.l1[i]) >= L1_FLOOR:
                     s = float(self.l1[i, 0] / self.l1[i, 1])
             out.append(w * s)
         return out
