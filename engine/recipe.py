@@ -25,8 +25,9 @@ the key or value; nothing is ignored silently:
   the base (it only anchors the arithmetic; the result is the same).
 * Methods built on task vectors ignore the base's own parameters, as mergekit does: they are
   accepted with a warning. So is a per-model ``weight`` on slerp and model_stock.
-* Defaults are mergekit's: ``normalize`` true for linear and ties, DARE's ``rescale`` true,
-  which mergekit implements as keeping each task vector's L1 norm (safeblend's ``l1``).
+* Defaults are mergekit's: ``normalize`` true for linear and ties, DARE's ``rescale`` true.
+  ``rescale: true`` means what mergekit implements: the kept entries carry each task vector's
+  L1 norm (safeblend's ``l1``), for DARE and TIES alike.
 
 The file is read defensively: a regular file of at most 1 MiB of UTF-8 text, nesting at most
 64 deep, at most 100,000 nodes once aliases are expanded, no duplicate keys.
@@ -83,7 +84,7 @@ _GLOBAL = {
     "linear": {"normalize": "normalize"},
     "task-arithmetic": {"normalize": "normalize", "lambda": "lambda_", "int8_mask": None, "rescale": None},
     "ties": {"normalize": "normalize", "lambda": "lambda_", "consensus": "consensus", "int8_mask": None,
-             "rescale": None},
+             "rescale": "rescale"},
     "dare-linear": {"normalize": "normalize", "lambda": "lambda_", "rescale": "rescale", "seed": "seed",
                     "int8_mask": None},
     "dare-ties": {"normalize": "normalize", "lambda": "lambda_", "rescale": "rescale", "seed": "seed",
@@ -395,7 +396,7 @@ def _method_params(method: str, raw_method: str, merge_wide: dict[str, Setting],
 
 def _recipe_meaning(method: str, key: str, value: Setting) -> Setting:
     """A merge-wide value as mergekit means it: DARE's ``rescale: true`` keeps the L1 norm."""
-    if key == "rescale" and method in ("dare-linear", "dare-ties"):
+    if key == "rescale" and method in ("ties", "dare-linear", "dare-ties"):
         meaning = {True: "l1", False: "none"}
         return Setting(tuple((p, meaning.get(v, v) if isinstance(v, bool) else v) for p, v in value.rules))
     return value
@@ -405,12 +406,8 @@ def _no_effect(method: str, key: str, value: Setting, source: str, warnings: lis
     """Parameters that change mergekit's memory use, not its result, or that safeblend lacks."""
     if key == "int8_mask":
         warnings.append(f"{source}: int8_mask has no effect in safeblend (masks are never materialised)")
-    elif key == "rescale" and method == "task_arithmetic":
-        warnings.append(f"{source}: rescale has no effect on task_arithmetic (nothing is dropped), as in mergekit")
-    elif key == "rescale":
-        if value.constant not in (False, 0):
-            raise SpecError(f"{source}: parameter 'rescale' is not supported by {method} yet "
-                            "(safeblend rescales only DARE's masks)")
+    elif key == "rescale":  # task_arithmetic drops nothing
+        warnings.append(f"{source}: rescale has no effect on {method} (nothing is dropped), as in mergekit")
 
 
 def _output_dtype(data: dict, source: str, warnings: list[str]) -> str | None:

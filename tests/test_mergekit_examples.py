@@ -262,3 +262,24 @@ def test_basic_methods_safeblend_lacks_are_refused(tmp_path, models, method):
     path.write_text(yaml.safe_dump(two_models(models, method, base="c")))
     with pytest.raises(SpecError, match=f"merge_method '{method}' is not supported yet"):
         load_recipe(path)
+
+
+def test_ties_rescale_true_keeps_the_l1_norm(tmp_path, models, f64):
+    """ties with ``rescale: true``: mergekit's rescaled_masked_tensor, L1 norm, eps 1e-7."""
+    out = run(tmp_path, two_models(models, "ties", base="c", params={"density": 0.3, "rescale": True}))
+
+    def ref(n):
+        b = f64["c"][n]
+        deltas = []
+        for k in "ab":
+            d = f64[k][n] - b
+            kept = ref_magnitude(d, 0.3)
+            before, after = np.abs(d).sum(), np.abs(kept).sum()
+            deltas.append(kept if min(before, after) < 1e-7 else kept * (before / after))
+        w = np.array([0.6, 0.4]).reshape(-1, *([1] * b.ndim))
+        weighted = np.stack(deltas) * w
+        mask = np.sign(weighted) == np.where(weighted.sum(0) >= 0, 1.0, -1.0)
+        divisor = (w * mask).sum(0)
+        divisor[divisor == 0] = 1
+        return b + (weighted * mask).sum(0) / divisor
+    check(out, ref, [f64["a"], f64["b"], f64["c"]])

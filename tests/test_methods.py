@@ -118,8 +118,12 @@ def ref_combine(base, deltas, weights, elect, normalize, scale, consensus="sum")
     return b + scale * mixed
 
 
-def ref_ties(base, models, weights, densities, normalize=True, scale=1.0, consensus="sum"):
+def ref_ties(base, models, weights, densities, normalize=True, scale=1.0, consensus="sum", rescale=False):
     deltas = [ref_trim(f64(m) - f64(base), p) for m, p in zip(models, densities)]
+    if rescale:  # mergekit's rescale: the kept entries carry the task vector's L1 norm
+        full = [np.abs(f64(m) - f64(base)).sum() for m in models]
+        deltas = [d * (f / np.abs(d).sum()) if p < 1 and min(f, np.abs(d).sum()) >= 1e-7 else d
+                  for d, f, p in zip(deltas, full, densities)]
     return ref_combine(base, deltas, weights, True, normalize, scale, consensus)
 
 
@@ -201,6 +205,8 @@ CASES = {
     "ties-count": (3, dict(weight=0.6, density=[0.2, 0.5, 0.9], consensus="count", normalize=False, lambda_=0.8),
                    lambda n, b, ms: ref_ties(b, ms, [0.6] * 3, [0.2, 0.5, 0.9], normalize=False, scale=0.8,
                                              consensus="count")),
+    "ties-l1": (3, dict(weight=[1.0, 0.5, 0.8], density=[0.3, 0.6, 1.0], rescale="l1"),
+                lambda n, b, ms: ref_ties(b, ms, [1.0, 0.5, 0.8], [0.3, 0.6, 1.0], rescale=True)),
     "dare-linear": (2, dict(weight=[0.6, 0.4], density=0.4),
                     lambda n, b, ms: ref_dare(n, b, ms, [0.6, 0.4], [0.4] * 2, elect=False)),
     "dare-linear-l1": (2, dict(weight=[0.6, 0.4], density=[0.3, 0.7], rescale="l1", normalize=True, seed=7),
@@ -528,6 +534,7 @@ def test_layer_positions_follow_mergekit():
     ("ties", 2, {"seed": 3}, "takes no parameter 'seed'"),
     ("dare-linear", 2, {"consensus": "count"}, "takes no parameter 'consensus'"),
     ("dare-ties", 2, {"rescale": "l2"}, "rescale: expected one of density, l1, none"),
+    ("ties", 2, {"rescale": "density"}, "rescale: expected one of l1, none"),
     ("ties", 2, {"consensus": "majority"}, "consensus: expected one of sum, count"),
     ("ties", 3, {"weight": [1, 2]}, "got 2 weight values for 3"),
     ("linear", 2, {"weight": [0.5, -0.5], "normalize": True}, "sum to zero"),

@@ -98,8 +98,6 @@ def test_ties_recipe_maps_to_method_parameters(models):
      "only one slice"),
     ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}}],
       "dtype": "float8"}, "dtype"),
-    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}}],
-      "parameters": {"rescale": True}}, "'rescale' is not supported by ties"),
     ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}},
                                            {"model": "a", "parameters": {"weight": 1}}]}, "listed twice"),
     ({"merge_method": "linear", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": 1}}]},

@@ -3,7 +3,8 @@
 For task vectors dᵢ = θ_ftᵢ − θ_base (fp32), weights wᵢ, a scale λ:
 
 1. sparsify each dᵢ into d̃ᵢ: by magnitude (TIES: keep |dᵢ| ≥ the k-th largest |dᵢ| of the
-   tensor, k = ⌊densityᵢ·n⌋) or at random (DARE: keep each entry with probability densityᵢ,
+   tensor, k = ⌊densityᵢ·n⌋; with ``rescale: l1`` the kept ones are then scaled by
+   ‖dᵢ‖₁/‖keptᵢ‖₁, as mergekit's ``rescale: true`` does) or at random (DARE: keep each entry with probability densityᵢ,
    then rescale the kept ones by sᵢ: 1/densityᵢ, or ‖dᵢ‖₁/‖keptᵢ‖₁ (1 where either norm is
    below 1e-7, as in mergekit), or 1);
 2. weight: eᵢ = wᵢ·d̃ᵢ;
@@ -63,15 +64,16 @@ class SparseState:
     limits: list[int] = field(default_factory=list)  # DARE keep limits
     l1: np.ndarray | None = None  # DARE l1: [model, (Σ|d|, Σ|kept d|)]
     l1_parts: dict[int, np.ndarray] = field(default_factory=dict)  # per chunk, while reducing
+    l1_pass: int | None = None  # TIES with rescale l1: the pass after the selection
     passes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def factors(self) -> list[float]:
-        """Per model, what multiplies a kept delta: wᵢ·sᵢ (sᵢ the DARE rescale)."""
+        """Per model, what multiplies a kept delta: wᵢ·sᵢ (sᵢ the rescale)."""
         out = []
         for i, (w, p) in enumerate(zip(self.weights, self.densities)):
             s = 1.0
-            if self.keys and p < 1.0:
+            if (self.keys or self.selectors) and p < 1.0:
                 if self.rescale == "density":
                     s = 1.0 / p if p > 0 else 0.0
                 elif self.rescale == "l1" and self.l1 is not None and min(self.l1[i]) >= L1_FLOOR:
@@ -99,8 +101,8 @@ class SparseTaskArithmetic(MergeMethod):
         self._lambda = setting(lambda_, "lambda")
         self._normalize = setting(self.default_normalize if normalize is None else normalize, "normalize")
         self._consensus = setting(consensus or "sum", "consensus") if self.elect_signs else None
-        self._rescale = (setting("density" if rescale is None else rescale, "rescale")
-                         if self.sparsify == "random" else None)
+        default_rescale = "density" if self.sparsify == "random" else "none"
+        self._rescale = setting(default_rescale if rescale is None else rescale, "rescale")
         self.seed: int | None = None
         if self.sparsify == "random":
             if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
@@ -114,7 +116,6 @@ class SparseTaskArithmetic(MergeMethod):
         if not cls.elect_signs:
             names.remove("consensus")
         if cls.sparsify != "random":
-            names.remove("rescale")
             names.remove("seed")
         return names
 
@@ -125,8 +126,8 @@ class SparseTaskArithmetic(MergeMethod):
                 _check_density(s.constant, self.name)
         if self._consensus is not None and self._consensus.constant is not None:
             _check_choice(self._consensus.constant, CONSENSUS, f"{self.name}: consensus")
-        if self._rescale is not None and self._rescale.constant is not None:
-            _rescale_rule(self._rescale.constant, self.name)
+        if self._rescale.constant is not None:
+            self._rule(self._rescale.constant)
         if all(s.constant == 1.0 for s in self._densities):
             self.warnings.append(f"{self.name}: density 1 keeps every delta entry; set a density below 1 "
                                  "to sparsify")
@@ -143,8 +144,7 @@ class SparseTaskArithmetic(MergeMethod):
             normalize=resolve_bool(self._normalize, name, t, f"{self.name}: normalize"),
             consensus=(_check_choice(resolve(self._consensus, name, t, f"{self.name}: consensus"), CONSENSUS,
                                      f"{self.name}: consensus") if self._consensus is not None else None),
-            rescale=(_rescale_rule(resolve(self._rescale, name, t, f"{self.name}: rescale"), self.name)
-                     if self._rescale is not None else "none"),
+            rescale=self._rule(resolve(self._rescale, name, t, f"{self.name}: rescale")),
         )
         if self.sparsify == "magnitude":
             state.selectors = [KthLargest(tensor.numel, math.floor(p * tensor.numel)) for p in state.densities]
@@ -158,6 +158,8 @@ class SparseTaskArithmetic(MergeMethod):
         return state
 
     def reduce_passes(self, state: SparseState) -> int:
+        if state.l1_pass is not None:  # the selection is done; one pass sums the L1 norms
+            return state.l1_pass + 1
         if state.selectors:  # a selector whose sample misled it asks for two more passes
             return max((s.passes for s in state.selectors if not s.done), default=state.passes)
         return state.passes
@@ -167,10 +169,20 @@ class SparseTaskArithmetic(MergeMethod):
         or "none" for every tensor needs no reduce pass, and the Triton backend has its
         per-element work (``dare_linear``). TIES's thresholds, DARE's L1 norms and sign
         election have no device version yet."""
-        if self.sparsify != "random" or self.elect_signs or self._rescale is None:
+        if self.sparsify != "random" or self.elect_signs:
             return False
         rule = self._rescale.constant
-        return rule is not None and _rescale_rule(rule, self.name) in ("density", "none")
+        return rule is not None and self._rule(rule) in ("density", "none")
+
+    def _rule(self, value: Any) -> str:
+        """The rescale rule: DARE takes density, l1 or none; magnitude selection l1 or none."""
+        if self.sparsify == "random":
+            return _rescale_rule(value, self.name)
+        if value is True:
+            return "l1"
+        if value is False:
+            return "none"
+        return _check_choice(value, ("l1", "none"), f"{self.name}: rescale")
 
     def accumulate(self, state: SparseState, pass_index: int, base: np.ndarray, models: Sequence[np.ndarray],
                    chunk: ChunkContext) -> None:
@@ -183,6 +195,7 @@ class SparseTaskArithmetic(MergeMethod):
         if state.selectors and pass_index == 0:  # the selectors' first pass looks at a sample
             self._accumulate_sample(state, base, models, state.selectors[0].sample_ranges(base.shape[0]))
             return
+        l1_pass = pass_index == state.l1_pass
         with np.errstate(all="ignore"):
             for lo, hi in blocks(base.shape[0], COMBINE_BLOCK):
                 k = hi - lo
@@ -191,14 +204,23 @@ class SparseTaskArithmetic(MergeMethod):
                 for i, model in enumerate(models):
                     np.copyto(d, model[lo:hi], casting="unsafe")
                     np.subtract(d, b, out=d)
-                    if state.selectors:
+                    if l1_pass:  # Σ|d| and Σ|d| over the entries the threshold keeps
+                        threshold = state.selectors[i].threshold_bits
+                        if threshold > 0:
+                            np.greater_equal(magnitude_bits(d, bits[:k]), np.uint32(threshold), out=keep[:k])
+                        else:
+                            keep[:k] = True
+                        np.abs(d, out=d)
+                        l1[i, 0] += float(np.sum(d, dtype=np.float64))
+                        l1[i, 1] += float(np.sum(d, where=keep[:k], dtype=np.float64))
+                    elif state.selectors:
                         state.selectors[i].add(pass_index, magnitude_bits(d, bits[:k]), high[:k], keep[:k])
                     else:
                         np.abs(d, out=d)
                         l1[i, 0] += float(np.sum(d, dtype=np.float64))
                         generator.keep(state.keys[i], chunk.first + lo, state.limits[i], keep[:k])
                         l1[i, 1] += float(np.sum(d, where=keep[:k], dtype=np.float64))
-        if not state.selectors:
+        if not state.selectors or l1_pass:
             with state.lock:
                 state.l1_parts[chunk.first] = l1
 
@@ -231,8 +253,12 @@ class SparseTaskArithmetic(MergeMethod):
                     selector.add(0, bits[:filled], high[:filled], keep[:filled])
 
     def end_pass(self, state: SparseState, pass_index: int) -> None:
-        for selector in state.selectors:
-            selector.end_pass(pass_index)
+        if pass_index != state.l1_pass:
+            for selector in state.selectors:
+                selector.end_pass(pass_index)
+            if (state.selectors and state.rescale == "l1" and state.l1_pass is None
+                    and all(s.done for s in state.selectors)):
+                state.l1_pass = pass_index + 1
         if state.l1_parts:
             # Summed in chunk order, so the result does not depend on thread timing.
             state.l1 = sum(state.l1_parts[first] for first in sorted(state.l1_parts))
@@ -347,9 +373,11 @@ class SparseTaskArithmetic(MergeMethod):
         }
         if self._consensus is not None:
             recipe["consensus"] = self._consensus.to_json()
-        if self._rescale is not None:
+        if self.sparsify == "random":
             recipe["rescale"] = self._rescale.to_json()
             recipe["seed"] = self.seed
+        elif self._rescale.constant != "none":
+            recipe["rescale"] = self._rescale.to_json()
         return recipe
 
 
