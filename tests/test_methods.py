@@ -485,6 +485,8 @@ def test_model_stock_ratio_formula():
     gram = np.array([[4.0, 2.0, 1.0], [0.0, 4.0, 0.0], [0.0, 0.0, 1.0]])  # upper triangle is read
     cos = (2.0 / 4.0 + 1.0 / 2.0 + 0.0) / 3
     assert interpolation_ratio(gram) == pytest.approx(3 * cos / (1 + 2 * cos))
+    # antiparallel pair: 1 + (N − 1)·cos = 0, where mergekit divides by zero; safeblend gives t = 0
+    assert interpolation_ratio(np.array([[1.0, -1.0], [0.0, 1.0]])) == 0.0
 
 
 # -- per-tensor parameters ---------------------------------------------------------------------
