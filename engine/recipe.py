@@ -56,11 +56,15 @@ METHODS = {
     "dare_linear": "dare-linear",
     "dare_ties": "dare-ties",
     "model_stock": "model-stock",
+    "nearswap": "nearswap",
+    "multislerp": "multislerp",
+    "nuslerp": "nuslerp",
+    "karcher": "karcher",
 }
 METHODS.update({v: v for v in list(METHODS.values())})
 # mergekit methods safeblend does not have yet: refused by name.
-NOT_YET = {"breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "nuslerp", "multislerp", "karcher",
-           "passthrough", "nearswap", "arcee_fusion", "ram", "ramplus_tl"}
+NOT_YET = {"breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "passthrough", "arcee_fusion", "ram",
+           "ramplus_tl"}
 
 TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype"}
 UNSUPPORTED_TOP_LEVEL = {
@@ -79,6 +83,10 @@ _PER_MODEL = {
     "dare-ties": {"weight": "weight", "density": "density"},
     "slerp": {},
     "model-stock": {},
+    "nearswap": {},
+    "multislerp": {"weight": "weight"},
+    "nuslerp": {"weight": "weight"},
+    "karcher": {},
 }
 _GLOBAL = {
     "linear": {"normalize": "normalize"},
@@ -91,13 +99,22 @@ _GLOBAL = {
                   "consensus": "consensus", "int8_mask": None},
     "slerp": {"t": "weight"},
     "model-stock": {"filter_wise": "filter_wise"},
+    "nearswap": {"t": "t"},
+    "multislerp": {"normalize_weights": "normalize_weights", "eps": "eps"},
+    "nuslerp": {"nuslerp_row_wise": "row_wise", "nuslerp_flatten": "flatten"},
+    "karcher": {"max_iter": "max_iter", "tol": "tol"},
 }
 # Per-model parameters mergekit accepts and ignores for a method: a warning, not an error.
-_IGNORED_PER_MODEL = {"slerp": {"weight"}, "model-stock": {"weight"}}
+_IGNORED_PER_MODEL = {"slerp": {"weight"}, "model-stock": {"weight"}, "nearswap": {"weight"}, "karcher": {"weight"}}
 # mergekit's defaults where they differ from safeblend's API defaults.
 _RECIPE_DEFAULTS = {"linear": {"normalize": True}, "dare-linear": {"rescale": "l1"}, "dare-ties": {"rescale": "l1"}}
 _REQUIRED = {"linear": ["weight"], "task-arithmetic": ["weight"], "ties": ["weight"],
-             "dare-linear": ["weight"], "dare-ties": ["weight"], "slerp": ["t"], "model-stock": []}
+             "dare-linear": ["weight"], "dare-ties": ["weight"], "slerp": ["t"], "model-stock": [],
+             "nearswap": ["t"], "multislerp": ["weight"], "nuslerp": ["weight"], "karcher": []}
+# Methods whose base_model is optional: without one, the first model is an operand with its own
+# weight (passed as the base, with ``base_weight``); linear's base is always such an operand.
+_WEIGHTED_BASE = {"linear", "multislerp", "nuslerp"}
+_CONSTANT_ONLY = {"seed", "max_iter"}  # one value for the whole merge
 
 MAX_BYTES = 1 << 20  # a recipe is a few hundred bytes; this refuses /dev/zero and accidents
 MAX_DEPTH = 64
@@ -231,17 +248,23 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     entries, slice_params = _model_entries(data, source)
     merge_wide = _merge_wide(_mapping(data.get("parameters"), f"{source}: parameters"), slice_params, source)
     base = _model_path(data["base_model"], f"{source}: base_model") if data.get("base_model") is not None else None
-    if method == "linear":
+    if method == "karcher":  # the base, if any, is one more model; none of them has parameters
+        base = base if base is not None else entries[0][0]
+        fine_tuned = [e for e in entries if not _same(e[0], base)]
+        if not fine_tuned:
+            raise SpecError(f"{source}: no models besides {base!r} to merge")
+        params = _method_params(method, raw_method, merge_wide, entries, source, warnings)
+    elif method in _WEIGHTED_BASE and (method == "linear" or base is None):
         if base is None:
-            base = entries[0][0]  # mergekit's linear needs no base; the first model anchors the arithmetic
+            base = entries[0][0]  # no base: the first model anchors the arithmetic
         listed_base = [params for path, params in entries if _same(path, base)]
         base_params = listed_base[0] if listed_base else {}
         fine_tuned = [e for e in entries if not _same(e[0], base)]
         if not fine_tuned:
             raise SpecError(f"{source}: no models besides {base!r} to merge")
         params = _method_params(method, raw_method, merge_wide, fine_tuned, source, warnings)
-        params["base_weight"] = _base_weight(base, base_params, merge_wide, source)
-        unknown = sorted(set(base_params) - {"weight"})
+        params["base_weight"] = _base_weight(base, base_params, merge_wide, source, raw_method)
+        unknown = sorted(map(str, set(base_params) - {"weight"}))
         if unknown:
             raise SpecError(f"{source}: model {base}: parameter {unknown[0]!r} is not supported per model by "
                             f"{raw_method} (per-model parameters: weight)")
@@ -261,12 +284,13 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
                   dtype=_output_dtype(data, source, warnings), warnings=warnings)
 
 
-def _base_weight(base: str, base_params: dict, merge_wide: dict[str, Setting], source: str) -> Setting:
-    """The base's weight in a linear recipe: its own, falling back to the merge-wide one."""
+def _base_weight(base: str, base_params: dict, merge_wide: dict[str, Setting], source: str,
+                 method: str = "linear") -> Setting:
+    """The weight of a base that is an operand: its own, falling back to the merge-wide one."""
     own = setting(base_params["weight"], f"{source}: {base}: weight") if "weight" in base_params else None
     fallback = merge_wide.get("weight")
     if own is None and fallback is None:
-        raise SpecError(f"{source}: model {base}: parameter 'weight' is required for linear, the base included "
+        raise SpecError(f"{source}: model {base}: parameter 'weight' is required for {method}, the base included "
                         "(list the base under models with a weight, or set a merge-wide weight)")
     if own is None:
         return fallback
@@ -350,9 +374,9 @@ def _method_params(method: str, raw_method: str, merge_wide: dict[str, Setting],
             target = global_keys[key]
             if target is None:
                 _no_effect(raw_method, key, value, source, warnings)
-            elif key == "seed":
+            elif key in _CONSTANT_ONLY:
                 if value.constant is None:
-                    raise SpecError(f"{source}: parameter 'seed' must be one integer for the whole merge")
+                    raise SpecError(f"{source}: parameter {key!r} must be one number for the whole merge")
                 params[target] = value.constant
             else:
                 params[target] = _recipe_meaning(method, key, value)

@@ -54,4 +54,5 @@ def create_method(name: str, n_models: int, **params: Any) -> MergeMethod:
 
 
 # Importing the modules registers them.
-from . import dare_linear, dare_ties, linear, model_stock, slerp, task_arithmetic, ties  # noqa: E402,F401
+from . import (dare_linear, dare_ties, karcher, linear, model_stock, multislerp, nearswap, nuslerp,  # noqa: E402,F401
+               slerp, task_arithmetic, ties)
