@@ -60,10 +60,12 @@ METHODS = {
     "multislerp": "multislerp",
     "nuslerp": "nuslerp",
     "karcher": "karcher",
+    "breadcrumbs": "breadcrumbs",
+    "breadcrumbs_ties": "breadcrumbs-ties",
 }
 METHODS.update({v: v for v in list(METHODS.values())})
 # mergekit methods safeblend does not have yet: refused by name.
-NOT_YET = {"breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "passthrough", "arcee_fusion", "ram",
+NOT_YET = {"della", "della_linear", "sce", "passthrough", "arcee_fusion", "ram",
            "ramplus_tl"}
 
 TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype"}
@@ -87,6 +89,8 @@ _PER_MODEL = {
     "multislerp": {"weight": "weight"},
     "nuslerp": {"weight": "weight"},
     "karcher": {},
+    "breadcrumbs": {"weight": "weight", "density": "density", "gamma": "gamma"},
+    "breadcrumbs-ties": {"weight": "weight", "density": "density", "gamma": "gamma"},
 }
 _GLOBAL = {
     "linear": {"normalize": "normalize"},
@@ -103,6 +107,9 @@ _GLOBAL = {
     "multislerp": {"normalize_weights": "normalize_weights", "eps": "eps"},
     "nuslerp": {"nuslerp_row_wise": "row_wise", "nuslerp_flatten": "flatten"},
     "karcher": {"max_iter": "max_iter", "tol": "tol"},
+    "breadcrumbs": {"normalize": "normalize", "lambda": "lambda_", "rescale": "rescale", "int8_mask": None},
+    "breadcrumbs-ties": {"normalize": "normalize", "lambda": "lambda_", "rescale": "rescale",
+                         "consensus": "consensus", "int8_mask": None},
 }
 # Per-model parameters mergekit accepts and ignores for a method: a warning, not an error.
 _IGNORED_PER_MODEL = {"slerp": {"weight"}, "model-stock": {"weight"}, "nearswap": {"weight"}, "karcher": {"weight"}}
@@ -110,7 +117,8 @@ _IGNORED_PER_MODEL = {"slerp": {"weight"}, "model-stock": {"weight"}, "nearswap"
 _RECIPE_DEFAULTS = {"linear": {"normalize": True}, "dare-linear": {"rescale": "l1"}, "dare-ties": {"rescale": "l1"}}
 _REQUIRED = {"linear": ["weight"], "task-arithmetic": ["weight"], "ties": ["weight"],
              "dare-linear": ["weight"], "dare-ties": ["weight"], "slerp": ["t"], "model-stock": [],
-             "nearswap": ["t"], "multislerp": ["weight"], "nuslerp": ["weight"], "karcher": []}
+             "nearswap": ["t"], "multislerp": ["weight"], "nuslerp": ["weight"], "karcher": [],
+             "breadcrumbs": ["weight"], "breadcrumbs-ties": ["weight"]}
 # Methods whose base_model is optional: without one, the first model is an operand with its own
 # weight (passed as the base, with ``base_weight``); linear's base is always such an operand.
 _WEIGHTED_BASE = {"linear", "multislerp", "nuslerp"}
@@ -420,7 +428,7 @@ def _method_params(method: str, raw_method: str, merge_wide: dict[str, Setting],
 
 def _recipe_meaning(method: str, key: str, value: Setting) -> Setting:
     """A merge-wide value as mergekit means it: DARE's ``rescale: true`` keeps the L1 norm."""
-    if key == "rescale" and method in ("ties", "dare-linear", "dare-ties"):
+    if key == "rescale" and method in ("ties", "dare-linear", "dare-ties", "breadcrumbs", "breadcrumbs-ties"):
         meaning = {True: "l1", False: "none"}
         return Setting(tuple((p, meaning.get(v, v) if isinstance(v, bool) else v) for p, v in value.rules))
     return value

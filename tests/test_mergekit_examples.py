@@ -256,7 +256,7 @@ def test_basic_dare_ties(tmp_path, models, f64):
           [f64["a"], f64["b"], f64["c"]])
 
 
-@pytest.mark.parametrize("method", ["breadcrumbs", "sce", "ram", "ramplus_tl", "della", "arcee_fusion"])
+@pytest.mark.parametrize("method", ["sce", "ram", "ramplus_tl", "della", "arcee_fusion"])
 def test_basic_methods_safeblend_lacks_are_refused(tmp_path, models, method):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(two_models(models, method, base="c")))
@@ -411,3 +411,61 @@ def test_basic_nearswap(tmp_path, models, f64):
             w = np.clip(t / np.maximum(np.abs(a - b), 1e-6), 0, 1)
             return w * b + (1 - w) * a
         check(out, ref, [f64["a"], f64["b"]])
+
+
+def ref_breadcrumbs_trim(delta: np.ndarray, density: float, gamma: float) -> np.ndarray:
+    """mergekit's magnitude_outliers(): drop the n_top = int(γ·n) largest, keep the next
+    int(ρ·n) (n_top lowered when the two exceed n); ties at a threshold kept together (the
+    documented tie difference). mergekit keeps nothing where n_top is 0; these cases avoid it."""
+    if density >= 1:
+        return delta
+    n = delta.size
+    target, top = int(density * n), int(gamma * n)
+    bottom = n - target - top
+    if bottom < 0:
+        top, bottom = top + bottom, 0
+    magnitudes = np.sort(np.abs(delta).ravel())[::-1]
+    keep = np.abs(delta) >= magnitudes[n - bottom - 1]
+    if top > 0:
+        keep &= np.abs(delta) < magnitudes[top - 1]
+    # else: mergekit's slice [bottom:-0] keeps nothing at all (16-element norms here, γ·n < 1);
+    # safeblend keeps the int(ρ·n) largest, the documented difference
+    return np.where(keep, delta, 0.0)
+
+
+def check_elected(out, b, deltas, weights, normalize, names=SHAPES, inputs=()) -> None:
+    """TIES-style election against a float64 reference whose vote S = Σ wᵢ·dᵢ is exact (decimal
+    weights scaled to integers: the products and sums of bf16 deltas are then exact). Where S
+    is exactly 0 the election is a tie, decided by the rounding of the weights in any finite
+    arithmetic; either outcome is accepted there."""
+    for name in names:
+        d = np.stack([x[name] for x in deltas])
+        w = np.array(weights).reshape(-1, *([1] * b[name].ndim))
+        votes = (np.round(w * 1000) * d).sum(0)
+        outcomes = []
+        for sign in (1.0, -1.0):
+            sigma = np.where(votes > 0, 1.0, np.where(votes < 0, -1.0, sign))
+            mask = np.sign(w * d) == sigma
+            mixed = (w * d * mask).sum(0)
+            if normalize:
+                divisor = (w * mask).sum(0)
+                mixed = mixed / np.where(divisor == 0, 1.0, divisor)
+            outcomes.append(b[name] + mixed)
+        tie = votes == 0
+        chosen = np.where(tie & (np.abs(out[name] - outcomes[1]) < np.abs(out[name] - outcomes[0])),
+                          outcomes[1], outcomes[0])
+        assert_within_tolerance(out[name], chosen, [b[name], *[x[name] for x in inputs]], name)
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("params", [None, {"density": 0.5, "gamma": 0.05}, {"density": 0.9, "gamma": 0.3}])
+def test_basic_breadcrumbs(tmp_path, models, f64, method, params):
+    """mergekit's test_breadcrumbs_merge (density 1: the task vectors untouched), and trims."""
+    out = run(tmp_path, two_models(models, method, base="c", params=params))
+    density, gamma = (params or {}).get("density", 1.0), (params or {}).get("gamma", 0.01)
+
+    deltas = [{n: ref_breadcrumbs_trim(f64[k][n] - f64["c"][n], density, gamma) for n in SHAPES} for k in "ab"]
+    if method == "breadcrumbs":
+        check(out, lambda n: f64["c"][n] + 0.6 * deltas[0][n] + 0.4 * deltas[1][n], [f64["a"], f64["b"], f64["c"]])
+    else:  # normalize false by default
+        check_elected(out, f64["c"], deltas, [0.6, 0.4], False, inputs=[f64["a"], f64["b"]])

@@ -100,6 +100,26 @@ def ref_trim(delta: np.ndarray, density: float) -> np.ndarray:
     return np.where(np.abs(delta) >= tau, delta, 0.0)
 
 
+def ref_breadcrumbs_trim(delta: np.ndarray, density: float, gamma: float) -> np.ndarray:
+    """Breadcrumbs: drop the t = ⌊γ·n⌋ largest |d|, keep the next k = ⌊ρ·n⌋ (t lowered to
+    n − k where they exceed n); ties at either threshold all on the same side."""
+    if density >= 1:
+        return delta.copy()
+    n = delta.size
+    k, t = math.floor(density * n), math.floor(gamma * n)
+    t = min(t, n - k)
+    magnitudes = np.sort(np.abs(delta).ravel())[::-1]
+    keep = np.abs(delta) >= magnitudes[k + t - 1] if k + t > 0 else np.zeros(delta.shape, bool)
+    if t > 0:
+        keep &= np.abs(delta) < magnitudes[t - 1]
+    return np.where(keep, delta, 0.0)
+
+
+def ref_breadcrumbs(base, models, weights, densities, gammas, elect, normalize=False, scale=1.0):
+    deltas = [ref_breadcrumbs_trim(f64(m) - f64(base), p, g) for m, p, g in zip(models, densities, gammas)]
+    return ref_combine(base, deltas, weights, elect, normalize, scale)
+
+
 def ref_combine(base, deltas, weights, elect, normalize, scale, consensus="sum"):
     b = f64(base)
     e = [w * d for w, d in zip(weights, deltas)]
@@ -207,6 +227,13 @@ CASES = {
                                              consensus="count")),
     "ties-l1": (3, dict(weight=[1.0, 0.5, 0.8], density=[0.3, 0.6, 1.0], rescale="l1"),
                 lambda n, b, ms: ref_ties(b, ms, [1.0, 0.5, 0.8], [0.3, 0.6, 1.0], rescale=True)),
+    "breadcrumbs": (3, dict(weight=[1.0, 0.5, 0.8], density=[0.3, 0.6, 1.0], gamma=[0.01, 0.2, 0.1]),
+                    lambda n, b, ms: ref_breadcrumbs(b, ms, [1.0, 0.5, 0.8], [0.3, 0.6, 1.0], [0.01, 0.2, 0.1],
+                                                     elect=False)),
+    "breadcrumbs-ties": (3, dict(weight=[1.0, 0.5, 0.8], density=0.5, gamma=[0.05, 0.6, 0.0], normalize=True,
+                                 lambda_=0.9),
+                         lambda n, b, ms: ref_breadcrumbs(b, ms, [1.0, 0.5, 0.8], [0.5] * 3, [0.05, 0.6, 0.0],
+                                                          elect=True, normalize=True, scale=0.9)),
     "dare-linear": (2, dict(weight=[0.6, 0.4], density=0.4),
                     lambda n, b, ms: ref_dare(n, b, ms, [0.6, 0.4], [0.4] * 2, elect=False)),
     "dare-linear-l1": (2, dict(weight=[0.6, 0.4], density=[0.3, 0.7], rescale="l1", normalize=True, seed=7),
@@ -582,3 +609,19 @@ def test_ties_on_a_tensor_large_enough_to_be_sampled(tmp_path, case, chunk_size)
         ms = [m[name] for m in models]
         assert_within_tolerance(out[name], reference(name, base[name], ms),
                                 [base[name], *ms, operand_scale("ties", base[name], ms)], f"{case} {name}")
+
+
+def test_breadcrumbs_on_a_tensor_above_the_sampling_size(tmp_path):
+    """Both thresholds through the sampled selection (tensors above _select.SMALL elements)."""
+    from safeblend.methods._select import SMALL
+
+    rng = np.random.default_rng(31)
+    shapes = {"model.layers.0.mlp.up_proj.weight": (SMALL // 512 + 7, 1024)}
+    base, models = make_inputs(rng, "fp32", 2, shapes)
+    out = run(tmp_path, base, models, "breadcrumbs-ties", chunk_size="1MiB", weight=[0.7, 0.5], density=0.2,
+              gamma=[0.02, 0.1])
+    name = next(iter(shapes))
+    ms = [m[name] for m in models]
+    ref = ref_breadcrumbs(base[name], ms, [0.7, 0.5], [0.2, 0.2], [0.02, 0.1], elect=True)
+    assert_within_tolerance(out[name], ref, [base[name], *ms, operand_scale("breadcrumbs-ties", base[name], ms)],
+                            name)

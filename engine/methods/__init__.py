@@ -54,5 +54,5 @@ def create_method(name: str, n_models: int, **params: Any) -> MergeMethod:
 
 
 # Importing the modules registers them.
-from . import (dare_linear, dare_ties, karcher, linear, model_stock, multislerp, nearswap, nuslerp,  # noqa: E402,F401
-               slerp, task_arithmetic, ties)
+from . import (breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, karcher, linear,  # noqa: E402,F401
+               model_stock, multislerp, nearswap, nuslerp, slerp, task_arithmetic, ties)

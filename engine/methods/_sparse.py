@@ -4,7 +4,9 @@ For task vectors dᵢ = θ_ftᵢ − θ_base (fp32), weights wᵢ, a scale λ:
 
 1. sparsify each dᵢ into d̃ᵢ: by magnitude (TIES: keep |dᵢ| ≥ the k-th largest |dᵢ| of the
    tensor, k = ⌊densityᵢ·n⌋; with ``rescale: l1`` the kept ones are then scaled by
-   ‖dᵢ‖₁/‖keptᵢ‖₁, as mergekit's ``rescale: true`` does) or at random (DARE: keep each entry with probability densityᵢ,
+   ‖dᵢ‖₁/‖keptᵢ‖₁, as mergekit's ``rescale: true`` does), by magnitude without the outliers
+   (Model Breadcrumbs: drop the t = ⌊γᵢ·n⌋ largest |dᵢ| and keep the next ⌊densityᵢ·n⌋, t
+   lowered where the two exceed n; the same optional L1 rescale) or at random (DARE: keep each entry with probability densityᵢ,
    then rescale the kept ones by sᵢ: 1/densityᵢ, or ‖dᵢ‖₁/‖keptᵢ‖₁ (1 where either norm is
    below 1e-7, as in mergekit), or 1);
 2. weight: eᵢ = wᵢ·d̃ᵢ;
@@ -59,7 +61,7 @@ class SparseState:
     normalize: bool
     consensus: str | None
     rescale: str
-    selectors: list[KthLargest] = field(default_factory=list)  # TIES
+    selectors: list[KthLargest] = field(default_factory=list)  # TIES: per model; breadcrumbs: then outliers
     keys: list[int] = field(default_factory=list)  # DARE stream keys
     limits: list[int] = field(default_factory=list)  # DARE keep limits
     l1: np.ndarray | None = None  # DARE l1: [model, (Σ|d|, Σ|kept d|)]
@@ -67,6 +69,27 @@ class SparseState:
     l1_pass: int | None = None  # TIES with rescale l1: the pass after the selection
     passes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def trim(self, i: int, delta: np.ndarray, bits: np.ndarray, keep: np.ndarray, spare: np.ndarray) -> bool:
+        """Model i's magnitude mask for ``delta`` into ``keep``; False where everything is kept.
+
+        keep = |d| ≥ τᵢ (the kept rank's magnitude) and, with outlier selectors, |d| < τ'ᵢ (the
+        smallest of the outliers); ``bits`` and ``spare`` are scratch of the same length."""
+        n = len(self.densities)
+        keep_all = self.selectors[i].threshold_bits == 0
+        outliers = self.selectors[n + i] if len(self.selectors) > n else None
+        none_out = outliers is None or outliers.threshold_bits >= 1 << 31
+        if keep_all and none_out:
+            return False
+        magnitude_bits(delta, bits)
+        if keep_all:
+            keep[:] = True
+        else:
+            np.greater_equal(bits, np.uint32(self.selectors[i].threshold_bits), out=keep)
+        if not none_out:
+            np.less(bits, np.uint32(outliers.threshold_bits), out=spare)
+            np.logical_and(keep, spare, out=keep)
+        return True
 
     def factors(self) -> list[float]:
         """Per model, what multiplies a kept delta: wᵢ·sᵢ (sᵢ the rescale)."""
@@ -85,14 +108,15 @@ class SparseState:
 class SparseTaskArithmetic(MergeMethod):
     """Base class; subclasses pick the sparsification and whether signs are elected."""
 
-    sparsify: ClassVar[str]  # "magnitude" or "random"
+    sparsify: ClassVar[str]  # "magnitude", "outliers" or "random"
     elect_signs: ClassVar[bool]
     default_normalize: ClassVar[bool]
 
     def __init__(self, n_models: int, weight: Any = None, density: Any = 1.0, lambda_: Any = 1.0,
-                 normalize: Any = None, consensus: Any = None, rescale: Any = None, seed: Any = None) -> None:
+                 normalize: Any = None, consensus: Any = None, rescale: Any = None, seed: Any = None,
+                 gamma: Any = None) -> None:
         super().__init__(n_models)
-        given = {"consensus": consensus, "rescale": rescale, "seed": seed}
+        given = {"consensus": consensus, "rescale": rescale, "seed": seed, "gamma": gamma}
         for key in sorted(set(given) - set(self.parameter_names())):
             if given[key] is not None:
                 raise SpecError(f"method {self.name!r} takes no parameter {key!r}")
@@ -103,6 +127,7 @@ class SparseTaskArithmetic(MergeMethod):
         self._consensus = setting(consensus or "sum", "consensus") if self.elect_signs else None
         default_rescale = "density" if self.sparsify == "random" else "none"
         self._rescale = setting(default_rescale if rescale is None else rescale, "rescale")
+        self._gammas = per_model(0.01 if gamma is None else gamma, n_models, "gamma")
         self.seed: int | None = None
         if self.sparsify == "random":
             if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
@@ -117,6 +142,8 @@ class SparseTaskArithmetic(MergeMethod):
             names.remove("consensus")
         if cls.sparsify != "random":
             names.remove("seed")
+        if cls.sparsify != "outliers":
+            names.remove("gamma")
         return names
 
     def _check_constants(self) -> None:
@@ -148,6 +175,23 @@ class SparseTaskArithmetic(MergeMethod):
         )
         if self.sparsify == "magnitude":
             state.selectors = [KthLargest(tensor.numel, math.floor(p * tensor.numel)) for p in state.densities]
+            state.passes = 0 if all(s.done for s in state.selectors) else 2
+        elif self.sparsify == "outliers":
+            n = tensor.numel
+            kept, outliers = [], []
+            for p, g in zip(state.densities, self._gammas):
+                gamma = _check_density(resolve_float(g, name, t, f"{self.name}: gamma"), self.name, "gamma")
+                if p >= 1.0:  # mergekit returns the task vector untouched: no outliers dropped either
+                    kept.append(KthLargest(n, n))
+                    outliers.append(KthLargest(n, 0))
+                    continue
+                top = math.floor(gamma * n)
+                bottom = n - math.floor(p * n) - top
+                if bottom < 0:
+                    top, bottom = top + bottom, 0
+                kept.append(KthLargest(n, n - bottom))  # the n − bottom largest, less the top ones
+                outliers.append(KthLargest(n, top))
+            state.selectors = kept + outliers
             state.passes = 0 if all(s.done for s in state.selectors) else 2
         else:
             state.keys = [stream_key(self.seed, name, i) for i in range(self.n_models)]
@@ -190,6 +234,7 @@ class SparseTaskArithmetic(MergeMethod):
         (bits,) = scratch("sparse-bits", 1, np.uint32, COMBINE_BLOCK)
         (high,) = scratch("sparse-high", 1, np.intp, COMBINE_BLOCK)
         (keep,) = scratch("sparse-keep", 1, np.bool_, COMBINE_BLOCK)
+        (spare,) = scratch("sparse-spare", 1, np.bool_, COMBINE_BLOCK)
         generator = _generator()
         l1 = np.zeros((len(models), 2))
         if state.selectors and pass_index == 0:  # the selectors' first pass looks at a sample
@@ -205,16 +250,14 @@ class SparseTaskArithmetic(MergeMethod):
                     np.copyto(d, model[lo:hi], casting="unsafe")
                     np.subtract(d, b, out=d)
                     if l1_pass:  # Σ|d| and Σ|d| over the entries the threshold keeps
-                        threshold = state.selectors[i].threshold_bits
-                        if threshold > 0:
-                            np.greater_equal(magnitude_bits(d, bits[:k]), np.uint32(threshold), out=keep[:k])
-                        else:
+                        if not state.trim(i, d, bits[:k], keep[:k], spare[:k]):
                             keep[:k] = True
                         np.abs(d, out=d)
                         l1[i, 0] += float(np.sum(d, dtype=np.float64))
                         l1[i, 1] += float(np.sum(d, where=keep[:k], dtype=np.float64))
                     elif state.selectors:
-                        state.selectors[i].add(pass_index, magnitude_bits(d, bits[:k]), high[:k], keep[:k])
+                        for selector in state.selectors[i :: len(models)]:  # add() changes the bits
+                            selector.add(pass_index, magnitude_bits(d, bits[:k]), high[:k], keep[:k])
                     else:
                         np.abs(d, out=d)
                         l1[i, 0] += float(np.sum(d, dtype=np.float64))
@@ -236,12 +279,14 @@ class SparseTaskArithmetic(MergeMethod):
         pieces = [(lo + at, min(hi, lo + at + COMBINE_BLOCK)) for lo, hi in ranges
                   for at in range(0, hi - lo, COMBINE_BLOCK)]
         with np.errstate(all="ignore"):
-            for i, (model, selector) in enumerate(zip(models, state.selectors)):
+            for i, model in enumerate(models):
+                selectors = state.selectors[i :: len(models)]  # pass 0's add() leaves the bits as they are
                 filled = 0
                 for lo, hi in pieces:
                     k = hi - lo
                     if filled + k > COMBINE_BLOCK:
-                        selector.add(0, bits[:filled], high[:filled], keep[:filled])
+                        for selector in selectors:
+                            selector.add(0, bits[:filled], high[:filled], keep[:filled])
                         filled = 0
                     b, d = b32[:k], d32[:k]
                     np.copyto(b, base[lo:hi], casting="unsafe")
@@ -250,7 +295,8 @@ class SparseTaskArithmetic(MergeMethod):
                     magnitude_bits(d, bits[filled : filled + k])
                     filled += k
                 if filled:
-                    selector.add(0, bits[:filled], high[:filled], keep[:filled])
+                    for selector in selectors:
+                        selector.add(0, bits[:filled], high[:filled], keep[:filled])
 
     def end_pass(self, state: SparseState, pass_index: int) -> None:
         if pass_index != state.l1_pass:
@@ -286,7 +332,7 @@ class SparseTaskArithmetic(MergeMethod):
         b32, acc, sigma, agree, total_w, *deltas = scratch("sparse-combine", n + 5, np.float32, COMBINE_BLOCK)
         (bits,) = scratch("sparse-bits", 1, np.uint32, COMBINE_BLOCK)
         (keep,) = scratch("sparse-keep", 1, np.bool_, COMBINE_BLOCK)
-        thresholds = [np.uint32(s.threshold_bits) for s in state.selectors]
+        (spare,) = scratch("sparse-spare", 1, np.bool_, COMBINE_BLOCK)
         scale = np.float32(state.scale)
         generator = _generator()
         with np.errstate(all="ignore"):  # inf − inf and 0/0 follow IEEE rules, not user errors
@@ -300,8 +346,7 @@ class SparseTaskArithmetic(MergeMethod):
                     np.subtract(d, b, out=d)
                     # Dropping multiplies by the 0/1 mask: a masked copy branches on every
                     # element and is ~15x slower. (A dropped NaN delta stays NaN: NaN·0.)
-                    if state.selectors and state.selectors[i].threshold_bits > 0:
-                        np.greater_equal(magnitude_bits(d, bits[:k]), thresholds[i], out=keep[:k])
+                    if state.selectors and state.trim(i, d, bits[:k], keep[:k], spare[:k]):
                         np.multiply(d, keep[:k], out=d)
                     elif state.keys and state.limits[i] < 1 << 64:
                         generator.keep(state.keys[i], chunk.first + lo, state.limits[i], keep[:k])
@@ -371,6 +416,8 @@ class SparseTaskArithmetic(MergeMethod):
             "lambda": self._lambda.to_json(),
             "normalize": self._normalize.to_json(),
         }
+        if self.sparsify == "outliers":
+            recipe["gammas"] = [s.to_json() for s in self._gammas]
         if self._consensus is not None:
             recipe["consensus"] = self._consensus.to_json()
         if self.sparsify == "random":
@@ -388,9 +435,9 @@ def _generator() -> MaskGenerator:
     return generator
 
 
-def _check_density(value: Any, method: str) -> float:
+def _check_density(value: Any, method: str, what: str = "density") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise SpecError(f"{method}: density must be a number in [0, 1], got {value!r}")
+        raise SpecError(f"{method}: {what} must be a number in [0, 1], got {value!r}")
     return float(value)
 
 
