@@ -256,7 +256,7 @@ def test_basic_dare_ties(tmp_path, models, f64):
           [f64["a"], f64["b"], f64["c"]])
 
 
-@pytest.mark.parametrize("method", ["sce", "ram", "ramplus_tl", "della", "arcee_fusion"])
+@pytest.mark.parametrize("method", ["sce", "della", "della_linear", "arcee_fusion"])
 def test_basic_methods_safeblend_lacks_are_refused(tmp_path, models, method):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(two_models(models, method, base="c")))
@@ -469,3 +469,14 @@ def test_basic_breadcrumbs(tmp_path, models, f64, method, params):
         check(out, lambda n: f64["c"][n] + 0.6 * deltas[0][n] + 0.4 * deltas[1][n], [f64["a"], f64["b"], f64["c"]])
     else:  # normalize false by default
         check_elected(out, f64["c"], deltas, [0.6, 0.4], False, inputs=[f64["a"], f64["b"]])
+
+
+def test_basic_ram_and_ramplus_tl(tmp_path, models, f64):
+    """mergekit's test_ram_merge and test_ramplus_tl_merge (r 0.05, alpha 1.0); weights ignored."""
+    from test_elementwise_methods import ref_ram
+
+    out = run(tmp_path / "ram", two_models(models, "ram", base="c"))
+    check(out, lambda n: ref_ram(f64["c"][n], [f64["a"][n], f64["b"][n]]), [f64["a"], f64["b"], f64["c"]])
+    out = run(tmp_path / "plus", two_models(models, "ramplus_tl", base="c", params={"r": 0.05, "alpha": 1.0}))
+    check(out, lambda n: ref_ram(f64["c"][n], [f64["a"][n], f64["b"][n]], 1e-5, 0.05, 1.0),
+          [f64["a"], f64["b"], f64["c"]])
