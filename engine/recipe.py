@@ -64,10 +64,11 @@ METHODS = {
     "breadcrumbs_ties": "breadcrumbs-ties",
     "ram": "ram",
     "ramplus_tl": "ramplus-tl",
+    "sce": "sce",
 }
 METHODS.update({v: v for v in list(METHODS.values())})
 # mergekit methods safeblend does not have yet: refused by name.
-NOT_YET = {"della", "della_linear", "sce", "passthrough", "arcee_fusion"}
+NOT_YET = {"della", "della_linear", "passthrough", "arcee_fusion"}
 
 TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype"}
 UNSUPPORTED_TOP_LEVEL = {
@@ -94,6 +95,7 @@ _PER_MODEL = {
     "breadcrumbs-ties": {"weight": "weight", "density": "density", "gamma": "gamma"},
     "ram": {},
     "ramplus-tl": {},
+    "sce": {},
 }
 _GLOBAL = {
     "linear": {"normalize": "normalize"},
@@ -115,16 +117,17 @@ _GLOBAL = {
                          "consensus": "consensus", "int8_mask": None},
     "ram": {"epsilon": "epsilon"},
     "ramplus-tl": {"epsilon": "epsilon", "r": "r", "alpha": "alpha"},
+    "sce": {"select_topk": "select_topk", "int8_mask": None},
 }
 # Per-model parameters mergekit accepts and ignores for a method: a warning, not an error.
 _IGNORED_PER_MODEL = {"slerp": {"weight"}, "model-stock": {"weight"}, "nearswap": {"weight"}, "karcher": {"weight"},
-                      "ram": {"weight"}, "ramplus-tl": {"weight"}}
+                      "ram": {"weight"}, "ramplus-tl": {"weight"}, "sce": {"weight"}}
 # mergekit's defaults where they differ from safeblend's API defaults.
 _RECIPE_DEFAULTS = {"linear": {"normalize": True}, "dare-linear": {"rescale": "l1"}, "dare-ties": {"rescale": "l1"}}
 _REQUIRED = {"linear": ["weight"], "task-arithmetic": ["weight"], "ties": ["weight"],
              "dare-linear": ["weight"], "dare-ties": ["weight"], "slerp": ["t"], "model-stock": [],
              "nearswap": ["t"], "multislerp": ["weight"], "nuslerp": ["weight"], "karcher": [],
-             "breadcrumbs": ["weight"], "breadcrumbs-ties": ["weight"], "ram": [], "ramplus-tl": []}
+             "breadcrumbs": ["weight"], "breadcrumbs-ties": ["weight"], "ram": [], "ramplus-tl": [], "sce": []}
 # Methods whose base_model is optional: without one, the first model is an operand with its own
 # weight (passed as the base, with ``base_weight``); linear's base is always such an operand.
 _WEIGHTED_BASE = {"linear", "multislerp", "nuslerp"}

@@ -68,3 +68,31 @@ def test_ramplus_tl(tmp_path, r, alpha):
     plain = run(tmp_path, base, models, "ram", out="plain")
     name = "model.layers.1.self_attn.q_proj.weight"
     assert np.max(np.abs(out[name] - plain[name])) > 1e-3
+
+
+def ref_sce(base, models, density):
+    """mergekit's sce_merge(): variance selection, energy weights, sign erasure."""
+    b = f64(base)
+    tv = np.stack([f64(m) - b for m in models])
+    if density < 1:
+        var = tv.var(axis=0)
+        k = int(np.count_nonzero(var) * density)
+        if density <= 0 or k == 0:
+            tv = tv * 0
+        else:
+            tau = np.sort(var.ravel())[::-1][k - 1]  # ties at the threshold all kept
+            tv = tv * (var >= tau)
+    energy = (tv ** 2).reshape(len(models), -1).mean(axis=1)
+    weights = np.full(len(models), 1 / len(models)) if abs(energy.sum()) < 1e-6 else energy / energy.sum()
+    w = weights.reshape(-1, *([1] * b.ndim))
+    sigma = np.where(tv.sum(0) >= 0, 1.0, -1.0)
+    erased = w * (np.sign(tv) == sigma)
+    return b + (tv * erased).sum(0) / np.maximum(erased.sum(0), 1e-6)
+
+
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.1, 0.0])
+def test_sce(tmp_path, density):
+    base, models = sparse_inputs(3)
+    out = run(tmp_path, base, models, "sce", select_topk=density)
+    check(out, base, models, lambda n: ref_sce(base[n], [m[n] for m in models], density), f"sce {density}",
+          most=3.0)

@@ -256,7 +256,7 @@ def test_basic_dare_ties(tmp_path, models, f64):
           [f64["a"], f64["b"], f64["c"]])
 
 
-@pytest.mark.parametrize("method", ["sce", "della", "della_linear", "arcee_fusion"])
+@pytest.mark.parametrize("method", ["della", "della_linear", "arcee_fusion"])
 def test_basic_methods_safeblend_lacks_are_refused(tmp_path, models, method):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(two_models(models, method, base="c")))
@@ -480,3 +480,11 @@ def test_basic_ram_and_ramplus_tl(tmp_path, models, f64):
     out = run(tmp_path / "plus", two_models(models, "ramplus_tl", base="c", params={"r": 0.05, "alpha": 1.0}))
     check(out, lambda n: ref_ram(f64["c"][n], [f64["a"][n], f64["b"][n]], 1e-5, 0.05, 1.0),
           [f64["a"], f64["b"], f64["c"]])
+
+
+def test_basic_sce(tmp_path, models, f64):
+    """mergekit's test_sce_merge: select_topk 0.5, weights ignored."""
+    from test_elementwise_methods import ref_sce
+
+    out = run(tmp_path, two_models(models, "sce", base="c", params={"select_topk": 0.5}))
+    check(out, lambda n: ref_sce(f64["c"][n], [f64["a"][n], f64["b"][n]], 0.5), [f64["a"], f64["b"], f64["c"]])
