@@ -65,10 +65,11 @@ METHODS = {
     "ram": "ram",
     "ramplus_tl": "ramplus-tl",
     "sce": "sce",
+    "arcee_fusion": "arcee-fusion",
 }
 METHODS.update({v: v for v in list(METHODS.values())})
 # mergekit methods safeblend does not have yet: refused by name.
-NOT_YET = {"della", "della_linear", "passthrough", "arcee_fusion"}
+NOT_YET = {"della", "della_linear", "passthrough"}
 
 TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype"}
 UNSUPPORTED_TOP_LEVEL = {
@@ -96,6 +97,7 @@ _PER_MODEL = {
     "ram": {},
     "ramplus-tl": {},
     "sce": {},
+    "arcee-fusion": {},
 }
 _GLOBAL = {
     "linear": {"normalize": "normalize"},
@@ -118,16 +120,17 @@ _GLOBAL = {
     "ram": {"epsilon": "epsilon"},
     "ramplus-tl": {"epsilon": "epsilon", "r": "r", "alpha": "alpha"},
     "sce": {"select_topk": "select_topk", "int8_mask": None},
+    "arcee-fusion": {},
 }
 # Per-model parameters mergekit accepts and ignores for a method: a warning, not an error.
 _IGNORED_PER_MODEL = {"slerp": {"weight"}, "model-stock": {"weight"}, "nearswap": {"weight"}, "karcher": {"weight"},
-                      "ram": {"weight"}, "ramplus-tl": {"weight"}, "sce": {"weight"}}
+                      "ram": {"weight"}, "ramplus-tl": {"weight"}, "sce": {"weight"}, "arcee-fusion": {"weight"}}
 # mergekit's defaults where they differ from safeblend's API defaults.
 _RECIPE_DEFAULTS = {"linear": {"normalize": True}, "dare-linear": {"rescale": "l1"}, "dare-ties": {"rescale": "l1"}}
 _REQUIRED = {"linear": ["weight"], "task-arithmetic": ["weight"], "ties": ["weight"],
              "dare-linear": ["weight"], "dare-ties": ["weight"], "slerp": ["t"], "model-stock": [],
              "nearswap": ["t"], "multislerp": ["weight"], "nuslerp": ["weight"], "karcher": [],
-             "breadcrumbs": ["weight"], "breadcrumbs-ties": ["weight"], "ram": [], "ramplus-tl": [], "sce": []}
+             "breadcrumbs": ["weight"], "breadcrumbs-ties": ["weight"], "ram": [], "ramplus-tl": [], "sce": [], "arcee-fusion": []}
 # Methods whose base_model is optional: without one, the first model is an operand with its own
 # weight (passed as the base, with ``base_weight``); linear's base is always such an operand.
 _WEIGHTED_BASE = {"linear", "multislerp", "nuslerp"}

@@ -76,3 +76,14 @@ def test_nearswap(tmp_path, inputs):
         w = np.clip(0.8 / np.maximum(np.abs(a - b), 1e-6), 0, 1)
         return w * b + (1 - w) * a
     check(out, base, models[:1], ref, "nearswap")
+
+
+def test_arcee_fusion_fp32_far_apart(tmp_path, inputs):
+    """Rows cut by chunks (the softmax normalisers and KL sums combine across them), fp32."""
+    from test_mergekit_examples import ref_arcee_fusion
+
+    base, models = inputs
+    out = run(tmp_path, base, models[:1], "arcee-fusion")
+    for name in SHAPES:
+        ref = ref_arcee_fusion(f64(base[name]), f64(models[0][name]))
+        assert_within_tolerance(out[name], ref, [base[name], models[0][name]], f"arcee-fusion {name}")
