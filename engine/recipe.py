@@ -66,10 +66,12 @@ METHODS = {
     "ramplus_tl": "ramplus-tl",
     "sce": "sce",
     "arcee_fusion": "arcee-fusion",
+    "della": "della",
+    "della_linear": "della-linear",
 }
 METHODS.update({v: v for v in list(METHODS.values())})
 # mergekit methods safeblend does not have yet: refused by name.
-NOT_YET = {"della", "della_linear", "passthrough"}
+NOT_YET = {"passthrough"}
 
 TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype"}
 UNSUPPORTED_TOP_LEVEL = {
@@ -98,6 +100,8 @@ _PER_MODEL = {
     "ramplus-tl": {},
     "sce": {},
     "arcee-fusion": {},
+    "della": {"weight": "weight", "density": "density", "epsilon": "epsilon"},
+    "della-linear": {"weight": "weight", "density": "density", "epsilon": "epsilon"},
 }
 _GLOBAL = {
     "linear": {"normalize": "normalize"},
@@ -121,6 +125,10 @@ _GLOBAL = {
     "ramplus-tl": {"epsilon": "epsilon", "r": "r", "alpha": "alpha"},
     "sce": {"select_topk": "select_topk", "int8_mask": None},
     "arcee-fusion": {},
+    "della": {"normalize": "normalize", "lambda": "lambda_", "rescale": "rescale", "seed": "seed",
+              "consensus": "consensus", "int8_mask": None},
+    "della-linear": {"normalize": "normalize", "lambda": "lambda_", "rescale": "rescale", "seed": "seed",
+                     "int8_mask": None},
 }
 # Per-model parameters mergekit accepts and ignores for a method: a warning, not an error.
 _IGNORED_PER_MODEL = {"slerp": {"weight"}, "model-stock": {"weight"}, "nearswap": {"weight"}, "karcher": {"weight"},
@@ -130,7 +138,8 @@ _RECIPE_DEFAULTS = {"linear": {"normalize": True}, "dare-linear": {"rescale": "l
 _REQUIRED = {"linear": ["weight"], "task-arithmetic": ["weight"], "ties": ["weight"],
              "dare-linear": ["weight"], "dare-ties": ["weight"], "slerp": ["t"], "model-stock": [],
              "nearswap": ["t"], "multislerp": ["weight"], "nuslerp": ["weight"], "karcher": [],
-             "breadcrumbs": ["weight"], "breadcrumbs-ties": ["weight"], "ram": [], "ramplus-tl": [], "sce": [], "arcee-fusion": []}
+             "breadcrumbs": ["weight"], "breadcrumbs-ties": ["weight"], "ram": [], "ramplus-tl": [], "sce": [], "arcee-fusion": [],
+             "della": ["weight"], "della-linear": ["weight"]}
 # Methods whose base_model is optional: without one, the first model is an operand with its own
 # weight (passed as the base, with ``base_weight``); linear's base is always such an operand.
 _WEIGHTED_BASE = {"linear", "multislerp", "nuslerp"}

@@ -253,12 +253,33 @@ def test_basic_dare_ties(tmp_path, models, f64):
           [f64["a"], f64["b"], f64["c"]])
 
 
-@pytest.mark.parametrize("method", ["della", "della_linear"])
-def test_basic_methods_safeblend_lacks_are_refused(tmp_path, models, method):
+def test_basic_della(tmp_path, models, f64):
+    """mergekit's test_della_merge (density 0.66, epsilon 0.05, lambda 0.5): its formula with
+    safeblend's generator in place of torch's (the RNG difference), rescale true = L1."""
+    from test_methods import ref_della
+
+    out = run(tmp_path, two_models(models, "della", base="c", params={"density": 0.66, "epsilon": 0.05,
+                                                                       "lambda": 0.5}))
+    check(out, lambda n: ref_della(n, f64["c"][n], [f64["a"][n], f64["b"][n]], [0.6, 0.4], [0.66] * 2, [0.05] * 2,
+                                   elect=True, normalize=True, scale=0.5), [f64["a"], f64["b"], f64["c"]])
+
+
+def test_basic_della_linear(tmp_path, models, f64):
+    from test_methods import ref_della
+
+    out = run(tmp_path, two_models(models, "della_linear", base="c", params={"density": 0.5, "epsilon": 0.1}))
+    check(out, lambda n: ref_della(n, f64["c"][n], [f64["a"][n], f64["b"][n]], [0.6, 0.4], [0.5] * 2, [0.1] * 2,
+                                   elect=False, normalize=False), [f64["a"], f64["b"], f64["c"]])
+
+
+def test_basic_della_invalid_epsilon(tmp_path, models):
+    """mergekit's test_della_invalid_epsilon: epsilon 1.35 with density 0.66 is an error."""
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(two_models(models, method, base="c")))
-    with pytest.raises(SpecError, match=f"merge_method '{method}' is not supported yet"):
-        load_recipe(path)
+    path.write_text(yaml.safe_dump(two_models(models, "della", base="c",
+                                              params={"density": 0.66, "epsilon": 1.35, "lambda": 0.5})))
+    with pytest.raises(SpecError, match="density ± epsilon must lie in"):
+        merge_recipe(path, tmp_path / "out", on_warning=lambda m: None)
+    assert not (tmp_path / "out").exists()
 
 
 def test_ties_rescale_true_keeps_the_l1_norm(tmp_path, models, f64):

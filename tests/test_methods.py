@@ -625,3 +625,78 @@ def test_breadcrumbs_on_a_tensor_above_the_sampling_size(tmp_path):
     ref = ref_breadcrumbs(base[name], ms, [0.7, 0.5], [0.2, 0.2], [0.02, 0.1], elect=True)
     assert_within_tolerance(out[name], ref, [base[name], *ms, operand_scale("breadcrumbs-ties", base[name], ms)],
                             name)
+
+
+# -- DELLA ------------------------------------------------------------------------------------------
+
+def ref_counters(seed: int, name: str, model: int, n: int) -> np.ndarray:
+    """u_j of the counter-based generator (engine/methods/_rng.py docstring), j < n."""
+    h = 0xCBF29CE484222325
+    for byte in name.encode():
+        h = ((h ^ byte) * 0x100000001B3) & _M64
+    key = _mix_int(_mix_int(_mix_int(seed + _GAMMA) ^ h) + (model + 1) * _GAMMA)
+    j = np.arange(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return _mix_array(np.uint64(key) + (j + np.uint64(1)) * np.uint64(_GAMMA))
+
+
+def ref_della(name, base, models, weights, densities, epsilons, elect, normalize, scale=1.0, rescale=True, seed=0):
+    """DELLA from its formula: per row, keep with probability ρ − ε + 2ε·(rank − 1)/(m − 1)."""
+    deltas = []
+    for i, (m, p, e) in enumerate(zip(models, densities, epsilons)):
+        d = f64(m) - f64(base)
+        if p >= 1:
+            deltas.append(d)
+            continue
+        if p <= 0:
+            deltas.append(np.zeros_like(d))
+            continue
+        rows = np.abs(d).reshape(-1, d.shape[-1] if d.ndim else 1)
+        ranks = np.argsort(np.argsort(rows, axis=1, kind="stable"), axis=1, kind="stable").astype(np.float64)
+        norm = ranks / (rows.shape[1] - 1) if rows.shape[1] > 1 else ranks * 0
+        probability = ((p - e) + 2 * e * norm).ravel()
+        u = ref_counters(seed, name, i, d.size)
+        keep = ((u >> np.uint64(11)) < np.floor(probability * 2.0**53).astype(np.uint64)).reshape(d.shape)
+        kept = np.where(keep, d, 0.0)
+        before, after = np.abs(d).sum(), np.abs(kept).sum()
+        if rescale and min(before, after) >= 1e-7:
+            kept = kept * (before / after)
+        deltas.append(kept)
+    return ref_combine(base, deltas, weights, elect, normalize, scale)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])  # deltas exact in fp32: the ranks are the formula's
+@pytest.mark.parametrize("method", ["della", "della-linear"])
+def test_della_matches_float64_reference(tmp_path, method, dtype):
+    rng = np.random.default_rng(zlib.crc32(f"{method}/{dtype}".encode()))
+    base, models = make_inputs(rng, dtype, 3)
+    weights, densities, epsilons = [1.0, 0.5, 0.8], [0.4, 0.7, 1.0], [0.1, 0.25, 0.05]
+    elect = method == "della"
+    out = run(tmp_path, base, models, method, weight=weights, density=densities, epsilon=epsilons, seed=5,
+              lambda_=0.9)
+    for name in base:
+        ms = [m[name] for m in models]
+        ref = ref_della(name, base[name], ms, weights, densities, epsilons, elect, normalize=elect, scale=0.9,
+                        seed=5)
+        assert_within_tolerance(out[name], ref, [base[name], *ms, operand_scale(method, base[name], ms)],
+                                f"{method} {dtype} {name}")
+
+
+def test_della_is_the_same_for_any_chunking(tmp_path):
+    rng = np.random.default_rng(4)
+    base, models = make_inputs(rng, "bf16", 2)
+    first = run(tmp_path, base, models, "della", out="a", chunk_size=4096, density=0.5, epsilon=0.2)
+    second = run(tmp_path, base, models, "della", out="b", chunk_size="1MiB", density=0.5, epsilon=0.2)
+    for name in base:
+        np.testing.assert_array_equal(first[name], second[name])
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"density": 0.1, "epsilon": 0.15}, "density ± epsilon must lie in \\(0, 1\\)"),
+    ({"density": 0.9, "epsilon": 0.2}, "density ± epsilon must lie in \\(0, 1\\)"),
+])
+def test_della_refuses_epsilon_outside_the_density(tmp_path, params, message):
+    rng = np.random.default_rng(5)
+    base, models = make_inputs(rng, "bf16", 1, {"model.layers.0.w": (4, 4)})
+    with pytest.raises(SpecError, match=message):
+        run(tmp_path, base, models, "della", **params)

@@ -6,7 +6,9 @@ For task vectors dᵢ = θ_ftᵢ − θ_base (fp32), weights wᵢ, a scale λ:
    tensor, k = ⌊densityᵢ·n⌋; with ``rescale: l1`` the kept ones are then scaled by
    ‖dᵢ‖₁/‖keptᵢ‖₁, as mergekit's ``rescale: true`` does), by magnitude without the outliers
    (Model Breadcrumbs: drop the t = ⌊γᵢ·n⌋ largest |dᵢ| and keep the next ⌊densityᵢ·n⌋, t
-   lowered where the two exceed n; the same optional L1 rescale) or at random (DARE: keep each entry with probability densityᵢ,
+   lowered where the two exceed n; the same optional L1 rescale), at random by rank (DELLA: per
+   row, keep each entry with probability ρᵢ − εᵢ + 2εᵢ·(rank − 1)/(m − 1), its magnitude's rank
+   1..m in the row, then the L1 rescale) or at random (DARE: keep each entry with probability densityᵢ,
    then rescale the kept ones by sᵢ: 1/densityᵢ, or ‖dᵢ‖₁/‖keptᵢ‖₁ (1 where either norm is
    below 1e-7, as in mergekit), or 1);
 2. weight: eᵢ = wᵢ·d̃ᵢ;
@@ -67,6 +69,9 @@ class SparseState:
     l1: np.ndarray | None = None  # DARE l1: [model, (Σ|d|, Σ|kept d|)]
     l1_parts: dict[int, np.ndarray] = field(default_factory=dict)  # per chunk, while reducing
     l1_pass: int | None = None  # TIES with rescale l1: the pass after the selection
+    epsilons: list[float] = field(default_factory=list)  # DELLA
+    row_length: int = 1  # DELLA: ranks are taken per row
+    reader: Any = None  # DELLA: views of elements outside a chunk (rows it cuts)
     passes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -108,15 +113,16 @@ class SparseState:
 class SparseTaskArithmetic(MergeMethod):
     """Base class; subclasses pick the sparsification and whether signs are elected."""
 
-    sparsify: ClassVar[str]  # "magnitude", "outliers" or "random"
+    sparsify: ClassVar[str]  # "magnitude", "outliers", "della" or "random"
+    default_rescale: ClassVar[str | None] = None  # None: "density" for random, "none" otherwise
     elect_signs: ClassVar[bool]
     default_normalize: ClassVar[bool]
 
     def __init__(self, n_models: int, weight: Any = None, density: Any = 1.0, lambda_: Any = 1.0,
                  normalize: Any = None, consensus: Any = None, rescale: Any = None, seed: Any = None,
-                 gamma: Any = None) -> None:
+                 gamma: Any = None, epsilon: Any = None) -> None:
         super().__init__(n_models)
-        given = {"consensus": consensus, "rescale": rescale, "seed": seed, "gamma": gamma}
+        given = {"consensus": consensus, "rescale": rescale, "seed": seed, "gamma": gamma, "epsilon": epsilon}
         for key in sorted(set(given) - set(self.parameter_names())):
             if given[key] is not None:
                 raise SpecError(f"method {self.name!r} takes no parameter {key!r}")
@@ -125,11 +131,12 @@ class SparseTaskArithmetic(MergeMethod):
         self._lambda = setting(lambda_, "lambda")
         self._normalize = setting(self.default_normalize if normalize is None else normalize, "normalize")
         self._consensus = setting(consensus or "sum", "consensus") if self.elect_signs else None
-        default_rescale = "density" if self.sparsify == "random" else "none"
+        default_rescale = self.default_rescale or ("density" if self.sparsify == "random" else "none")
         self._rescale = setting(default_rescale if rescale is None else rescale, "rescale")
         self._gammas = per_model(0.01 if gamma is None else gamma, n_models, "gamma")
+        self._epsilons = per_model(0.15 if epsilon is None else epsilon, n_models, "epsilon")
         self.seed: int | None = None
-        if self.sparsify == "random":
+        if self.sparsify in ("random", "della"):
             if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
                 raise SpecError(f"{self.name}: seed must be an integer in [0, 2^64), got {seed!r}")
             self.seed = DEFAULT_SEED if seed is None else seed
@@ -140,8 +147,10 @@ class SparseTaskArithmetic(MergeMethod):
         names = super().parameter_names()
         if not cls.elect_signs:
             names.remove("consensus")
-        if cls.sparsify != "random":
+        if cls.sparsify not in ("random", "della"):
             names.remove("seed")
+        if cls.sparsify != "della":
+            names.remove("epsilon")
         if cls.sparsify != "outliers":
             names.remove("gamma")
         return names
@@ -195,6 +204,16 @@ class SparseTaskArithmetic(MergeMethod):
             state.passes = 0 if all(s.done for s in state.selectors) else 2
         else:
             state.keys = [stream_key(self.seed, name, i) for i in range(self.n_models)]
+            if self.sparsify == "della":
+                if len(tensor.shape) > 2:
+                    raise SpecError(f"{self.name}: tensor {name!r} has {len(tensor.shape)} dimensions; della ranks "
+                                    "magnitudes per row of a matrix or vector")
+                state.row_length = tensor.row_length
+                state.epsilons = [resolve_float(e, name, t, f"{self.name}: epsilon") for e in self._epsilons]
+                for p, e in zip(state.densities, state.epsilons):
+                    if 0.0 < p < 1.0 and not (p - e > 0.0 and p + e < 1.0):
+                        raise SpecError(f"{self.name}: epsilon {e:g} with density {p:g} for tensor {name!r}: "
+                                        "density ± epsilon must lie in (0, 1)")
             state.limits = [keep_limit(p) for p in state.densities]
             if state.rescale == "l1" and any(p < 1.0 for p in state.densities):
                 state.l1 = np.zeros((self.n_models, 2))
@@ -261,11 +280,29 @@ class SparseTaskArithmetic(MergeMethod):
                     else:
                         np.abs(d, out=d)
                         l1[i, 0] += float(np.sum(d, dtype=np.float64))
-                        generator.keep(state.keys[i], chunk.first + lo, state.limits[i], keep[:k])
+                        self._random_keep(state, i, generator, chunk.first + lo, d, keep[:k])
                         l1[i, 1] += float(np.sum(d, where=keep[:k], dtype=np.float64))
         if not state.selectors or l1_pass:
             with state.lock:
                 state.l1_parts[chunk.first] = l1
+
+    def attach_reader(self, state: SparseState, reader: Any) -> None:
+        if self.sparsify == "della":
+            state.reader = reader
+
+    def _random_keep(self, state: SparseState, i: int, generator: MaskGenerator, first: int, delta: np.ndarray,
+                     keep: np.ndarray) -> np.ndarray:
+        """Model i's random mask for elements [first, first + len(delta)): DARE's fixed
+        probability, or DELLA's per-element one from the magnitude's rank in its row."""
+        if self.sparsify != "della":
+            return generator.keep(state.keys[i], first, state.limits[i], keep)
+        p, e = state.densities[i], state.epsilons[i]
+        if p <= 0.0:
+            keep[:] = False
+            return keep
+        probability = (p - e) + 2.0 * e * _row_ranks(state, i, first, delta)
+        limits = np.floor(probability * 2.0**53).astype(np.uint64) << np.uint64(11)
+        return np.less(generator.counters(state.keys[i], first, keep.shape[0]), limits, out=keep)
 
     @staticmethod
     def _accumulate_sample(state: SparseState, base: np.ndarray, models: Sequence[np.ndarray],
@@ -349,7 +386,7 @@ class SparseTaskArithmetic(MergeMethod):
                     if state.selectors and state.trim(i, d, bits[:k], keep[:k], spare[:k]):
                         np.multiply(d, keep[:k], out=d)
                     elif state.keys and state.limits[i] < 1 << 64:
-                        generator.keep(state.keys[i], chunk.first + lo, state.limits[i], keep[:k])
+                        self._random_keep(state, i, generator, chunk.first + lo, d, keep[:k])
                         np.multiply(d, keep[:k], out=d)
                     np.multiply(d, np.float32(factors[i]), out=d)
                 if self.elect_signs:
@@ -426,6 +463,42 @@ class SparseTaskArithmetic(MergeMethod):
         elif self._rescale.constant != "none":
             recipe["rescale"] = self._rescale.to_json()
         return recipe
+
+
+def _row_ranks(state: SparseState, i: int, first: int, delta: np.ndarray) -> np.ndarray:
+    """(rank − 1)/(m − 1) of each |dᵢ| in [first, first + len(delta)) within its row of m = row
+    length elements, ranks 1..m ascending, ties in index order (0 for one-element rows).
+
+    Rows wholly inside the range are ranked from ``delta``; a row the range cuts is read whole
+    through the tensor's reader (at most two per call: memory stays one row per model)."""
+    length, count = state.row_length, delta.shape[0]
+    out = np.empty(count)
+    magnitude = np.abs(delta)
+    row = first // length
+    while row * length < first + count:
+        lo, hi = max(first, row * length), min(first + count, (row + 1) * length)
+        if lo == row * length and hi == (row + 1) * length:  # whole rows from here on: ranked together
+            rows = (first + count - lo) // length
+            block = magnitude[lo - first : lo - first + rows * length].reshape(rows, length)
+            out[lo - first : lo - first + rows * length] = _ranks(block).ravel()
+            row += rows
+            continue
+        if state.reader is None:
+            raise ValueError("della needs whole rows: the tensor's reader was not attached")
+        views = state.reader(row * length, length)
+        whole = np.abs(views[1 + i].astype(np.float32) - views[0].astype(np.float32))
+        out[lo - first : hi - first] = _ranks(whole.reshape(1, length)).ravel()[lo - row * length : hi - row * length]
+        row += 1
+    return out
+
+
+def _ranks(magnitudes: np.ndarray) -> np.ndarray:
+    """Per row of a 2-D array: (rank − 1)/(m − 1), ascending, ties in index order."""
+    rows, length = magnitudes.shape
+    order = np.argsort(magnitudes, axis=1, kind="stable")
+    ranks = np.empty((rows, length))
+    np.put_along_axis(ranks, order, np.arange(length, dtype=np.float64)[None, :].repeat(rows, 0), axis=1)
+    return ranks / (length - 1) if length > 1 else ranks * 0.0
 
 
 def _generator() -> MaskGenerator:

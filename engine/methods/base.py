@@ -85,6 +85,11 @@ class MergeMethod:
         """Per-tensor state handed to ``accumulate`` and ``merge_chunk``; called once per tensor."""
         return None
 
+    def attach_reader(self, state: Any, reader: Any) -> None:
+        """Called once per tensor after ``prepare``, on the CPU. ``reader(first, count)`` returns
+        views of [base, *models] for elements [first, first + count) of the tensor, for methods
+        whose work on a chunk needs elements outside it (della: whole rows); others ignore it."""
+
     def reduce_passes(self, state: Any) -> int:
         """How many reduce passes over the tensor's chunks precede ``merge_chunk``."""
         return 0
