@@ -33,7 +33,8 @@ class NearSwap(MergeMethod):
 
         super().__init__(n_models)
         if t is None:
-            raise SpecError("nearswap: parameter 't' is required (the distance under which values swap)")
+            raise SpecError("nearswap: parameter 't' is required (the distance under which values swap); "
+                            "set it in a recipe or as safeblend.merge(..., t=...)")
         self._t = setting(t, "t")
 
     def prepare(self, tensor: TensorContext) -> float:
