@@ -140,3 +140,18 @@ def test_invalid_yaml_names_the_line(tmp_path, pair):
     config = tmp_path / "r.yaml"
     config.write_text(recipe_text(pair) + "parameters: {lambda: [unclosed\n")
     assert_one_line_error(run_config(config, tmp_path / "out"), "not valid YAML (line")
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "1e999", "[0.5, .nan]"])
+def test_non_finite_numbers(tmp_path, pair, value):
+    config = tmp_path / "r.yaml"
+    config.write_text(recipe_text(pair, weight=value))
+    assert_one_line_error(run_config(config, tmp_path / "out"), "is not a finite number")
+
+
+def test_a_huge_wrong_value_is_shown_short(tmp_path, pair):
+    config = tmp_path / "r.yaml"
+    config.write_text(recipe_text(pair, weight="{value: {" + ", ".join(f"k{i}: {i}" for i in range(5000)) + "}}"))
+    result = run_config(config, tmp_path / "out")
+    assert_one_line_error(result, "expected a number")
+    assert len(result.output.splitlines()[-1]) < 300

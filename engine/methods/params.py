@@ -93,7 +93,7 @@ def setting(value: Any, what: str) -> Setting:
     if isinstance(value, Setting):
         return value
     if _is_scalar(value):
-        return Setting(((None, _number(value)),))
+        return Setting(((None, _number(value, what)),))
     if isinstance(value, dict):
         value = [value]
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
@@ -115,11 +115,13 @@ def setting(value: Any, what: str) -> Setting:
 
 def _value(value: Any, what: str) -> Value:
     if _is_scalar(value):
-        return _number(value)
+        return _number(value, what)
     if isinstance(value, (list, tuple)) and value and all(_is_scalar(v) for v in value):
-        return tuple(_number(v) for v in value)
+        return tuple(_number(v, what) for v in value)
+    shown = json.dumps(value, default=str)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
     raise SpecError(f"{what}: expected a number, a list of numbers (a gradient across layers) "
-                    f"or a list of {{filter, value}} rules, got {json.dumps(value, default=str)}")
+                    f"or a list of {{filter, value}} rules, got {shown}")
 
 
 def _is_scalar(value: Any) -> bool:
@@ -129,12 +131,13 @@ def _is_scalar(value: Any) -> bool:
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
-def _number(value: Scalar) -> Scalar:
-    """A finite decimal number written as a string (``"1e-5"``) as a float; anything else as is."""
+def _number(value: Scalar, what: str) -> Scalar:
+    """A decimal number written as a string (``"1e-5"``) as a float; anything else as is. A
+    number that is not finite (NaN, ±inf, or a string such as "1e999") is a SpecError."""
     if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        number = float(value)
-        if math.isfinite(number):
-            return number
+        value = float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SpecError(f"{what}: {value!r} is not a finite number")
     return value
 
 
