@@ -105,7 +105,8 @@ _PER_MODEL = {
 }
 _GLOBAL = {
     "linear": {"normalize": "normalize"},
-    "task-arithmetic": {"normalize": "normalize", "lambda": "lambda_", "int8_mask": None, "rescale": None},
+    "task-arithmetic": {"normalize": "normalize", "lambda": "lambda_", "int8_mask": None, "rescale": None,
+                        "density": None},
     "ties": {"normalize": "normalize", "lambda": "lambda_", "consensus": "consensus", "int8_mask": None,
              "rescale": "rescale"},
     "dare-linear": {"normalize": "normalize", "lambda": "lambda_", "rescale": "rescale", "seed": "seed",
@@ -131,7 +132,7 @@ _GLOBAL = {
                      "int8_mask": None},
 }
 # Per-model parameters mergekit accepts and ignores for a method: a warning, not an error.
-_IGNORED_PER_MODEL = {"slerp": {"weight"}, "model-stock": {"weight"}, "nearswap": {"weight"}, "karcher": {"weight"},
+_IGNORED_PER_MODEL = {"task-arithmetic": {"density"}, "slerp": {"weight"}, "model-stock": {"weight"}, "nearswap": {"weight"}, "karcher": {"weight"},
                       "ram": {"weight"}, "ramplus-tl": {"weight"}, "sce": {"weight"}, "arcee-fusion": {"weight"}}
 # mergekit's defaults where they differ from safeblend's API defaults.
 _RECIPE_DEFAULTS = {"linear": {"normalize": True}, "dare-linear": {"rescale": "l1"}, "dare-ties": {"rescale": "l1"}}
@@ -459,8 +460,8 @@ def _no_effect(method: str, key: str, value: Setting, source: str, warnings: lis
     """Parameters that change mergekit's memory use, not its result, or that safeblend lacks."""
     if key == "int8_mask":
         warnings.append(f"{source}: int8_mask has no effect in safeblend (masks are never materialised)")
-    elif key == "rescale":  # task_arithmetic drops nothing
-        warnings.append(f"{source}: rescale has no effect on {method} (nothing is dropped), as in mergekit")
+    elif key in ("rescale", "density"):  # task_arithmetic drops nothing
+        warnings.append(f"{source}: {key} has no effect on {method} (nothing is dropped), as in mergekit")
 
 
 def _output_dtype(data: dict, source: str, warnings: list[str]) -> str | None:

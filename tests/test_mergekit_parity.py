@@ -284,3 +284,15 @@ def test_slerp_of_a_zero_norm_tensor_follows_mergekit(tmp_path, t):
     if t == 0.3:
         expected = math.sin(0.3 * math.pi / 2) * b.astype(np.float64)
         assert_within_tolerance(out["model.layers.0.zero.weight"], expected, [b], "zero")
+
+
+def test_density_on_task_arithmetic_warns_and_has_no_effect(tmp_path, models, tensors):
+    """mergekit gives every task-vector method a density; task_arithmetic never uses it."""
+    warnings: list[str] = []
+    out = run_recipe(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(models["base"]),
+                                "models": [{"model": str(models["ft0"]), "parameters": {"weight": 0.7, "density": 0.2}}],
+                                "parameters": {"density": 0.5}}, warnings)
+    assert any("'density' has no effect on task_arithmetic" in w for w in warnings)
+    assert any("density has no effect on task_arithmetic" in w for w in warnings)
+    a, b = tensors["base"], tensors["ft0"]
+    check(out, {n: a[n] + 0.7 * (b[n] - a[n]) for n in SHAPES}, [a, b])
