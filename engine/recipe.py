@@ -504,7 +504,8 @@ def _model_path(value: Any, what: str) -> str:
 
 
 def _same(a: str, b: str) -> bool:
-    return os.path.abspath(a) == os.path.abspath(b)
+    """Whether two model paths name the same model (symlinks resolved)."""
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def merge_recipe(path: str | os.PathLike, out: str | os.PathLike, **options: Any):

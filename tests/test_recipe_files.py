@@ -155,3 +155,13 @@ def test_a_huge_wrong_value_is_shown_short(tmp_path, pair):
     result = run_config(config, tmp_path / "out")
     assert_one_line_error(result, "expected a number")
     assert len(result.output.splitlines()[-1]) < 300
+
+
+def test_a_model_listed_twice_through_a_symlink(tmp_path, pair):
+    """Weighted sums would count it twice; a symlink does not hide the duplicate."""
+    link = tmp_path / "ft-link"
+    link.symlink_to(pair[1])
+    config = tmp_path / "r.yaml"
+    config.write_text(f"merge_method: linear\nmodels:\n  - {{model: {pair[1]}, parameters: {{weight: 1}}}}\n"
+                      f"  - {{model: {link}, parameters: {{weight: 1}}}}\n")
+    assert_one_line_error(run_config(config, tmp_path / "out"), "listed twice")
