@@ -68,10 +68,11 @@ METHODS = {
     "arcee_fusion": "arcee-fusion",
     "della": "della",
     "della_linear": "della-linear",
+    "passthrough": "passthrough",
 }
 METHODS.update({v: v for v in list(METHODS.values())})
 # mergekit methods safeblend does not have yet: refused by name.
-NOT_YET = {"passthrough"}
+NOT_YET: set[str] = set()
 
 TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype"}
 UNSUPPORTED_TOP_LEVEL = {
@@ -102,6 +103,7 @@ _PER_MODEL = {
     "arcee-fusion": {},
     "della": {"weight": "weight", "density": "density", "epsilon": "epsilon"},
     "della-linear": {"weight": "weight", "density": "density", "epsilon": "epsilon"},
+    "passthrough": {},
 }
 _GLOBAL = {
     "linear": {"normalize": "normalize"},
@@ -130,6 +132,7 @@ _GLOBAL = {
               "consensus": "consensus", "int8_mask": None},
     "della-linear": {"normalize": "normalize", "lambda": "lambda_", "rescale": "rescale", "seed": "seed",
                      "int8_mask": None},
+    "passthrough": {},
 }
 # Per-model parameters mergekit accepts and ignores for a method: a warning, not an error.
 _IGNORED_PER_MODEL = {"task-arithmetic": {"density"}, "slerp": {"weight"}, "model-stock": {"weight"}, "nearswap": {"weight"}, "karcher": {"weight"},
@@ -140,7 +143,7 @@ _REQUIRED = {"linear": ["weight"], "task-arithmetic": ["weight"], "ties": ["weig
              "dare-linear": ["weight"], "dare-ties": ["weight"], "slerp": ["t"], "model-stock": [],
              "nearswap": ["t"], "multislerp": ["weight"], "nuslerp": ["weight"], "karcher": [],
              "breadcrumbs": ["weight"], "breadcrumbs-ties": ["weight"], "ram": [], "ramplus-tl": [], "sce": [], "arcee-fusion": [],
-             "della": ["weight"], "della-linear": ["weight"]}
+             "della": ["weight"], "della-linear": ["weight"], "passthrough": []}
 # Methods whose base_model is optional: without one, the first model is an operand with its own
 # weight (passed as the base, with ``base_weight``); linear's base is always such an operand.
 _WEIGHTED_BASE = {"linear", "multislerp", "nuslerp"}
@@ -270,7 +273,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     if not isinstance(raw_method, str) or raw_method not in METHODS:
         choices = ", ".join(k for k in METHODS if "_" in k or k in ("linear", "slerp", "ties"))
         shown = raw_method if isinstance(raw_method, (str, int, float, type(None))) else type(raw_method).__name__
-        later = " yet" if isinstance(raw_method, str) and raw_method in NOT_YET else ""
+        later = " yet" if isinstance(raw_method, str) and raw_method in NOT_YET else ""  # none left now
         raise SpecError(f"{source}: merge_method {shown!r} is not supported{later}; choose one of: {choices}")
     method = METHODS[raw_method]
     warnings: list[str] = []
@@ -278,6 +281,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     entries, slice_params = _model_entries(data, source)
     merge_wide = _merge_wide(_mapping(data.get("parameters"), f"{source}: parameters"), slice_params, source)
     base = _model_path(data["base_model"], f"{source}: base_model") if data.get("base_model") is not None else None
+    if method == "passthrough":  # one model, as it is
+        return _passthrough(entries, base, source, raw_method, data, warnings)
     if method == "karcher":  # the base, if any, is one more model; none of them has parameters
         base = base if base is not None else entries[0][0]
         fine_tuned = [e for e in entries if not _same(e[0], base)]
@@ -311,6 +316,25 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
                 warnings.append(f"{source}: the base model's own parameters ({keys}) have no effect on "
                                 f"{raw_method}, as in mergekit")
     return Recipe(source=source, method=method, base=base, models=[e[0] for e in fine_tuned], params=params,
+                  dtype=_output_dtype(data, source, warnings), warnings=warnings)
+
+
+def _passthrough(entries: list[tuple[str, dict]], base: str | None, source: str, raw_method: str, data: dict,
+                 warnings: list[str]) -> Recipe:
+    """mergekit's passthrough of one model: that model merged with itself (every tensor a copy)."""
+    if len(entries) != 1 or (base is not None and not _same(base, entries[0][0])):
+        raise SpecError(f"{source}: passthrough takes exactly one model (stacking models is not supported yet)")
+    path, params = entries[0]
+    for key, value in params.items():
+        if key != "scale":
+            raise SpecError(f"{source}: model {path}: parameter {key!r} is not supported by passthrough")
+        scale = setting(value, f"{source}: {path}: scale").constant
+        if isinstance(scale, bool) or scale != 1:
+            raise SpecError(f"{source}: model {path}: parameter 'scale' other than 1 is not supported yet")
+    if data.get("parameters"):
+        raise SpecError(f"{source}: parameter {sorted(map(str, data['parameters']))[0]!r} is not supported by "
+                        f"{raw_method} (it takes: none)")
+    return Recipe(source=source, method="passthrough", base=path, models=[path], params={},
                   dtype=_output_dtype(data, source, warnings), warnings=warnings)
 
 

@@ -176,7 +176,10 @@ def test_example_gradient_slerp(tmp_path, models, f64):
     # examples/orcamini-platy-44layer.yml: a frankenmerge stacking layer ranges
     ({"slices": [{"sources": [{"model": "A", "layer_range": [0, 24]}]},
                  {"sources": [{"model": "B", "layer_range": [20, 40]}]}], "merge_method": "passthrough"},
-     "merge_method 'passthrough' is not supported yet"),
+     "only one slice spanning every layer is supported"),
+    # tests/test_basic_merges.py::test_passthrough_scale
+    ({"models": [{"model": "A", "parameters": {"scale": [{"filter": "o_proj", "value": 0}, {"value": 1}]}}],
+      "merge_method": "passthrough"}, "'scale' other than 1 is not supported yet"),
 ])
 def test_examples_safeblend_refuses(tmp_path, recipe, message):
     path = tmp_path / "r.yaml"
@@ -532,3 +535,11 @@ def test_example_arcee_fusion(tmp_path, models, f64):
     check(out, lambda n: ref_arcee_fusion(f64["a"][n], f64["b"][n]), [f64["a"], f64["b"]])
     taken = sum(int(np.count_nonzero(out[n].astype(np.float64) != f64["a"][n])) for n in SHAPES)
     assert 0 < taken < sum(f64["a"][n].size for n in SHAPES) // 2  # some entries fused, most kept
+
+
+def test_basic_passthrough_copy(tmp_path, models, f64):
+    """mergekit's test_gpt2_copy / test_granite_copy: one model through passthrough, bf16 → fp32."""
+    out = run(tmp_path, {"merge_method": "passthrough", "models": [{"model": str(models["a"])}], "dtype": "float32"})
+    for name in SHAPES:
+        assert out[name].dtype == np.float32
+        np.testing.assert_array_equal(out[name].astype(np.float64), f64["a"][name])

@@ -77,7 +77,9 @@ def test_ties_recipe_maps_to_method_parameters(models):
 
 
 @pytest.mark.parametrize("recipe,message", [
-    ({"merge_method": "passthrough", "models": [{"model": "a"}]}, "merge_method 'passthrough' is not supported yet"),
+    ({"merge_method": "passthrough", "models": [{"model": "a"}, {"model": "b"}]}, "exactly one model"),
+    ({"merge_method": "passthrough", "models": [{"model": "a", "parameters": {"scale": 0.5}}]},
+     "'scale' other than 1 is not supported yet"),
     ({"merge_method": "frankenmerge", "models": [{"model": "a"}]}, "merge_method 'frankenmerge' is not supported;"),
     ({"merge_method": "ties", "models": [{"model": "a"}], "base_model": "b", "tokenizer_source": "union"},
      "key 'tokenizer_source' is not supported"),
