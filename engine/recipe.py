@@ -47,8 +47,8 @@ from typing import Any
 from .errors import SpecError
 from .methods.params import Setting, layer_count, setting
 
-# mergekit's method names, and safeblend's own spellings, → safeblend's method.
-METHODS = {
+# mergekit's method names (every one mergekit 0.1.5 registers) → safeblend's method.
+MERGEKIT_METHODS = {
     "linear": "linear",
     "task_arithmetic": "task-arithmetic",
     "slerp": "slerp",
@@ -70,9 +70,8 @@ METHODS = {
     "della_linear": "della-linear",
     "passthrough": "passthrough",
 }
-METHODS.update({v: v for v in list(METHODS.values())})
-# mergekit methods safeblend does not have yet: refused by name.
-NOT_YET: set[str] = set()
+# ... and safeblend's own spellings.
+METHODS = {**MERGEKIT_METHODS, **{v: v for v in MERGEKIT_METHODS.values()}}
 
 TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype"}
 UNSUPPORTED_TOP_LEVEL = {
@@ -271,10 +270,9 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
             raise SpecError(f"{source}: unknown key {key!r} (safeblend reads: {', '.join(sorted(TOP_LEVEL))})")
     raw_method = data.get("merge_method")
     if not isinstance(raw_method, str) or raw_method not in METHODS:
-        choices = ", ".join(k for k in METHODS if "_" in k or k in ("linear", "slerp", "ties"))
         shown = raw_method if isinstance(raw_method, (str, int, float, type(None))) else type(raw_method).__name__
-        later = " yet" if isinstance(raw_method, str) and raw_method in NOT_YET else ""  # none left now
-        raise SpecError(f"{source}: merge_method {shown!r} is not supported{later}; choose one of: {choices}")
+        raise SpecError(f"{source}: merge_method {shown!r} is not supported; choose one of: "
+                        f"{', '.join(MERGEKIT_METHODS)}")
     method = METHODS[raw_method]
     warnings: list[str] = []
 

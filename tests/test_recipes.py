@@ -269,3 +269,16 @@ def test_cli_method_options(tmp_path, models):
                                        "--seed", "3", "-o", str(tmp_path / "o2")])
     assert result.exit_code == 2
     assert "takes no parameter 'seed'" in result.output
+
+
+def test_every_mergekit_method_is_a_registered_method():
+    """mergekit 0.1.5 registers these 20 methods (merge_methods/registry.py and the
+    easy_define ones); each maps to a safeblend method, and every safeblend method has a name."""
+    from safeblend.methods import method_names
+    from safeblend.recipe import MERGEKIT_METHODS
+
+    mergekit = {"linear", "slerp", "nuslerp", "passthrough", "model_stock", "arcee_fusion", "karcher",
+                "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+                "della_linear", "multislerp", "nearswap", "ram", "ramplus_tl", "sce"}
+    assert set(MERGEKIT_METHODS) == mergekit
+    assert set(MERGEKIT_METHODS.values()) == set(method_names())
