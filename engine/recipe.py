@@ -432,6 +432,8 @@ def _method_params(method: str, raw_method: str, merge_wide: dict[str, Setting],
                 params[target] = value.constant
             else:
                 params[target] = _recipe_meaning(method, key, value)
+        elif key in _IGNORED_PER_MODEL.get(method, set()):  # mergekit's default for a parameter it never reads
+            warnings.append(f"{source}: parameter {key!r} has no effect on {raw_method} (mergekit ignores it too)")
         elif key not in per_model_keys:
             raise SpecError(f"{source}: parameter {key!r} is not supported by {raw_method} "
                             f"(it takes: {', '.join([*per_model_keys, *global_keys]) or 'none'})")

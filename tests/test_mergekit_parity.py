@@ -296,3 +296,14 @@ def test_density_on_task_arithmetic_warns_and_has_no_effect(tmp_path, models, te
     assert any("density has no effect on task_arithmetic" in w for w in warnings)
     a, b = tensors["base"], tensors["ft0"]
     check(out, {n: a[n] + 0.7 * (b[n] - a[n]) for n in SHAPES}, [a, b])
+
+
+def test_merge_wide_weight_on_slerp_warns(tmp_path, models, tensors):
+    """A merge-wide weight is only a default for a per-model weight slerp never reads."""
+    warnings: list[str] = []
+    out = run_recipe(tmp_path, {"merge_method": "slerp", "base_model": str(models["base"]),
+                                "models": [{"model": str(models["ft0"])}], "parameters": {"t": 0.35, "weight": 0.5}},
+                     warnings)
+    assert any("parameter 'weight' has no effect on slerp" in w for w in warnings)
+    a, b = tensors["base"], tensors["ft0"]
+    check(out, {n: ref_slerp(a[n].ravel(), b[n].ravel(), 0.35).reshape(a[n].shape) for n in SHAPES}, [a, b])
