@@ -60,7 +60,7 @@ class TensorStates:
                 method.prepare(self.context(t))
 
     def context(self, t: OutputTensor) -> TensorContext:
-        return TensorContext(t.name, t.numel, self._positions.get(t.name, 1.0))
+        return TensorContext(t.name, t.numel, self._positions.get(t.name, 1.0), tuple(t.shape))
 
     def get(self, t: OutputTensor) -> tuple[TensorContext, Any, int]:
         with self._lock:
@@ -78,6 +78,7 @@ class TensorStates:
         try:
             entry.context = self.context(t)
             entry.state = self.method.prepare(entry.context)
+            self.method.attach_reader(entry.state, lambda first, count: self.read(t, first, count))
             read = self._reduce(t, entry.context, entry.state)
         except BaseException as exc:
             entry.error = exc
@@ -85,6 +86,11 @@ class TensorStates:
         finally:
             entry.ready.set()
         return entry.context, entry.state, read
+
+    def read(self, t: OutputTensor, first: int, count: int) -> list[Any]:
+        """Zero-copy views of elements [first, first + count) of ``t``'s base and models."""
+        sources = [t.base, *t.models]
+        return [self.file_of(info).view(info, first, count) for info in sources]
 
     def _reduce(self, t: OutputTensor, context: TensorContext, state: Any) -> int:
         """Run the method's reduce passes over the tensor's chunks; returns the bytes read."""
