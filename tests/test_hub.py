@@ -216,9 +216,9 @@ def test_sweep_diff_and_recipes_take_repo_ids(cache, models, tmp_path):
     assert lone.returncode == 0, lone.stderr
     changed = [t["name"] for t in json.loads(lone.stdout)["tensors"] if t["rel_change"] > 0]
     assert changed == ["model.layers.0.self_attn.q_proj.weight"]
-    (tmp_path / "recipe.yaml").write_text("merge_method: linear\nbase_model: org/base\nmodels:\n"
-                                          "  - model: org/ft\n    parameters: {weight: 0.6}\n"
-                                          "parameters: {normalize: false}\n")
+    # task_arithmetic is θ_base + Σ wᵢ·(θᵢ − θ_base), the same arithmetic as `merge --weight`.
+    (tmp_path / "recipe.yaml").write_text("merge_method: task_arithmetic\nbase_model: org/base\nmodels:\n"
+                                          "  - model: org/ft\n    parameters: {weight: 0.6}\n")
     recipe = _run(["merge", "--config", "recipe.yaml", "-o", "recipe-out", "-q"], tmp_path, **env)
     assert recipe.returncode == 0, recipe.stderr
     a, b = load_checkpoint(tmp_path / "recipe-out"), load_checkpoint(tmp_path / "merged")
