@@ -16,17 +16,21 @@ from typing import Any, Callable, Sequence
 
 from . import __version__
 from .abort import Abort
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, check_inputs_unchanged, ensure_descriptors
 from .dtypes import dtype_from_alias
 from .errors import SpecError
 from .execute import DEFAULT_CHUNK_BYTES, ExecutionStats, Executor
 from .execute_cuda import CudaExecutor
+from .hub import resolve_inputs
 from .lora import open_model
 from .methods import MergeMethod, create_method
 from .model_files import write_model_files
+from .output_checks import OutputWatch
+from .output_paths import check_output_not_input
 from .plan import MergePlan, make_plan
+from .quantized import open_checkpoint
 from .session import MergeSession
-from .units import parse_size
+from .units import fit_chunk_size, parse_size
 from .writer import write_index
 
 
@@ -47,13 +51,15 @@ class MergeResult:
     throughput_bytes_per_s: float
     peak_rss_bytes: int
     warnings: list[str] = field(default_factory=list)
+    # The merge changed nothing (safeblend.output_checks); None where not checked (sweep outputs).
+    output_equals_base: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def merge(
-    base: str | os.PathLike,
+    base: str | os.PathLike | None,
     models: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
     method: str = "linear",
@@ -73,8 +79,10 @@ def merge(
     """Merge fine-tuned checkpoints into a base checkpoint, streaming, and write OUT.
 
     Args:
-        base: the pre-fine-tuning model (directory or ``.safetensors`` file).
-        models: one or more fine-tuned models of the same architecture.
+        base: the pre-fine-tuning model (directory, ``.safetensors`` file or Hub repo id
+            ``org/name[@revision]``); None takes it from the adapters' ``base_model_name_or_path``
+            when every model is a PEFT adapter.
+        models: one or more fine-tuned models of the same architecture (paths or repo ids).
         out: output directory; appears only once complete.
         method: a registered method name (see ``safeblend.methods.method_names()``).
         weight: λ, the fine-tuned model's weight (one value, or one per model); None takes the
@@ -106,12 +114,17 @@ def merge(
     model_paths = [models] if isinstance(models, (str, os.PathLike)) else list(models)
     options = parse_options(dtype, shard_size, chunk_size)
     merger = create_method(method, len(model_paths), weight=weight, **method_params)
+    if options.out_dtype == "F8_E4M3":  # fp8 output is quantized by the CPU executor (safeblend.quantized)
+        if device == "cuda":
+            raise SpecError("--dtype fp8 runs on the CPU; leave out --device cuda")
+        device = "cpu"
     backend, device_name = _select_backend(device, merger)
+    base, model_paths = resolve_inputs(base, model_paths, warn, progress)  # Hub ids, adapters' own base
     _check_output_not_input(out, [base, *model_paths])
 
-    def execute(plans, base_ckpt, model_ckpts, writers, kept, update) -> ExecutionStats:
+    def execute(plans, base_ckpt, model_ckpts, writers, kept, chunk_bytes, update) -> ExecutionStats:
         executor = CudaExecutor if device_name == "cuda" else Executor
-        return executor(plans[0], base_ckpt, model_ckpts, merger, backend, options.chunk_bytes,
+        return executor(plans[0], base_ckpt, model_ckpts, merger, backend, chunk_bytes,
                         kept=kept).run(writers[0], update)
 
     # LoRA adapter directories open as lazily materialised fine-tunes (safeblend.lora); as
@@ -144,7 +157,7 @@ def open_inputs(stack: ExitStack, base: str | os.PathLike, model_paths: Sequence
                 out_dtype: str | None, low_rank: bool = False) -> tuple[Checkpoint, list[Checkpoint]]:
     """Open BASE and the fine-tuned models (LoRA adapters as lazy fine-tunes, safeblend.lora),
     each closed by ``stack`` however the run ends."""
-    base_ckpt = stack.enter_context(closing(Checkpoint.open(base)))
+    base_ckpt = stack.enter_context(closing(open_checkpoint(base)))  # quantized: safeblend.quantized
     models = [stack.enter_context(closing(open_model(p, base_ckpt, out_dtype, low_rank))) for p in model_paths]
     return base_ckpt, models
 
@@ -172,6 +185,8 @@ def write_outputs(
         messages = list(dict.fromkeys(msg for m, p in zip(mergers, plans) for msg in [*m.warnings, *p.warnings]))
         for message in messages:
             warn(message)
+        chunk_bytes = fit_chunk_size(options.chunk_bytes, plans[0], buffers=7 + len(plans))  # fits in memory
+        ensure_descriptors(sum(len(p.shards) for p in plans))  # open-file limit (safeblend.checkpoint)
         abort = Abort()  # one failure slot for every thread of every output
         sessions: list[MergeSession] = []
         done = 0  # outputs committed
@@ -182,22 +197,33 @@ def write_outputs(
                 # Staging beside OUT, locked and journaled; with resume, ``kept`` lists what is in place.
                 sessions.append(MergeSession.start(final, overwrite=overwrite, resume=resume, plan=plan,
                                                    inputs=[base, *model_paths], abort=abort,
-                                                   settings={"chunk_bytes": options.chunk_bytes, "device": device}))
+                                                   settings={"chunk_bytes": chunk_bytes, "device": device}))
                 for message in sessions[-1].messages:
                     warn(message)
             writers = [session.writer for session in sessions]
+            kept = frozenset(sessions[0].kept)
+            # Non-finite values, an output equal to the base (safeblend.output_checks): a merge's.
+            watch = OutputWatch(plans[0], base_ckpt, kept) if len(plans) == 1 else None
             for writer in writers:
                 writer.open()
             with progress_bar(plans[0].total_size, progress) as bar:
                 bar.update(sessions[0].kept_bytes)
-                stats = execute(plans, base_ckpt, model_ckpts, writers, frozenset(sessions[0].kept), bar.update)
+                stats = execute(plans, base_ckpt, model_ckpts, [watch.wrap(writers[0])] if watch else writers, kept,
+                                chunk_bytes, bar.update)
             for writer in writers:
                 writer.close()
-            for session, plan, metadata in zip(sessions, plans, metadatas):
+            for k, (session, plan, metadata) in enumerate(zip(sessions, plans, metadatas)):
                 write_index(session.staging, plan, metadata)
-                write_model_files(plan, base_ckpt.model_dir, session.staging, options.out_dtype)
+                # Regular files only; a skipped one is said once.
+                write_model_files(plan, base_ckpt.model_dir, session.staging, options.out_dtype,
+                                  warn if k == 0 else None)
+            check_inputs_unchanged([base_ckpt, *model_ckpts])  # size, mtime, inode, lease: last, before commit
+            for session in sessions:
                 session.commit()  # hashes, manifest, then the atomic rename
                 done += 1
+            checks = watch.messages() if watch else []
+            for message in checks:
+                warn(message)
         except BaseException as exc:
             failure = abort.first(exc)
             for session in sessions[done:]:  # an interrupted merge keeps its partial output for --resume
@@ -214,7 +240,8 @@ def write_outputs(
             device=device, tensors=len(p.tensors), shards=len(p.shards), bytes_read=stats.bytes_read,
             bytes_written=w.bytes_written, seconds=round(seconds, 4),
             throughput_bytes_per_s=round((stats.bytes_read + w.bytes_written) / max(seconds, 1e-9), 1),
-            peak_rss_bytes=rss, warnings=[*m.warnings, *p.warnings],
+            peak_rss_bytes=rss, warnings=[*m.warnings, *p.warnings, *checks],
+            output_equals_base=watch.equals_base if watch else None,
         )
         for session, m, p, w in zip(sessions, mergers, plans, writers)
     ]
@@ -259,11 +286,7 @@ def _select_backend(device: str, merger):
 
 
 def _check_output_not_input(out: str | os.PathLike, inputs: list) -> None:
-    target = Path(os.path.abspath(out))
-    for item in inputs:
-        source = Path(os.path.abspath(item))
-        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
-            raise SpecError(f"{target}: the output must not be, contain or lie inside an input ({source})")
+    check_output_not_input(out, inputs)  # real paths and (device, inode): safeblend.output_paths
 
 
 class _NoBar:

@@ -9,11 +9,15 @@ memory maps, one chunk at a time, and released once consumed.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import mmap
 import os
+import signal
+import stat
 import struct
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -23,6 +27,10 @@ import numpy as np
 from .dtypes import DTYPES, DType
 from .errors import CheckpointError
 
+
+class InputChangedError(CheckpointError):
+    """An input file was truncated, rewritten or replaced while the merge was reading it."""
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"  # a PEFT adapter, read by safeblend.lora
@@ -31,6 +39,8 @@ MAX_HEADER_BYTES = 100_000_000
 _PAGE = mmap.PAGESIZE
 # How far beyond a consumed range release() also drops pages (see there): a PMD-sized folio.
 RELEASE_MARGIN = 2 * 2**20
+# Input files mapped at once (each holds two descriptors); older idle ones are closed (_OpenMaps).
+MAX_OPEN_MAPS = 256
 _BIN_HINT = (" (PyTorch pickle weights: only safetensors is read; convert with transformers: "
              "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True))")
 
@@ -55,6 +65,15 @@ class TensorInfo:
         size = self.dtype.itemsize
         return self.start + first * size, count * size
 
+    @property
+    def auto_dtype(self) -> DType:
+        """The dtype ``--dtype auto`` writes this tensor in: its own (a dequantized one's differs)."""
+        return self.dtype
+
+    def as_bytes(self) -> "TensorInfo":
+        """The same bytes seen as a flat U8 tensor: how packed (sub-byte) tensors are copied."""
+        return TensorInfo(self.name, DTYPES["U8"], (self.nbytes,), self.file, self.start, self.nbytes)
+
 
 @dataclass
 class SafetensorsFile:
@@ -64,33 +83,72 @@ class SafetensorsFile:
     size: int
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
+    # (device, inode, size, mtime) when the header was read: the file the merge planned with.
+    identity: tuple[int, int, int, int] | None = None
     _map: mmap.mmap | None = field(default=None, repr=False)
     _map_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _fd: int = field(default=-1, repr=False)  # kept open while mapped: holds the read lease
 
     def _mapped(self) -> mmap.mmap:
-        """The file's read-only map, created on first use (once, even with several threads)."""
-        with self._map_lock:
-            if self._map is None:
-                with open(self.path, "rb") as handle:
-                    self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-                self._map.madvise(mmap.MADV_SEQUENTIAL)
-            return self._map
+        """The file's read-only map, opened on first use; the caller holds ``_map_lock`` and
+        uses the map before releasing it (an idle map may be closed by ``_open_maps``).
+
+        The file must still be the one whose header was read (same inode, size and mtime).
+        A read lease is taken where the system grants one (``input_guard``), so that a
+        truncation stops the merge with a clear error instead of a SIGBUS when a mapped page
+        beyond the new end is touched.
+        """
+        if self._map is not None and not input_guard.holds(self) and os.fstat(self._fd).st_size != self.size:
+            # Without a lease, a truncation is caught here, before the next chunk is read.
+            raise InputChangedError(f"{self.path}: changed while being read (its size is no longer "
+                                    f"{self.size} bytes)")
+        if self._map is None:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _check_identity(self.path, os.fstat(fd), self.identity)
+                input_guard.lease(self, fd)
+                self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            except BaseException:
+                input_guard.forget(self)
+                os.close(fd)
+                raise
+            self._fd = fd
+            self._map.madvise(mmap.MADV_SEQUENTIAL)
+            _open_maps.opened(self)
+        else:
+            _open_maps.used(self)
+        return self._map
+
+    def check_unchanged(self) -> None:
+        """InputChangedError if the file on disk is no longer the one the merge read: its
+        lease was broken, or its inode, size or modification time differ."""
+        if self._fd >= 0 and input_guard.broken(self):
+            raise InputChangedError(f"{self.path}: changed while being read (another process opened it for "
+                                    "writing or truncated it)")
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            raise InputChangedError(f"{self.path}: changed while being read (it is gone)") from None
+        _check_identity(self.path, st, self.identity)
 
     def view(self, info: TensorInfo, first: int, count: int) -> np.ndarray:
         """A read-only 1-D array over elements [first, first + count) of a tensor, no copy."""
         offset, _ = info.byte_range(first, count)
-        return np.frombuffer(self._mapped(), dtype=info.dtype.numpy, count=count, offset=offset)
+        with self._map_lock:  # a live view keeps the map open (close raises BufferError)
+            return np.frombuffer(self._mapped(), dtype=info.dtype.numpy, count=count, offset=offset)
 
     def byte_view(self, start: int, length: int) -> memoryview:
         """A read-only memoryview over absolute bytes [start, start + length) of the file."""
-        return memoryview(self._mapped())[start : start + length]
+        with self._map_lock:
+            return memoryview(self._mapped())[start : start + length]
 
     def prefetch(self, start: int, length: int) -> None:
         """Ask the kernel to start reading a byte range ahead of use (asynchronous readahead)."""
         if length > 0:
-            mapped = self._mapped()
-            lo, hi = _page_span(start, length, len(mapped))
-            mapped.madvise(mmap.MADV_WILLNEED, lo, hi - lo)
+            with self._map_lock:
+                mapped = self._mapped()
+                lo, hi = _page_span(start, length, len(mapped))
+                mapped.madvise(mmap.MADV_WILLNEED, lo, hi - lo)
 
     def stored_bytes(self, start: int, length: int) -> int:
         """Bytes read from disk for a byte range (``bytes_read`` in the summary): the range."""
@@ -107,19 +165,176 @@ class SafetensorsFile:
         number of chunks (measured: 11 MiB after a 1.1B merge, 18 MiB after a 3.3B one).
         Dropping a neighbour's pages while it is still being read only costs a refault.
         """
-        if self._map is not None and length > 0:
-            start, length = max(0, start - RELEASE_MARGIN), length + 2 * RELEASE_MARGIN
-            lo, hi = _page_span(start, length, len(self._map))
-            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        with self._map_lock:
+            if self._map is not None and length > 0:
+                start, length = max(0, start - RELEASE_MARGIN), length + 2 * RELEASE_MARGIN
+                lo, hi = _page_span(start, length, len(self._map))
+                self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def close(self) -> None:
         """Unmap the file (views taken from it must no longer be used)."""
+        with self._map_lock:
+            self._unmap(force=True)
+
+    def _unmap(self, force: bool) -> bool:
+        """Close the map and its descriptor (the caller holds ``_map_lock``). Without
+        ``force``, a map that a live view still uses is kept; returns whether it was closed."""
         if self._map is not None:
             try:
                 self._map.close()
             except BufferError:  # a view is still alive; the map goes when it does
-                pass
+                if not force:
+                    return False
             self._map = None
+        if self._fd >= 0:
+            input_guard.forget(self)
+            os.close(self._fd)
+            self._fd = -1
+        _open_maps.closed(self)
+        return True
+
+
+class _OpenMaps:
+    """Bounds the input files held open at once (each map holds two descriptors): beyond
+    ``MAX_OPEN_MAPS``, the least recently used idle map is closed, to be reopened (and checked
+    against its identity again) if read later. A model of 10k+ shards then needs a few hundred
+    descriptors, not tens of thousands."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._order: "OrderedDict[int, SafetensorsFile]" = OrderedDict()
+
+    def opened(self, f: "SafetensorsFile") -> None:
+        with self._lock:
+            self._order[id(f)] = f
+            over = len(self._order) - MAX_OPEN_MAPS
+            victims = [v for k, v in self._order.items() if k != id(f)][: max(0, over) * 4]
+        for victim in victims:  # outside our lock: a victim's own lock is taken without waiting
+            if over <= 0:
+                break
+            if victim._map_lock.acquire(blocking=False):
+                try:
+                    if victim._unmap(force=False):
+                        over -= 1
+                finally:
+                    victim._map_lock.release()
+
+    def used(self, f: "SafetensorsFile") -> None:
+        with self._lock:
+            if id(f) in self._order:
+                self._order.move_to_end(id(f))
+
+    def closed(self, f: "SafetensorsFile") -> None:
+        with self._lock:
+            self._order.pop(id(f), None)
+
+
+_open_maps = _OpenMaps()
+
+
+def ensure_descriptors(output_files: int) -> None:
+    """Make room for the descriptors a merge holds: three per output shard (writer, direct
+    writer, hasher) plus the bounded input maps. The soft RLIMIT_NOFILE is raised toward the
+    hard one if need be; SpecError naming the limit when even that is too low."""
+    import resource
+
+    from .errors import SpecError
+
+    needed = 3 * output_files + 2 * MAX_OPEN_MAPS + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or needed <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and needed > hard:
+        raise SpecError(f"the output's {output_files} shard file(s) need about {needed} open files, over this "
+                        f"process's limit of {hard} (ulimit -n); give a larger --shard-size")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+def _file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _check_identity(path: Path, st: os.stat_result, expected: tuple[int, int, int, int] | None) -> None:
+    if expected is not None and _file_identity(st) != expected:
+        raise InputChangedError(f"{path}: changed while being read (its inode, size or modification time "
+                                "differ from when the merge began)")
+
+
+def check_inputs_unchanged(checkpoints: list) -> None:
+    """Before committing an output: every input file is still the one its bytes were read from."""
+    for ckpt in checkpoints:
+        for f in getattr(ckpt, "files", ()):
+            if isinstance(f, SafetensorsFile):
+                f.check_unchanged()
+
+
+class _InputGuard:
+    """Read leases (``F_SETLEASE``) on mapped inputs, and the SIGIO handler they need.
+
+    With a lease held, another process that opens the file for writing or truncates it is
+    made to wait (up to /proc/sys/fs/lease-break-time, 45 s by default) while the kernel sends
+    this process SIGIO. The handler, on the main thread, raises InputChangedError naming the
+    file; the merge stops, its threads finish the chunks they hold, the inputs are unmapped —
+    which releases the lease — and only then does the other process's change happen, so no
+    mapped page is ever cut from under a reader. Leases are taken only once the main thread
+    has installed the handler (SIGIO's default action would end the process) and only where
+    the kernel grants them (the file's owner, no writer already, a local filesystem); without
+    one, a truncation is caught before each chunk is read (the mapped file's size is checked
+    then) and any change before commit by ``check_inputs_unchanged``; a truncation that lands
+    while a chunk is being read can then still end the process with SIGBUS.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._previous = None  # the SIGIO handler to restore once no lease is held
+        self._held: dict[int, tuple["SafetensorsFile", int]] = {}  # id(file) -> (file, fd with a lease)
+        self._installed = False  # our SIGIO handler is in place
+
+    def lease(self, f: "SafetensorsFile", fd: int) -> None:
+        main = threading.current_thread() is threading.main_thread()
+        with self._lock:
+            if not self._installed:
+                if not main:
+                    return  # only the main thread can install the handler; no lease without it
+                self._previous = signal.signal(signal.SIGIO, self._on_signal)
+                self._installed = True
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+            except OSError:  # not the owner, a writer already has it open, or no lease support
+                return
+            self._held[id(f)] = (f, fd)
+
+    def forget(self, f: "SafetensorsFile") -> None:
+        with self._lock:
+            self._held.pop(id(f), None)
+            if not self._held and self._installed and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGIO, self._previous if self._previous is not None else signal.SIG_DFL)
+                self._installed = False
+
+    def holds(self, f: "SafetensorsFile") -> bool:
+        """Whether ``f`` is held with a lease."""
+        return id(f) in self._held
+
+    def broken(self, f: "SafetensorsFile") -> bool:
+        held = self._held.get(id(f))
+        if held is None:
+            return False
+        fd = held[1]
+        try:
+            return fcntl.fcntl(fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK
+        except OSError:
+            return True
+
+    def _on_signal(self, signum: int, frame) -> None:
+        for f, _ in list(self._held.values()):
+            if self.broken(f):
+                raise InputChangedError(f"{f.path}: changed while being read (another process opened it for "
+                                        "writing or truncated it)")
+        if callable(self._previous):
+            self._previous(signum, frame)
+
+
+input_guard = _InputGuard()
 
 
 def _page_span(start: int, length: int, limit: int) -> tuple[int, int]:
@@ -137,8 +352,11 @@ def read_safetensors_header(path: Path) -> SafetensorsFile:
     not cover the data region exactly.
     """
     try:
-        size = path.stat().st_size
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open, a device never end
+            raise CheckpointError(f"{path}: not a regular file")
         with open(path, "rb") as handle:
+            st = os.fstat(handle.fileno())
+            size = st.st_size
             prefix = handle.read(8)
             if len(prefix) < 8:
                 raise CheckpointError(f"{path}: file is {size} bytes, too short to be safetensors")
@@ -171,7 +389,7 @@ def read_safetensors_header(path: Path) -> SafetensorsFile:
     data_start = 8 + header_len
     tensors = {name: _parse_entry(path, name, entry, data_start, size - data_start) for name, entry in header.items()}
     _check_coverage(path, tensors, data_start, size)
-    return SafetensorsFile(path=path, size=size, tensors=tensors, metadata=metadata)
+    return SafetensorsFile(path=path, size=size, tensors=tensors, metadata=metadata, identity=_file_identity(st))
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -202,10 +420,14 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_siz
     ):
         raise CheckpointError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {_clip(offsets)}")
     dtype = DTYPES[dtype_name]
-    expected = _shape_bytes(shape, dtype.itemsize, 2**64)
-    if expected is None:
+    bits = _shape_bytes(shape, dtype.bits, 2**67)
+    if bits is None:
         raise CheckpointError(f"{where}: shape {_clip(shape)} of {dtype_name} needs over 2^64 bytes, more than any "
                               f"file (the data region here is {data_size} bytes)")
+    if bits % 8:  # packed sub-byte elements must end on a byte boundary (safetensors' own rule)
+        raise CheckpointError(f"{where}: shape {shape} of {dtype_name} is {bits} bits, not a whole number of "
+                              f"bytes ({dtype.bits}-bit elements are packed without padding)")
+    expected = bits // 8
     if offsets[1] - offsets[0] != expected:
         raise CheckpointError(
             f"{where}: holds {offsets[1] - offsets[0]} bytes but shape {shape} of {dtype_name} "
@@ -214,12 +436,12 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_siz
     return TensorInfo(name, dtype, tuple(shape), path, data_start + offsets[0], expected)
 
 
-def _shape_bytes(shape: list[int], itemsize: int, limit: int) -> int | None:
-    """Bytes a shape needs, or None once it exceeds ``limit``. Stops early: the product of a
+def _shape_bytes(shape: list[int], bits: int, limit: int) -> int | None:
+    """Bits a shape needs, or None once it exceeds ``limit``. Stops early: the product of a
     long list of large dimensions (fuzzing found this) would otherwise grow without bound."""
     if 0 in shape:
         return 0
-    total = itemsize
+    total = bits
     for dim in shape:
         total *= dim
         if total > limit:
@@ -298,7 +520,9 @@ class Checkpoint:
             if not root.name.endswith(".safetensors"):
                 hint = _BIN_HINT if root.name.endswith((".bin", ".pt", ".pth", ".bin.index.json")) else ""
                 raise CheckpointError(f"{root}: not a .safetensors file or model directory{hint}")
-            return cls._from_files(root, [root], model_dir=None)
+            # A weights file inside a model directory: config and tokenizer come from beside it.
+            beside = root.parent if (root.parent / "config.json").is_file() else None
+            return cls._from_files(root, [root], model_dir=beside)
         index = root / INDEX_NAME
         if index.is_file():
             return cls._from_index(index, root)

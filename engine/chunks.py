@@ -29,10 +29,13 @@ class Chunk:
         return info.byte_range(self.first, self.count)
 
 
-def element_steps(numel: int, widest_itemsize: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
-    """(first, count) of each chunk of a ``numel``-element tensor whose widest operand has
-    ``widest_itemsize`` bytes per element, at most ``chunk_bytes`` per chunk."""
-    step = max(1, chunk_bytes // widest_itemsize)
+def chunk_elements(chunk_bytes: int, *itemsizes: int) -> int:
+    """Elements per chunk: as many as fit ``chunk_bytes`` in the widest operand (at least one)."""
+    return max(1, chunk_bytes // max(itemsizes))
+
+
+def element_steps(numel: int, step: int) -> Iterator[tuple[int, int]]:
+    """(first, count) of each chunk of ``step`` elements (the last may be shorter)."""
     for first in range(0, numel, step):
         yield first, min(step, numel - first)
 
@@ -44,8 +47,11 @@ def iter_chunks(plan: MergePlan, chunk_bytes: int, kept: frozenset[str] = frozen
         if tensor.name in kept:
             continue
         for t in tensor.pieces():
-            widest = max([t.dtype.itemsize, t.base.dtype.itemsize, *(m.dtype.itemsize for m in t.models)])
-            for first, count in element_steps(t.numel, widest, chunk_bytes):
+            step = chunk_elements(chunk_bytes, t.dtype.itemsize, t.base.dtype.itemsize,
+                                  *(m.dtype.itemsize for m in t.models))
+            if t.requant is not None:
+                step = t.requant.step(step)  # whole fp8 block rows
+            for first, count in element_steps(t.numel, step):
                 yield Chunk(t, first, count)
 
 

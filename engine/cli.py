@@ -18,6 +18,7 @@ from . import __version__
 from .errors import SafeblendError, SpecError
 from .execute import DEFAULT_CHUNK_BYTES
 from .methods import method_names
+from .output_paths import printable
 from .units import format_size, parse_size
 
 
@@ -35,6 +36,15 @@ class SizeType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class OutputPath(click.Path):
+    """A path that must be named: click would read an empty one (an unset variable) as ``.``."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("the output path is empty (an unset variable?); name the output directory", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class _Group(click.Group):
     """Routes engine errors to one-line messages unless --debug was given."""
 
@@ -45,11 +55,11 @@ class _Group(click.Group):
         except SpecError as exc:
             if ctx.meta.get("debug"):
                 raise
-            raise click.UsageError(str(exc), ctx) from None
+            raise click.UsageError(printable(str(exc)), ctx) from None
         except SafeblendError as exc:
             if ctx.meta.get("debug"):
                 raise
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(printable(str(exc))) from None
         except KeyboardInterrupt as exc:
             if ctx.meta.get("debug"):
                 raise
@@ -61,7 +71,7 @@ class _Group(click.Group):
             if ctx.meta.get("debug"):
                 raise
             where = f"{exc.filename}: " if exc.filename else ""
-            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+            raise click.ClickException(printable(f"{where}{exc.strerror or exc}")) from None
         finally:
             if previous is not None:
                 import signal
@@ -99,7 +109,7 @@ _shard_size_option = click.option("--shard-size", default="5GB", show_default=Tr
 _chunk_size_option = partial(click.option, "--chunk-size", default=DEFAULT_CHUNK_BYTES, type=SizeType())
 _json_option = partial(click.option, "--json", "as_json", is_flag=True)
 _quiet_option = partial(click.option, "-q", "--quiet", is_flag=True)
-_output_option = partial(click.option, "-o", "--output", "out", required=True, type=click.Path(path_type=Path))
+_output_option = partial(click.option, "-o", "--output", "out", required=True, type=OutputPath(path_type=Path))
 _method_option = partial(click.option, "--method", default="linear", show_default=True,
                          type=click.Choice(method_names()))
 _lambda_option = partial(click.option, "--lambda", "lambda_", type=float)
@@ -115,7 +125,7 @@ def main() -> None:
 
 
 def _warn(message: str) -> None:
-    click.echo(f"Warning: {message}", err=True)
+    click.echo(f"Warning: {printable(message)}", err=True)
 
 
 @main.command()
@@ -139,7 +149,9 @@ def _warn(message: str) -> None:
 @click.option("--rescale", type=click.Choice(["density", "l1", "none"]),
               help="DARE: scale kept entries by 1/density (default), to preserve the L1 norm, or not at all.")
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), help="DARE's random seed (default 0).")
-@_dtype_option(help="Output dtype of float tensors; auto keeps the base's per tensor (or the recipe's).")
+@_dtype_option(type=click.Choice(["auto", "bf16", "fp16", "fp32", "fp8"], case_sensitive=False),
+               help="Output dtype of float tensors; auto keeps the base's per tensor (or the recipe's); fp8 "
+                    "writes an fp8 base's block format.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where to compute; auto uses a GPU when torch, triton and CUDA are present.")
 @_shard_size_option
@@ -158,7 +170,9 @@ def merge(ctx, base, models, out, config, method, weights, densities, lambda_, n
     """Merge fine-tuned MODELS into BASE: θ = θ_base + λ·(θ_ft − θ_base).
 
     BASE is the model before fine-tuning (e.g. the aligned instruct model), each of MODELS a
-    fine-tuned one. Each may be a model directory or a single .safetensors file. With
+    fine-tuned one. Each may be a model directory, a single .safetensors file, a PEFT adapter
+    directory or a Hugging Face Hub repo id (org/name or org/name@revision; a local path wins).
+    A lone PEFT adapter is merged onto the base its adapter_config.json names. With
     --config RECIPE, the inputs, method and parameters come from a mergekit-style YAML recipe.
     """
     from .api import merge as run_merge
@@ -181,8 +195,10 @@ def merge(ctx, base, models, out, config, method, weights, densities, lambda_, n
             options["seed"] = seed
         result = merge_recipe(config, out, **options)
     else:
-        if base is None or not models:
+        if base is None:
             raise click.UsageError("give BASE and at least one fine-tuned MODEL, or --config RECIPE", ctx)
+        if not models:  # one input: a PEFT adapter, merged onto the base it names
+            base, models = None, (base,)
         params = dict(normalize=normalize, lambda_=lambda_, consensus=consensus, rescale=rescale, seed=seed,
                       weight=_one_or_many(weights), density=_one_or_many(densities))
         result = run_merge(base, list(models), out, method=method, **params, **options)
@@ -202,10 +218,11 @@ def _print_summary(result, as_json: bool, quiet: bool) -> None:
     timing = f"in {result.seconds:.1f} s ({rate}/s), peak RSS {format_size(result.peak_rss_bytes)}"
     if not isinstance(result, SweepResult):
         click.echo(f"Merged {result.tensors} tensors ({_describe(result.params)}) on {result.device} into "
-                   f"{result.output}: {result.shards} shard(s), {size} written {timing}", err=True)
+                   f"{printable(result.output)}: {result.shards} shard(s), {size} written {timing}", err=True)
         return
     click.echo(f"Swept {len(result.weights)} weights ({result.method}) over {result.tensors} tensors into "
-               f"{result.output}: read {format_size(result.bytes_read)} once, wrote {size} {timing}", err=True)
+               f"{printable(result.output)}: read {format_size(result.bytes_read)} once, wrote {size} {timing}",
+               err=True)
     for w, r in zip(result.weights, result.outputs):
         click.echo(f"  {output_name(w)}  {r.shards} shard(s), {format_size(r.bytes_written)}", err=True)
 
@@ -231,8 +248,9 @@ def _describe(params: dict) -> str:
 def inspect(checkpoint, as_json) -> None:
     """Summarise CHECKPOINT: tensors, parameters, dtypes, shards, bytes."""
     from .checkpoint import Checkpoint
+    from .hub import resolve_inputs
 
-    ckpt = Checkpoint.open(checkpoint)
+    ckpt = Checkpoint.open(resolve_inputs(checkpoint, [])[0])  # a local path or a Hub repo id
     tensors = ckpt.tensors.values()
     by_dtype: Counter = Counter()
     for t in tensors:
@@ -250,7 +268,7 @@ def inspect(checkpoint, as_json) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"{summary['path']}")
+    click.echo(printable(summary["path"]))
     click.echo(f"  tensors     {summary['tensors']}")
     click.echo(f"  parameters  {summary['parameters']:,} ({summary['parameters'] / 1e9:.3f} B)")
     click.echo(f"  bytes       {format_size(summary['bytes'])}")
@@ -258,10 +276,10 @@ def inspect(checkpoint, as_json) -> None:
         click.echo(f"  {name:<11} {d['tensors']} tensors, {format_size(d['bytes'])}")
     click.echo(f"  shards      {len(summary['shards'])}")
     for s in summary["shards"]:
-        click.echo(f"    {s['file']}  {s['tensors']} tensors, {format_size(s['bytes'])}")
+        click.echo(f"    {printable(s['file'])}  {s['tensors']} tensors, {format_size(s['bytes'])}")
     if summary["largest_tensor"]:
         largest = ckpt.tensors[summary["largest_tensor"]]
-        click.echo(f"  largest     {largest.name} {list(largest.shape)} {largest.dtype.name}")
+        click.echo(f"  largest     {printable(largest.name)} {list(largest.shape)} {largest.dtype.name}")
 
 
 @main.command()
@@ -281,14 +299,14 @@ def verify(output, as_json) -> None:
         if not as_json:
             for problem in report.problems:
                 click.echo(f"  {problem}", err=True)
-        raise click.ClickException(f"{output}: verification failed: {len(report.problems)} problem(s)")
+        raise click.ClickException(f"{printable(output)}: verification failed: {len(report.problems)} problem(s)")
     if not as_json:
-        click.echo(f"OK: {output}: {report.shards} shard(s), {format_size(report.bytes_checked)} match "
+        click.echo(f"OK: {printable(output)}: {report.shards} shard(s), {format_size(report.bytes_checked)} match "
                    "safeblend.json, headers and index", err=True)
 
 
 @main.command()
-@click.argument("directory", default="safeblend-demo", type=click.Path(path_type=Path))
+@click.argument("directory", default="safeblend-demo", type=OutputPath(path_type=Path))
 @click.option("--weight", default=0.6, show_default=True, type=float, help="λ for the demo merge.")
 @click.option("--size", default="small", show_default=True, type=click.Choice(["tiny", "small"]),
               help="How big a model pair to generate.")
@@ -302,7 +320,7 @@ def demo(directory, weight, size) -> None:
 
 @main.command()
 @click.argument("base", type=click.Path(path_type=Path))
-@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("models", nargs=-1, type=click.Path(path_type=Path))
 @_output_option(help="Sweep directory: each weight's model goes to OUTPUT/lambda-<w>/, complete or not at all.")
 @click.option("--weights", required=True, help="Weights to sweep: a list (0.2,0.5,0.8) or an inclusive range "
               "start:stop:step (0.1:0.9:0.1).")
@@ -320,12 +338,15 @@ def sweep(base, models, out, weights, method, lambda_, normalize, dtype, shard_s
           as_json, quiet) -> None:
     """Merge BASE with MODELS at every weight in one read pass: OUTPUT/lambda-0.1/, ...
 
-    Each output is exactly what `safeblend merge --weight W` writes. Only methods with one
+    Each output is exactly what `safeblend merge --weight W` writes. Inputs are given as for
+    merge (paths or Hub repo ids; a lone adapter brings its own base). Only methods with one
     scalar weight sweep: linear, task-arithmetic, slerp.
     """
     from .lambda_sweep import parse_weights
     from .lambda_sweep import sweep as run_sweep
 
+    if not models:  # one input: a PEFT adapter, merged onto the base it names
+        base, models = None, (base,)
     result = run_sweep(base, list(models), out, parse_weights(weights), method=method, lambda_=lambda_,
                        normalize=normalize, dtype=dtype.lower(), shard_size=shard_size, chunk_size=chunk_size,
                        overwrite=overwrite, progress=not quiet and not as_json, on_warning=_warn)
@@ -334,7 +355,7 @@ def sweep(base, models, out, weights, method, lambda_, normalize, dtype, shard_s
 
 @main.command()
 @click.argument("base", type=click.Path(path_type=Path))
-@click.argument("ft", type=click.Path(path_type=Path))
+@click.argument("ft", required=False, type=click.Path(path_type=Path))
 @_json_option(help="Print every figure as JSON on stdout instead of the table.")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False),
               help="Also draw relative change per layer, one line per module type, to this PNG (needs matplotlib).")
@@ -346,6 +367,7 @@ def sweep(base, models, out, weights, method, lambda_, normalize, dtype, shard_s
 def diff(base, ft, as_json, plot, top, chunk_size, quiet) -> None:
     """Report where fine-tuning moved FT away from BASE: per tensor, layer and module type.
 
+    BASE and FT are given as for merge; a lone adapter (FT) is measured against the base it names.
     Figures: relative change ‖Δ‖/‖base‖, cosine(base, ft) and max |Δ|, from one streaming read.
     """
     from .drift import diff as run_diff
@@ -353,15 +375,17 @@ def diff(base, ft, as_json, plot, top, chunk_size, quiet) -> None:
 
     if plot is not None:
         require_matplotlib()  # fail before reading the models, not after
+    if ft is None:  # one input: a PEFT adapter, against the base it names
+        base, ft = None, base
     report = run_diff(base, ft, chunk_size=chunk_size, progress=not quiet and not as_json)
     if plot is not None:
         plot_drift(report, plot)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        click.echo(format_report(report, top=top))
+        click.echo("\n".join(printable(line) for line in format_report(report, top=top).split("\n")))
         if plot is not None:
-            click.echo(f"Plot written to {plot}", err=True)
+            click.echo(f"Plot written to {printable(plot)}", err=True)
     for message in report.warnings:
         _warn(message)
 

@@ -40,9 +40,10 @@ import numpy as np
 from .abort import Abort
 from .api import open_inputs, progress_bar
 from .checkpoint import SafetensorsFile, TensorInfo
-from .chunks import element_steps
-from .errors import SafeblendError, SpecError
+from .chunks import chunk_elements, element_steps
+from .errors import IncompatibleInputsError, SafeblendError, SpecError
 from .execute import DEFAULT_CHUNK_BYTES, DEFAULT_WORKERS, run_in_order
+from .hub import resolve_inputs
 from .plan import check_compatible
 from .units import parse_size
 
@@ -210,7 +211,7 @@ class DriftReport:
 
 
 def diff(
-    base: str | os.PathLike,
+    base: str | os.PathLike | None,
     ft: str | os.PathLike,
     *,
     chunk_size: int | str = DEFAULT_CHUNK_BYTES,
@@ -220,7 +221,8 @@ def diff(
     """Measure how far FT moved from BASE, tensor by tensor, in one streaming read.
 
     Args:
-        base: the model before fine-tuning (directory or ``.safetensors`` file).
+        base: the model before fine-tuning (directory, ``.safetensors`` file or Hub repo id); None
+            takes it from FT when FT is a PEFT adapter (``base_model_name_or_path``).
         ft: the fine-tuned model; same tensor names and shapes (dtypes may differ).
         chunk_size: largest chunk read at once per input.
         workers: threads measuring chunks in parallel.
@@ -238,6 +240,8 @@ def diff(
         chunk_bytes = parse_size(chunk_size)
     except ValueError as exc:
         raise SpecError(str(exc)) from exc
+    notes: list[str] = []
+    base, (ft,) = resolve_inputs(base, [ft], notes.append, progress)  # Hub ids, an adapter's own base
     with ExitStack() as stack:  # both inputs closed however this ends
         # A LoRA adapter directory is base + s·B·A (safeblend.lora), formed in float64.
         base_ckpt, (ft_ckpt,) = open_inputs(stack, base, [ft], out_dtype="F64")
@@ -246,16 +250,27 @@ def diff(
         files = {f.path: f for ckpt in (base_ckpt, ft_ckpt) for f in ckpt.files}
         pairs = [(info, ft_ckpt.tensors[name]) for name, info in base_ckpt.tensors.items()]
         report.tensors = [_new_entry(a, b) for a, b in pairs]
+        pairs = [_addressable(a, b) for a, b in pairs]
         with progress_bar(base_ckpt.nbytes + ft_ckpt.nbytes, "diff" if progress else None) as bar:
             report.bytes_read = _measure_all(pairs, report.tensors, files, chunk_bytes, max(1, workers), bar.update)
-        report.warnings = [f"{t.name}: {t.changed} of {t.sums.numel} elements differ (a {t.dtype} tensor)"
+        report.warnings = notes + [f"{t.name}: {t.changed} of {t.sums.numel} elements differ (a {t.dtype} tensor)"
                            for t in report.tensors if not t.is_float and t.changed]
     report.seconds = time.perf_counter() - started
     return report
 
 
+def _addressable(a: TensorInfo, b: TensorInfo) -> tuple[TensorInfo, TensorInfo]:
+    """Packed sub-byte tensors (F4, F6_*) are compared as their bytes."""
+    if not (a.dtype.packed or b.dtype.packed):
+        return a, b
+    if a.dtype != b.dtype:
+        raise IncompatibleInputsError(f"tensor {a.name!r} is {a.dtype.name} in the base but {b.dtype.name} in the "
+                                      "fine-tuned model; packed sub-byte tensors are compared only in one dtype")
+    return a.as_bytes(), b.as_bytes()
+
+
 def _new_entry(a: TensorInfo, b: TensorInfo) -> TensorDrift:
-    is_float = a.dtype.is_float and b.dtype.is_float
+    is_float = a.dtype.is_float and b.dtype.is_float and not (a.dtype.packed or b.dtype.packed)
     dtype = a.dtype.name if a.dtype == b.dtype else f"{a.dtype.name}/{b.dtype.name}"
     return TensorDrift(a.name, layer_of(a.name), module_of(a.name), a.shape, dtype, Sums(numel=a.numel), is_float)
 
@@ -263,7 +278,7 @@ def _new_entry(a: TensorInfo, b: TensorInfo) -> TensorDrift:
 def _chunks(pairs: list[tuple[TensorInfo, TensorInfo]], chunk_bytes: int) -> Iterator[tuple[int, int, int]]:
     """(tensor index, first, count) of every chunk, cut as a merge's (safeblend.chunks)."""
     for i, (a, b) in enumerate(pairs):
-        for first, count in element_steps(a.numel, max(a.dtype.itemsize, b.dtype.itemsize), chunk_bytes):
+        for first, count in element_steps(a.numel, chunk_elements(chunk_bytes, a.dtype.itemsize, b.dtype.itemsize)):
             yield i, first, count
 
 

@@ -201,6 +201,8 @@ class Executor(ExecutorBase):
             data, done, read = self._copy(chunk, pool)
             writer.submit(t.shard, offset, data, done)
             return read
+        if t.requant is not None:  # --dtype fp8: merge in fp32, then fresh block scales (safeblend.quantized)
+            return self._process_requantized(chunk, writer)
         buffer = pool.acquire()
         out_bytes = placed(buffer, offset, nbytes)
         sources = [(info, self._file(info)) for info in self._sources(t)]
@@ -212,3 +214,16 @@ class Executor(ExecutorBase):
         writer.submit(t.shard, offset, out_bytes, partial(pool.release, buffer))
         return read
 
+    def _process_requantized(self, chunk: Chunk, writer: ShardWriter) -> int:
+        """A chunk of whole fp8 block rows: merged in fp32, quantized with fresh block scales;
+        its codes and its rows of the scale tensor are queued for writing."""
+        t = chunk.tensor
+        sources = [(info, self._file(info)) for info in self._sources(t)]
+        views = [f.view(info, chunk.first, chunk.count) for info, f in sources]
+        context, state, read = self._states.get(t)
+        merged = np.empty(chunk.count, np.float32)
+        self.method.merge_chunk(self.backend, views[0], views[1:], merged, ChunkContext(context, chunk.first), state)
+        read += release_inputs(sources, chunk.first, chunk.count)
+        for target, offset, data in t.requant.quantize(t, merged, chunk.first, self.kept):
+            writer.submit(target.shard, target.offset + offset, data)
+        return read

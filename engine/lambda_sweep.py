@@ -33,6 +33,7 @@ from safeblend.kernels import cpu_backend
 from .api import MergeResult, _check_output_not_input, parse_options, write_outputs
 from .checkpoint import Checkpoint
 from .chunks import Chunk, release_inputs
+from .hub import resolve_inputs
 from .errors import OutputError, SpecError
 from .execute import DEFAULT_CHUNK_BYTES, DEFAULT_WORKERS, BufferPool, ExecutionStats, Executor
 from .methods import create_method
@@ -91,7 +92,10 @@ def parse_weights(text: str) -> list[float]:
         if stop < start:
             raise SpecError(f"weights {text!r}: stop {parts[1].strip()} is below start {parts[0].strip()}")
         # A relative slack of 1e-9 step keeps a stop that is a rounding hair short of the grid.
-        count = int((stop - start) / step + Decimal("1e-9")) + 1
+        try:
+            count = int((stop - start) / step + Decimal("1e-9")) + 1
+        except ArithmeticError:  # decimal.Overflow: a step so small the count has no size
+            raise SpecError(f"weights {text!r}: the step is too small (more than {MAX_POINTS} points)") from None
         if count > MAX_POINTS:
             raise SpecError(f"weights {text!r}: {count} points, more than {MAX_POINTS}; check the step")
         values = [float(start + i * step) for i in range(count)]
@@ -148,7 +152,7 @@ def check_sweepable(method: str) -> None:
 
 
 def sweep(
-    base: str | os.PathLike,
+    base: str | os.PathLike | None,
     models: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
     weights: str | Sequence[float],
@@ -166,7 +170,8 @@ def sweep(
     """Merge at every weight in one read pass; write ``OUT/lambda-<w>/`` for each weight.
 
     Args:
-        base: the pre-fine-tuning model (directory or ``.safetensors`` file).
+        base: the pre-fine-tuning model (directory, ``.safetensors`` file or Hub repo id); None
+            takes it from the adapters, as for ``safeblend.merge``.
         models: the fine-tuned model(s); each gets the swept weight.
         out: the sweep directory (created if needed; other contents are left alone).
         weights: ``"0.1:0.9:0.1"``, ``"0.2,0.5,0.8"`` or a sequence of floats.
@@ -191,20 +196,25 @@ def sweep(
     if "weight" in method_params:
         raise SpecError("sweep sets the weight itself; give the weights to sweep, not weight=")
     options = parse_options(dtype, shard_size, chunk_size)
+    if options.out_dtype == "F8_E4M3":
+        raise SpecError("sweep does not write fp8 (--dtype fp8); merge each weight with safeblend merge")
     mergers = [create_method(method, len(model_paths), weight=w, **method_params) for w in points]
+    base, model_paths = resolve_inputs(base, model_paths, warn, progress)  # Hub ids, adapters' own base
     _check_output_not_input(out, [base, *model_paths])
     root = Path(os.path.abspath(out))
 
-    def execute(plans, base_ckpt, model_ckpts, writers, kept, update) -> ExecutionStats:
-        executor = SweepExecutor(plans, base_ckpt, model_ckpts, mergers, cpu_backend(), options.chunk_bytes, workers)
+    def execute(plans, base_ckpt, model_ckpts, writers, kept, chunk_bytes, update) -> ExecutionStats:
+        executor = SweepExecutor(plans, base_ckpt, model_ckpts, mergers, cpu_backend(), chunk_bytes, workers)
         return executor.run(_Outputs(writers), update)
 
     # Each output is staged as a merge's (its settings are merge's own, so each partial
     # fingerprints as `merge --weight W` would) but a sweep has no resume: on any failure,
-    # interrupts included, every output not yet committed is removed.
+    # interrupts included, every output not yet committed is removed. LoRA adapters open as
+    # low-rank terms where merge takes them so too (the linear family), so each output has
+    # merge's bytes, not a materialised θ_ft's rounding.
     results, messages = write_outputs(
         base, model_paths, [root / output_name(w) for w in points], mergers, options, execute, device="cpu",
-        low_rank=False, overwrite=overwrite, resume=False, keep_partial=False, allow_missing=None,
+        low_rank=all(m.takes_low_rank for m in mergers), overwrite=overwrite, resume=False, keep_partial=False, allow_missing=None,
         progress=f"sweeping ×{len(points)}" if progress else None, warn=warn, started=started,
         before_staging=lambda plans: _make_sweep_dir(root / output_name(points[0]), overwrite, plans))
     first = results[0]

@@ -37,6 +37,7 @@ Embedding LoRA is always (B·A)ᵀ, as PEFT computes it.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import json
 import math
@@ -58,7 +59,11 @@ from .checkpoint import (
     read_safetensors_header,
 )
 from .dtypes import DTYPES
-from .errors import CheckpointError, IncompatibleInputsError
+from .errors import CheckpointError, IncompatibleInputsError, SpecError
+from .layouts import canonical, canonical_lookup
+from .module_patterns import ModulePattern, PatternError
+from .quirks import tied_heads
+from .quantized import open_checkpoint
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
@@ -81,6 +86,7 @@ _EXACT_OUTPUTS = ("F32", "F64")
 _BLOCK_MULS = 1 << 19
 # Modules whose factors stay loaded: more than the tensors the compute threads touch at once.
 _FACTOR_CACHE = 4
+_FLOAT32_MAX = 3.4028234663852886e38  # LoRA products run in float32 (or float64)
 # Config fields of LoRA variants whose merge is not W + s·B·A (or that change the model's shape).
 _UNSUPPORTED_FIELDS = {
     "use_dora": "DoRA (use_dora) rescales each merged weight by a learned magnitude",
@@ -114,6 +120,7 @@ class AdapterConfig:
     fan_in_fan_out: bool
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
+    ensure_weight_tying: bool = False  # modules_to_save copies of tied embeddings stay tied
 
     def rank(self, module: str) -> int:
         """r for one module (per ``rank_pattern``)."""
@@ -128,11 +135,17 @@ class AdapterConfig:
 
 
 def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
-    """The first pattern that names ``module`` (PEFT's rule: the pattern matches a dotted suffix)."""
+    """The first pattern that names ``module`` (PEFT's rule: the pattern matches a dotted
+    suffix), matched in bounded time (safeblend.module_patterns)."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if _compiled_pattern(key).matches(module):
             return key
     return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled_pattern(key: str) -> ModulePattern:
+    return ModulePattern(key)
 
 
 def read_adapter_config(directory: Path) -> AdapterConfig:
@@ -164,8 +177,17 @@ def read_adapter_config(directory: Path) -> AdapterConfig:
         raise CheckpointError(f"{path}: r, lora_alpha, rank_pattern or alpha_pattern is malformed ({exc})") from exc
     if r <= 0 or any(v <= 0 for v in rank_pattern.values()):
         raise CheckpointError(f"{path}: ranks must be positive")
+    for key in [*rank_pattern, *alpha_pattern]:
+        try:
+            _compiled_pattern(key)
+        except PatternError as exc:
+            raise CheckpointError(f"{path}: rank_pattern/alpha_pattern: {exc}") from None
+    for what, value in [("lora_alpha", alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in alpha_pattern.items())]:
+        # A merge weight like any other: NaN, inf or beyond float32 (where products run) is refused.
+        if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+            raise SpecError(f"{path}: {what} is {value!r}, not a finite number within float32's range")
     return AdapterConfig(path, r, alpha, bool(data.get("use_rslora")), bool(data.get("fan_in_fan_out")),
-                         rank_pattern, alpha_pattern)
+                         rank_pattern, alpha_pattern, bool(data.get("ensure_weight_tying")))
 
 
 # -- what each base tensor becomes ---------------------------------------------------------------
@@ -470,7 +492,7 @@ def open_model(path: str | Path, base: Checkpoint, out_dtype: str | None = "F64"
     """
     directory = peft_adapter_dir(Path(path))
     if directory is None:
-        return Checkpoint.open(path)
+        return open_checkpoint(path)  # dequantized where its config declares a quantization
     return open_adapter(directory, base, out_dtype, low_rank)
 
 
@@ -495,13 +517,32 @@ def open_adapter(directory: Path, base: Checkpoint, out_dtype: str | None = "F64
     files[adapter.path] = adapter
     deltas: list[_Delta] = []
     tensors = dict(base.tensors)
+    layout = canonical_lookup(base.tensors)  # names in another transformers layout (safeblend.layouts)
+    heads = tied_heads(base)  # LM heads the base ties to its input embedding (and so does not store)
+    layout.update({canonical(head): embed for head, embed in heads.items()})
+    lora_weights = {f"{module}.weight" for module, kind in factors if kind != "bias"}
     for name, info in replacements.items():
-        target = _base_name(name, base, adapter.path, info.name)
+        target = _base_name(name, base, adapter.path, info.name, layout)  # a tied head names its embedding
+        head = next((h for h, e in heads.items() if e == target), None)
+        if head is not None and name not in lora_weights and not config.ensure_weight_tying:
+            # A modules_to_save copy of one of two tied tensors: PEFT's merge unties them, the
+            # other keeping the base's values; the reconciler then stores the head and unties the
+            # config (safeblend.quirks).
+            _check_replacement(info, base.tensors[target], adapter.path)
+            if canonical(name) == canonical(head):
+                tensors[head] = replace(info, name=head)
+            else:
+                tensors[target], tensors[head] = replace(info, name=target), base.tensors[target]
+            continue
         _check_replacement(info, base.tensors[target], adapter.path)
         tensors[target] = replace(info, name=target)
     for module, parts in factors.items():
-        d = _make_delta(module, parts, config, base, tensors, adapter.path)
-        d.product = np.float64 if (out_dtype or base.tensors[d.w.name].dtype.name) in _EXACT_OUTPUTS else np.float32
+        d = _make_delta(module, parts, config, base, tensors, adapter.path, layout)
+        if any(other.w.name == d.w.name for other in deltas):
+            raise CheckpointError(f"{adapter.path}: modules {module!r} and "
+                                  f"{next(o.module for o in deltas if o.w.name == d.w.name)!r} both change the base's "
+                                  f"{d.w.name!r} (tied embeddings); merge this adapter with PEFT first")
+        d.product = np.float64 if (out_dtype or base.tensors[d.w.name].auto_dtype.name) in _EXACT_OUTPUTS else np.float32
         # Only where W is the base's own tensor is θ_ft − θ_base the low-rank term alone.
         d.low_rank = low_rank and d.w == base.tensors[d.w.name]
         deltas.append(d)
@@ -567,9 +608,12 @@ def _classify(adapter: SafetensorsFile, config: AdapterConfig) -> tuple[dict, di
     return by_module, replacements
 
 
-def _base_name(name: str, base: Checkpoint, adapter: Path, key: str) -> str:
-    """The base tensor an adapter name refers to: the same name, or one differing only in the
-    model-class prefix (``model.``, ``transformer.``) that some savers drop or add."""
+def _base_name(name: str, base: Checkpoint, adapter: Path, key: str, layout: dict[str, str]) -> str:
+    """The base tensor an adapter name refers to: the same name, one differing only in the
+    model-class prefix (``model.``, ``transformer.``) that some savers drop or add, or the same
+    weight in the layout the base was saved in (``layout``: safeblend.layouts.canonical_lookup of
+    the base's names; e.g. PEFT's ``model.language_model.layers…`` for a Llava base's
+    ``language_model.model.layers…``)."""
     if name in base.tensors:
         return name
     head, _, tail = name.partition(".")
@@ -578,6 +622,8 @@ def _base_name(name: str, base: Checkpoint, adapter: Path, key: str) -> str:
     candidates = [n for n in base.tensors if n.endswith("." + name)]
     if len(candidates) == 1:
         return candidates[0]
+    if canonical(name) in layout:
+        return layout[canonical(name)]
     raise IncompatibleInputsError(f"{adapter}: {key!r} refers to tensor {name!r}, which the base {base.path} "
                                   "does not have (was the adapter trained on another model?)")
 
@@ -593,11 +639,11 @@ def _check_replacement(info: TensorInfo, target: TensorInfo, adapter: Path) -> N
 
 
 def _make_delta(key: tuple[str, str], parts: dict[str, TensorInfo], config: AdapterConfig, base: Checkpoint,
-                tensors: dict[str, TensorInfo], adapter: Path) -> _Delta:
+                tensors: dict[str, TensorInfo], adapter: Path, layout: dict[str, str]) -> _Delta:
     """Check one module's factors against the base tensor they change and orient the product."""
     module, kind = key
     param = "bias" if kind == "bias" else "weight"
-    target = _base_name(f"{module}.{param}", base, adapter, parts["B"].name)
+    target = _base_name(f"{module}.{param}", base, adapter, parts["B"].name, layout)
     w = tensors[target]  # the base's, or a replacement the adapter stores (embedding base_layer)
     where = f"{adapter}: module {module!r}"
     if not w.dtype.is_float:

@@ -19,6 +19,7 @@ from pathlib import Path
 from . import __version__
 from .checkpoint import INDEX_NAME, Checkpoint, read_safetensors_header
 from .errors import CheckpointError
+from .output_paths import printable
 
 MANIFEST_NAME = "safeblend.json"
 MANIFEST_VERSION = 1
@@ -79,21 +80,37 @@ def verify(directory: str | os.PathLike, threads: int = 2) -> VerifyReport:
     present = sorted(p.name for p in root.glob("*.safetensors"))
     for name in present:
         if manifest is not None and name not in listed:
-            report.problems.append(f"{root / name}: shard not listed in {MANIFEST_NAME}")
-    names = list(listed) if manifest is not None else present
+            report.problems.append(f"{printable(root / name)}: shard not listed in {MANIFEST_NAME}")
+    files = manifest.get("files", {}) if manifest is not None else {}
+    # Only plain, regular files inside OUT are read: a name in the manifest never leads outside.
+    linked = [n for n in sorted(os.listdir(root)) if os.path.islink(root / n)]
+    for name in linked:
+        report.problems.append(f"{printable(root / name)}: is a symbolic link, not a file safeblend wrote; not read")
+    if manifest is not None:
+        written = {*listed, *files, MANIFEST_NAME}
+        for name in sorted(set(os.listdir(root)) - written - set(linked)):
+            if not name.endswith(".safetensors"):  # unlisted shards are reported above
+                report.problems.append(f"{printable(root / name)}: not listed in {MANIFEST_NAME} "
+                                       "(added after the merge)")
+    names = [n for n in (listed if manifest is not None else present) if n not in linked]
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for problems, size in pool.map(lambda n: _check_shard(root / n, listed.get(n)), names):
             report.problems += problems
             report.bytes_checked += size
     report.shards = len(names)
-    _check_structure(root, manifest, report)
-    if manifest is not None:
-        for name, digest in manifest.get("files", {}).items():
-            path = root / name
-            if not path.is_file():
-                report.problems.append(f"{path}: listed in {MANIFEST_NAME} but missing")
-            elif file_sha256(path) != digest:
-                report.problems.append(f"{path}: SHA-256 differs from {MANIFEST_NAME} (the file was changed)")
+    if not linked:
+        _check_structure(root, manifest, report)
+    for name, digest in files.items():
+        path = root / name
+        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+            report.problems.append(f"{MANIFEST_NAME}: lists {printable(name)!r}, which is not a plain file name in "
+                                   f"{printable(root)}; not read")
+        elif name in linked:
+            continue
+        elif not path.is_file():
+            report.problems.append(f"{printable(path)}: listed in {MANIFEST_NAME} but missing")
+        elif file_sha256(path) != digest:
+            report.problems.append(f"{printable(path)}: SHA-256 differs from {MANIFEST_NAME} (the file was changed)")
     return report
 
 

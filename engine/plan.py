@@ -27,6 +27,8 @@ from typing import Any, Literal
 from .checkpoint import Checkpoint, TensorInfo
 from .dtypes import DTYPES, DType
 from .errors import IncompatibleInputsError
+from .model_files import check_config_file, companion_bytes
+from .quantized import output_config_changes, requantized_tensors
 from .quirks import reconcile  # tied embeddings, resized vocabularies, missing tensors
 
 Action = Literal["merge", "copy"]
@@ -46,6 +48,7 @@ class OutputTensor:
     offset: int = -1  # absolute byte offset in its shard file
     # Elements past ``numel`` (rows a fine-tune added to the vocabulary) are copied from here.
     tail: TensorInfo | None = None
+    requant: Any = None  # fp8 output with fresh block scales (safeblend.quantized.Requantize)
 
     @property
     def numel(self) -> int:
@@ -54,7 +57,7 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        return prod(self.shape) * self.dtype.itemsize
+        return self.dtype.nbytes(prod(self.shape))
 
     def byte_range(self, first: int, count: int) -> tuple[int, int]:
         """(absolute offset in its shard, length) of elements [first, first + count)."""
@@ -63,6 +66,11 @@ class OutputTensor:
 
     def pieces(self) -> list["OutputTensor"]:
         """What the executor runs: this tensor's own range, then its tail as a copy."""
+        if self.requant is not None and self.requant.derived:  # a scale tensor its weight's chunks write
+            return []
+        if self.dtype.packed:  # sub-byte elements (always a copy): moved as the bytes they are
+            return [OutputTensor(self.name, (self.nbytes,), DTYPES["U8"], self.base.as_bytes(), [], "copy",
+                                 self.shard, self.offset)]
         if self.tail is None:
             return [self]
         tail = OutputTensor(self.name, self.tail.shape, self.dtype, self.tail, [], "copy", self.shard,
@@ -96,6 +104,7 @@ class MergePlan:
     warnings: list[str]
     config: dict[str, Any] = field(default_factory=dict)  # config.json keys the output must change
     files_from: Path | None = None  # model directory whose tokenizer files the output needs
+    companion_bytes: int = 0  # config and tokenizer files copied beside the shards (safeblend.model_files)
 
     @property
     def total_size(self) -> int:
@@ -104,7 +113,7 @@ class MergePlan:
 
     @property
     def output_bytes(self) -> int:
-        return sum(s.size for s in self.shards)
+        return sum(s.size for s in self.shards) + self.companion_bytes
 
 
 def check_compatible(base: Checkpoint, models: list[Checkpoint]) -> None:
@@ -148,6 +157,9 @@ def make_plan(
         metadata: strings recorded in every shard header (``format`` is added).
         allow_missing: ``"take"`` copies tensors only some inputs have (``safeblend.quirks``).
     """
+    for ckpt in models:
+        check_config_file(ckpt.model_dir)  # before anything reads it: a FIFO would block
+    extra_bytes = companion_bytes(base.model_dir)
     matched = reconcile(base, models, allow_missing)
     warnings: list[str] = list(matched.warnings)
     tensors: list[OutputTensor] = []
@@ -155,12 +167,12 @@ def make_plan(
     for entry in matched.entries:
         if entry.only is not None:  # present in one input only: copied (cast to out_dtype if float)
             only = entry.only
-            dtype = DTYPES[out_dtype] if out_dtype and only.dtype.computable else only.dtype
+            dtype = DTYPES[out_dtype] if out_dtype and only.dtype.computable else only.auto_dtype
             tensors.append(OutputTensor(entry.name, only.shape, dtype, only, [], "copy"))
             continue
         name, info, sources = entry.name, entry.base, entry.models
         if info.dtype.computable and all(s.dtype.computable for s in sources):
-            dtype = DTYPES[out_dtype] if out_dtype else info.dtype
+            dtype = DTYPES[out_dtype] if out_dtype else info.auto_dtype
             if all(_same_tensor(s, info) for s in sources):  # every task vector is zero (module doc)
                 tensors.append(OutputTensor(name, entry.shape, dtype, info, [], "copy"))
                 continue
@@ -174,9 +186,11 @@ def make_plan(
             f"{len(uncomputable)} tensor(s) in a dtype that is not merged (e.g. {uncomputable[0].name!r}, "
             f"{uncomputable[0].base.dtype.name}) are copied from the base"
         )
+    tensors = requantized_tensors(tensors, base, out_dtype)  # --dtype fp8: the base's fp8 block format
     shards = _layout(tensors, shard_size, {"format": "pt", **metadata})
-    return MergePlan(tensors=tensors, shards=shards, warnings=warnings, config=matched.config,
-                     files_from=matched.files_from)
+    config = {**matched.config, **output_config_changes(base, out_dtype)}  # a dequantized base's quantization_config goes
+    return MergePlan(tensors=tensors, shards=shards, warnings=warnings, config=config,
+                     files_from=matched.files_from, companion_bytes=extra_bytes)
 
 
 def _same_tensor(a: TensorInfo, b: TensorInfo) -> bool:

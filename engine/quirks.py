@@ -22,6 +22,7 @@ from typing import Any
 
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import CheckpointError, IncompatibleInputsError, SpecError
+from .layouts import align, canonical
 
 ALLOW_MISSING = ("take",)
 # (LM head, input embedding) names of architectures that can tie them.
@@ -65,7 +66,11 @@ def reconcile(base: Checkpoint, models: list[Checkpoint], allow_missing: str | N
     if allow_missing not in (None, *ALLOW_MISSING):
         raise SpecError(f"allow_missing must be one of {', '.join(ALLOW_MISSING)} or None, got {allow_missing!r}")
     result = Reconciled(entries=[])
+    if base.model_dir is None:
+        result.warnings.append(f"{base.path}: a bare weights file with no config.json beside it: the output holds "
+                               "weights only (no config or tokenizer) and will not load with from_pretrained")
     tables = [dict(c.tensors) for c in (base, *models)]
+    _align_layouts([base, *models], tables, result)
     _untie([base, *models], tables, result)
     order = list(dict.fromkeys(n for table in tables for n in table))
     missing = {n for n in order if not all(n in t for t in tables)}
@@ -91,13 +96,39 @@ def reconcile(base: Checkpoint, models: list[Checkpoint], allow_missing: str | N
     return result
 
 
+def tied_heads(ckpt: Checkpoint) -> dict[str, str]:
+    """LM head name → input embedding name, for each head the checkpoint ties to its embedding:
+    the embedding is stored (under any transformers layout, safeblend.layouts), the head is not,
+    and config.json does not say ``tie_word_embeddings: false``."""
+    if _config(ckpt).get("tie_word_embeddings", True) is False:
+        return {}
+    stored = {canonical(n): n for n in ckpt.tensors}
+    return {head: stored[canonical(embed)] for head, embed in TIE_PAIRS
+            if canonical(embed) in stored and canonical(head) not in stored}
+
+
+def _align_layouts(ckpts: list[Checkpoint], tables: list[dict[str, TensorInfo]], result: Reconciled) -> None:
+    """Give a fine-tune's tensors the base's names where it was saved in another transformers
+    layout (safeblend.layouts: e.g. ``model.language_model.layers…`` for ``language_model.model.layers…``)."""
+    for ckpt, table in zip(ckpts[1:], tables[1:]):
+        renames = align(table, tables[0])
+        if not renames:
+            continue
+        for name, target in renames.items():
+            table[target] = table.pop(name)
+        first = next(iter(renames.items()))
+        result.warnings.append(f"{ckpt.path} names {len(renames)} tensor(s) in another transformers layout than the "
+                               f"base (e.g. {first[0]} for {first[1]}); they are matched to the base's names, "
+                               "which the output keeps")
+
+
 def _untie(ckpts: list[Checkpoint], tables: list[dict[str, TensorInfo]], result: Reconciled) -> None:
     """Where some inputs store the LM head and others tie it, use the embedding as the head."""
     configs = [_config(c) for c in ckpts]
     for head, embed in TIE_PAIRS:
         holders = [i for i, t in enumerate(tables) if head in t]
-        if not holders:
-            continue
+        if not holders or not any(embed in t for t in tables):
+            continue  # another architecture's pair: warn only about tensors these models have
         tied = [i for i, t in enumerate(tables) if head not in t and embed in t
                 and configs[i].get("tie_word_embeddings", True) is not False]
         for i in tied:

@@ -1,7 +1,7 @@
-"""Merge recipes: mergekit's YAML schema, for the part of it safeblend supports.
+"""Merge recipes: mergekit's YAML schema, read as mergekit reads it.
 
-    merge_method: ties                 # linear, task_arithmetic, slerp, ties, dare_linear,
-    base_model: ./Llama-3-8B-Instruct  #   dare_ties, model_stock (or safeblend's spellings)
+    merge_method: ties                 # see METHODS (mergekit's names, or safeblend's)
+    base_model: ./Llama-3-8B-Instruct
     models:
       - model: ./ft-math
         parameters: {weight: 0.5, density: [0.2, 0.5, 0.8]}    # a gradient across layers
@@ -13,28 +13,42 @@
     dtype: float32
     out_dtype: bfloat16
 
-Accepted: ``merge_method``, ``base_model``, ``models`` (or ``slices`` holding one slice whose
-sources all span every layer, the way mergekit's SLERP examples are written), ``parameters``
-(merge-wide values, which also serve as defaults for the per-model ones), ``dtype`` and
-``out_dtype``. Every parameter takes mergekit's forms (``safeblend.methods.params``). Defaults
-are mergekit's: ``normalize`` is true for linear and ties and false otherwise, DARE rescales by
-1/density. Anything else is an error naming the key; safeblend never ignores a setting.
+A recipe means what it means to mergekit 0.1.5, or it is refused with a one-line error naming
+the key or value; nothing is ignored silently:
 
-Relative model paths are relative to the current directory, as in mergekit.
+* A merge-wide parameter (``parameters:``, or a slice's) is the default for every listed
+  model, the base included: a model's own setting is consulted first, then the slice's, then
+  the merge-wide one (rule by rule: where none of a model's filters matches a tensor).
+* ``linear`` is mergekit's weighted sum over every listed model with its weight, the base
+  included (``base_model`` not listed joins with the merge-wide weight): Σ wᵢ·θᵢ, divided by
+  Σ wᵢ with ``normalize`` (its default). Without ``base_model`` the first model stands in for
+  the base (it only anchors the arithmetic; the result is the same).
+* Methods built on task vectors ignore the base's own parameters, as mergekit does: they are
+  accepted with a warning. So is a per-model ``weight`` on slerp and model_stock.
+* Defaults are mergekit's: ``normalize`` true for linear and ties, DARE's ``rescale`` true.
+  ``rescale: true`` means what mergekit implements: the kept entries carry each task vector's
+  L1 norm (safeblend's ``l1``), for DARE and TIES alike.
+
+The file is read defensively: a regular file of at most 1 MiB of UTF-8 text, nesting at most
+64 deep, at most 100,000 nodes once aliases are expanded, no duplicate keys.
+
+Every ``model:`` path goes through ``_model_path``. Relative paths are relative to the
+current directory, as in mergekit.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import SpecError
-from .methods.params import layer_count, setting
+from .methods.params import Setting, layer_count, setting
 
-# mergekit's method names, and safeblend's own spellings, → safeblend's method.
-METHODS = {
+# mergekit's method names (every one mergekit 0.1.5 registers) → safeblend's method.
+MERGEKIT_METHODS = {
     "linear": "linear",
     "task_arithmetic": "task-arithmetic",
     "slerp": "slerp",
@@ -42,8 +56,22 @@ METHODS = {
     "dare_linear": "dare-linear",
     "dare_ties": "dare-ties",
     "model_stock": "model-stock",
+    "nearswap": "nearswap",
+    "multislerp": "multislerp",
+    "nuslerp": "nuslerp",
+    "karcher": "karcher",
+    "breadcrumbs": "breadcrumbs",
+    "breadcrumbs_ties": "breadcrumbs-ties",
+    "ram": "ram",
+    "ramplus_tl": "ramplus-tl",
+    "sce": "sce",
+    "arcee_fusion": "arcee-fusion",
+    "della": "della",
+    "della_linear": "della-linear",
+    "passthrough": "passthrough",
 }
-METHODS.update({v: v for v in list(METHODS.values())})
+# ... and safeblend's own spellings.
+METHODS = {**MERGEKIT_METHODS, **{v: v for v in MERGEKIT_METHODS.values()}}
 
 TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype"}
 UNSUPPORTED_TOP_LEVEL = {
@@ -62,23 +90,67 @@ _PER_MODEL = {
     "dare-ties": {"weight": "weight", "density": "density"},
     "slerp": {},
     "model-stock": {},
+    "nearswap": {},
+    "multislerp": {"weight": "weight"},
+    "nuslerp": {"weight": "weight"},
+    "karcher": {},
+    "breadcrumbs": {"weight": "weight", "density": "density", "gamma": "gamma"},
+    "breadcrumbs-ties": {"weight": "weight", "density": "density", "gamma": "gamma"},
+    "ram": {},
+    "ramplus-tl": {},
+    "sce": {},
+    "arcee-fusion": {},
+    "della": {"weight": "weight", "density": "density", "epsilon": "epsilon"},
+    "della-linear": {"weight": "weight", "density": "density", "epsilon": "epsilon"},
+    "passthrough": {},
 }
 _GLOBAL = {
     "linear": {"normalize": "normalize"},
-    "task-arithmetic": {"normalize": "normalize", "lambda": "lambda_"},
-    "ties": {"normalize": "normalize", "lambda": "lambda_", "consensus": "consensus", "int8_mask": None},
+    "task-arithmetic": {"normalize": "normalize", "lambda": "lambda_", "int8_mask": None, "rescale": None,
+                        "density": None},
+    "ties": {"normalize": "normalize", "lambda": "lambda_", "consensus": "consensus", "int8_mask": None,
+             "rescale": "rescale"},
     "dare-linear": {"normalize": "normalize", "lambda": "lambda_", "rescale": "rescale", "seed": "seed",
                     "int8_mask": None},
     "dare-ties": {"normalize": "normalize", "lambda": "lambda_", "rescale": "rescale", "seed": "seed",
                   "consensus": "consensus", "int8_mask": None},
     "slerp": {"t": "weight"},
-    "model-stock": {"filter_wise": None},
+    "model-stock": {"filter_wise": "filter_wise"},
+    "nearswap": {"t": "t"},
+    "multislerp": {"normalize_weights": "normalize_weights", "eps": "eps"},
+    "nuslerp": {"nuslerp_row_wise": "row_wise", "nuslerp_flatten": "flatten"},
+    "karcher": {"max_iter": "max_iter", "tol": "tol"},
+    "breadcrumbs": {"normalize": "normalize", "lambda": "lambda_", "rescale": "rescale", "int8_mask": None},
+    "breadcrumbs-ties": {"normalize": "normalize", "lambda": "lambda_", "rescale": "rescale",
+                         "consensus": "consensus", "int8_mask": None},
+    "ram": {"epsilon": "epsilon"},
+    "ramplus-tl": {"epsilon": "epsilon", "r": "r", "alpha": "alpha"},
+    "sce": {"select_topk": "select_topk", "int8_mask": None},
+    "arcee-fusion": {},
+    "della": {"normalize": "normalize", "lambda": "lambda_", "rescale": "rescale", "seed": "seed",
+              "consensus": "consensus", "int8_mask": None},
+    "della-linear": {"normalize": "normalize", "lambda": "lambda_", "rescale": "rescale", "seed": "seed",
+                     "int8_mask": None},
+    "passthrough": {},
 }
+# Per-model parameters mergekit accepts and ignores for a method: a warning, not an error.
+_IGNORED_PER_MODEL = {"task-arithmetic": {"density"}, "slerp": {"weight"}, "model-stock": {"weight"}, "nearswap": {"weight"}, "karcher": {"weight"},
+                      "ram": {"weight"}, "ramplus-tl": {"weight"}, "sce": {"weight"}, "arcee-fusion": {"weight"}}
 # mergekit's defaults where they differ from safeblend's API defaults.
-_RECIPE_DEFAULTS = {"linear": {"normalize": True}}
+_RECIPE_DEFAULTS = {"linear": {"normalize": True}, "dare-linear": {"rescale": "l1"}, "dare-ties": {"rescale": "l1"}}
 _REQUIRED = {"linear": ["weight"], "task-arithmetic": ["weight"], "ties": ["weight"],
-             "dare-linear": ["weight"], "dare-ties": ["weight"], "slerp": ["t"], "model-stock": []}
-_NEEDS_BASE = {"task-arithmetic", "ties", "dare-linear", "dare-ties", "slerp", "model-stock"}
+             "dare-linear": ["weight"], "dare-ties": ["weight"], "slerp": ["t"], "model-stock": [],
+             "nearswap": ["t"], "multislerp": ["weight"], "nuslerp": ["weight"], "karcher": [],
+             "breadcrumbs": ["weight"], "breadcrumbs-ties": ["weight"], "ram": [], "ramplus-tl": [], "sce": [], "arcee-fusion": [],
+             "della": ["weight"], "della-linear": ["weight"], "passthrough": []}
+# Methods whose base_model is optional: without one, the first model is an operand with its own
+# weight (passed as the base, with ``base_weight``); linear's base is always such an operand.
+_WEIGHTED_BASE = {"linear", "multislerp", "nuslerp"}
+_CONSTANT_ONLY = {"seed", "max_iter"}  # one value for the whole merge
+
+MAX_BYTES = 1 << 20  # a recipe is a few hundred bytes; this refuses /dev/zero and accidents
+MAX_DEPTH = 64
+MAX_NODES = 100_000  # after aliases are expanded: refuses "billion laughs" documents
 
 
 @dataclass
@@ -97,19 +169,94 @@ class Recipe:
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and validate a YAML recipe file; SpecError naming the problem otherwise."""
     path = Path(path)
+    text = _read_text(path)
+    return parse_recipe(_parse_yaml(text, str(path)), str(path))
+
+
+def _read_text(path: Path) -> str:
+    """The file's text: a regular file (never blocking on a FIFO), at most MAX_BYTES, UTF-8."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read recipe: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SpecError(f"{path}: a recipe must be a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_BYTES + 1)
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read recipe: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_BYTES:
+        raise SpecError(f"{path}: recipe is larger than {MAX_BYTES // 1024} KiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: recipe is not UTF-8 text (byte {exc.start})") from None
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    """PyYAML's safe loader, refusing duplicate keys, deep nesting and alias bombs."""
     try:
         import yaml
     except ImportError as exc:
-        raise SpecError(f"{path}: reading recipe files needs PyYAML: pip install 'safeblend[recipes]'") from exc
+        raise SpecError(f"{source}: reading recipe files needs PyYAML: pip install 'safeblend[recipes]'") from exc
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):  # noqa: ANN001 (PyYAML's signature)
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"a key must be a string, got {key_node.tag.rsplit(':', 1)[-1]}",
+                        key_node.start_mark) from None
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark)
+            return super().construct_mapping(node, deep)
+
+    loader = Loader(text)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read recipe: {exc.strerror or exc}") from exc
-    try:
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_size(node, source)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise SpecError(f"{source}: recipe is nested too deeply") from None
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
-    return parse_recipe(data, str(path))
+        first = str(exc).replace("\n", " ").split("  ")[0]
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or first
+        raise SpecError(f"{source}: not valid YAML{where}: {problem}") from None
+    finally:
+        loader.dispose()
+
+
+def _check_size(root: Any, source: str) -> None:
+    """Count the nodes the document expands to (aliases counted each time they are used)."""
+    import yaml
+
+    count = 0
+    stack = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise SpecError(f"{source}: recipe expands to more than {MAX_NODES} values (aliases included)")
+        if depth > MAX_DEPTH:
+            raise SpecError(f"{source}: recipe is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                stack.extend(((key, depth + 1), (value, depth + 1)))
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
@@ -122,37 +269,114 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         if key not in TOP_LEVEL:
             raise SpecError(f"{source}: unknown key {key!r} (safeblend reads: {', '.join(sorted(TOP_LEVEL))})")
     raw_method = data.get("merge_method")
-    if raw_method not in METHODS:
-        choices = ", ".join(k for k in METHODS if "_" in k or k in ("linear", "slerp", "ties"))
-        raise SpecError(f"{source}: merge_method {raw_method!r} is not supported; choose one of: {choices}")
+    if not isinstance(raw_method, str) or raw_method not in METHODS:
+        shown = raw_method if isinstance(raw_method, (str, int, float, type(None))) else type(raw_method).__name__
+        raise SpecError(f"{source}: merge_method {shown!r} is not supported; choose one of: "
+                        f"{', '.join(MERGEKIT_METHODS)}")
     method = METHODS[raw_method]
     warnings: list[str] = []
 
     entries, slice_params = _model_entries(data, source)
-    global_params = {**_mapping(data.get("parameters"), f"{source}: parameters"), **slice_params}
+    merge_wide = _merge_wide(_mapping(data.get("parameters"), f"{source}: parameters"), slice_params, source)
     base = _model_path(data["base_model"], f"{source}: base_model") if data.get("base_model") is not None else None
-    if base is None:
-        if method in _NEEDS_BASE:
-            raise SpecError(f"{source}: merge_method {raw_method} needs base_model")
-        base = entries[0][0]  # mergekit's linear has no base; safeblend takes the first model
-    base_entries = [e for e in entries if _same(e[0], base)]
-    fine_tuned = [e for e in entries if not _same(e[0], base)]
-    if not fine_tuned:
-        raise SpecError(f"{source}: no models besides the base {base!r} to merge")
-
-    params = _method_params(method, global_params, fine_tuned, source, warnings)
-    if base_entries and base_entries[0][1]:
-        if method == "linear" and "weight" in base_entries[0][1]:
-            # mergekit averages the base with the others; its weight only enters the normaliser.
-            params["base_weight"] = setting(base_entries[0][1]["weight"], f"{source}: base model's weight")
-            unknown = sorted(set(base_entries[0][1]) - {"weight"})
-        else:
-            unknown = sorted(base_entries[0][1])
+    if method == "passthrough":  # one model, as it is
+        return _passthrough(entries, base, source, raw_method, data, warnings)
+    if method == "karcher":  # the base, if any, is one more model; none of them has parameters
+        base = base if base is not None else entries[0][0]
+        fine_tuned = [e for e in entries if not _same(e[0], base)]
+        if not fine_tuned:
+            raise SpecError(f"{source}: no models besides {base!r} to merge")
+        params = _method_params(method, raw_method, merge_wide, entries, source, warnings)
+    elif method in _WEIGHTED_BASE and (method == "linear" or base is None):
+        if base is None:
+            base = entries[0][0]  # no base: the first model anchors the arithmetic
+        listed_base = [params for path, params in entries if _same(path, base)]
+        base_params = listed_base[0] if listed_base else {}
+        fine_tuned = [e for e in entries if not _same(e[0], base)]
+        if not fine_tuned:
+            raise SpecError(f"{source}: no models besides {base!r} to merge")
+        params = _method_params(method, raw_method, merge_wide, fine_tuned, source, warnings)
+        params["base_weight"] = _base_weight(base, base_params, merge_wide, source, raw_method)
+        unknown = sorted(map(str, set(base_params) - {"weight"}))
         if unknown:
-            raise SpecError(f"{source}: parameter {unknown[0]!r} of the base model {base!r} has no effect on "
-                            f"{raw_method}; remove it")
+            raise SpecError(f"{source}: model {base}: parameter {unknown[0]!r} is not supported per model by "
+                            f"{raw_method} (per-model parameters: weight)")
+    else:
+        if base is None:
+            raise SpecError(f"{source}: merge_method {raw_method} needs base_model")
+        fine_tuned = [e for e in entries if not _same(e[0], base)]
+        if not fine_tuned:
+            raise SpecError(f"{source}: no models besides the base {base!r} to merge")
+        params = _method_params(method, raw_method, merge_wide, fine_tuned, source, warnings)
+        for path, base_params in entries:
+            if _same(path, base) and base_params:
+                keys = ", ".join(sorted(map(str, base_params)))
+                warnings.append(f"{source}: the base model's own parameters ({keys}) have no effect on "
+                                f"{raw_method}, as in mergekit")
     return Recipe(source=source, method=method, base=base, models=[e[0] for e in fine_tuned], params=params,
                   dtype=_output_dtype(data, source, warnings), warnings=warnings)
+
+
+def _passthrough(entries: list[tuple[str, dict]], base: str | None, source: str, raw_method: str, data: dict,
+                 warnings: list[str]) -> Recipe:
+    """mergekit's passthrough of one model: that model merged with itself (every tensor a copy)."""
+    if len(entries) != 1 or (base is not None and not _same(base, entries[0][0])):
+        raise SpecError(f"{source}: passthrough takes exactly one model (stacking models is not supported yet)")
+    path, params = entries[0]
+    for key, value in params.items():
+        if key != "scale":
+            raise SpecError(f"{source}: model {path}: parameter {key!r} is not supported by passthrough")
+        scale = setting(value, f"{source}: {path}: scale").constant
+        if isinstance(scale, bool) or scale != 1:
+            raise SpecError(f"{source}: model {path}: parameter 'scale' other than 1 is not supported yet")
+    if data.get("parameters"):
+        raise SpecError(f"{source}: parameter {sorted(map(str, data['parameters']))[0]!r} is not supported by "
+                        f"{raw_method} (it takes: none)")
+    return Recipe(source=source, method="passthrough", base=path, models=[path], params={},
+                  dtype=_output_dtype(data, source, warnings), warnings=warnings)
+
+
+def _base_weight(base: str, base_params: dict, merge_wide: dict[str, Setting], source: str,
+                 method: str = "linear") -> Setting:
+    """The weight of a base that is an operand: its own, falling back to the merge-wide one."""
+    own = setting(base_params["weight"], f"{source}: {base}: weight") if "weight" in base_params else None
+    fallback = merge_wide.get("weight")
+    if own is None and fallback is None:
+        raise SpecError(f"{source}: model {base}: parameter 'weight' is required for {method}, the base included "
+                        "(list the base under models with a weight, or set a merge-wide weight)")
+    if own is None:
+        return fallback
+    return own.then(fallback) if fallback is not None else own
+
+
+def _merge_wide(global_params: dict, slice_params: dict, source: str) -> dict[str, Setting]:
+    """Merge-wide settings: a slice's own first, then the recipe's (rule by rule)."""
+    merged: dict[str, Setting] = {}
+    for key in [*slice_params, *(k for k in global_params if k not in slice_params)]:
+        if not isinstance(key, str):
+            raise SpecError(f"{source}: parameter name {key!r} is not a string")
+        chain = [setting(params[key], f"{source}: {where}.{key}")
+                 for params, where in ((slice_params, "slices[0].parameters"), (global_params, "parameters"))
+                 if key in params]
+        merged[key] = chain[0].then(chain[1]) if len(chain) == 2 else chain[0]
+    return merged
+
+
+def _check_full_range(path: str, layer_range: Any, source: str) -> None:
+    """A slice must span every layer of the model: [0, number of layers]."""
+    from .checkpoint import Checkpoint
+    from .hub import resolve_inputs
+
+    if not (isinstance(layer_range, list) and len(layer_range) == 2 and all(isinstance(v, int) for v in layer_range)):
+        raise SpecError(f"{source}: layer_range must be [start, end], got {layer_range!r}")
+    checkpoint = Checkpoint.open(resolve_inputs(path, [])[0])  # a local path or a Hub repo id
+    try:
+        count = layer_count(checkpoint.tensors)
+    finally:
+        checkpoint.close()
+    if list(layer_range) != [0, count]:
+        raise SpecError(f"{source}: layer_range {layer_range} of {path} does not span its {count} layers "
+                        f"([0, {count}]); safeblend merges whole models and does not cut or stack layers")
 
 
 def _model_entries(data: dict, source: str) -> tuple[list[tuple[str, dict]], dict]:
@@ -166,7 +390,7 @@ def _model_entries(data: dict, source: str) -> tuple[list[tuple[str, dict]], dic
         if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
             raise SpecError(f"{source}: slices: only one slice spanning every layer is supported "
                             "(safeblend does not stack or cut layers)")
-        unknown = sorted(set(slices[0]) - {"sources", "parameters"})
+        unknown = sorted(map(str, set(slices[0]) - {"sources", "parameters"}))
         if unknown:
             raise SpecError(f"{source}: slices[0]: key {unknown[0]!r} is not supported")
         items, where = slices[0].get("sources"), "slices[0].sources"
@@ -174,7 +398,6 @@ def _model_entries(data: dict, source: str) -> tuple[list[tuple[str, dict]], dic
     if not isinstance(items, list) or not items:
         raise SpecError(f"{source}: {where} must be a non-empty list of {{model: PATH, parameters: ...}}")
     entries = []
-    ranges = set()
     for i, item in enumerate(items):
         what = f"{source}: {where}[{i}]"
         if isinstance(item, str):
@@ -182,70 +405,52 @@ def _model_entries(data: dict, source: str) -> tuple[list[tuple[str, dict]], dic
         if not isinstance(item, dict) or "model" not in item:
             raise SpecError(f"{what}: expected {{model: PATH, parameters: ...}}")
         allowed = {"model", "parameters"} | ({"layer_range"} if where != "models" else set())
-        unknown = sorted(set(item) - allowed)
+        unknown = sorted(map(str, set(item) - allowed))
         if unknown:
             raise SpecError(f"{what}: key {unknown[0]!r} is not supported")
+        path = _model_path(item["model"], what)
+        if any(_same(path, other) for other, _ in entries):
+            raise SpecError(f"{what}: model {path} is listed twice")
         if "layer_range" in item:
-            ranges.add(tuple(item["layer_range"]) if isinstance(item["layer_range"], list) else item["layer_range"])
-            entries.append((_model_path(item["model"], what), _mapping(item.get("parameters"), f"{what}.parameters"),
-                            item["layer_range"]))
-        else:
-            entries.append((_model_path(item["model"], what), _mapping(item.get("parameters"), f"{what}.parameters"),
-                            None))
-    if len(ranges) > 1:
-        raise SpecError(f"{source}: slices: the sources' layer_range values differ; safeblend merges whole models")
-    for path, _, layer_range in entries:
-        if layer_range is not None:
-            _check_full_range(path, layer_range, source)
-    return [(p, params) for p, params, _ in entries], slice_params
+            _check_full_range(path, item["layer_range"], what)
+        entries.append((path, _mapping(item.get("parameters"), f"{what}.parameters")))
+    return entries, slice_params
 
 
-def _check_full_range(path: str, layer_range: Any, source: str) -> None:
-    """A slice must span every layer of the model: [0, number of layers]."""
-    from .checkpoint import Checkpoint
-
-    if not (isinstance(layer_range, list) and len(layer_range) == 2 and all(isinstance(v, int) for v in layer_range)):
-        raise SpecError(f"{source}: layer_range must be [start, end], got {layer_range!r}")
-    checkpoint = Checkpoint.open(path)
-    try:
-        count = layer_count(checkpoint.tensors)
-    finally:
-        checkpoint.close()
-    if list(layer_range) != [0, count]:
-        raise SpecError(f"{source}: layer_range {layer_range} of {path} does not span its {count} layers "
-                        f"([0, {count}]); safeblend merges whole models and does not cut or stack layers")
-
-
-def _method_params(method: str, global_params: dict, fine_tuned: list[tuple[str, dict]], source: str,
-                   warnings: list[str]) -> dict[str, Any]:
+def _method_params(method: str, raw_method: str, merge_wide: dict[str, Setting],
+                   fine_tuned: list[tuple[str, dict]], source: str, warnings: list[str]) -> dict[str, Any]:
     """safeblend keyword parameters for ``method`` from the recipe's parameter blocks."""
     per_model_keys, global_keys = _PER_MODEL[method], _GLOBAL[method]
     params: dict[str, Any] = {}
-    for key, value in global_params.items():
+    for key, value in merge_wide.items():
         if key in global_keys:
             target = global_keys[key]
             if target is None:
-                _no_effect(method, key, value, source, warnings)
+                _no_effect(raw_method, key, value, source, warnings)
+            elif key in _CONSTANT_ONLY:
+                if value.constant is None:
+                    raise SpecError(f"{source}: parameter {key!r} must be one number for the whole merge")
+                params[target] = value.constant
             else:
-                params[target] = setting(value, f"{source}: parameters.{key}")
+                params[target] = _recipe_meaning(method, key, value)
+        elif key in _IGNORED_PER_MODEL.get(method, set()):  # mergekit's default for a parameter it never reads
+            warnings.append(f"{source}: parameter {key!r} has no effect on {raw_method} (mergekit ignores it too)")
         elif key not in per_model_keys:
-            raise SpecError(f"{source}: parameter {key!r} is not supported by {method} "
+            raise SpecError(f"{source}: parameter {key!r} is not supported by {raw_method} "
                             f"(it takes: {', '.join([*per_model_keys, *global_keys]) or 'none'})")
     for key, default in _RECIPE_DEFAULTS.get(method, {}).items():
         params.setdefault(key, default)
     for key, target in per_model_keys.items():
-        fallback = global_params.get(key)
+        fallback = merge_wide.get(key)
         values = []
         for path, model_params in fine_tuned:
             if key in model_params:
                 s = setting(model_params[key], f"{source}: {path}: {key}")
-                if fallback is not None:
-                    s = s.then(setting(fallback, f"{source}: parameters.{key}"))
-                values.append(s)
+                values.append(s.then(fallback) if fallback is not None else s)
             elif fallback is not None:
-                values.append(setting(fallback, f"{source}: parameters.{key}"))
+                values.append(fallback)
             elif key in _REQUIRED[method]:
-                raise SpecError(f"{source}: model {path}: parameter {key!r} is required for {method}")
+                raise SpecError(f"{source}: model {path}: parameter {key!r} is required for {raw_method}")
             else:
                 values.append(None)
         if any(v is not None for v in values):
@@ -253,25 +458,35 @@ def _method_params(method: str, global_params: dict, fine_tuned: list[tuple[str,
                 raise SpecError(f"{source}: parameter {key!r} is set for some models but not all; "
                                 "set it for every model or in the merge-wide parameters")
             params[target] = values
+    ignored = _IGNORED_PER_MODEL.get(method, set())
     for path, model_params in fine_tuned:
-        unknown = sorted(set(model_params) - set(per_model_keys))
+        for key in sorted(map(str, set(model_params) & ignored)):
+            warnings.append(f"{source}: model {path}: parameter {key!r} has no effect on {raw_method} "
+                            "(mergekit ignores it too)")
+        unknown = sorted(map(str, set(model_params) - set(per_model_keys) - ignored))
         if unknown:
             raise SpecError(f"{source}: model {path}: parameter {unknown[0]!r} is not supported per model by "
-                            f"{method} (per-model parameters: {', '.join(per_model_keys) or 'none'})")
+                            f"{raw_method} (per-model parameters: {', '.join(per_model_keys) or 'none'})")
     for key in _REQUIRED[method]:
-        if key in global_keys and key not in global_params:
-            raise SpecError(f"{source}: parameter {key!r} is required for {method}")
+        if key in global_keys and key not in merge_wide:
+            raise SpecError(f"{source}: parameter {key!r} is required for {raw_method}")
     return params
 
 
-def _no_effect(method: str, key: str, value: Any, source: str, warnings: list[str]) -> None:
+def _recipe_meaning(method: str, key: str, value: Setting) -> Setting:
+    """A merge-wide value as mergekit means it: DARE's ``rescale: true`` keeps the L1 norm."""
+    if key == "rescale" and method in ("ties", "dare-linear", "dare-ties", "breadcrumbs", "breadcrumbs-ties"):
+        meaning = {True: "l1", False: "none"}
+        return Setting(tuple((p, meaning.get(v, v) if isinstance(v, bool) else v) for p, v in value.rules))
+    return value
+
+
+def _no_effect(method: str, key: str, value: Setting, source: str, warnings: list[str]) -> None:
     """Parameters that change mergekit's memory use, not its result, or that safeblend lacks."""
     if key == "int8_mask":
         warnings.append(f"{source}: int8_mask has no effect in safeblend (masks are never materialised)")
-    elif key == "filter_wise":
-        if value not in (False, None):
-            raise SpecError(f"{source}: parameter 'filter_wise' is not supported by model-stock; "
-                            "safeblend computes one cosine per tensor")
+    elif key in ("rescale", "density"):  # task_arithmetic drops nothing
+        warnings.append(f"{source}: {key} has no effect on {method} (nothing is dropped), as in mergekit")
 
 
 def _output_dtype(data: dict, source: str, warnings: list[str]) -> str | None:
@@ -303,8 +518,10 @@ def _mapping(value: Any, what: str) -> dict:
 
 
 def _model_path(value: Any, what: str) -> str:
+    """The one place a recipe's ``model:`` / ``base_model:`` value becomes a path to open."""
     if not isinstance(value, str) or not value:
-        raise SpecError(f"{what}: model must be a path, got {value!r}")
+        shown = repr(value) if isinstance(value, (int, float, type(None))) else f"a {type(value).__name__}"
+        raise SpecError(f"{what}: model must be a path, got {shown}")
     if "+" in value and not os.path.exists(value):
         raise SpecError(f"{what}: {value!r}: LoRA references (model+adapter) are not supported; "
                         "merge the adapter into its model first")
@@ -312,7 +529,8 @@ def _model_path(value: Any, what: str) -> str:
 
 
 def _same(a: str, b: str) -> bool:
-    return os.path.abspath(a) == os.path.abspath(b)
+    """Whether two model paths name the same model (symlinks resolved)."""
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def merge_recipe(path: str | os.PathLike, out: str | os.PathLike, **options: Any):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .checkpoint import SafetensorsFile, TensorInfo
-from .chunks import element_steps, release_inputs
+from .chunks import chunk_elements, element_steps, release_inputs
 from .methods.base import ChunkContext, MergeMethod, TensorContext
 from .methods.params import layer_positions
 from .plan import MergePlan, OutputTensor
@@ -61,7 +61,7 @@ class TensorStates:
                 method.prepare(self.context(t))
 
     def context(self, t: OutputTensor) -> TensorContext:
-        return TensorContext(t.name, t.numel, self._positions.get(t.name, 1.0))
+        return TensorContext(t.name, t.numel, self._positions.get(t.name, 1.0), tuple(t.shape))
 
     def get(self, t: OutputTensor) -> tuple[TensorContext, Any, int]:
         with self._lock:
@@ -79,6 +79,7 @@ class TensorStates:
         try:
             entry.context = self.context(t)
             entry.state = self.method.prepare(entry.context)
+            self.method.attach_reader(entry.state, lambda first, count: self.read(t, first, count))
             read = self._reduce(t, entry.context, entry.state)
         except BaseException as exc:
             entry.error = exc
@@ -87,6 +88,11 @@ class TensorStates:
             entry.ready.set()
         return entry.context, entry.state, read
 
+    def read(self, t: OutputTensor, first: int, count: int) -> list[Any]:
+        """Zero-copy views of elements [first, first + count) of ``t``'s base and models."""
+        sources = [t.base, *t.models]
+        return [self.file_of(info).view(info, first, count) for info in sources]
+
     def _reduce(self, t: OutputTensor, context: TensorContext, state: Any) -> int:
         """Run the method's reduce passes over the tensor's chunks; returns the bytes read."""
         passes = self.method.reduce_passes(state)
@@ -94,7 +100,7 @@ class TensorStates:
             return 0
         sources = [t.base, *t.models]
         files = [self.file_of(info) for info in sources]
-        steps = list(element_steps(t.numel, max(info.dtype.itemsize for info in sources), self.chunk_bytes))
+        steps = list(element_steps(t.numel, chunk_elements(self.chunk_bytes, *(i.dtype.itemsize for i in sources))))
 
         def fold(pass_index: int, step: tuple[int, int]) -> int:
             first, count = step

@@ -22,6 +22,7 @@ from .errors import OutputError
 from .journal import (JOURNAL_NAME, JOURNAL_VERSION, JournaledWriter, Progress, check_prefix_digests,
                       describe_mismatch, fault_point, fingerprint, read_journal)
 from .manifest import write_manifest
+from .output_paths import check_replaceable, check_staging
 from .plan import MergePlan
 from .units import format_size
 from .writer import OutputDir, fsync_dir
@@ -83,8 +84,7 @@ class MergeSession:
 
     def _open(self, resume: bool, print_: dict[str, Any]) -> None:
         final, staging = self.output.final, self.staging
-        if final.exists() and not self.output.overwrite:
-            raise OutputError(f"{final}: output already exists (pass --overwrite to replace it)")
+        check_replaceable(final, self.output.overwrite)  # only safeblend's own output: safeblend.output_paths
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -98,6 +98,7 @@ class MergeSession:
                 existed = True
             except OSError as exc:
                 raise OutputError(f"{staging}: cannot create: {exc.strerror}") from exc
+        check_staging(staging, existed)  # a real directory of ours, never a planted link
         self._lock(existed)
         if existed and not resume and self.output.overwrite:
             # Holding the lock, so no live merge owns it: --overwrite means start over.
@@ -125,7 +126,7 @@ class MergeSession:
         try:
             # In a partial we did not create, never create the lock: its absence means the
             # owner is between removing it and renaming the directory, or died before locking.
-            self._lock_fd = os.open(path, os.O_RDWR | (0 if existed else os.O_CREAT), 0o644)
+            self._lock_fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | (0 if existed else os.O_CREAT), 0o644)
         except FileNotFoundError:
             raise OutputError(
                 f"{self.staging}: a partial output without a lock file is here (a merge is finishing, or one "

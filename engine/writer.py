@@ -25,14 +25,16 @@ import queue
 import shutil
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from .abort import Abort
 from .errors import OutputError
-from .plan import MergePlan
 from .units import format_size
+
+if TYPE_CHECKING:  # the writer needs only the plan's shape, never the planner
+    from .plan import MergePlan
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -74,18 +76,11 @@ class OutputDir:
 
     def commit(self) -> None:
         """Flush the staging directory and move it to OUT (replacing OUT if allowed)."""
+        from .output_paths import replace_output
+
         fsync_dir(self.staging)
-        old = None
-        if self.final.exists() or self.final.is_symlink():
-            if not self.overwrite:
-                raise OutputError(f"{self.final}: output appeared while merging; left the result at {self.staging}")
-            old = self.final.with_name(f".{self.final.name}.safeblend-old")
-            _remove(old)
-            os.rename(self.final, old)
-        os.rename(self.staging, self.final)
+        replace_output(self.staging, self.final, self.overwrite)  # deletes only what safeblend wrote
         fsync_dir(self.final.parent)
-        if old is not None:
-            _remove(old)
 
     def abort(self) -> None:
         """Remove the staging directory and everything in it."""

@@ -62,3 +62,33 @@ def assert_within_tolerance(out: np.ndarray, reference: np.ndarray, inputs: list
             for ix in idx
         )
         raise AssertionError(f"{what}: {int(bad.sum())} of {bad.size} elements out of tolerance; first {details}")
+
+
+def write_raw_safetensors(path: Path, tensors: dict[str, tuple[str, list[int], bytes]],
+                          metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file by hand: ``{name: (dtype, shape, raw bytes)}``, in order.
+
+    For dtypes the safetensors numpy API cannot save (fp8, packed F4/F6, E8M0); the layout
+    is the format's own (8-byte length, JSON header padded with spaces, data).
+    """
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    cursor, data = 0, []
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [cursor, cursor + len(raw)]}
+        cursor += len(raw)
+        data.append(raw)
+    body = json.dumps(header).encode()
+    body += b" " * (-len(body) % 8)
+    path.write_bytes(len(body).to_bytes(8, "little") + body + b"".join(data))
+    return path
+
+
+def read_raw_safetensors(path: Path) -> dict[str, tuple[str, list[int], bytes]]:
+    """The inverse of ``write_raw_safetensors``: every tensor's dtype, shape and raw bytes."""
+    blob = path.read_bytes()
+    length = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + length])
+    header.pop("__metadata__", None)
+    data = blob[8 + length :]
+    return {name: (e["dtype"], e["shape"], data[e["data_offsets"][0] : e["data_offsets"][1]])
+            for name, e in header.items()}

@@ -116,9 +116,13 @@ def test_existing_output_is_refused_and_untouched(good_pair):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1 and "already exists" in result.output and "--overwrite" in result.output
     assert (out / "keep.txt").read_text() == "mine"
-    result = CliRunner().invoke(main, args + ["--overwrite"])
+    result = CliRunner().invoke(main, args + ["--overwrite"])  # not safeblend's output: still refused
+    assert result.exit_code == 1 and "not a previous safeblend output" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    result = CliRunner().invoke(main, args + ["--overwrite"])  # an empty directory may be replaced
     assert result.exit_code == 0, result.output
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert (out / "model.safetensors").exists()
 
 
 def test_output_inside_an_input_is_refused(good_pair):

@@ -111,9 +111,12 @@ def _valid_files(draw) -> bytes:
     for name in names:
         dtype = draw(st.sampled_from(sorted(DTYPES)))
         shape = draw(st.lists(st.integers(0, 5), max_size=3))
-        n = DTYPES[dtype].itemsize
+        n = DTYPES[dtype].bits
         for d in shape:
             n *= d
+        if n % 8:  # packed F4/F6: four more elements end on a byte boundary
+            shape, n = [*shape, 4], n * 4
+        n //= 8
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [cursor, cursor + n]}
         cursor += n
     return _with_prefix(json.dumps(header).encode(), b"\1" * cursor)

@@ -80,9 +80,8 @@ def ref_linear(base, models, weights, normalize=False, scale=1.0):
 def ref_slerp(base, model, t):
     a, b = f64(base).ravel(), f64(model).ravel()
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    if na <= 1e-12 or nb <= 1e-12:
-        return ((1 - t) * a + t * b).reshape(base.shape)
-    cos = np.clip(a @ b / (na * nb), -1, 1)
+    # mergekit divides out only norms above 1e-8: a zero tensor counts as orthogonal
+    cos = np.clip(a @ b / ((na if na > 1e-8 else 1.0) * (nb if nb > 1e-8 else 1.0)), -1, 1)
     if abs(cos) > 0.9995:
         return ((1 - t) * a + t * b).reshape(base.shape)
     omega = math.acos(cos)
@@ -99,6 +98,26 @@ def ref_trim(delta: np.ndarray, density: float) -> np.ndarray:
         return delta.copy()
     tau = np.sort(np.abs(delta).ravel())[::-1][k - 1]
     return np.where(np.abs(delta) >= tau, delta, 0.0)
+
+
+def ref_breadcrumbs_trim(delta: np.ndarray, density: float, gamma: float) -> np.ndarray:
+    """Breadcrumbs: drop the t = ⌊γ·n⌋ largest |d|, keep the next k = ⌊ρ·n⌋ (t lowered to
+    n − k where they exceed n); ties at either threshold all on the same side."""
+    if density >= 1:
+        return delta.copy()
+    n = delta.size
+    k, t = math.floor(density * n), math.floor(gamma * n)
+    t = min(t, n - k)
+    magnitudes = np.sort(np.abs(delta).ravel())[::-1]
+    keep = np.abs(delta) >= magnitudes[k + t - 1] if k + t > 0 else np.zeros(delta.shape, bool)
+    if t > 0:
+        keep &= np.abs(delta) < magnitudes[t - 1]
+    return np.where(keep, delta, 0.0)
+
+
+def ref_breadcrumbs(base, models, weights, densities, gammas, elect, normalize=False, scale=1.0):
+    deltas = [ref_breadcrumbs_trim(f64(m) - f64(base), p, g) for m, p, g in zip(models, densities, gammas)]
+    return ref_combine(base, deltas, weights, elect, normalize, scale)
 
 
 def ref_combine(base, deltas, weights, elect, normalize, scale, consensus="sum"):
@@ -119,8 +138,12 @@ def ref_combine(base, deltas, weights, elect, normalize, scale, consensus="sum")
     return b + scale * mixed
 
 
-def ref_ties(base, models, weights, densities, normalize=True, scale=1.0, consensus="sum"):
+def ref_ties(base, models, weights, densities, normalize=True, scale=1.0, consensus="sum", rescale=False):
     deltas = [ref_trim(f64(m) - f64(base), p) for m, p in zip(models, densities)]
+    if rescale:  # mergekit's rescale: the kept entries carry the task vector's L1 norm
+        full = [np.abs(f64(m) - f64(base)).sum() for m in models]
+        deltas = [d * (f / np.abs(d).sum()) if p < 1 and min(f, np.abs(d).sum()) >= 1e-7 else d
+                  for d, f, p in zip(deltas, full, densities)]
     return ref_combine(base, deltas, weights, True, normalize, scale, consensus)
 
 
@@ -166,7 +189,7 @@ def ref_dare(name, base, models, weights, densities, elect, normalize=False, sca
         kept = np.where(keep, d, 0.0)
         if p < 1 and rescale == "density":
             kept = kept / p
-        elif p < 1 and rescale == "l1" and np.abs(kept).sum() > 0:
+        elif p < 1 and rescale == "l1" and min(np.abs(kept).sum(), np.abs(d).sum()) >= 1e-7:
             kept = kept * (np.abs(d).sum() / np.abs(kept).sum())
         deltas.append(kept)
     return ref_combine(base, deltas, weights, elect, normalize, scale, consensus)
@@ -202,6 +225,15 @@ CASES = {
     "ties-count": (3, dict(weight=0.6, density=[0.2, 0.5, 0.9], consensus="count", normalize=False, lambda_=0.8),
                    lambda n, b, ms: ref_ties(b, ms, [0.6] * 3, [0.2, 0.5, 0.9], normalize=False, scale=0.8,
                                              consensus="count")),
+    "ties-l1": (3, dict(weight=[1.0, 0.5, 0.8], density=[0.3, 0.6, 1.0], rescale="l1"),
+                lambda n, b, ms: ref_ties(b, ms, [1.0, 0.5, 0.8], [0.3, 0.6, 1.0], rescale=True)),
+    "breadcrumbs": (3, dict(weight=[1.0, 0.5, 0.8], density=[0.3, 0.6, 1.0], gamma=[0.01, 0.2, 0.1]),
+                    lambda n, b, ms: ref_breadcrumbs(b, ms, [1.0, 0.5, 0.8], [0.3, 0.6, 1.0], [0.01, 0.2, 0.1],
+                                                     elect=False)),
+    "breadcrumbs-ties": (3, dict(weight=[1.0, 0.5, 0.8], density=0.5, gamma=[0.05, 0.6, 0.0], normalize=True,
+                                 lambda_=0.9),
+                         lambda n, b, ms: ref_breadcrumbs(b, ms, [1.0, 0.5, 0.8], [0.5] * 3, [0.05, 0.6, 0.0],
+                                                          elect=True, normalize=True, scale=0.9)),
     "dare-linear": (2, dict(weight=[0.6, 0.4], density=0.4),
                     lambda n, b, ms: ref_dare(n, b, ms, [0.6, 0.4], [0.4] * 2, elect=False)),
     "dare-linear-l1": (2, dict(weight=[0.6, 0.4], density=[0.3, 0.7], rescale="l1", normalize=True, seed=7),
@@ -444,10 +476,12 @@ def test_slerp_endpoints_and_fallbacks(tmp_path):
             ref = ref_slerp(base[name], ft[name], t)
             assert_within_tolerance(out[name], ref, [base[name], ft[name]], f"slerp t={t} {name}")
         if t == 0.4:
-            # colinear, antiparallel and zero-norm fall back to the linear interpolation
-            for name in ("colinear", "zero", "antiparallel"):
+            # colinear and antiparallel fall back to the linear interpolation
+            for name in ("colinear", "antiparallel"):
                 lerp = 0.6 * f64(base[name]) + 0.4 * f64(ft[name])
                 assert_within_tolerance(out[name], lerp, [base[name], ft[name]], name)
+            # a zero base is orthogonal to everything (mergekit's rule): sin(t·π/2)·θ_ft
+            assert_within_tolerance(out["zero"], math.sin(0.4 * math.pi / 2) * f64(b), [b], "zero")
             # the spherical one keeps the norm between the endpoints' norms, unlike the lerp
             assert np.linalg.norm(out["orth"]) > np.linalg.norm(0.6 * a + 0.4 * b) * 1.2
 
@@ -478,6 +512,8 @@ def test_model_stock_ratio_formula():
     gram = np.array([[4.0, 2.0, 1.0], [0.0, 4.0, 0.0], [0.0, 0.0, 1.0]])  # upper triangle is read
     cos = (2.0 / 4.0 + 1.0 / 2.0 + 0.0) / 3
     assert interpolation_ratio(gram) == pytest.approx(3 * cos / (1 + 2 * cos))
+    # antiparallel pair: 1 + (N − 1)·cos = 0, where mergekit divides by zero; safeblend gives t = 0
+    assert interpolation_ratio(np.array([[1.0, -1.0], [0.0, 1.0]])) == 0.0
 
 
 # -- per-tensor parameters ---------------------------------------------------------------------
@@ -507,8 +543,9 @@ def test_layer_positions_follow_mergekit():
     names = ["model.embed_tokens.weight", "model.layers.0.a", "model.layers.3.a", "model.norm.weight",
              "lm_head.weight"]
     positions = layer_positions(names)
+    # tensors after the last layer sit at the first anchor, like the embeddings (mergekit >= 0.1.2)
     assert positions == {"model.embed_tokens.weight": 0.0, "model.layers.0.a": 0.0, "model.layers.3.a": 1.0,
-                         "model.norm.weight": 1.0, "lm_head.weight": 1.0}
+                         "model.norm.weight": 0.0, "lm_head.weight": 0.0}
     gradient = setting([0.0, 0.5, 1.0, 0.0], "t")
     assert gradient.at("x", 0.5) == pytest.approx(0.75)
     assert gradient.at("x", 1.0) == 0.0
@@ -526,6 +563,7 @@ def test_layer_positions_follow_mergekit():
     ("ties", 2, {"seed": 3}, "takes no parameter 'seed'"),
     ("dare-linear", 2, {"consensus": "count"}, "takes no parameter 'consensus'"),
     ("dare-ties", 2, {"rescale": "l2"}, "rescale: expected one of density, l1, none"),
+    ("ties", 2, {"rescale": "density"}, "rescale: expected one of l1, none"),
     ("ties", 2, {"consensus": "majority"}, "consensus: expected one of sum, count"),
     ("ties", 3, {"weight": [1, 2]}, "got 2 weight values for 3"),
     ("linear", 2, {"weight": [0.5, -0.5], "normalize": True}, "sum to zero"),
@@ -571,3 +609,94 @@ def test_ties_on_a_tensor_large_enough_to_be_sampled(tmp_path, case, chunk_size)
         ms = [m[name] for m in models]
         assert_within_tolerance(out[name], reference(name, base[name], ms),
                                 [base[name], *ms, operand_scale("ties", base[name], ms)], f"{case} {name}")
+
+
+def test_breadcrumbs_on_a_tensor_above_the_sampling_size(tmp_path):
+    """Both thresholds through the sampled selection (tensors above _select.SMALL elements)."""
+    from safeblend.methods._select import SMALL
+
+    rng = np.random.default_rng(31)
+    shapes = {"model.layers.0.mlp.up_proj.weight": (SMALL // 512 + 7, 1024)}
+    base, models = make_inputs(rng, "fp32", 2, shapes)
+    out = run(tmp_path, base, models, "breadcrumbs-ties", chunk_size="1MiB", weight=[0.7, 0.5], density=0.2,
+              gamma=[0.02, 0.1])
+    name = next(iter(shapes))
+    ms = [m[name] for m in models]
+    ref = ref_breadcrumbs(base[name], ms, [0.7, 0.5], [0.2, 0.2], [0.02, 0.1], elect=True)
+    assert_within_tolerance(out[name], ref, [base[name], *ms, operand_scale("breadcrumbs-ties", base[name], ms)],
+                            name)
+
+
+# -- DELLA ------------------------------------------------------------------------------------------
+
+def ref_counters(seed: int, name: str, model: int, n: int) -> np.ndarray:
+    """u_j of the counter-based generator (engine/methods/_rng.py docstring), j < n."""
+    h = 0xCBF29CE484222325
+    for byte in name.encode():
+        h = ((h ^ byte) * 0x100000001B3) & _M64
+    key = _mix_int(_mix_int(_mix_int(seed + _GAMMA) ^ h) + (model + 1) * _GAMMA)
+    j = np.arange(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return _mix_array(np.uint64(key) + (j + np.uint64(1)) * np.uint64(_GAMMA))
+
+
+def ref_della(name, base, models, weights, densities, epsilons, elect, normalize, scale=1.0, rescale=True, seed=0):
+    """DELLA from its formula: per row, keep with probability ρ − ε + 2ε·(rank − 1)/(m − 1)."""
+    deltas = []
+    for i, (m, p, e) in enumerate(zip(models, densities, epsilons)):
+        d = f64(m) - f64(base)
+        if p >= 1:
+            deltas.append(d)
+            continue
+        if p <= 0:
+            deltas.append(np.zeros_like(d))
+            continue
+        rows = np.abs(d).reshape(-1, d.shape[-1] if d.ndim else 1)
+        ranks = np.argsort(np.argsort(rows, axis=1, kind="stable"), axis=1, kind="stable").astype(np.float64)
+        norm = ranks / (rows.shape[1] - 1) if rows.shape[1] > 1 else ranks * 0
+        probability = ((p - e) + 2 * e * norm).ravel()
+        u = ref_counters(seed, name, i, d.size)
+        keep = ((u >> np.uint64(11)) < np.floor(probability * 2.0**53).astype(np.uint64)).reshape(d.shape)
+        kept = np.where(keep, d, 0.0)
+        before, after = np.abs(d).sum(), np.abs(kept).sum()
+        if rescale and min(before, after) >= 1e-7:
+            kept = kept * (before / after)
+        deltas.append(kept)
+    return ref_combine(base, deltas, weights, elect, normalize, scale)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])  # deltas exact in fp32: the ranks are the formula's
+@pytest.mark.parametrize("method", ["della", "della-linear"])
+def test_della_matches_float64_reference(tmp_path, method, dtype):
+    rng = np.random.default_rng(zlib.crc32(f"{method}/{dtype}".encode()))
+    base, models = make_inputs(rng, dtype, 3)
+    weights, densities, epsilons = [1.0, 0.5, 0.8], [0.4, 0.7, 1.0], [0.1, 0.25, 0.05]
+    elect = method == "della"
+    out = run(tmp_path, base, models, method, weight=weights, density=densities, epsilon=epsilons, seed=5,
+              lambda_=0.9)
+    for name in base:
+        ms = [m[name] for m in models]
+        ref = ref_della(name, base[name], ms, weights, densities, epsilons, elect, normalize=elect, scale=0.9,
+                        seed=5)
+        assert_within_tolerance(out[name], ref, [base[name], *ms, operand_scale(method, base[name], ms)],
+                                f"{method} {dtype} {name}")
+
+
+def test_della_is_the_same_for_any_chunking(tmp_path):
+    rng = np.random.default_rng(4)
+    base, models = make_inputs(rng, "bf16", 2)
+    first = run(tmp_path, base, models, "della", out="a", chunk_size=4096, density=0.5, epsilon=0.2)
+    second = run(tmp_path, base, models, "della", out="b", chunk_size="1MiB", density=0.5, epsilon=0.2)
+    for name in base:
+        np.testing.assert_array_equal(first[name], second[name])
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"density": 0.1, "epsilon": 0.15}, "density ± epsilon must lie in \\(0, 1\\)"),
+    ({"density": 0.9, "epsilon": 0.2}, "density ± epsilon must lie in \\(0, 1\\)"),
+])
+def test_della_refuses_epsilon_outside_the_density(tmp_path, params, message):
+    rng = np.random.default_rng(5)
+    base, models = make_inputs(rng, "bf16", 1, {"model.layers.0.w": (4, 4)})
+    with pytest.raises(SpecError, match=message):
+        run(tmp_path, base, models, "della", **params)

@@ -61,8 +61,6 @@ def test_resized_vocabulary_merges_shared_rows_and_takes_added_rows(tmp_path, ou
 def test_non_weight_files_are_written_once_as_the_quirks_decide(tmp_path, monkeypatch):
     """config.json and the tokenizer files go into the output once each, already holding what
     the quirks decided (they were once copied from the base, then rewritten at commit)."""
-    import shutil
-
     import safeblend.model_files
     import safeblend.writer
 
@@ -73,19 +71,19 @@ def test_non_weight_files_are_written_once_as_the_quirks_decide(tmp_path, monkey
         (tmp_path / side / "tokenizer.json").write_text(json.dumps({"vocab": side}))
     (tmp_path / "base" / "generation_config.json").write_text('{"temperature": 0.7}')
     written: list[str] = []
-    real_text, real_copy = safeblend.writer.write_text_durably, shutil.copyfile
+    real_text, real_copy = safeblend.writer.write_text_durably, safeblend.model_files.copy_regular_file
 
     def text(path, content):
         written.append(path.name)
         real_text(path, content)
 
-    def copy(source, target, *args, **kwargs):
+    def copy(source, target):
         written.append(os.path.basename(target))
-        return real_copy(source, target, *args, **kwargs)
+        real_copy(source, target)
 
     monkeypatch.setattr(safeblend.writer, "write_text_durably", text)
     monkeypatch.setattr(safeblend.model_files, "write_text_durably", text)
-    monkeypatch.setattr(shutil, "copyfile", copy)
+    monkeypatch.setattr(safeblend.model_files, "copy_regular_file", copy)
     merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=0.5, dtype="fp16", on_warning=lambda m: None)
     assert sorted(n for n in written if n != "safeblend.json") == ["config.json", "generation_config.json",
                                                                    "tokenizer.json"]

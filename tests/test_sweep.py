@@ -201,8 +201,12 @@ def test_existing_output_needs_overwrite_and_nothing_is_half_done(tmp_path):
         run_sweep(base, ft, tmp_path / "s", "0.2,0.4", chunk_size=CHUNK)
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["lambda-0.4"]  # 0.2's staging removed
     assert (tmp_path / "s" / "lambda-0.4" / "mine.txt").read_text() == "keep"
+    with pytest.raises(OutputError, match="not a previous safeblend output"):  # not safeblend's: kept
+        run_sweep(base, ft, tmp_path / "s", "0.2,0.4", chunk_size=CHUNK, overwrite=True)
+    assert (tmp_path / "s" / "lambda-0.4" / "mine.txt").read_text() == "keep"
+    (tmp_path / "s" / "lambda-0.4" / "mine.txt").unlink()
     run_sweep(base, ft, tmp_path / "s", "0.2,0.4", chunk_size=CHUNK, overwrite=True)
-    assert not (tmp_path / "s" / "lambda-0.4" / "mine.txt").exists()
+    run_sweep(base, ft, tmp_path / "s", "0.2,0.4", chunk_size=CHUNK, overwrite=True)  # its own: replaced
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["lambda-0.2", "lambda-0.4"]
 
 

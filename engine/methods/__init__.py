@@ -54,4 +54,7 @@ def create_method(name: str, n_models: int, **params: Any) -> MergeMethod:
 
 
 # Importing the modules registers them.
-from . import dare_linear, dare_ties, linear, model_stock, slerp, task_arithmetic, ties  # noqa: E402,F401
+from . import (arcee_fusion, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della,  # noqa: E402,F401
+               della_linear, karcher, linear,
+               model_stock, multislerp, nearswap, nuslerp, passthrough, ram, ramplus_tl, sce, slerp,
+               task_arithmetic, ties)

@@ -47,3 +47,18 @@ def dot(a: np.ndarray, b: np.ndarray, tmp: np.ndarray) -> float:
     """
     np.multiply(a, b, out=tmp)
     return float(tmp.sum())
+
+
+def row_sums(values: np.ndarray, first: int, row_length: int) -> tuple[int, np.ndarray]:
+    """Sums of ``values`` (elements [first, first + len) of a row-major tensor) per row.
+
+    Returns the index of the first row touched and one float64 sum per row touched, in order;
+    the first and last rows may be partial (the caller adds up a row's parts across chunks).
+    """
+    n = values.shape[0]
+    row0 = first // row_length
+    offset = (-first) % row_length  # where the first whole row starts in ``values``
+    starts = np.arange(offset, n, row_length)
+    if offset != 0 or starts.size == 0:
+        starts = np.concatenate(([0], starts))
+    return row0, np.add.reduceat(values.astype(np.float64, copy=False), starts) if n else np.zeros(0)

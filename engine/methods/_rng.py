@@ -74,6 +74,13 @@ class MaskGenerator:
         if limit <= 0:
             out[:] = False
             return out
+        return np.less(self.counters(key, first, k), np.uint64(limit), out=out)
+
+    def counters(self, key: int, first: int, count: int) -> np.ndarray:
+        """u_j for j in [first, first + count) (uint64; a view of this generator's buffer, valid
+        until its next call). Methods with a probability per element (della) compare it with
+        their own limits ⌊p·2⁵³⌋·2¹¹."""
+        k = count
         z, t = self._z[:k], self._t[:k]
         with np.errstate(over="ignore"):
             np.add(self._steps[:k], np.uint64((key + first * GAMMA) & MASK64), out=z)
@@ -85,4 +92,4 @@ class MaskGenerator:
             np.multiply(z, np.uint64(_M2), out=z)
             np.right_shift(z, np.uint64(31), out=t)
             np.bitwise_xor(z, t, out=z)
-        return np.less(z, np.uint64(limit), out=out)
+        return z

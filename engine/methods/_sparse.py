@@ -3,8 +3,14 @@
 For task vectors dᵢ = θ_ftᵢ − θ_base (fp32), weights wᵢ, a scale λ:
 
 1. sparsify each dᵢ into d̃ᵢ: by magnitude (TIES: keep |dᵢ| ≥ the k-th largest |dᵢ| of the
-   tensor, k = ⌊densityᵢ·n⌋) or at random (DARE: keep each entry with probability densityᵢ,
-   then rescale the kept ones by sᵢ: 1/densityᵢ, or ‖dᵢ‖₁/‖keptᵢ‖₁, or 1);
+   tensor, k = ⌊densityᵢ·n⌋; with ``rescale: l1`` the kept ones are then scaled by
+   ‖dᵢ‖₁/‖keptᵢ‖₁, as mergekit's ``rescale: true`` does), by magnitude without the outliers
+   (Model Breadcrumbs: drop the t = ⌊γᵢ·n⌋ largest |dᵢ| and keep the next ⌊densityᵢ·n⌋, t
+   lowered where the two exceed n; the same optional L1 rescale), at random by rank (DELLA: per
+   row, keep each entry with probability ρᵢ − εᵢ + 2εᵢ·(rank − 1)/(m − 1), its magnitude's rank
+   1..m in the row, then the L1 rescale) or at random (DARE: keep each entry with probability densityᵢ,
+   then rescale the kept ones by sᵢ: 1/densityᵢ, or ‖dᵢ‖₁/‖keptᵢ‖₁ (1 where either norm is
+   below 1e-7, as in mergekit), or 1);
 2. weight: eᵢ = wᵢ·d̃ᵢ;
 3. combine, per element:
    - without sign election: Δ = Σᵢ eᵢ, and with ``normalize`` Δ /= Σᵢ wᵢ (if |Σ wᵢ| ≥ 1e-8);
@@ -41,6 +47,7 @@ from .params import per_model, resolve, resolve_bool, resolve_float, setting
 # 256K → 12.6–13.6 s, 512K → 13.9–15.2 s (and +40 MiB RSS); linear 3.9–4.5 s.
 COMBINE_BLOCK = 1 << 18
 RESCALES = ("density", "l1", "none")
+L1_FLOOR = 1e-7  # mergekit's eps: no L1 rescale where either norm is below it
 CONSENSUS = ("sum", "count")
 
 _local = threading.local()
@@ -56,23 +63,48 @@ class SparseState:
     normalize: bool
     consensus: str | None
     rescale: str
-    selectors: list[KthLargest] = field(default_factory=list)  # TIES
+    selectors: list[KthLargest] = field(default_factory=list)  # TIES: per model; breadcrumbs: then outliers
     keys: list[int] = field(default_factory=list)  # DARE stream keys
     limits: list[int] = field(default_factory=list)  # DARE keep limits
     l1: np.ndarray | None = None  # DARE l1: [model, (Σ|d|, Σ|kept d|)]
     l1_parts: dict[int, np.ndarray] = field(default_factory=dict)  # per chunk, while reducing
+    l1_pass: int | None = None  # TIES with rescale l1: the pass after the selection
+    epsilons: list[float] = field(default_factory=list)  # DELLA
+    row_length: int = 1  # DELLA: ranks are taken per row
+    reader: Any = None  # DELLA: views of elements outside a chunk (rows it cuts)
     passes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def trim(self, i: int, delta: np.ndarray, bits: np.ndarray, keep: np.ndarray, spare: np.ndarray) -> bool:
+        """Model i's magnitude mask for ``delta`` into ``keep``; False where everything is kept.
+
+        keep = |d| ≥ τᵢ (the kept rank's magnitude) and, with outlier selectors, |d| < τ'ᵢ (the
+        smallest of the outliers); ``bits`` and ``spare`` are scratch of the same length."""
+        n = len(self.densities)
+        keep_all = self.selectors[i].threshold_bits == 0
+        outliers = self.selectors[n + i] if len(self.selectors) > n else None
+        none_out = outliers is None or outliers.threshold_bits >= 1 << 31
+        if keep_all and none_out:
+            return False
+        magnitude_bits(delta, bits)
+        if keep_all:
+            keep[:] = True
+        else:
+            np.greater_equal(bits, np.uint32(self.selectors[i].threshold_bits), out=keep)
+        if not none_out:
+            np.less(bits, np.uint32(outliers.threshold_bits), out=spare)
+            np.logical_and(keep, spare, out=keep)
+        return True
+
     def factors(self) -> list[float]:
-        """Per model, what multiplies a kept delta: wᵢ·sᵢ (sᵢ the DARE rescale)."""
+        """Per model, what multiplies a kept delta: wᵢ·sᵢ (sᵢ the rescale)."""
         out = []
         for i, (w, p) in enumerate(zip(self.weights, self.densities)):
             s = 1.0
-            if self.keys and p < 1.0:
+            if (self.keys or self.selectors) and p < 1.0:
                 if self.rescale == "density":
                     s = 1.0 / p if p > 0 else 0.0
-                elif self.rescale == "l1" and self.l1 is not None and self.l1[i, 1] > 0:
+                elif self.rescale == "l1" and self.l1 is not None and min(self.l1[i]) >= L1_FLOOR:
                     s = float(self.l1[i, 0] / self.l1[i, 1])
             out.append(w * s)
         return out
@@ -81,14 +113,16 @@ class SparseState:
 class SparseTaskArithmetic(MergeMethod):
     """Base class; subclasses pick the sparsification and whether signs are elected."""
 
-    sparsify: ClassVar[str]  # "magnitude" or "random"
+    sparsify: ClassVar[str]  # "magnitude", "outliers", "della" or "random"
+    default_rescale: ClassVar[str | None] = None  # None: "density" for random, "none" otherwise
     elect_signs: ClassVar[bool]
     default_normalize: ClassVar[bool]
 
     def __init__(self, n_models: int, weight: Any = None, density: Any = 1.0, lambda_: Any = 1.0,
-                 normalize: Any = None, consensus: Any = None, rescale: Any = None, seed: Any = None) -> None:
+                 normalize: Any = None, consensus: Any = None, rescale: Any = None, seed: Any = None,
+                 gamma: Any = None, epsilon: Any = None) -> None:
         super().__init__(n_models)
-        given = {"consensus": consensus, "rescale": rescale, "seed": seed}
+        given = {"consensus": consensus, "rescale": rescale, "seed": seed, "gamma": gamma, "epsilon": epsilon}
         for key in sorted(set(given) - set(self.parameter_names())):
             if given[key] is not None:
                 raise SpecError(f"method {self.name!r} takes no parameter {key!r}")
@@ -97,10 +131,12 @@ class SparseTaskArithmetic(MergeMethod):
         self._lambda = setting(lambda_, "lambda")
         self._normalize = setting(self.default_normalize if normalize is None else normalize, "normalize")
         self._consensus = setting(consensus or "sum", "consensus") if self.elect_signs else None
-        self._rescale = (setting("density" if rescale is None else rescale, "rescale")
-                         if self.sparsify == "random" else None)
+        default_rescale = self.default_rescale or ("density" if self.sparsify == "random" else "none")
+        self._rescale = setting(default_rescale if rescale is None else rescale, "rescale")
+        self._gammas = per_model(0.01 if gamma is None else gamma, n_models, "gamma")
+        self._epsilons = per_model(0.15 if epsilon is None else epsilon, n_models, "epsilon")
         self.seed: int | None = None
-        if self.sparsify == "random":
+        if self.sparsify in ("random", "della"):
             if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
                 raise SpecError(f"{self.name}: seed must be an integer in [0, 2^64), got {seed!r}")
             self.seed = DEFAULT_SEED if seed is None else seed
@@ -111,9 +147,12 @@ class SparseTaskArithmetic(MergeMethod):
         names = super().parameter_names()
         if not cls.elect_signs:
             names.remove("consensus")
-        if cls.sparsify != "random":
-            names.remove("rescale")
+        if cls.sparsify not in ("random", "della"):
             names.remove("seed")
+        if cls.sparsify != "della":
+            names.remove("epsilon")
+        if cls.sparsify != "outliers":
+            names.remove("gamma")
         return names
 
     def _check_constants(self) -> None:
@@ -123,8 +162,8 @@ class SparseTaskArithmetic(MergeMethod):
                 _check_density(s.constant, self.name)
         if self._consensus is not None and self._consensus.constant is not None:
             _check_choice(self._consensus.constant, CONSENSUS, f"{self.name}: consensus")
-        if self._rescale is not None and self._rescale.constant is not None:
-            _rescale_rule(self._rescale.constant, self.name)
+        if self._rescale.constant is not None:
+            self._rule(self._rescale.constant)
         if all(s.constant == 1.0 for s in self._densities):
             self.warnings.append(f"{self.name}: density 1 keeps every delta entry; set a density below 1 "
                                  "to sparsify")
@@ -141,14 +180,40 @@ class SparseTaskArithmetic(MergeMethod):
             normalize=resolve_bool(self._normalize, name, t, f"{self.name}: normalize"),
             consensus=(_check_choice(resolve(self._consensus, name, t, f"{self.name}: consensus"), CONSENSUS,
                                      f"{self.name}: consensus") if self._consensus is not None else None),
-            rescale=(_rescale_rule(resolve(self._rescale, name, t, f"{self.name}: rescale"), self.name)
-                     if self._rescale is not None else "none"),
+            rescale=self._rule(resolve(self._rescale, name, t, f"{self.name}: rescale")),
         )
         if self.sparsify == "magnitude":
             state.selectors = [KthLargest(tensor.numel, math.floor(p * tensor.numel)) for p in state.densities]
             state.passes = 0 if all(s.done for s in state.selectors) else 2
+        elif self.sparsify == "outliers":
+            n = tensor.numel
+            kept, outliers = [], []
+            for p, g in zip(state.densities, self._gammas):
+                gamma = _check_density(resolve_float(g, name, t, f"{self.name}: gamma"), self.name, "gamma")
+                if p >= 1.0:  # mergekit returns the task vector untouched: no outliers dropped either
+                    kept.append(KthLargest(n, n))
+                    outliers.append(KthLargest(n, 0))
+                    continue
+                top = math.floor(gamma * n)
+                bottom = n - math.floor(p * n) - top
+                if bottom < 0:
+                    top, bottom = top + bottom, 0
+                kept.append(KthLargest(n, n - bottom))  # the n − bottom largest, less the top ones
+                outliers.append(KthLargest(n, top))
+            state.selectors = kept + outliers
+            state.passes = 0 if all(s.done for s in state.selectors) else 2
         else:
             state.keys = [stream_key(self.seed, name, i) for i in range(self.n_models)]
+            if self.sparsify == "della":
+                if len(tensor.shape) > 2:
+                    raise SpecError(f"{self.name}: tensor {name!r} has {len(tensor.shape)} dimensions; della ranks "
+                                    "magnitudes per row of a matrix or vector")
+                state.row_length = tensor.row_length
+                state.epsilons = [resolve_float(e, name, t, f"{self.name}: epsilon") for e in self._epsilons]
+                for p, e in zip(state.densities, state.epsilons):
+                    if 0.0 < p < 1.0 and not (p - e > 0.0 and p + e < 1.0):
+                        raise SpecError(f"{self.name}: epsilon {e:g} with density {p:g} for tensor {name!r}: "
+                                        "density ± epsilon must lie in (0, 1)")
             state.limits = [keep_limit(p) for p in state.densities]
             if state.rescale == "l1" and any(p < 1.0 for p in state.densities):
                 state.l1 = np.zeros((self.n_models, 2))
@@ -156,6 +221,8 @@ class SparseTaskArithmetic(MergeMethod):
         return state
 
     def reduce_passes(self, state: SparseState) -> int:
+        if state.l1_pass is not None:  # the selection is done; one pass sums the L1 norms
+            return state.l1_pass + 1
         if state.selectors:  # a selector whose sample misled it asks for two more passes
             return max((s.passes for s in state.selectors if not s.done), default=state.passes)
         return state.passes
@@ -165,10 +232,20 @@ class SparseTaskArithmetic(MergeMethod):
         or "none" for every tensor needs no reduce pass, and the Triton backend has its
         per-element work (``dare_linear``). TIES's thresholds, DARE's L1 norms and sign
         election have no device version yet."""
-        if self.sparsify != "random" or self.elect_signs or self._rescale is None:
+        if self.sparsify != "random" or self.elect_signs:
             return False
         rule = self._rescale.constant
-        return rule is not None and _rescale_rule(rule, self.name) in ("density", "none")
+        return rule is not None and self._rule(rule) in ("density", "none")
+
+    def _rule(self, value: Any) -> str:
+        """The rescale rule: DARE takes density, l1 or none; magnitude selection l1 or none."""
+        if self.sparsify == "random":
+            return _rescale_rule(value, self.name)
+        if value is True:
+            return "l1"
+        if value is False:
+            return "none"
+        return _check_choice(value, ("l1", "none"), f"{self.name}: rescale")
 
     def accumulate(self, state: SparseState, pass_index: int, base: np.ndarray, models: Sequence[np.ndarray],
                    chunk: ChunkContext) -> None:
@@ -176,11 +253,13 @@ class SparseTaskArithmetic(MergeMethod):
         (bits,) = scratch("sparse-bits", 1, np.uint32, COMBINE_BLOCK)
         (high,) = scratch("sparse-high", 1, np.intp, COMBINE_BLOCK)
         (keep,) = scratch("sparse-keep", 1, np.bool_, COMBINE_BLOCK)
+        (spare,) = scratch("sparse-spare", 1, np.bool_, COMBINE_BLOCK)
         generator = _generator()
         l1 = np.zeros((len(models), 2))
         if state.selectors and pass_index == 0:  # the selectors' first pass looks at a sample
             self._accumulate_sample(state, base, models, state.selectors[0].sample_ranges(base.shape[0]))
             return
+        l1_pass = pass_index == state.l1_pass
         with np.errstate(all="ignore"):
             for lo, hi in blocks(base.shape[0], COMBINE_BLOCK):
                 k = hi - lo
@@ -189,16 +268,41 @@ class SparseTaskArithmetic(MergeMethod):
                 for i, model in enumerate(models):
                     np.copyto(d, model[lo:hi], casting="unsafe")
                     np.subtract(d, b, out=d)
-                    if state.selectors:
-                        state.selectors[i].add(pass_index, magnitude_bits(d, bits[:k]), high[:k], keep[:k])
+                    if l1_pass:  # Σ|d| and Σ|d| over the entries the threshold keeps
+                        if not state.trim(i, d, bits[:k], keep[:k], spare[:k]):
+                            keep[:k] = True
+                        np.abs(d, out=d)
+                        l1[i, 0] += float(np.sum(d, dtype=np.float64))
+                        l1[i, 1] += float(np.sum(d, where=keep[:k], dtype=np.float64))
+                    elif state.selectors:
+                        for selector in state.selectors[i :: len(models)]:  # add() changes the bits
+                            selector.add(pass_index, magnitude_bits(d, bits[:k]), high[:k], keep[:k])
                     else:
                         np.abs(d, out=d)
                         l1[i, 0] += float(np.sum(d, dtype=np.float64))
-                        generator.keep(state.keys[i], chunk.first + lo, state.limits[i], keep[:k])
+                        self._random_keep(state, i, generator, chunk.first + lo, d, keep[:k])
                         l1[i, 1] += float(np.sum(d, where=keep[:k], dtype=np.float64))
-        if not state.selectors:
+        if not state.selectors or l1_pass:
             with state.lock:
                 state.l1_parts[chunk.first] = l1
+
+    def attach_reader(self, state: SparseState, reader: Any) -> None:
+        if self.sparsify == "della":
+            state.reader = reader
+
+    def _random_keep(self, state: SparseState, i: int, generator: MaskGenerator, first: int, delta: np.ndarray,
+                     keep: np.ndarray) -> np.ndarray:
+        """Model i's random mask for elements [first, first + len(delta)): DARE's fixed
+        probability, or DELLA's per-element one from the magnitude's rank in its row."""
+        if self.sparsify != "della":
+            return generator.keep(state.keys[i], first, state.limits[i], keep)
+        p, e = state.densities[i], state.epsilons[i]
+        if p <= 0.0:
+            keep[:] = False
+            return keep
+        probability = (p - e) + 2.0 * e * _row_ranks(state, i, first, delta)
+        limits = np.floor(probability * 2.0**53).astype(np.uint64) << np.uint64(11)
+        return np.less(generator.counters(state.keys[i], first, keep.shape[0]), limits, out=keep)
 
     @staticmethod
     def _accumulate_sample(state: SparseState, base: np.ndarray, models: Sequence[np.ndarray],
@@ -212,12 +316,14 @@ class SparseTaskArithmetic(MergeMethod):
         pieces = [(lo + at, min(hi, lo + at + COMBINE_BLOCK)) for lo, hi in ranges
                   for at in range(0, hi - lo, COMBINE_BLOCK)]
         with np.errstate(all="ignore"):
-            for i, (model, selector) in enumerate(zip(models, state.selectors)):
+            for i, model in enumerate(models):
+                selectors = state.selectors[i :: len(models)]  # pass 0's add() leaves the bits as they are
                 filled = 0
                 for lo, hi in pieces:
                     k = hi - lo
                     if filled + k > COMBINE_BLOCK:
-                        selector.add(0, bits[:filled], high[:filled], keep[:filled])
+                        for selector in selectors:
+                            selector.add(0, bits[:filled], high[:filled], keep[:filled])
                         filled = 0
                     b, d = b32[:k], d32[:k]
                     np.copyto(b, base[lo:hi], casting="unsafe")
@@ -226,11 +332,16 @@ class SparseTaskArithmetic(MergeMethod):
                     magnitude_bits(d, bits[filled : filled + k])
                     filled += k
                 if filled:
-                    selector.add(0, bits[:filled], high[:filled], keep[:filled])
+                    for selector in selectors:
+                        selector.add(0, bits[:filled], high[:filled], keep[:filled])
 
     def end_pass(self, state: SparseState, pass_index: int) -> None:
-        for selector in state.selectors:
-            selector.end_pass(pass_index)
+        if pass_index != state.l1_pass:
+            for selector in state.selectors:
+                selector.end_pass(pass_index)
+            if (state.selectors and state.rescale == "l1" and state.l1_pass is None
+                    and all(s.done for s in state.selectors)):
+                state.l1_pass = pass_index + 1
         if state.l1_parts:
             # Summed in chunk order, so the result does not depend on thread timing.
             state.l1 = sum(state.l1_parts[first] for first in sorted(state.l1_parts))
@@ -257,7 +368,7 @@ class SparseTaskArithmetic(MergeMethod):
         b32, acc, sigma, agree, total_w, *deltas = scratch("sparse-combine", n + 5, np.float32, COMBINE_BLOCK)
         (bits,) = scratch("sparse-bits", 1, np.uint32, COMBINE_BLOCK)
         (keep,) = scratch("sparse-keep", 1, np.bool_, COMBINE_BLOCK)
-        thresholds = [np.uint32(s.threshold_bits) for s in state.selectors]
+        (spare,) = scratch("sparse-spare", 1, np.bool_, COMBINE_BLOCK)
         scale = np.float32(state.scale)
         generator = _generator()
         with np.errstate(all="ignore"):  # inf − inf and 0/0 follow IEEE rules, not user errors
@@ -271,11 +382,10 @@ class SparseTaskArithmetic(MergeMethod):
                     np.subtract(d, b, out=d)
                     # Dropping multiplies by the 0/1 mask: a masked copy branches on every
                     # element and is ~15x slower. (A dropped NaN delta stays NaN: NaN·0.)
-                    if state.selectors and state.selectors[i].threshold_bits > 0:
-                        np.greater_equal(magnitude_bits(d, bits[:k]), thresholds[i], out=keep[:k])
+                    if state.selectors and state.trim(i, d, bits[:k], keep[:k], spare[:k]):
                         np.multiply(d, keep[:k], out=d)
                     elif state.keys and state.limits[i] < 1 << 64:
-                        generator.keep(state.keys[i], chunk.first + lo, state.limits[i], keep[:k])
+                        self._random_keep(state, i, generator, chunk.first + lo, d, keep[:k])
                         np.multiply(d, keep[:k], out=d)
                     np.multiply(d, np.float32(factors[i]), out=d)
                 if self.elect_signs:
@@ -342,12 +452,63 @@ class SparseTaskArithmetic(MergeMethod):
             "lambda": self._lambda.to_json(),
             "normalize": self._normalize.to_json(),
         }
+        if self.sparsify == "outliers":
+            recipe["gammas"] = [s.to_json() for s in self._gammas]
         if self._consensus is not None:
             recipe["consensus"] = self._consensus.to_json()
-        if self._rescale is not None:
+        if self.sparsify == "random":
             recipe["rescale"] = self._rescale.to_json()
             recipe["seed"] = self.seed
+        elif self._rescale.constant != "none":
+            recipe["rescale"] = self._rescale.to_json()
         return recipe
+
+
+def _row_ranks(state: SparseState, i: int, first: int, delta: np.ndarray) -> np.ndarray:
+    """(rank − 1)/(m − 1) of each |dᵢ| in [first, first + len(delta)) within its row of m = row
+    length elements, ranks 1..m ascending, ties in index order (0 for one-element rows).
+
+    Rows wholly inside the range are ranked from ``delta``; a row the range cuts is read whole
+    through the tensor's reader (at most two per call: memory stays one row per model)."""
+    length, count = state.row_length, delta.shape[0]
+    out = np.empty(count)
+    magnitude = np.abs(delta)
+    row = first // length
+    while row * length < first + count:
+        lo, hi = max(first, row * length), min(first + count, (row + 1) * length)
+        if lo == row * length and hi == (row + 1) * length:  # whole rows from here on: ranked together
+            rows = (first + count - lo) // length
+            block = magnitude[lo - first : lo - first + rows * length].reshape(rows, length)
+            out[lo - first : lo - first + rows * length] = _ranks(block).ravel()
+            row += rows
+            continue
+        if state.reader is None:
+            raise ValueError("della needs whole rows: the tensor's reader was not attached")
+        views = state.reader(row * length, length)
+        whole = np.abs(views[1 + i].astype(np.float32) - views[0].astype(np.float32))
+        out[lo - first : hi - first] = _ranks(whole.reshape(1, length)).ravel()[lo - row * length : hi - row * length]
+        row += 1
+    return out
+
+
+def _ranks(magnitudes: np.ndarray) -> np.ndarray:
+    """Per row of a 2-D fp32 array of magnitudes: (rank − 1)/(m − 1), ascending, ties in index order.
+
+    Sorts one uint64 key per entry, its magnitude's bit pattern above its index in the row (keys
+    are distinct, so the order is the stable one), then scatters the ranks back: ~4x faster here
+    than a stable argsort and ``put_along_axis``."""
+    rows, length = magnitudes.shape
+    if length == 1:
+        return np.zeros((rows, 1))
+    keys = np.ascontiguousarray(magnitudes, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    np.left_shift(keys, np.uint64(32), out=keys)
+    np.bitwise_or(keys, np.arange(length, dtype=np.uint64)[None, :], out=keys)
+    keys.sort(axis=1)
+    positions = (keys & np.uint64(0xFFFFFFFF)).astype(np.intp)
+    positions += (np.arange(rows, dtype=np.intp) * length)[:, None]
+    ranks = np.empty(rows * length)
+    ranks[positions.ravel()] = np.tile(np.arange(length, dtype=np.float64) / (length - 1), rows)
+    return ranks.reshape(rows, length)
 
 
 def _generator() -> MaskGenerator:
@@ -357,9 +518,9 @@ def _generator() -> MaskGenerator:
     return generator
 
 
-def _check_density(value: Any, method: str) -> float:
+def _check_density(value: Any, method: str, what: str = "density") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise SpecError(f"{method}: density must be a number in [0, 1], got {value!r}")
+        raise SpecError(f"{method}: {what} must be a number in [0, 1], got {value!r}")
     return float(value)
 
 

@@ -21,12 +21,20 @@ class TensorContext:
     """The output tensor a method is working on.
 
     ``position`` is the tensor's place in the layer stack, for parameters that vary across
-    layers (see ``safeblend.methods.params.layer_positions``).
+    layers (see ``safeblend.methods.params.layer_positions``). ``shape`` is the output tensor's
+    shape, for methods that work row by row (a row is the last dimension; the merged elements
+    are the first ``numel``, which a resized vocabulary may leave short of the whole shape).
     """
 
     name: str
     numel: int
     position: float = 0.0
+    shape: tuple[int, ...] = ()
+
+    @property
+    def row_length(self) -> int:
+        """Elements per row: the last dimension (the whole tensor for a scalar or unknown shape)."""
+        return int(self.shape[-1]) if self.shape and self.shape[-1] > 0 else max(self.numel, 1)
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,11 @@ class MergeMethod:
     def prepare(self, tensor: TensorContext) -> Any:
         """Per-tensor state handed to ``accumulate`` and ``merge_chunk``; called once per tensor."""
         return None
+
+    def attach_reader(self, state: Any, reader: Any) -> None:
+        """Called once per tensor after ``prepare``, on the CPU. ``reader(first, count)`` returns
+        views of [base, *models] for elements [first, first + count) of the tensor, for methods
+        whose work on a chunk needs elements outside it (della: whole rows); others ignore it."""
 
     def reduce_passes(self, state: Any) -> int:
         """How many reduce passes over the tensor's chunks precede ``merge_chunk``."""

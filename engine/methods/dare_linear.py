@@ -7,7 +7,8 @@ scale λ (default 1):
               (seed, tensor name, i, j) (``safeblend.methods._rng``)
     rescale:  d̃ᵢ = sᵢ·mᵢ·dᵢ with sᵢ = 1/ρᵢ (rescale "density", the DARE paper's rule and the
               default), ‖dᵢ‖₁ / ‖mᵢ·dᵢ‖₁ ("l1": the kept entries carry the task vector's
-              whole L1 norm; 1 when nothing is kept) or 1 ("none")
+              whole L1 norm; 1 where either norm is below 1e-7, as in mergekit, whose
+              recipes' ``rescale: true`` means this) or 1 ("none")
     merge:    Δ = Σᵢ wᵢ·d̃ᵢ, divided by Σᵢ wᵢ with normalize (default false)
     θ = θ_base + λ·Δ
 

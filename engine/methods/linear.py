@@ -4,11 +4,17 @@
 
 With one fine-tuned model and weight λ this is ``(1 − λ)·θ_base + λ·θ_ft``, the pre/post
 fine-tuning merge of Farn et al. (2024). A single weight given for several models applies to
-each. With ``normalize`` the weights are divided by their sum first, wᵢ ← wᵢ / (w_base + Σⱼ wⱼ),
-which makes θ the weighted average (w_base·θ_base + Σ wᵢ·θ_ftᵢ) / (w_base + Σ wᵢ); ``base_weight``
-(w_base, default 0) only enters that sum, as when a mergekit recipe lists the base among its
-models. Weights may vary by tensor (see ``safeblend.methods.params``). The arithmetic is the
-backend's ``weighted_delta_sum``.
+each. With ``normalize`` the weights are divided by their sum first, wᵢ ← wᵢ / Σⱼ wⱼ.
+
+``base_weight`` w_base (None by default) switches to mergekit's linear merge, the weighted sum
+over every listed model, the base included with its own weight:
+
+    θ = w_base·θ_base + Σᵢ wᵢ·θ_ftᵢ              (normalize: divided by w_base + Σᵢ wᵢ)
+
+Normalised, that is the affine form above with weights wᵢ / (w_base + Σⱼ wⱼ); without
+``normalize`` the base keeps its listed weight rather than 1 − Σ wᵢ, and the sum runs in numpy
+(``weighted_sum``) on the CPU. Weights may vary by tensor (see ``safeblend.methods.params``).
+The affine arithmetic is the backend's ``weighted_delta_sum``.
 
 A LoRA fine-tune (θ_ftᵢ = θ_base + sᵢ·Bᵢ·Aᵢ) may come as an ``safeblend.lora.LowRankChunk``
 (``takes_low_rank``): its term wᵢ·(θ_ftᵢ − θ_base) is then wᵢ·sᵢ·Bᵢ·Aᵢ, added to the
@@ -19,6 +25,7 @@ back, and reduced by θ_base again.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -26,6 +33,7 @@ import numpy as np
 from ..errors import SpecError
 from ..lora import LowRankChunk
 from . import register
+from ._blocks import blocks, scratch
 from .base import ChunkContext, MergeMethod, TensorContext
 from .params import Setting, per_model, resolve_bool, resolve_float, setting
 
@@ -39,65 +47,106 @@ LOW_RANK_PIECE = 1 << 18
 _scratch = threading.local()  # merge_low_rank's buffers, per compute thread and dtype
 
 
+@dataclass(frozen=True)
+class LinearWeights:
+    """One tensor's coefficients: θ = θ_base + Σ deltas[i]·(θᵢ − θ_base), or, where ``base`` is
+    not None, θ = base·θ_base + Σ deltas[i]·θᵢ (mergekit's unnormalised weighted sum)."""
+
+    deltas: list[float]
+    base: float | None = None
+
+
 @register
 class Linear(MergeMethod):
     name = "linear"
     default_weight = 0.5
     takes_low_rank = True
 
-    def __init__(self, n_models: int, weight: Any = None, normalize: Any = False, base_weight: Any = 0.0) -> None:
+    def __init__(self, n_models: int, weight: Any = None, normalize: Any = False, base_weight: Any = None) -> None:
         super().__init__(n_models)
         self._weights = per_model(self.default_weight if weight is None else weight, n_models, "weight")
         self._normalize = setting(normalize, "normalize")
-        self._base_weight = setting(base_weight, "base_weight")
+        self._base_weight = None if base_weight is None else setting(base_weight, "base_weight")
+        if self._base_weight is not None and not (self._normalize.constant is True):
+            # The unnormalised weighted sum is formed from the full models, in numpy.
+            self.takes_low_rank = False
         # Parameters that are the same for every tensor are resolved once, here.
         self.weights: list[float] | None = None
+        self._constant: LinearWeights | None = None
         if all(s.constant is not None for s in self._settings()):
-            self.weights = self._resolve(TensorContext("", 0))
+            self._constant = self._resolve(TensorContext("", 0))
+            self.weights = self._constant.deltas
             outside = [w for w in self.weights if not 0.0 <= w <= 1.0]
-            if outside:
+            if outside and self._base_weight is None:
                 self.warnings.append(
                     f"weight {outside[0]:g} is outside [0, 1]: this extrapolates beyond the inputs"
                 )
 
     def _settings(self) -> list[Setting]:
         """Every parameter, to tell whether they are all the same for every tensor."""
-        return [*self._weights, self._normalize, self._base_weight]
+        return [*self._weights, self._normalize, *([self._base_weight] if self._base_weight is not None else [])]
+
+    def runs_on_gpu(self) -> bool:
+        """The affine form runs on the GPU; mergekit's unnormalised weighted sum does not."""
+        return self._base_weight is None or self._normalize.constant is True
 
     @property
     def normalize(self) -> bool:
         return bool(self._normalize.constant) if self._normalize.constant is not None else False
 
-    def _resolve(self, tensor: TensorContext) -> list[float]:
-        """This tensor's weights, normalised if asked (SpecError when they sum to zero)."""
+    def _resolve(self, tensor: TensorContext) -> LinearWeights:
+        """This tensor's coefficients, normalised if asked (SpecError when the weights sum to zero)."""
         name, t = tensor.name, tensor.position
         weights = [resolve_float(s, name, t, f"{self.name}: weight") for s in self._weights]
+        base = (None if self._base_weight is None
+                else resolve_float(self._base_weight, name, t, f"{self.name}: base model's weight"))
         if resolve_bool(self._normalize, name, t, f"{self.name}: normalize"):
-            total = sum(weights) + resolve_float(self._base_weight, name, t, f"{self.name}: base_weight")
+            total = sum(weights) + (base or 0.0)
             if abs(total) < 1e-12:
                 where = f" for tensor {name!r}" if name else ""
                 raise SpecError(f"{self.name}: cannot normalise weights {weights}{where}: they sum to zero")
-            weights = [w / total for w in weights]
-        return weights
+            return LinearWeights([w / total for w in weights])  # the affine form: base gets 1 − Σ
+        return LinearWeights(weights, base)
 
-    def prepare(self, tensor: TensorContext) -> list[float]:
-        return self.weights if self.weights is not None else self._resolve(tensor)
+    def prepare(self, tensor: TensorContext) -> LinearWeights:
+        return self._constant if self._constant is not None else self._resolve(tensor)
 
     def merge_chunk(self, backend: Any, base: Any, models: Sequence[Any], out: Any,
                     chunk: ChunkContext | None = None, state: Any = None) -> None:
-        weights = state if state is not None else self.weights
-        if weights is None:
+        coefficients = state if state is not None else self._constant
+        if coefficients is None:
             raise ValueError(f"{self.name}: per-tensor weights need the tensor's state from prepare()")
-        if any(isinstance(m, LowRankChunk) for m in models):
-            merge_low_rank(backend, base, models, weights, out)
+        if coefficients.base is not None:
+            weighted_sum(base, models, coefficients.base, coefficients.deltas, out)
+        elif any(isinstance(m, LowRankChunk) for m in models):
+            merge_low_rank(backend, base, models, coefficients.deltas, out)
         else:
-            backend.weighted_delta_sum(base, models, weights, out)
+            backend.weighted_delta_sum(base, models, coefficients.deltas, out)
 
     def recipe(self) -> dict[str, Any]:
+        base = {} if self._base_weight is None else {"base_weight": self._base_weight.to_json()}
         if self.weights is not None:
-            return {"method": self.name, "weights": self.weights, "normalize": self.normalize}
+            return {"method": self.name, "weights": self.weights, "normalize": self.normalize, **base}
         return {"method": self.name, "weights": [s.to_json() for s in self._weights],
-                "normalize": self._normalize.to_json(), "base_weight": self._base_weight.to_json()}
+                "normalize": self._normalize.to_json(), **base}
+
+
+def weighted_sum(base: np.ndarray, models: Sequence[np.ndarray], base_weight: float, weights: Sequence[float],
+                 out: np.ndarray) -> None:
+    """``out = base_weight·base + Σ weights[i]·models[i]``: fp32 (float64 where an operand is),
+    in cache-sized blocks, one rounding to ``out``."""
+    compute = np.dtype(np.float64) if any(a.dtype == np.float64 for a in (base, out, *models)) else np.dtype(np.float32)
+    acc_buffer, term_buffer = scratch("linear-sum", 2, compute)
+    with np.errstate(all="ignore"):
+        for lo, hi in blocks(base.shape[0]):
+            acc, term = acc_buffer[: hi - lo], term_buffer[: hi - lo]
+            np.copyto(acc, base[lo:hi], casting="unsafe")
+            np.multiply(acc, compute.type(base_weight), out=acc)
+            for model, w in zip(models, weights):
+                np.copyto(term, model[lo:hi], casting="unsafe")
+                np.multiply(term, compute.type(w), out=term)
+                np.add(acc, term, out=acc)
+            np.copyto(out[lo:hi], acc, casting="unsafe")  # the one rounding (to nearest even)
 
 
 def merge_low_rank(backend: Any, base: np.ndarray, models: Sequence[np.ndarray | LowRankChunk],

@@ -10,10 +10,14 @@ A *setting* is what a user writes for one parameter, in mergekit's forms:
      {value: 0.5}]                        gives the value, itself a constant or a gradient
 
 A tensor's *position* t runs from 0 at the first transformer layer to 1 at the last
-(layer_index / (num_layers − 1)); tensors outside the layers get 0 when they are embeddings
-(before the layers) and 1 otherwise (final norm, lm_head: after them), as in mergekit. A
+(layer_index / (num_layers − 1); 1 when there is a single layer); tensors outside the layers
+(embeddings before them, the final norm and lm_head after them) get 0, the gradient's first
+anchor, as in mergekit since 0.1.2. A
 gradient with anchors v₀ … v_m evaluates at t to the linear interpolation between
 v_⌊t·m⌋ and the next anchor.
+
+A number written as a string (``"5e-1"``: PyYAML reads ``5e-1`` and ``1e-5``, exponents without
+a decimal point, as strings) is read as that number, as mergekit's schema does.
 
 Settings chain: when no rule of a model's own setting matches a tensor, the merge-wide
 setting is consulted, then the method's default.
@@ -34,7 +38,6 @@ Scalar = float | int | bool | str
 Value = Scalar | tuple[Scalar, ...]
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
-_EMBEDDING = ("embed", "wte", "wpe", "word_embeddings")
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ def setting(value: Any, what: str) -> Setting:
     if isinstance(value, Setting):
         return value
     if _is_scalar(value):
-        return Setting(((None, value),))
+        return Setting(((None, _number(value, what)),))
     if isinstance(value, dict):
         value = [value]
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
@@ -112,15 +115,37 @@ def setting(value: Any, what: str) -> Setting:
 
 def _value(value: Any, what: str) -> Value:
     if _is_scalar(value):
-        return value
+        return _number(value, what)
     if isinstance(value, (list, tuple)) and value and all(_is_scalar(v) for v in value):
-        return tuple(value)
+        return tuple(_number(v, what) for v in value)
+    shown = json.dumps(value, default=str)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
     raise SpecError(f"{what}: expected a number, a list of numbers (a gradient across layers) "
-                    f"or a list of {{filter, value}} rules, got {json.dumps(value, default=str)}")
+                    f"or a list of {{filter, value}} rules, got {shown}")
 
 
 def _is_scalar(value: Any) -> bool:
     return isinstance(value, (int, float, bool, str))
+
+
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+# Merges compute in float32: a parameter beyond its range would become inf there.
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _number(value: Scalar, what: str) -> Scalar:
+    """A decimal number written as a string (``"1e-5"``) as a float; anything else as is. A
+    number that is NaN, infinite or beyond float32's range (``"1e999"``, ``1e308``) is a SpecError."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            finite = math.isfinite(float(value)) and abs(float(value)) <= _FLOAT32_MAX
+        except OverflowError:  # an int too large for a float
+            finite = False
+        if not finite:
+            raise SpecError(f"{what}: {value!r} is not a finite number (within float32's range)")
+    return value
 
 
 def per_model(value: Any, n_models: int, what: str) -> list[Setting]:
@@ -150,10 +175,15 @@ def resolve(s: Setting, name: str, position: float, what: str) -> Scalar:
     return value
 
 
+def _for_tensor(name: str) -> str:
+    """" for tensor 'x'" where the value is a tensor's; nothing where it holds for every tensor."""
+    return f" for tensor {name!r}" if name else ""
+
+
 def resolve_float(s: Setting, name: str, position: float, what: str) -> float:
     value = resolve(s, name, position, what)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SpecError(f"{what}: expected a number for tensor {name!r}, got {value!r}")
+        raise SpecError(f"{what}: expected a number{_for_tensor(name)}, got {value!r}")
     return float(value)
 
 
@@ -163,7 +193,7 @@ def resolve_bool(s: Setting, name: str, position: float, what: str) -> bool:
         return value
     if isinstance(value, (int, float)) and value in (0, 1):
         return bool(value)
-    raise SpecError(f"{what}: expected true or false for tensor {name!r}, got {value!r}")
+    raise SpecError(f"{what}: expected true or false{_for_tensor(name)}, got {value!r}")
 
 
 def layer_count(names: Iterable[str]) -> int:
@@ -181,7 +211,7 @@ def layer_positions(names: Iterable[str]) -> dict[str, float]:
         if n in indices:
             positions[n] = indices[n] / (count - 1) if count > 1 else 1.0
         else:
-            positions[n] = 0.0 if any(e in n for e in _EMBEDDING) else 1.0
+            positions[n] = 0.0  # before the layers or after them: the first anchor, as in mergekit
     return positions
 
 

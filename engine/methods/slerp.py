@@ -6,8 +6,13 @@ Each tensor is treated as one flattened vector; with a = θ_base, b = θ_ft and 
     θ     = sin((1 − t)·Ω)/sin Ω · a  +  sin(t·Ω)/sin Ω · b
 
 so t = 0 gives the base and t = 1 the fine-tune. When the tensors are nearly colinear
-(|cos Ω| > 0.9995) or either norm is ≤ 1e-12, the formula is ill-conditioned and the result is
-the linear interpolation (1 − t)·a + t·b instead. The norms and the dot product are gathered
+(|cos Ω| > 0.9995) the formula is ill-conditioned and the result is the linear interpolation
+(1 − t)·a + t·b instead.
+
+A tensor whose norm is ≤ 1e-8 is not normalised (mergekit's rule, kept so that recipes give
+mergekit's model): cos Ω is then ⟨a, b⟩ divided only by the norms above 1e-8. An all-zero
+tensor therefore counts as orthogonal to the other one (Ω = π/2), and the result is
+cos(t·π/2)·a + sin(t·π/2)·b: for a zero base, sin(t·π/2)·θ_ft, not t·θ_ft. The norms and the dot product are gathered
 by one reduce pass over the chunks in float64; the angle is per tensor. ``weight`` (t) may
 vary by tensor. The linear fallback runs on the backend (``weighted_delta_sum``); the
 spherical case is numpy (CPU) for now.
@@ -28,7 +33,7 @@ from .base import ChunkContext, MergeMethod, TensorContext
 from .params import per_model, resolve_float
 
 COLINEAR_COS = 0.9995
-TINY_NORM = 1e-12
+TINY_NORM = 1e-8  # norms at or below this are not divided out (mergekit's eps)
 
 
 @dataclass
@@ -107,9 +112,8 @@ class Slerp(MergeMethod):
 def slerp_coefficients(t: float, aa: float, bb: float, ab: float) -> tuple[bool, tuple[float, float]]:
     """``(linear, (c0, c1))``: θ = c0·a + c1·b, or linear interpolation when ``linear``."""
     norm_a, norm_b = math.sqrt(aa), math.sqrt(bb)
-    if norm_a <= TINY_NORM or norm_b <= TINY_NORM:
-        return True, (1.0 - t, t)
-    cos = max(-1.0, min(1.0, ab / (norm_a * norm_b)))
+    cos = ab / ((norm_a if norm_a > TINY_NORM else 1.0) * (norm_b if norm_b > TINY_NORM else 1.0))
+    cos = max(-1.0, min(1.0, cos))
     if abs(cos) > COLINEAR_COS:
         return True, (1.0 - t, t)
     omega = math.acos(cos)

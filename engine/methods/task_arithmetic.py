@@ -13,7 +13,7 @@ from typing import Any
 
 from . import register
 from .base import TensorContext
-from .linear import Linear
+from .linear import Linear, LinearWeights
 from .params import Setting, resolve_float, setting
 
 
@@ -30,9 +30,9 @@ class TaskArithmetic(Linear):
     def _settings(self) -> list[Setting]:
         return [*super()._settings(), self._lambda]
 
-    def _resolve(self, tensor: TensorContext) -> list[float]:
+    def _resolve(self, tensor: TensorContext) -> LinearWeights:
         scale = resolve_float(self._lambda, tensor.name, tensor.position, f"{self.name}: lambda")
-        return [scale * w for w in super()._resolve(tensor)]
+        return LinearWeights([scale * w for w in super()._resolve(tensor).deltas])
 
     def recipe(self) -> dict[str, Any]:
         return {"method": self.name, "weights": [s.to_json() for s in self._weights],
