@@ -132,7 +132,8 @@ def merge(
     results, _ = write_outputs(base, model_paths, [Path(out)], [merger], options, execute, device=device_name,
                                low_rank=device_name == "cpu" and merger.takes_low_rank, overwrite=overwrite,
                                resume=resume, keep_partial=True, allow_missing=allow_missing,
-                               progress="merging" if progress else None, warn=warn, started=started)
+                               progress="merging" if progress else None, warn=warn, started=started,
+                               watch_output=True)
     return results[0]
 
 
@@ -166,17 +167,16 @@ def write_outputs(
     base: str | os.PathLike, model_paths: Sequence[str | os.PathLike], finals: list[Path],
     mergers: list[MergeMethod], options: Options, execute: Callable[..., ExecutionStats], *, device: str,
     low_rank: bool, overwrite: bool, resume: bool, keep_partial: bool, allow_missing: str | None, progress: str | None,
-    warn: Callable[[str], None], started: float, before_staging: Callable[[list[MergePlan]], None] | None = None,
+    warn: Callable[[str], None], started: float, watch_output: bool = False,
+    before_staging: Callable[[list[MergePlan]], None] | None = None,
 ) -> tuple[list[MergeResult], list[str]]:
     """The one merge skeleton, for one output (merge) or several (sweep): open the inputs, plan
     each output, stage it (``MergeSession``), run ``execute(plans, base, models, writers, kept,
-    progress)`` once for all of them, then finish and commit each in turn. Returns one
-    MergeResult per output and the warnings given.
-
-    On failure every output not yet committed is removed, except that an interrupt keeps a
-    merge's partial output for ``--resume`` (``keep_partial``). The first failure of any thread
-    is the one raised (safeblend.abort).
-    """
+    chunk_bytes, progress)`` once for all, then finish and commit each. Returns one MergeResult
+    per output and the warnings given. On failure every output not yet committed is removed
+    (an interrupted merge keeps its partial output for ``--resume``: ``keep_partial``), and the
+    first failure of any thread is the one raised (safeblend.abort). ``watch_output`` checks
+    the merged values of a single output (safeblend.output_checks)."""
     with ExitStack() as stack:  # every input opened is closed, however this ends
         base_ckpt, model_ckpts = open_inputs(stack, base, model_paths, options.out_dtype, low_rank)
         metadatas = [output_metadata(m, base, model_paths, options.out_dtype) for m in mergers]
@@ -202,8 +202,7 @@ def write_outputs(
                     warn(message)
             writers = [session.writer for session in sessions]
             kept = frozenset(sessions[0].kept)
-            # Non-finite values, an output equal to the base (safeblend.output_checks): a merge's.
-            watch = OutputWatch(plans[0], base_ckpt, kept) if len(plans) == 1 else None
+            watch = OutputWatch(plans[0], base_ckpt, kept) if watch_output else None  # non-finite, equal to base
             for writer in writers:
                 writer.open()
             with progress_bar(plans[0].total_size, progress) as bar:

@@ -28,7 +28,6 @@ import importlib.util
 import math
 import os
 import re
-import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from .chunks import chunk_elements, element_steps
 from .errors import IncompatibleInputsError, SafeblendError, SpecError
 from .execute import DEFAULT_CHUNK_BYTES, DEFAULT_WORKERS, run_in_order
 from .hub import resolve_inputs
+from .methods._blocks import scratch
 from .plan import check_compatible
 from .units import parse_size
 
@@ -312,25 +312,10 @@ def _measure_all(pairs: list[tuple[TensorInfo, TensorInfo]], entries: list[Tenso
     return read
 
 
-_local = threading.local()
-
-
-def _scratch(dtype: type[np.floating], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """This thread's pair of ``size``-element operand buffers in ``dtype``."""
-    key = f"{np.dtype(dtype).name}x{size}"
-    buffers = getattr(_local, key, None)
-    if buffers is None:
-        buffers = (np.empty(size, dtype), np.empty(size, dtype))
-        setattr(_local, key, buffers)
-    return buffers
-
-
 def _run_sums() -> np.ndarray:
     """This thread's fp32 run sums: 4 rows (aa, bb, ab, dd) × runs per block."""
-    runs = getattr(_local, "runs", None)
-    if runs is None:
-        runs = _local.runs = np.empty((4, -(-NARROW_BLOCK // RUN)), np.float32)
-    return runs
+    runs = -(-NARROW_BLOCK // RUN)
+    return scratch("drift-runs", 1, np.float32, 4 * runs)[0][: 4 * runs].reshape(4, runs)
 
 
 def _measure(a: TensorInfo, b: TensorInfo, files: dict[Path, SafetensorsFile], first: int, count: int,
@@ -363,7 +348,7 @@ def _measure(a: TensorInfo, b: TensorInfo, files: dict[Path, SafetensorsFile], f
 
 def _block_fp64(va: np.ndarray, vb: np.ndarray) -> Sums:
     """A block's sums in float64 throughout (any input dtype; handles inf and NaN)."""
-    x64, y64 = _scratch(np.float64, BLOCK)
+    x64, y64 = scratch("drift", 2, np.float64, BLOCK)  # this thread's operand buffers
     x, y = x64[: len(va)], y64[: len(va)]
     np.copyto(x, va, casting="unsafe")
     np.copyto(y, vb, casting="unsafe")
@@ -385,7 +370,7 @@ def _block_fp32(va: np.ndarray, vb: np.ndarray, running_max: float) -> Sums | No
     exact: if this block can raise ``running_max``, its largest fp32 |Δ| elements (among which
     rounding, being monotonic, keeps the exact largest) are recomputed in float64.
     """
-    (x32, y32), runs = _scratch(np.float32, NARROW_BLOCK), _run_sums()
+    (x32, y32), runs = scratch("drift", 2, np.float32, NARROW_BLOCK), _run_sums()
     n = len(va)
     x, y = x32[:n], y32[:n]
     np.copyto(x, va, casting="unsafe")
