@@ -120,7 +120,7 @@ def merge(
         device = "cpu"
     backend, device_name = _select_backend(device, merger)
     base, model_paths = resolve_inputs(base, model_paths, warn, progress)  # Hub ids, adapters' own base
-    _check_output_not_input(out, [base, *model_paths])
+    check_output_not_input(out, [base, *model_paths])  # real paths and (device, inode)
 
     def execute(plans, base_ckpt, model_ckpts, writers, kept, chunk_bytes, update) -> ExecutionStats:
         executor = CudaExecutor if device_name == "cuda" else Executor
@@ -282,10 +282,6 @@ def _select_backend(device: str, merger):
     if device == "cuda":
         raise SpecError(f"--device cuda: {reason}")
     return cpu_backend(), "cpu"
-
-
-def _check_output_not_input(out: str | os.PathLike, inputs: list) -> None:
-    check_output_not_input(out, inputs)  # real paths and (device, inode): safeblend.output_paths
 
 
 class _NoBar:

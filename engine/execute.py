@@ -174,10 +174,8 @@ class Executor(ExecutorBase):
         return stats
 
     def _buffer_pool(self, writer: ShardWriter) -> BufferPool:
-        """Chunk buffers for the writer's queue plus two chunks in flight per worker.
-
-        A hook: the sweep executor (safeblend.lambda_sweep) sizes its own pool for several outputs.
-        """
+        """Chunk buffers for the writer's queue plus two chunks in flight per worker (a hook:
+        the sweep executor, safeblend.lambda_sweep, sizes its own for several outputs)."""
         return BufferPool(writer.depth + 2 * self.workers, self.chunk_bytes, writer.abort)
 
     def _buffers_per_chunk(self) -> int:

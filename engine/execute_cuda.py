@@ -23,6 +23,7 @@ torch is imported inside ``run``, so importing this module costs nothing on a CP
 from __future__ import annotations
 
 import collections
+import itertools
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -141,7 +142,7 @@ class CudaExecutor(ExecutorBase):
                     inflight.append(_InFlight(chunk, None, data, release, read=nbytes))
                 else:
                     stats.bytes_read += future.result()
-                    inflight.append(self._launch(chunk, in_slot, slot=self._next_device_slot()))
+                    inflight.append(self._launch(chunk, in_slot, slot=next(self._device_cursor)))
                 if not exhausted:
                     exhausted = self._fill(chunks, reads, readers, read)
             while inflight:
@@ -173,7 +174,7 @@ class CudaExecutor(ExecutorBase):
             torch.empty((self.n_inputs + 1) * slot, dtype=torch.uint8, device=self._device)
             for _ in range(DEVICE_SLOTS)
         ]
-        self._device_cursor = 0
+        self._device_cursor = itertools.cycle(range(DEVICE_SLOTS))  # round robin over the device slots
         self._pinned_in = [self._pinned(self.n_inputs * slot) for _ in range(DEVICE_SLOTS + READ_AHEAD)]
         self._pinned_in_np = [t.numpy() for t in self._pinned_in]
         self._free_in = list(range(len(self._pinned_in)))
@@ -209,11 +210,6 @@ class CudaExecutor(ExecutorBase):
             self._cuda.synchronize()
         except Exception:  # noqa: BLE001  (the original error is the one worth reporting)
             pass
-
-    def _next_device_slot(self) -> int:
-        slot = self._device_cursor
-        self._device_cursor = (slot + 1) % DEVICE_SLOTS
-        return slot
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -6,9 +6,9 @@ once and computes every weight's output from it, so each output is exactly the c
 ``merge`` writes at that weight (its own recipe metadata, config and tokenizer files, index),
 each built in its own staging directory and renamed into place when complete.
 
-The planner and writer are the merge's: one MergePlan per weight (same shard layout; only the
-headers' recipe, hence data offsets, differ), one ShardWriter per output. Execution is the
-merge's Executor with the per-chunk step replaced (``SweepExecutor._process``): views of
+The skeleton, planner and writer are the merge's (safeblend.api.write_outputs): one MergePlan
+per weight (same shard layout; only the headers' recipe, hence data offsets, differ), one
+ShardWriter per output. Execution is the merge's Executor with the per-chunk step replaced (``SweepExecutor._process``): views of
 the inputs are taken once and fed to one method instance per weight, each writing into a
 pooled buffer that goes to its output's writer. Reduce passes (SLERP's norms) run once per
 tensor for all weights together. Memory is the engine's buffer pool plus one chunk buffer per
@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 from safeblend.kernels import cpu_backend
 
-from .api import MergeResult, _check_output_not_input, parse_options, write_outputs
+from .api import MergeResult, parse_options, write_outputs
 from .checkpoint import Checkpoint
 from .chunks import Chunk, release_inputs
 from .hub import resolve_inputs
@@ -38,6 +38,7 @@ from .errors import OutputError, SpecError
 from .execute import DEFAULT_CHUNK_BYTES, DEFAULT_WORKERS, BufferPool, ExecutionStats, Executor
 from .methods import create_method
 from .methods.base import ChunkContext, MergeMethod, TensorContext
+from .output_paths import check_output_not_input
 from .plan import MergePlan
 from .writer import OutputDir, ShardWriter, WriteDone, placed
 
@@ -200,7 +201,7 @@ def sweep(
         raise SpecError("sweep does not write fp8 (--dtype fp8); merge each weight with safeblend merge")
     mergers = [create_method(method, len(model_paths), weight=w, **method_params) for w in points]
     base, model_paths = resolve_inputs(base, model_paths, warn, progress)  # Hub ids, adapters' own base
-    _check_output_not_input(out, [base, *model_paths])
+    check_output_not_input(out, [base, *model_paths])  # real paths and (device, inode)
     root = Path(os.path.abspath(out))
 
     def execute(plans, base_ckpt, model_ckpts, writers, kept, chunk_bytes, update) -> ExecutionStats:

@@ -30,7 +30,6 @@ class Backend(Protocol):
 
     def dare_linear(self, base: Any, models: Sequence[Any], out: Any, *, factors: Sequence[float],
                     keys: Sequence[int], limits: Sequence[int], first: int, scale: float) -> None:
-        """``out = base + scale·Σ factors[i]·keepᵢ·(models[i] − base)`` for elements [first, first +
-        len(out)) of a tensor, keepᵢ being DARE's mask (safeblend.methods._rng). Only where
-        ``fuses_dare``."""
+        """Where ``fuses_dare``: ``out = base + scale·Σ factors[i]·keepᵢ·(models[i] − base)`` over
+        elements [first, first + len(out)), keepᵢ being DARE's mask (safeblend.methods._rng)."""
         ...

@@ -29,7 +29,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 from ..errors import SpecError
 
@@ -213,7 +213,3 @@ def layer_positions(names: Iterable[str]) -> dict[str, float]:
         else:
             positions[n] = 0.0  # before the layers or after them: the first anchor, as in mergekit
     return positions
-
-
-def all_constant(settings: Sequence[Setting]) -> bool:
-    return all(s.constant is not None for s in settings)
