@@ -8,9 +8,9 @@ each built in its own staging directory and renamed into place when complete.
 
 The skeleton, planner and writer are the merge's (safeblend.api.write_outputs): one MergePlan
 per weight (same shard layout; only the headers' recipe, hence data offsets, differ), one
-ShardWriter per output. Execution is the merge's Executor with the per-chunk step replaced (``SweepExecutor._process``): views of
-the inputs are taken once and fed to one method instance per weight, each writing into a
-pooled buffer that goes to its output's writer. Reduce passes (SLERP's norms) run once per
+ShardWriter per output. Execution is the merge's Executor with the per-chunk step replaced
+(``SweepExecutor._process``): views of the inputs are taken once and fed to one method
+instance per weight, each writing into a pooled buffer that goes to its output's writer. Reduce passes (SLERP's norms) run once per
 tensor for all weights together. Memory is the engine's buffer pool plus one chunk buffer per
 extra output.
 """
@@ -215,8 +215,8 @@ def sweep(
     # merge's bytes, not a materialised θ_ft's rounding.
     results, messages = write_outputs(
         base, model_paths, [root / output_name(w) for w in points], mergers, options, execute, device="cpu",
-        low_rank=all(m.takes_low_rank for m in mergers), overwrite=overwrite, resume=False, keep_partial=False, allow_missing=None,
-        progress=f"sweeping ×{len(points)}" if progress else None, warn=warn, started=started,
+        low_rank=all(m.takes_low_rank for m in mergers), overwrite=overwrite, resume=False, keep_partial=False,
+        allow_missing=None, progress=f"sweeping ×{len(points)}" if progress else None, warn=warn, started=started,
         before_staging=lambda plans: _make_sweep_dir(root / output_name(points[0]), overwrite, plans))
     first = results[0]
     written = sum(r.bytes_written for r in results)
