@@ -10,9 +10,9 @@ The skeleton, planner and writer are the merge's (safeblend.api.write_outputs): 
 per weight (same shard layout; only the headers' recipe, hence data offsets, differ), one
 ShardWriter per output. Execution is the merge's Executor with the per-chunk step replaced
 (``SweepExecutor._process``): views of the inputs are taken once and fed to one method
-instance per weight, each writing into a pooled buffer that goes to its output's writer. Reduce passes (SLERP's norms) run once per
-tensor for all weights together. Memory is the engine's buffer pool plus one chunk buffer per
-extra output.
+instance per weight, each writing into a pooled buffer that goes to its output's writer.
+Reduce passes (SLERP's norms) run once per tensor for all weights together. Memory is the
+engine's buffer pool plus one chunk buffer per extra output.
 """
 
 from __future__ import annotations
