@@ -73,10 +73,9 @@ class BufferPool:
     each holds one chunk ``placed`` for the writer (safeblend.writer). ``acquire`` raises the
     merge's first failure rather than wait for buffers a failed thread will never return."""
 
-    def __init__(self, count: int, nbytes: int, abort: Abort | None = None,
-                 allocate: Callable[[int], Any] = aligned_buffer) -> None:
+    def __init__(self, count: int, nbytes: int, abort: Abort, allocate: Callable[[int], Any] = aligned_buffer) -> None:
         self.count = count
-        self.abort = abort or Abort()
+        self.abort = abort  # the merge's: a pool of its own would never hear of a failure
         self._free: queue.Queue = queue.Queue()
         for _ in range(count):
             self._free.put(allocate(nbytes))

@@ -330,7 +330,7 @@ class SweepExecutor(Executor):
         # output, so fewer chunks are in flight than in a merge (Executor.run: with 9 outputs
         # and 16 buffers, two): the oldest chunk always finds a buffer.
         extra = len(self.methods) - 1
-        return BufferPool(count=writer.depth + 2 * self.workers + extra, nbytes=self.chunk_bytes)
+        return BufferPool(writer.depth + 2 * self.workers + extra, self.chunk_bytes, writer.abort)
 
     def _buffers_per_chunk(self) -> int:
         return len(self.methods)

@@ -214,3 +214,16 @@ def test_a_failing_gpu_reader_ends_the_merge_with_its_error(pair, chunks, tmp_pa
                                                   shard_size="60kB", device="cuda", on_warning=lambda m: None))
     assert len(raised) == 1 and "reader failed (injected)" in str(raised[0]), raised
     assert not out.exists() and not out.with_name(f".{out.name}.safeblend-partial").exists()
+
+
+def test_a_failing_writer_ends_a_sweep_with_its_error(pair, chunks, tmp_path, monkeypatch):
+    """A sweep's outputs share one failure slot: one output's writer failing ends them all."""
+    from safeblend.lambda_sweep import sweep
+
+    _inject(monkeypatch, "writer", _target(chunks, "middle"))
+    out = tmp_path / "s"
+    raised = _run_bounded(lambda: sweep(pair / "base", pair / "ft", out, "0.2,0.5,0.8", chunk_size=CHUNK,
+                                        shard_size="60kB", on_warning=lambda m: None))
+    assert len(raised) == 1 and isinstance(raised[0], OutputError), raised
+    assert "ran out of space while writing" in str(raised[0])
+    assert not out.exists() or not any(out.iterdir())

@@ -16,6 +16,7 @@ import safeblend
 from safeblend.checkpoint import SafetensorsFile, read_safetensors_header
 from safeblend.cli import main
 from safeblend.errors import OutputError, SpecError
+from safeblend.abort import Abort
 from safeblend.execute import BufferPool
 from safeblend.lambda_sweep import SWEEPABLE, SweepExecutor, output_name, parse_weights
 from safeblend.lambda_sweep import sweep as run_sweep
@@ -291,7 +292,7 @@ def test_cli_sweep_summary_and_errors(tmp_path):
 
 
 def test_pool_hands_out_every_buffer_across_threads():
-    pool = BufferPool(3, 16)
+    pool = BufferPool(3, 16, Abort())
     taken = [pool.acquire() for _ in range(3)]
     assert len({id(b) for b in taken}) == 3
     for b in taken:
