@@ -149,12 +149,15 @@ def _warn(message: str) -> None:
               "beside it (.OUTPUT.safeblend-partial), keeping the tensors it completed.")
 @click.option("--allow-missing", type=click.Choice(["take"]),
               help="Tensors that only some inputs have: copy each from the input that has it (default: error).")
+@click.option("--stream", is_flag=True, help="Read Hub repos that are not in the cache by range requests, "
+              "without downloading them (URLs are always streamed).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary line.")
 @_debug_option
 @click.pass_context
 def merge(ctx, base, models, out, config, method, weights, densities, lambda_, normalize, consensus, rescale,
-          seed, dtype, device, shard_size, chunk_size, overwrite, resume, allow_missing, as_json, quiet) -> None:
+          seed, dtype, device, shard_size, chunk_size, overwrite, resume, allow_missing, stream, as_json,
+          quiet) -> None:
     """Merge fine-tuned MODELS into BASE: θ = θ_base + λ·(θ_ft − θ_base).
 
     BASE is the model before fine-tuning (e.g. the aligned instruct model), each of MODELS a
@@ -167,7 +170,7 @@ def merge(ctx, base, models, out, config, method, weights, densities, lambda_, n
 
     options = dict(dtype=dtype.lower(), device=device, shard_size=shard_size, chunk_size=chunk_size,
                    overwrite=overwrite, progress=not quiet and not as_json, on_warning=_warn,
-                   resume=resume, allow_missing=allow_missing)
+                   resume=resume, allow_missing=allow_missing, stream=stream)
     if config is not None:
         from .recipe import merge_recipe
 
