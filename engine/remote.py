@@ -100,6 +100,7 @@ class _HttpBlob(_Blob):
         out = bytearray(end - start)
         got, failures = 0, 0
         while got < len(out):
+            cut: Exception | None = None
             try:
                 headers = {**self.headers, "Range": f"bytes={start + got}-{end - 1}"}
                 with http_stream_backoff("GET", self.url, headers=headers, timeout=_timeout(),
@@ -108,19 +109,23 @@ class _HttpBlob(_Blob):
                     if end > self.size:  # the first read, of a file shorter than it asked
                         end = self.size
                         del out[end - start :]
-                    for piece in response.iter_bytes():
-                        if got + len(piece) > len(out):
-                            raise CheckpointError(f"{self.display}: the server sent more bytes than the range asked")
-                        out[got : got + len(piece)] = piece
-                        got += len(piece)
-                        meter.add(len(piece))
-                    if got < len(out):
-                        raise httpx2.ReadError("response ended early")
-            except (httpx2.TransportError, OSError) as exc:  # dropped mid-body: resume at `got`
+                    try:  # caught here: raised through the client's retrying context, it would retry there
+                        for piece in response.iter_bytes():
+                            if got + len(piece) > len(out):
+                                raise CheckpointError(f"{self.display}: the server sent more bytes than asked")
+                            out[got : got + len(piece)] = piece
+                            got += len(piece)
+                            meter.add(len(piece))
+                    except (httpx2.TransportError, OSError) as exc:
+                        cut = exc
+            except (httpx2.TransportError, OSError) as exc:  # no response after the client's own retries
+                cut = exc
+            if got < len(out):  # dropped mid-body (or before it): resume at `got`
                 failures += 1
                 if failures > RETRIES:
+                    reason = f"{type(cut).__name__}: {_first_line(cut)}" if cut else "the response ended early"
                     raise CheckpointError(f"{self.display}: reading bytes {start + got}-{end - 1} failed "
-                                          f"{failures} times ({type(exc).__name__}: {_first_line(exc)})") from None
+                                          f"{failures} times ({reason})")
                 time.sleep(min(8.0, RETRY_WAIT_S * 2 ** (failures - 1)))
         return out
 
@@ -575,7 +580,7 @@ def _stage_folder(key: str) -> Path:
     resumed merge's inputs must be the same paths); removed when the process exits."""
     root = Path(tempfile.gettempdir()) / f"safeblend-stream-{os.getuid()}"
     root.mkdir(mode=0o700, exist_ok=True)
-    readable = re.sub(r"[^A-Za-z0-9._@-]+", "-", key.split("://", 1)[-1]).strip("-")[:80]
+    readable = re.sub(r"[^A-Za-z0-9._@-]+", "-", key.split("://", 1)[-1].replace("/", "--")).strip("-")[:80]
     folder = root / f"{readable}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     folder.mkdir(mode=0o700, exist_ok=True)
     if not _folders:

@@ -237,7 +237,8 @@ class _Hub:
     ranged reads: ``rate`` throttles bodies (bytes/s), ``fail[name] = n`` answers the next n
     ranged reads of a file with 503, ``drop[name] = [k, ...]`` cuts the next ones' bodies after
     k bytes, and ``change[name] = (n, data)`` serves ``data`` (a new ETag) from its n-th ranged
-    read on. ``token=None`` takes any request.
+    read on; ``fail`` and ``drop`` spare reads that start before byte ``fault_from`` (headers).
+    ``token=None`` takes any request.
     """
 
     def __init__(self, repos: dict[str, Path], token: str | None) -> None:
@@ -246,6 +247,7 @@ class _Hub:
         self.fail: dict[str, int] = {}
         self.drop: dict[str, list[int]] = {}
         self.change: dict[str, tuple[int, bytes]] = {}
+        self.fault_from = 0
         self.ranged: dict[str, int] = {}  # ranged reads per file name
         self._faults = threading.Lock()
         hub = self
@@ -315,12 +317,13 @@ class _Hub:
             count = self.ranged[name] = self.ranged.get(name, 0) + 1
             if name in self.change and count >= self.change[name][0]:
                 data = self.change[name][1]
-            if self.fail.get(name, 0) > 0:
+            first, last = request.headers["Range"].removeprefix("bytes=").split("-")
+            first, last = int(first), min(int(last) if last else len(data) - 1, len(data) - 1)
+            faulty = first >= self.fault_from
+            if faulty and self.fail.get(name, 0) > 0:
                 self.fail[name] -= 1
                 return self._send(request, 503, b"busy", body)
-            cut = self.drop[name].pop(0) if self.drop.get(name) else None
-        first, last = request.headers["Range"].removeprefix("bytes=").split("-")
-        first, last = int(first), min(int(last) if last else len(data) - 1, len(data) - 1)
+            cut = self.drop[name].pop(0) if faulty and self.drop.get(name) else None
         if first >= len(data):
             return self._send(request, 416, b"", body, {"Content-Range": f"bytes */{len(data)}"})
         piece = data[first : last + 1]
