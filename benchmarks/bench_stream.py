@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -65,6 +66,10 @@ def serve(root: Path, link: Link) -> ThreadingHTTPServer:
         def log_message(self, *args) -> None:
             pass
 
+        def setup(self) -> None:
+            super().setup()  # headers and body go in separate writes: without NODELAY, Nagle's
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # 40 ms stalls
+
         def do_GET(self) -> None:
             path = root / self.path.lstrip("/")
             if not path.is_file():
@@ -77,6 +82,12 @@ def serve(root: Path, link: Link) -> ThreadingHTTPServer:
             if "Range" in self.headers:
                 a, b = self.headers["Range"].removeprefix("bytes=").split("-")
                 first, last = int(a), min(int(b) if b else size - 1, size - 1)
+                if first >= size:
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{size}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 self.send_response(206)
                 self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
             else:

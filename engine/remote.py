@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -51,7 +52,7 @@ from .model_files import COMPANION_PATTERNS, is_companion
 # the unit a dropped connection resumes within (at its byte) and memory is accounted in.
 BLOCK_BYTES = 8 * 2**20
 # Blocks fetched ahead of use, all remote files together: the streaming part of the memory bound.
-READ_AHEAD_BYTES = 96 * 2**20
+READ_AHEAD_BYTES = 64 * 2**20
 FETCH_THREADS = 4  # concurrent range requests
 RETRIES = 6  # attempts after a failure, per request, waiting RETRY_WAIT_S, doubling, capped at 8 s
 RETRY_WAIT_S = 1.0
@@ -77,7 +78,7 @@ class _Blob:
     size: int
     tag: str | None
 
-    def read(self, start: int, end: int) -> bytearray:
+    def read(self, start: int, end: int) -> bytearray | mmap.mmap:
         raise NotImplementedError
 
     def check_unchanged(self) -> None:
@@ -97,7 +98,7 @@ class _HttpBlob(_Blob):
         from huggingface_hub.utils import http_stream_backoff
         import httpx2
 
-        out = bytearray(end - start)
+        out = _buffer(end - start)
         got, failures = 0, 0
         while got < len(out):
             cut: Exception | None = None
@@ -199,6 +200,14 @@ class _FsspecBlob(_Blob):
     def check_unchanged(self) -> None:
         if self._identity() != (self.size, self.tag):
             raise InputChangedError(f"{self.display}: changed while being read ({self.tag} when the merge began)")
+
+
+def _buffer(size: int) -> bytearray | mmap.mmap:
+    """A writable buffer for a block: a mapping of its own above 1 MiB, unmapped when its last
+    view goes. (Blocks as bytearrays came from malloc, whose mmap threshold rises to a block's
+    size once one is freed; later blocks then came from per-thread heaps that do not shrink:
+    +50 MiB peak RSS measured on a 0.36 GB streamed merge.)"""
+    return mmap.mmap(-1, size) if size >= 2**20 else bytearray(size)
 
 
 def _timeout() -> float:
@@ -342,7 +351,7 @@ class _ReadAhead:
         if first == last:
             lo = start - first * BLOCK_BYTES
             return memoryview(blocks[0])[lo : lo + length].toreadonly()
-        out = bytearray(length)
+        out = _buffer(length)
         pos = 0
         for k, data in zip(range(first, last + 1), blocks):
             lo, hi = max(start, k * BLOCK_BYTES) - k * BLOCK_BYTES, min(start + length, (k + 1) * BLOCK_BYTES) - k * BLOCK_BYTES
@@ -501,8 +510,9 @@ def _plan_files(store: _Store, names: list[str] | None, single: str | None) -> t
 
     if single is not None:
         return [single], {}
-    if names is None:  # plain HTTP: no listing; ask for the names a model folder uses
-        fetched = {n: d for n in ["config.json", *_literal_companions()] if (d := store.fetch(n)) is not None}
+    if names is None:  # plain HTTP: no listing; ask for the names a model folder uses, concurrently
+        asked = ["config.json", *_literal_companions()]
+        fetched = {n: d for n, d in zip(asked, _fetcher().map(store.fetch, asked)) if d is not None}
         index = store.fetch(INDEX_NAME)
         if index is not None:
             fetched[INDEX_NAME] = index
@@ -518,8 +528,7 @@ def _plan_files(store: _Store, names: list[str] | None, single: str | None) -> t
     if weights == [INDEX_NAME] or weights[:1] == [ADAPTER_CONFIG_NAME]:
         wanted.append(weights.pop(0))
     fetched = {}
-    for name in wanted:
-        data = store.fetch(name)
+    for name, data in zip(wanted, _fetcher().map(store.fetch, wanted)):
         if data is None:
             raise CheckpointError(f"{store.display}/{name}: listed but cannot be fetched")
         fetched[name] = data
