@@ -407,7 +407,7 @@ class _ReadAhead:
         drop blocks far behind ``first``, the earliest block just read."""
         for old in [b for b in self._blocks if b < first - _BEHIND]:
             self._drop(old)
-        share = READ_AHEAD_BYTES // max(1, sum(1 for held in _held.values() if held > 0))
+        share = READ_AHEAD_BYTES // max(1, sum(1 for held in list(_held.values()) if held > 0))  # list(): atomic
         while k < self._count and _held.get(id(self), 0) + self._block_size(k) <= share:
             self._want(k)
             k += 1
