@@ -511,15 +511,11 @@ def _plan_files(store: _Store, names: list[str] | None, single: str | None) -> t
     if single is not None:
         return [single], {}
     if names is None:  # plain HTTP: no listing; ask for the names a model folder uses, concurrently
-        asked = ["config.json", *_literal_companions()]
+        asked = ["config.json", INDEX_NAME, ADAPTER_CONFIG_NAME, *_literal_companions()]
         fetched = {n: d for n, d in zip(asked, _fetcher().map(store.fetch, asked)) if d is not None}
-        index = store.fetch(INDEX_NAME)
-        if index is not None:
-            fetched[INDEX_NAME] = index
-            return _index_shards(store, index), fetched
-        adapter = store.fetch(ADAPTER_CONFIG_NAME)
-        if adapter is not None:
-            fetched[ADAPTER_CONFIG_NAME] = adapter
+        if INDEX_NAME in fetched:
+            return _index_shards(store, fetched[INDEX_NAME]), fetched
+        if ADAPTER_CONFIG_NAME in fetched:
             return [ADAPTER_WEIGHTS], fetched
         return [SINGLE_NAME], fetched
     top = [n for n in names if "/" not in n]

@@ -18,7 +18,7 @@ import safeblend
 from safeblend import remote
 from safeblend.errors import CheckpointError
 from helpers import assert_within_tolerance, load_checkpoint, random_tensor, write_checkpoint
-from test_hub import CONFIG, _Hub, _run, _tensors
+from test_hub import CONFIG, _Hub, _run, models  # noqa: F401 (models: a fixture)
 
 WEIGHT = 0.6
 
@@ -263,3 +263,15 @@ def test_an_interrupted_streamed_merge_resumes(pair, tmp_path):
     # The staged inputs have the same names and fingerprint: the journaled tensors are kept.
     kept = re.match(r"Warning: --resume: kept (\d+) of 10 tensors", resumed.stderr)
     assert kept and int(kept[1]) > 0, resumed.stderr
+
+
+def test_a_streamed_lora_adapter_merges_as_the_local_one(models, tmp_path):
+    """An adapter folder over HTTP: its config fetched whole, its weights by ranges."""
+    local = tmp_path / "local"
+    safeblend.merge(models["base"], models["adapter"], local, weight=1.0)
+    with _Hub({"org/base": models["base"], "org/adapter": models["adapter"]}, token=None) as hub:
+        notes: list[str] = []  # the adapter names org/base; a URL is not that name: a warning
+        safeblend.merge(f"{hub.url}/plain/org/base", f"{hub.url}/plain/org/adapter", tmp_path / "out", weight=1.0,
+                        on_warning=notes.append)
+        assert hub.ranged["adapter_model.safetensors"] >= 3  # length, header, data
+    _same_output(tmp_path / "out", local)
