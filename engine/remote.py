@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
+import logging
 import mmap
 import os
 import re
@@ -55,6 +56,9 @@ BLOCK_BYTES = 8 * 2**20
 READ_AHEAD_BYTES = 64 * 2**20
 FETCH_THREADS = 4  # concurrent range requests
 RETRIES = 6  # attempts after a failure, per request, waiting RETRY_WAIT_S, doubling, capped at 8 s
+# Before the merge starts (listing, config, headers) a failure is more likely permanent (a wrong
+# host, a refused connection): a few seconds of retries, not half a minute.
+STAGING_RETRIES = 2
 RETRY_WAIT_S = 1.0
 # Blocks this far behind the latest read are dropped even if not every byte was released
 # (a header block, tensors a resumed merge skips).
@@ -92,6 +96,7 @@ class _HttpBlob(_Blob):
     def __init__(self, url: str, headers: dict[str, str], display: str) -> None:
         self.url, self.headers, self.display = url, headers, display
         self.size, self.tag = -1, None
+        self.retries = STAGING_RETRIES  # RETRIES once its header is read (_stand_in)
         self._first = self.read(0, 8)  # learns size and tag from the response
 
     def read(self, start: int, end: int) -> bytearray:
@@ -105,7 +110,7 @@ class _HttpBlob(_Blob):
             try:
                 headers = {**self.headers, "Range": f"bytes={start + got}-{end - 1}"}
                 with http_stream_backoff("GET", self.url, headers=headers, timeout=_timeout(),
-                                         max_retries=RETRIES, base_wait_time=RETRY_WAIT_S) as response:
+                                         max_retries=self.retries, base_wait_time=RETRY_WAIT_S) as response:
                     self._check(response, start + got)
                     if end > self.size:  # the first read, of a file shorter than it asked
                         end = self.size
@@ -123,7 +128,7 @@ class _HttpBlob(_Blob):
                 cut = exc
             if got < len(out):  # dropped mid-body (or before it): resume at `got`
                 failures += 1
-                if failures > RETRIES:
+                if failures > self.retries:
                     reason = f"{type(cut).__name__}: {_first_line(cut)}" if cut else "the response ended early"
                     raise CheckpointError(f"{self.display}: reading bytes {start + got}-{end - 1} failed "
                                           f"{failures} times ({reason})")
@@ -264,7 +269,7 @@ class _HttpStore(_Store):
 
         url = self.url_of(name)
         try:
-            response = http_backoff("GET", url, headers=self.headers, timeout=_timeout(), max_retries=RETRIES,
+            response = http_backoff("GET", url, headers=self.headers, timeout=_timeout(), max_retries=STAGING_RETRIES,
                                     base_wait_time=RETRY_WAIT_S)
             if response.status_code == 404:
                 return None
@@ -455,9 +460,15 @@ class RemoteSafetensorsFile(SafetensorsFile):
 # -- staging ---------------------------------------------------------------------------------
 
 
+def _quiet_retries() -> None:
+    """huggingface_hub logs a warning per retry; a read that fails for good is one error line here."""
+    logging.getLogger("huggingface_hub.utils._http").setLevel(logging.ERROR)
+
+
 def stage_url(url: str, progress: bool) -> Path:
     """A local folder standing for the model at ``url`` (http(s):// or any fsspec URL): its
     non-weight files fetched, its weight files' headers read (see module doc)."""
+    _quiet_retries()
     if url.startswith(("http://", "https://")):
         base = url.rstrip("/")
         if base.endswith(".safetensors"):  # one file: no folder around it
@@ -480,6 +491,7 @@ def stage_repo(repo_id: str, revision: str, progress: bool) -> Path:
     from huggingface_hub import HfApi, hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
+    _quiet_retries()
     info = HfApi().model_info(repo_id, revision=revision)
     commit = info.sha or revision
     names = [s.rfilename for s in info.siblings or []]
@@ -511,8 +523,11 @@ def _plan_files(store: _Store, names: list[str] | None, single: str | None) -> t
     if single is not None:
         return [single], {}
     if names is None:  # plain HTTP: no listing; ask for the names a model folder uses, concurrently
-        asked = ["config.json", INDEX_NAME, ADAPTER_CONFIG_NAME, *_literal_companions()]
+        asked = [INDEX_NAME, ADAPTER_CONFIG_NAME, *_literal_companions()]
+        config = store.fetch("config.json")  # alone first: an unreachable server fails once
         fetched = {n: d for n, d in zip(asked, _fetcher().map(store.fetch, asked)) if d is not None}
+        if config is not None:
+            fetched["config.json"] = config
         if INDEX_NAME in fetched:
             return _index_shards(store, fetched[INDEX_NAME]), fetched
         if ADAPTER_CONFIG_NAME in fetched:
@@ -563,6 +578,8 @@ def _stand_in(placeholder: Path, blob: _Blob) -> None:
         raise CheckpointError(f"{blob.display}: header length {header_len} is implausible for a {blob.size}-byte "
                               "file; the file is corrupt or not safetensors")
     raw = bytes(blob.read(8, 8 + header_len))
+    if isinstance(blob, _HttpBlob):
+        blob.retries = RETRIES  # the merge's reads: a dropped connection is worth half a minute
     try:
         tensors, metadata = parse_safetensors_header(placeholder, raw, blob.size)
     except CheckpointError as exc:

@@ -275,3 +275,17 @@ def test_a_streamed_lora_adapter_merges_as_the_local_one(models, tmp_path):
                         on_warning=notes.append)
         assert hub.ranged["adapter_model.safetensors"] >= 3  # length, header, data
     _same_output(tmp_path / "out", local)
+
+
+def test_an_unreachable_server_fails_fast_in_one_line(tmp_path, monkeypatch, caplog):
+    import socket
+
+    monkeypatch.setattr(remote, "RETRY_WAIT_S", 0.01)
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/base"
+    with pytest.raises(CheckpointError, match=r"^http://127\.0\.0\.1:\d+/base/config\.json: ConnectError: "):
+        safeblend.merge(url, url, tmp_path / "out")
+    # huggingface_hub's per-retry warnings are not shown: the error above is the one line.
+    assert not [r for r in caplog.records if r.name.startswith("huggingface_hub") and r.levelname == "WARNING"]
+    assert not (tmp_path / "out").exists()
