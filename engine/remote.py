@@ -24,6 +24,7 @@ the Hub, commit) differs from the one its header was read with is an ``InputChan
 from __future__ import annotations
 
 import atexit
+import fcntl
 import hashlib
 import json
 import logging
@@ -594,27 +595,39 @@ def _stand_in(placeholder: Path, blob: _Blob) -> None:
     register_stand_in(placeholder, opener)
 
 
-_folders: list[Path] = []
+_folders: dict[Path, int] = {}  # staged folders and the descriptors of their shared locks
 
 
 def _stage_folder(key: str) -> Path:
     """The local folder for one remote model: named after ``key``, the same on every run (a
-    resumed merge's inputs must be the same paths); removed when the process exits."""
+    resumed merge's inputs must be the same paths); removed when the process exits, unless
+    another process still uses it (each holds a shared lock on its ``.lock``)."""
     root = Path(tempfile.gettempdir()) / f"safeblend-stream-{os.getuid()}"
     root.mkdir(mode=0o700, exist_ok=True)
+    if root.is_symlink() or root.stat().st_uid != os.getuid():
+        raise CheckpointError(f"{root}: not a directory of this user's; cannot stage streamed inputs there")
     readable = re.sub(r"[^A-Za-z0-9._@-]+", "-", key.split("://", 1)[-1].replace("/", "--")).strip("-")[:80]
     folder = root / f"{readable}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     folder.mkdir(mode=0o700, exist_ok=True)
-    if not _folders:
-        atexit.register(_remove_folders)
-    _folders.append(folder)
+    if folder not in _folders:
+        lock = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        if not _folders:
+            atexit.register(_remove_folders)
+        _folders[folder] = lock
     return folder
 
 
 def _remove_folders() -> None:
     meter.close()
-    for folder in _folders:
-        shutil.rmtree(folder, ignore_errors=True)
+    for folder, lock in _folders.items():
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no other process stages from it
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            pass
+        finally:
+            os.close(lock)
 
 
 def _write_stable(path: Path, data: bytes) -> None:
