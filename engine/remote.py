@@ -352,7 +352,11 @@ class _ReadAhead:
         first, last = start // BLOCK_BYTES, (start + length - 1) // BLOCK_BYTES
         with self._lock:
             futures = [self._want(k) for k in range(first, last + 1)]
-            self._ahead(first, last + 1)
+            # Blocks far behind the one read now will not be read again (chunks start in order),
+            # even where not every byte of them was released (the header's, a resume's skips).
+            for old in [b for b in self._blocks if b < first - _BEHIND]:
+                self._drop(old)
+            self._ahead(last + 1)
         blocks = [f.result() for f in futures]
         if first == last:
             lo = start - first * BLOCK_BYTES
@@ -371,7 +375,7 @@ class _ReadAhead:
             with self._lock:
                 for k in range(first, last + 1):
                     self._want(k)
-                self._ahead(first, last + 1)
+                self._ahead(last + 1)
 
     def release(self, start: int, length: int) -> None:
         if length <= 0:
@@ -408,11 +412,8 @@ class _ReadAhead:
             _held[id(self)] = _held.get(id(self), 0) - self._block_size(k)
         self._released.pop(k, None)
 
-    def _ahead(self, first: int, k: int) -> None:
-        """Schedule blocks from ``k`` on while this file holds less than its share of the budget;
-        drop blocks far behind ``first``, the earliest block just read."""
-        for old in [b for b in self._blocks if b < first - _BEHIND]:
-            self._drop(old)
+    def _ahead(self, k: int) -> None:
+        """Schedule blocks from ``k`` on while this file holds less than its share of the budget."""
         share = READ_AHEAD_BYTES // max(1, sum(1 for held in list(_held.values()) if held > 0))  # list(): atomic
         while k < self._count and _held.get(id(self), 0) + self._block_size(k) <= share:
             self._want(k)
