@@ -515,6 +515,9 @@ def _stage(store: _Store, key: str, progress: bool, single: str | None = None) -
     meter.start(sum(b.size for b in blobs), progress)
     for name, blob in zip(weights, blobs):
         _stand_in(folder / name, blob)
+    for stale in set(os.listdir(folder)) - {*fetched, *weights, ".lock"}:  # from an earlier run, since changed
+        if not stale.startswith("."):
+            (folder / stale).unlink(missing_ok=True)
     return folder / single if single is not None else folder
 
 
