@@ -402,10 +402,10 @@ def parse_safetensors_header(path: Path, raw: bytes, size: int) -> tuple[dict[st
 
 # Weight files that another source stands in for, by real path: the remote inputs
 # (safeblend.remote) register the local placeholder of each streamed file here.
-_stand_ins: dict[str, "Callable[[], SafetensorsFile]"] = {}
+_stand_ins: dict[str, Callable[[], SafetensorsFile]] = {}
 
 
-def register_stand_in(path: Path, opener: "Callable[[], SafetensorsFile]") -> None:
+def register_stand_in(path: Path, opener: Callable[[], SafetensorsFile]) -> None:
     """Make ``read_safetensors_header(path)`` return ``opener()`` instead of reading ``path``."""
     _stand_ins[os.path.realpath(path)] = opener
 
