@@ -69,6 +69,7 @@ def merge(
     overwrite: bool = False,
     resume: bool = False,
     allow_missing: str | None = None,
+    stream: bool = False,
     progress: bool = False,
     on_warning: Callable[[str], None] | None = None,
     **method_params: Any,
@@ -93,6 +94,8 @@ def merge(
             (``.OUT.safeblend-partial``), keeping its journaled tensors (``safeblend.journal``).
         allow_missing: ``"take"`` copies tensors that only some inputs have from the base, else
             from the first model that has them; None (default) refuses such inputs.
+        stream: read Hub repos that are not in the cache by range requests instead of
+            downloading them (``safeblend.remote``); URLs are always streamed.
         progress: show a progress bar on stderr.
         on_warning: called with each warning (default: ``warnings.warn``).
         **method_params: the method's other parameters, e.g. ``density``, ``lambda_``,
@@ -120,7 +123,7 @@ def merge(
             raise SpecError("--dtype fp8 runs on the CPU; leave out --device cuda")
         device = "cpu"
     backend, device_name = _select_backend(device, merger)
-    base, model_paths = resolve_inputs(base, model_paths, warn, progress)  # Hub ids, adapters' own base
+    base, model_paths = resolve_inputs(base, model_paths, warn, progress, stream)  # Hub ids, URLs, adapters' own base
     _check_output_not_input(out, [base, *model_paths])
 
     with ExitStack() as opened:  # every checkpoint opened is closed, however this ends

@@ -44,6 +44,11 @@ class OutputPath(click.Path):
         return super().convert(value, param, ctx)
 
 
+# A model argument: a local path, a Hub repo id or a URL, kept as typed (a Path would fold the
+# "//" of https://, s3:// and hf:// URLs, which are read remotely: safeblend.remote).
+_MODEL = click.Path(path_type=str)
+
+
 class _Group(click.Group):
     """Routes engine errors to one-line messages unless --debug was given."""
 
@@ -112,8 +117,8 @@ def _warn(message: str) -> None:
 
 
 @main.command()
-@click.argument("base", required=False, type=click.Path(path_type=Path))
-@click.argument("models", nargs=-1, type=click.Path(path_type=Path))
+@click.argument("base", required=False, type=_MODEL)
+@click.argument("models", nargs=-1, type=_MODEL)
 @click.option("-o", "--output", "out", required=True, type=OutputPath(path_type=Path),
               help="Output model directory (created; appears only when complete).")
 @click.option("--config", "config", type=click.Path(path_type=Path, dir_okay=False),
@@ -149,12 +154,15 @@ def _warn(message: str) -> None:
               "beside it (.OUTPUT.safeblend-partial), keeping the tensors it completed.")
 @click.option("--allow-missing", type=click.Choice(["take"]),
               help="Tensors that only some inputs have: copy each from the input that has it (default: error).")
+@click.option("--stream", is_flag=True, help="Read Hub repos that are not in the cache by range requests, "
+              "without downloading them (URLs are always streamed).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary line.")
 @_debug_option
 @click.pass_context
 def merge(ctx, base, models, out, config, method, weights, densities, lambda_, normalize, consensus, rescale,
-          seed, dtype, device, shard_size, chunk_size, overwrite, resume, allow_missing, as_json, quiet) -> None:
+          seed, dtype, device, shard_size, chunk_size, overwrite, resume, allow_missing, stream, as_json,
+          quiet) -> None:
     """Merge fine-tuned MODELS into BASE: θ = θ_base + λ·(θ_ft − θ_base).
 
     BASE is the model before fine-tuning (e.g. the aligned instruct model), each of MODELS a
@@ -167,7 +175,7 @@ def merge(ctx, base, models, out, config, method, weights, densities, lambda_, n
 
     options = dict(dtype=dtype.lower(), device=device, shard_size=shard_size, chunk_size=chunk_size,
                    overwrite=overwrite, progress=not quiet and not as_json, on_warning=_warn,
-                   resume=resume, allow_missing=allow_missing)
+                   resume=resume, allow_missing=allow_missing, stream=stream)
     if config is not None:
         from .recipe import merge_recipe
 
@@ -218,7 +226,7 @@ def _describe(params: dict) -> str:
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=_MODEL)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_debug_option
 def inspect(checkpoint, as_json) -> None:
@@ -295,8 +303,8 @@ def demo(directory, weight, size) -> None:
 
 
 @main.command()
-@click.argument("base", type=click.Path(path_type=Path))
-@click.argument("models", nargs=-1, type=click.Path(path_type=Path))
+@click.argument("base", type=_MODEL)
+@click.argument("models", nargs=-1, type=_MODEL)
 @click.option("-o", "--output", "out", required=True, type=OutputPath(path_type=Path),
               help="Sweep directory: each weight's model goes to OUTPUT/lambda-<w>/, complete or not at all.")
 @click.option("--weights", required=True, help="Weights to sweep: a list (0.2,0.5,0.8) or an inclusive range "
@@ -347,8 +355,8 @@ def sweep(base, models, out, weights, method, lambda_, normalize, dtype, shard_s
 
 
 @main.command()
-@click.argument("base", type=click.Path(path_type=Path))
-@click.argument("ft", required=False, type=click.Path(path_type=Path))
+@click.argument("base", type=_MODEL)
+@click.argument("ft", required=False, type=_MODEL)
 @click.option("--json", "as_json", is_flag=True, help="Print every figure as JSON on stdout instead of the table.")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False),
               help="Also draw relative change per layer, one line per module type, to this PNG (needs matplotlib).")
