@@ -168,8 +168,9 @@ def sweep(
     progress: bool = False,
     on_warning: Callable[[str], None] | None = None,
     workers: int = DEFAULT_WORKERS,
+    evaluate: Any = None,
     **method_params: Any,
-) -> SweepResult:
+) -> SweepResult | Any:
     """Merge at every weight in one read pass; write ``OUT/lambda-<w>/`` for each weight.
 
     Args:
@@ -181,10 +182,14 @@ def sweep(
         dtype, shard_size, chunk_size, overwrite, progress, on_warning: as for ``safeblend.merge``;
             ``overwrite`` replaces existing ``lambda-*`` outputs of the same weights.
         workers: compute threads.
+        evaluate: evaluate every output once written (``safeblend.evaluate``): a callable
+            ``(model, weight) -> metrics``, a command string, a list of these, or an ``EvalPlan``
+            (jobs, keep rule, plot). Then the return value is the evaluation's ``SweepReport``.
         **method_params: the method's other parameters (e.g. ``normalize``, ``lambda_``).
 
     Returns:
-        A SweepResult: one MergeResult per weight, in the given order, and the totals.
+        A SweepResult: one MergeResult per weight, in the given order, and the totals
+        (with ``evaluate``: the SweepReport, which holds it under ``sweep``).
 
     Example:
         >>> safeblend.sweep("base/", "finetune/", "sweep/", "0.1:0.9:0.1")  # doctest: +SKIP
@@ -202,6 +207,10 @@ def sweep(
         chunk_bytes = parse_size(chunk_size)
     except ValueError as exc:
         raise SpecError(str(exc)) from exc
+    if evaluate is not None:
+        from .evaluate import as_plan
+
+        evaluate = as_plan(evaluate)  # commands and keep rule checked before the pass
     mergers = [create_method(method, len(model_paths), weight=w, **method_params) for w in points]
     backend, device_name = cpu_backend(), "cpu"  # the sweep runs on the CPU executor
     _check_output_not_input(out, [base, *model_paths])
@@ -235,12 +244,17 @@ def sweep(
         for final, m, p, w in zip(finals, mergers, plans, writers)
     ]
     written = sum(w.bytes_written for w in writers)
-    return SweepResult(
+    result = SweepResult(
         output=str(root), method=mergers[0].name, weights=points, outputs=results, tensors=len(plans[0].tensors),
         bytes_read=stats.bytes_read, bytes_written=written, seconds=round(seconds, 4),
         throughput_bytes_per_s=round((stats.bytes_read + written) / max(seconds, 1e-9), 1),
         peak_rss_bytes=rss, warnings=messages,
     )
+    if evaluate is None:
+        return result
+    from .evaluate import evaluate_result
+
+    return evaluate_result(result, evaluate)
 
 
 def _run(plans: list[MergePlan], metadatas: list[dict[str, str]], base: Checkpoint, models: list[Checkpoint],
