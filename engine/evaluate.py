@@ -343,10 +343,13 @@ def evaluate_models(root: Path, targets: list[Target], plan: EvalPlan, removable
                                                    records[target.index])
                     if plan.on_row:
                         plan.on_row(rows[target.index])
-    except BaseException:
+    except BaseException as exc:
         stop.set()
         for runner in runners:
             runner.kill_all()
+        if isinstance(exc, KeyboardInterrupt):
+            raise KeyboardInterrupt(f"evaluation stopped; the models in {root} are complete: "
+                                    f"evaluate them with --eval-only {root}") from None
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
