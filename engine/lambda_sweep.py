@@ -169,6 +169,7 @@ def sweep(
     on_warning: Callable[[str], None] | None = None,
     workers: int = DEFAULT_WORKERS,
     evaluate: Any = None,
+    as_adapters: bool = False,
     **method_params: Any,
 ) -> SweepResult | Any:
     """Merge at every weight in one read pass; write ``OUT/lambda-<w>/`` for each weight.
@@ -185,6 +186,8 @@ def sweep(
         evaluate: evaluate every output once written (``safeblend.evaluate``): a callable
             ``(model, weight) -> metrics``, a command string, a list of these, or an ``EvalPlan``
             (jobs, keep rule, plot). Then the return value is the evaluation's ``SweepReport``.
+        as_adapters: write each weight as a PEFT LoRA adapter (linear, task-arithmetic; FT a LoRA
+            adapter), not a model: ``safeblend.adapter_sweep``.
         **method_params: the method's other parameters (e.g. ``normalize``, ``lambda_``).
 
     Returns:
@@ -214,6 +217,12 @@ def sweep(
     mergers = [create_method(method, len(model_paths), weight=w, **method_params) for w in points]
     backend, device_name = cpu_backend(), "cpu"  # the sweep runs on the CPU executor
     _check_output_not_input(out, [base, *model_paths])
+    if as_adapters:
+        from .adapter_sweep import sweep_as_adapters
+
+        result = sweep_as_adapters(base, model_paths, Path(os.path.abspath(out)), points, mergers, out_dtype,
+                                   overwrite, started)
+        return result if evaluate is None else _evaluated(result, evaluate)
 
     base_ckpt = Checkpoint.open(base)
     model_ckpts = [open_model(p, base_ckpt, out_dtype) for p in model_paths]  # LoRA adapter dirs: safeblend.lora
@@ -250,8 +259,11 @@ def sweep(
         throughput_bytes_per_s=round((stats.bytes_read + written) / max(seconds, 1e-9), 1),
         peak_rss_bytes=rss, warnings=messages,
     )
-    if evaluate is None:
-        return result
+    return result if evaluate is None else _evaluated(result, evaluate)
+
+
+def _evaluated(result: SweepResult, evaluate: Any) -> Any:
+    """The evaluation's SweepReport of a finished sweep (``safeblend.evaluate``)."""
     from .evaluate import evaluate_result
 
     return evaluate_result(result, evaluate)
