@@ -297,6 +297,8 @@ def demo(directory, weight, size) -> None:
 @click.option("--chunk-size", default=DEFAULT_CHUNK_BYTES, type=SizeType(),
               help="Largest chunk held in memory at once, per output (default 8 MiB).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs of the same weights.")
+@click.option("--resume", is_flag=True, help="Finish the partial outputs an interrupted sweep into OUTPUT left, "
+              "keeping the tensors they completed (as merge --resume).")
 @click.option("--as-adapters", is_flag=True, help="FT is a LoRA adapter: write each weight as a PEFT adapter "
               "(the adapter scaled), not a full model (linear, task-arithmetic).")
 @click.option("--json", "as_json", is_flag=True, help="Print every output's summary and the totals as JSON.")
@@ -305,7 +307,7 @@ def demo(directory, weight, size) -> None:
 @_debug_option
 @click.pass_context
 def sweep(ctx, base, models, out, weights, method, lambda_, normalize, dtype, shard_size, chunk_size, overwrite,
-          as_adapters, as_json, quiet, **eval_opts) -> None:
+          resume, as_adapters, as_json, quiet, **eval_opts) -> None:
     """Merge BASE with MODELS at every weight in one read pass: OUTPUT/lambda-0.1/, ...
 
     Each output is exactly what `safeblend merge --weight W` writes. Only methods with one
@@ -328,8 +330,8 @@ def sweep(ctx, base, models, out, weights, method, lambda_, normalize, dtype, sh
                                "(or --eval-only DIR)", ctx)
     result = run_sweep(base, list(models), out, parse_weights(weights), method=method, lambda_=lambda_,
                        normalize=normalize, dtype=dtype.lower(), shard_size=shard_size, chunk_size=chunk_size,
-                       overwrite=overwrite, progress=not quiet and not as_json, on_warning=_warn, evaluate=plan,
-                       as_adapters=as_adapters)
+                       overwrite=overwrite, resume=resume, progress=not quiet and not as_json, on_warning=_warn,
+                       evaluate=plan, as_adapters=as_adapters)
     if plan is not None:
         return finish(result, as_json, quiet)
     if as_json:
