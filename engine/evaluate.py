@@ -25,6 +25,7 @@ as soon as its last evaluation finishes.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -46,9 +47,9 @@ from .sweep_report import EvalRecord, Row, SweepReport, write_report
 
 PLACEHOLDERS = ("model", "weight", "index")
 _PLACEHOLDER = re.compile(r"\{(model|weight|index)\}")
-# Lower-case words in braces that are not placeholders: almost surely a typo ({modle}). `${x}`
-# is a shell variable and is left alone.
-_LOOKS_LIKE_PLACEHOLDER = re.compile(r"(?<!\$)\{([a-z_]+)\}")
+# Words in braces close to a placeholder's name are almost surely typos ({modle}, {weights});
+# others ({print} in an awk program, `${x}` in a shell line) are the command's own.
+_BRACED_WORD = re.compile(r"(?<!\$)\{([A-Za-z_]+)\}")
 # How long a timed-out command gets between SIGTERM and SIGKILL.
 KILL_GRACE_S = 5.0
 # Bytes of stdout read back to find its last line (metrics are one short line).
@@ -83,8 +84,8 @@ class Command:
         self.shell = shell
         self._lock = threading.Lock()
         self._running: set[subprocess.Popen] = set()
-        for word in _LOOKS_LIKE_PLACEHOLDER.findall(template):
-            if word not in PLACEHOLDERS:
+        for word in _BRACED_WORD.findall(template):
+            if word not in PLACEHOLDERS and difflib.get_close_matches(word.lower(), PLACEHOLDERS, cutoff=0.7):
                 raise SpecError(f"--eval {template!r}: unknown placeholder {{{word}}}; use "
                                 + ", ".join(f"{{{p}}}" for p in PLACEHOLDERS))
         if timeout is not None and not timeout > 0:

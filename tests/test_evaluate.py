@@ -228,6 +228,13 @@ def test_placeholders_stay_one_argument_and_shell_mode_quotes_them(setup, tmp_pa
     assert (tmp_path / "t t" / "logs" / "lambda-0.5.eval-1.stdout").read_text().startswith('{"argc": 1}')
 
 
+def test_braces_that_are_not_near_a_placeholder_are_the_commands_own(setup, tmp_path):
+    code = "import json, sys; print(json.dumps({'n': len(sys.argv[1])}))"
+    report = safeblend.sweep(setup / "base", setup / "ft", tmp_path / "s", [0.5],
+                             evaluate=f"{PY} -c {shlex.quote(code)} {{print}}")
+    assert report.rows[0].metrics == {"n": len("{print}")}
+
+
 def test_environment_names_the_model(setup, tmp_path):
     env_script = "import json, os; print(json.dumps({'w': float(os.environ['SAFEBLEND_WEIGHT']), " \
                  "'i': int(os.environ['SAFEBLEND_INDEX']), 'dir': os.path.isdir(os.environ['SAFEBLEND_MODEL'])}))"
@@ -239,6 +246,8 @@ def test_environment_names_the_model(setup, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--eval", "python {modle}"], "unknown placeholder {modle}"),
+    (["--eval", "python x.py --model {Model}"], "unknown placeholder {Model}"),
+    (["--eval", "python x.py {weights}"], "unknown placeholder {weights}"),
     (["--eval", "no-such-program-xyz {model}"], "no-such-program-xyz: command not found"),
     (["--eval", "python 'unclosed"], "No closing quotation"),
     (["--eval", "python x.py", "--keep", "best"], "'best' must be followed by a metric name"),
