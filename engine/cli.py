@@ -384,5 +384,9 @@ def diff(base, ft, as_json, plot, top, chunk_size, quiet) -> None:
         _warn(message)
 
 
+from .cli_extract_lora import extract_lora  # noqa: E402  (the command lives beside its engine module)
+
+main.add_command(extract_lora)
+
 if __name__ == "__main__":
     main()
