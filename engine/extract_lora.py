@@ -104,37 +104,15 @@ def extract_lora(base: str | os.PathLike, ft: str | os.PathLike, out: str | os.P
     report = ExtractReport(str(final), rank, oversample, power_iterations)
     try:
         _check_pair(base_ckpt, ft_ckpt)
-        factors: dict[str, np.ndarray] = {}
-        targets: dict[str, int] = {}  # module -> its rank
-        for name, info in base_ckpt.tensors.items():
-            if not info.dtype.computable:
-                continue
-            rows = _Rows(base_ckpt, ft_ckpt, name, chunk_bytes)
-            if len(info.shape) != 2:
-                norm = rows.frobenius()
-                entry = TensorExtract(name, list(info.shape), 0, norm, 0.0 if norm > 0 else 1.0,
-                                      "not representable" if norm > 0 else "unchanged")
-            else:
-                entry, pair = _extract_tensor(rows, name, rank, oversample, power_iterations, seed)
-                if pair is not None:
-                    module = name.removesuffix(".weight")
-                    left, right = pair
-                    if entry.kind == "embedding":  # PEFT: Δ = (lora_embedding_B · lora_embedding_A)ᵀ
-                        factors[f"{_PREFIX}{module}.lora_embedding_A"] = left.T
-                        factors[f"{_PREFIX}{module}.lora_embedding_B"] = right.T
-                    else:
-                        factors[f"{_PREFIX}{module}.lora_A.weight"] = right
-                        factors[f"{_PREFIX}{module}.lora_B.weight"] = left
-                    targets[module] = entry.rank
-            report.tensors.append(entry)
-            if on_tensor:
-                on_tensor(entry)
-        if not targets:
-            raise IncompatibleInputsError(f"{ft}: no 2-D tensor differs from the base's, so there is nothing to extract")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         try:
-            _write_adapter(staging, factors, targets, rank, str(base), dtype)
+            targets = _extract_all(base_ckpt, ft_ckpt, staging, report, rank, oversample, power_iterations, seed,
+                                   chunk_bytes, dtype, on_tensor)
+            if not targets:
+                raise IncompatibleInputsError(f"{ft}: no 2-D tensor differs from the base's, so there is nothing "
+                                              "to extract")
+            _write_config(staging, targets, rank, str(base))
             report.seconds = round(time.perf_counter() - started, 4)
             report.bytes_written = sum(p.stat().st_size for p in staging.iterdir())
             report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -150,6 +128,77 @@ def extract_lora(base: str | os.PathLike, ft: str | os.PathLike, out: str | os.P
         base_ckpt.close()
         ft_ckpt.close()
     return report
+
+
+def _extract_all(base: Checkpoint, ft: Checkpoint, staging: Path, report: ExtractReport, rank: int, oversample: int,
+                 power_iterations: int, seed: int, chunk_bytes: int, dtype: str,
+                 on_tensor: Callable[[TensorExtract], None] | None) -> dict[str, int]:
+    """Approximate every tensor, writing factors to the adapter file as they come (an adapter
+    of a large model at a high rank is larger than the memory a run may use); returns the
+    targeted modules and their ranks."""
+    targets: dict[str, int] = {}  # module -> its rank
+    with _FactorFile(staging / "adapter_model.safetensors", dtype) as factors:
+        for name, info in base.tensors.items():
+            if not info.dtype.computable:
+                continue
+            rows = _Rows(base, ft, name, chunk_bytes)
+            if len(info.shape) != 2:
+                norm = rows.frobenius()
+                entry = TensorExtract(name, list(info.shape), 0, norm, 0.0 if norm > 0 else 1.0,
+                                      "not representable" if norm > 0 else "unchanged")
+            else:
+                entry, pair = _extract_tensor(rows, name, rank, oversample, power_iterations, seed)
+                if pair is not None:
+                    module = name.removesuffix(".weight")
+                    left, right = pair
+                    if entry.kind == "embedding":  # PEFT: Δ = (lora_embedding_B · lora_embedding_A)ᵀ
+                        factors.add(f"{_PREFIX}{module}.lora_embedding_A", left.T)
+                        factors.add(f"{_PREFIX}{module}.lora_embedding_B", right.T)
+                    else:
+                        factors.add(f"{_PREFIX}{module}.lora_A.weight", right)
+                        factors.add(f"{_PREFIX}{module}.lora_B.weight", left)
+                    targets[module] = entry.rank
+            report.tensors.append(entry)
+            if on_tensor:
+                on_tensor(entry)
+    return targets
+
+
+class _FactorFile:
+    """A safetensors file written tensor by tensor: data to a side file as it comes, then the
+    header and the data copied behind it on close (the header needs every tensor's entry)."""
+
+    def __init__(self, path: Path, dtype: str) -> None:
+        from .dtypes import DTYPES
+
+        self.path, self.data_path = path, path.with_name(path.name + ".data")
+        self.dtype = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}[dtype]
+        self.numpy = DTYPES[self.dtype].numpy
+        self.entries: dict[str, Any] = {"__metadata__": {"format": "pt", "safeblend_version": __version__}}
+        self.offset = 0
+
+    def __enter__(self) -> "_FactorFile":
+        self.data = open(self.data_path, "wb")
+        return self
+
+    def add(self, key: str, array: np.ndarray) -> None:
+        raw = np.ascontiguousarray(array.astype(self.numpy)).tobytes()
+        self.entries[key] = {"dtype": self.dtype, "shape": list(array.shape),
+                             "data_offsets": [self.offset, self.offset + len(raw)]}
+        self.data.write(raw)
+        self.offset += len(raw)
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self.data.close()
+        if kind is None:
+            header = json.dumps(self.entries, separators=(",", ":")).encode()
+            header += b" " * (-len(header) % 8)
+            with open(self.path, "wb") as out, open(self.data_path, "rb") as data:
+                out.write(len(header).to_bytes(8, "little") + header)
+                shutil.copyfileobj(data, out, 8 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+        self.data_path.unlink()
 
 
 def _check_pair(base: Checkpoint, ft: Checkpoint) -> None:
@@ -180,14 +229,44 @@ class _Rows:
             first, count = r0 * self.cols, (r1 - r0) * self.cols
             d = self.fb.view(self.b, first, count).astype(np.float64)
             d -= self.fa.view(self.a, first, count)
+            # The block is a copy: drop its input pages from the resident set, as a merge does.
+            for f, info in ((self.fa, self.a), (self.fb, self.b)):
+                size = info.dtype.itemsize
+                f.release(info.start + first * size, count * size)
             yield r0, r1, d.reshape(r1 - r0, self.cols)
 
     def frobenius(self) -> float:
         return float(np.sqrt(sum(float(np.einsum("ij,ij->", d, d)) for _, _, d in self)))
 
 
+# Rows of an m×k panel orthonormalised at once (float64 temporaries of this many bytes at most).
+_PANEL_BYTES = 8 << 20
+
+
 def _orth(x: np.ndarray) -> np.ndarray:
-    return np.linalg.qr(x)[0]
+    """An orthonormal basis of the columns of ``x`` (m×k), in ``x``'s dtype.
+
+    numpy's QR computes in float64 and copies its input, so an fp32 m×k array (m a
+    vocabulary) would cost several times its size. A tall x is factored as a tall-skinny QR
+    instead: Householder QR of row panels of at least k rows (float64, one panel at a time),
+    then of the stacked k×k R factors; Q = diag(Q_panel)·Q_stack, formed in place. It is as
+    orthonormal as one QR, and holds x, the result and one panel.
+    """
+    m, k = x.shape
+    rows = max(k, _PANEL_BYTES // (8 * max(k, 1)))
+    if m <= 2 * rows:
+        return np.linalg.qr(x.astype(np.float64))[0].astype(x.dtype)
+    edges = list(range(0, m - rows, rows)) + [m]  # the last panel takes the remainder (≥ rows)
+    q = np.empty_like(x)
+    factors = []
+    for r0, r1 in zip(edges[:-1], edges[1:]):
+        panel_q, panel_r = np.linalg.qr(x[r0:r1].astype(np.float64))
+        q[r0:r1] = panel_q
+        factors.append(panel_r)
+    stack_q = np.linalg.qr(np.concatenate(factors))[0]  # (panels·k)×k
+    for i, (r0, r1) in enumerate(zip(edges[:-1], edges[1:])):
+        q[r0:r1] = q[r0:r1].astype(np.float64) @ stack_q[i * k:(i + 1) * k]
+    return q
 
 
 def _extract_tensor(rows: _Rows, name: str, rank: int, oversample: int, power_iterations: int,
@@ -200,7 +279,10 @@ def _extract_tensor(rows: _Rows, name: str, rank: int, oversample: int, power_it
     # adapter whatever the order or the set of tensors.
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     omega = rng.standard_normal((n, k))
-    y = np.empty((m, k))
+    # The m×k arrays (Y and its basis Q) are the largest held — an embedding's m is the
+    # vocabulary — so they are fp32: a range finder needs no more, and the sums that make the
+    # factors (Dᵀ·Q, Qᵀ·D) are float64.
+    y = np.empty((m, k), np.float32)
     norm2 = 0.0
     for r0, r1, d in rows:  # pass 1: Y = D·Ω, and ‖D‖²
         y[r0:r1] = d @ omega
@@ -213,33 +295,27 @@ def _extract_tensor(rows: _Rows, name: str, rank: int, oversample: int, power_it
         z = np.zeros((n, k))
         for r0, r1, d in rows:
             z += d.T @ q[r0:r1]
+        del q
         z = _orth(z)
         for r0, r1, d in rows:
             y[r0:r1] = d @ z
     q = _orth(y)
+    del y
     c = np.zeros((q.shape[1], n))
     for r0, r1, d in rows:  # last pass: C = Qᵀ·D
         c += q[r0:r1].T @ d
     u_c, s, vt = np.linalg.svd(c, full_matrices=False)
     r = min(rank, len(s))
     root = np.sqrt(s[:r])
-    left = (q @ u_c[:, :r]) * root  # m×r
+    left = q @ (u_c[:, :r] * root).astype(np.float32)  # m×r
     right = root[:, None] * vt[:r]  # r×n
     retained = float(np.sum(s[:r] ** 2) / norm2)
     return TensorExtract(name, [m, n], r, float(np.sqrt(norm2)), min(retained, 1.0), kind), (left, right)
 
 
-def _write_adapter(directory: Path, factors: dict[str, np.ndarray], targets: dict[str, int], rank: int, base: str,
-                   dtype: str) -> None:
-    """adapter_model.safetensors and adapter_config.json; a tensor of smaller rank than R (a
-    dimension below R) gets its rank in rank_pattern and alpha_pattern, so every scaling is 1."""
-    from safetensors.numpy import save_file
-
-    from .dtypes import DTYPES
-
-    np_dtype = {"fp32": np.float32, "bf16": DTYPES["BF16"].numpy, "fp16": np.float16}[dtype]
-    save_file({k: np.ascontiguousarray(v.astype(np_dtype)) for k, v in factors.items()},
-              str(directory / "adapter_model.safetensors"), metadata={"format": "pt", "safeblend_version": __version__})
+def _write_config(directory: Path, targets: dict[str, int], rank: int, base: str) -> None:
+    """adapter_config.json; a tensor of smaller rank than R (a dimension below R) gets its rank
+    in rank_pattern and alpha_pattern, so every scaling is 1."""
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
               "bias": "none", "fan_in_fan_out": False, "target_modules": sorted(targets),
               "base_model_name_or_path": base, "inference_mode": True,

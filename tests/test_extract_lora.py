@@ -171,3 +171,23 @@ def test_peft_applies_the_extracted_adapter(tmp_path):
     assert "model.embed_tokens.weight" in matrices and "lm_head.weight" in matrices
     for name in matrices:
         np.testing.assert_allclose(got[name], ft[name], rtol=0, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("m, k", [(1000, 12), (333, 40), (50, 12)])
+def test_tall_skinny_qr_is_an_orthonormal_basis_of_the_same_span(monkeypatch, m, k):
+    monkeypatch.setattr(extract_module, "_PANEL_BYTES", 4096)  # panels of 42 rows for k=12: many of them
+    rng = np.random.default_rng(m)
+    x = (rng.standard_normal((m, k)) * 0.5 ** np.arange(k)).astype(np.float32)
+    q = extract_module._orth(x).astype(np.float64)
+    assert q.shape == (m, k)
+    np.testing.assert_allclose(q.T @ q, np.eye(k), atol=1e-6)  # fp32-stored columns
+    x64 = x.astype(np.float64)
+    assert np.linalg.norm(x64 - q @ (q.T @ x64)) <= 1e-6 * np.linalg.norm(x64)  # x lies in span(q)
+
+
+def test_panelled_qr_gives_the_same_adapter(pair, tmp_path, monkeypatch):
+    whole = extract_lora(pair / "base", pair / "ft", tmp_path / "a", RANK)
+    monkeypatch.setattr(extract_module, "_PANEL_BYTES", 1024)
+    panels = extract_lora(pair / "base", pair / "ft", tmp_path / "b", RANK)
+    assert [t.retained_energy for t in panels.tensors] == pytest.approx([t.retained_energy for t in whole.tensors],
+                                                                        abs=1e-6)
