@@ -230,10 +230,15 @@ def _write_all(parts: list[_Part], source, base: Checkpoint, scales: list[float]
                     for handle in handles:
                         handle.write(data)
                     continue
-                b = base.file_of(part.base).view(part.base, first, count).astype(np.float64)
+                base_file = base.file_of(part.base)
+                b = base_file.view(part.base, first, count).astype(np.float64)
                 delta = source.view(info, first, count).astype(np.float64) - b
                 for handle, c in zip(handles, scales):
                     handle.write((b + c * delta).astype(DTYPES[part.dtype].numpy).tobytes())
+                # Copies made: drop the inputs' pages from the resident set (a modules_to_save
+                # LM head is as large as the base's).
+                base_file.release(part.base.start + first * part.base.dtype.itemsize, count * part.base.dtype.itemsize)
+                source.release(info.start + first * info.dtype.itemsize, count * info.dtype.itemsize)
         for handle in handles:
             handle.flush()
             os.fsync(handle.fileno())
