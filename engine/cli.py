@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .cli_sweep_eval import eval_options
 from .errors import SafeblendError, SpecError
 from .execute import DEFAULT_CHUNK_BYTES
 from .methods import method_names
@@ -303,11 +304,11 @@ def demo(directory, weight, size) -> None:
 
 
 @main.command()
-@click.argument("base", type=_MODEL)
+@click.argument("base", required=False, type=_MODEL)
 @click.argument("models", nargs=-1, type=_MODEL)
-@click.option("-o", "--output", "out", required=True, type=OutputPath(path_type=Path),
+@click.option("-o", "--output", "out", type=OutputPath(path_type=Path),
               help="Sweep directory: each weight's model goes to OUTPUT/lambda-<w>/, complete or not at all.")
-@click.option("--weights", required=True, help="Weights to sweep: a list (0.2,0.5,0.8) or an inclusive range "
+@click.option("--weights", help="Weights to sweep: a list (0.2,0.5,0.8) or an inclusive range "
               "start:stop:step (0.1:0.9:0.1).")
 @click.option("--method", default="linear", show_default=True, type=click.Choice(method_names()),
               help="Merge method; the swept weight is λ (linear, task-arithmetic) or t (slerp).")
@@ -320,25 +321,46 @@ def demo(directory, weight, size) -> None:
 @click.option("--chunk-size", default=DEFAULT_CHUNK_BYTES, type=SizeType(),
               help="Largest chunk held in memory at once, per output (default 8 MiB).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs of the same weights.")
+@click.option("--resume", is_flag=True, help="Finish the partial outputs an interrupted sweep into OUTPUT left, "
+              "keeping the tensors they completed (as merge --resume).")
+@click.option("--as-adapters", is_flag=True, help="FT is a LoRA adapter: write each weight as a PEFT adapter "
+              "(the adapter scaled), not a full model (linear, task-arithmetic).")
 @click.option("--json", "as_json", is_flag=True, help="Print every output's summary and the totals as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@eval_options
 @_debug_option
-def sweep(base, models, out, weights, method, lambda_, normalize, dtype, shard_size, chunk_size, overwrite,
-          as_json, quiet) -> None:
+@click.pass_context
+def sweep(ctx, base, models, out, weights, method, lambda_, normalize, dtype, shard_size, chunk_size, overwrite,
+          resume, as_adapters, as_json, quiet, **eval_opts) -> None:
     """Merge BASE with MODELS at every weight in one read pass: OUTPUT/lambda-0.1/, ...
 
     Each output is exactly what `safeblend merge --weight W` writes. Inputs are given as for
     merge (paths or Hub repo ids; a lone adapter brings its own base). Only methods with one
-    scalar weight sweep: linear, task-arithmetic, slerp.
+    scalar weight sweep: linear, task-arithmetic, slerp. With --eval, each model is then
+    evaluated, OUTPUT/report.json, report.csv and tradeoff.png written, and --keep picks one.
     """
+    from .cli_sweep_eval import eval_plan, finish
+    from .evaluate import evaluate_directory
     from .lambda_sweep import output_name, parse_weights
     from .lambda_sweep import sweep as run_sweep
 
+    plan = eval_plan(ctx, eval_opts, as_json, quiet)
+    if eval_opts["eval_only"] is not None:
+        if base is not None or out is not None:
+            raise click.UsageError("--eval-only DIR evaluates DIR's models: give no BASE, MODELS or -o", ctx)
+        only = parse_weights(weights) if weights else None
+        return finish(evaluate_directory(eval_opts["eval_only"], plan, only), as_json, quiet)
+    if base is None or out is None or weights is None:
+        raise click.UsageError("give BASE and at least one fine-tuned MODEL (or a lone adapter), -o DIR and "
+                               "--weights (or --eval-only DIR)", ctx)
     if not models:  # one input: a PEFT adapter, merged onto the base it names
         base, models = None, (base,)
     result = run_sweep(base, list(models), out, parse_weights(weights), method=method, lambda_=lambda_,
                        normalize=normalize, dtype=dtype.lower(), shard_size=shard_size, chunk_size=chunk_size,
-                       overwrite=overwrite, progress=not quiet and not as_json, on_warning=_warn)
+                       overwrite=overwrite, resume=resume, progress=not quiet and not as_json, on_warning=_warn,
+                       evaluate=plan, as_adapters=as_adapters)
+    if plan is not None:
+        return finish(result, as_json, quiet)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     elif not quiet:
@@ -391,6 +413,10 @@ def diff(base, ft, as_json, plot, top, chunk_size, quiet) -> None:
     for message in report.warnings:
         _warn(message)
 
+
+from .cli_extract_lora import extract_lora  # noqa: E402  (the command lives beside its engine module)
+
+main.add_command(extract_lora)
 
 if __name__ == "__main__":
     main()

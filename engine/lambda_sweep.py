@@ -34,7 +34,7 @@ from safeblend.kernels import cpu_backend
 
 from .api import MergeResult, _check_output_not_input, output_metadata
 from .checkpoint import Checkpoint, check_inputs_unchanged, ensure_descriptors
-from .journal import MergeSession
+from .journal import MergeInterrupted, MergeSession
 from .hub import resolve_inputs
 from .lora import open_model
 from .dtypes import dtype_from_alias
@@ -46,6 +46,7 @@ from .model_files import copy_model_files
 from .plan import MergePlan
 from .plan import make_plan
 from .quantized import open_checkpoint
+from .sweep_resume import finished_output, keep_common
 from .units import fit_chunk_size, parse_size
 from .writer import OutputDir, ShardWriter, WriteDone, placed, write_index
 
@@ -170,11 +171,14 @@ def sweep(
     shard_size: int | str = "5GB",
     chunk_size: int | str = DEFAULT_CHUNK_BYTES,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = False,
     on_warning: Callable[[str], None] | None = None,
     workers: int = DEFAULT_WORKERS,
+    evaluate: Any = None,
+    as_adapters: bool = False,
     **method_params: Any,
-) -> SweepResult:
+) -> SweepResult | Any:
     """Merge at every weight in one read pass; write ``OUT/lambda-<w>/`` for each weight.
 
     Args:
@@ -186,11 +190,19 @@ def sweep(
         method: linear, task-arithmetic (the weight λ) or slerp (t).
         dtype, shard_size, chunk_size, overwrite, progress, on_warning: as for ``safeblend.merge``;
             ``overwrite`` replaces existing ``lambda-*`` outputs of the same weights.
+        resume: finish the partial outputs an interrupted sweep left (as ``merge --resume``:
+            tensors every output journaled are kept); outputs it completed are kept as they are.
         workers: compute threads.
+        evaluate: evaluate every output once written (``safeblend.evaluate``): a callable
+            ``(model, weight) -> metrics``, a command string, a list of these, or an ``EvalPlan``
+            (jobs, keep rule, plot). Then the return value is the evaluation's ``SweepReport``.
+        as_adapters: write each weight as a PEFT LoRA adapter (linear, task-arithmetic; FT a LoRA
+            adapter), not a model: ``safeblend.adapter_sweep``.
         **method_params: the method's other parameters (e.g. ``normalize``, ``lambda_``).
 
     Returns:
-        A SweepResult: one MergeResult per weight, in the given order, and the totals.
+        A SweepResult: one MergeResult per weight, in the given order, and the totals
+        (with ``evaluate``: the SweepReport, which holds it under ``sweep``).
 
     Example:
         >>> safeblend.sweep("base/", "finetune/", "sweep/", "0.1:0.9:0.1")  # doctest: +SKIP
@@ -210,10 +222,23 @@ def sweep(
         raise SpecError(str(exc)) from exc
     if out_dtype == "F8_E4M3":
         raise SpecError("sweep does not write fp8 (--dtype fp8); merge each weight with safeblend merge")
+    if evaluate is not None:
+        from .evaluate import as_plan
+
+        evaluate = as_plan(evaluate)  # commands and keep rule checked before the pass
     mergers = [create_method(method, len(model_paths), weight=w, **method_params) for w in points]
     backend, device_name = cpu_backend(), "cpu"  # the sweep runs on the CPU executor
     base, model_paths = resolve_inputs(base, model_paths, warn, progress)  # Hub ids, adapters' own base
     _check_output_not_input(out, [base, *model_paths])
+    if as_adapters:
+        from .adapter_sweep import sweep_as_adapters
+
+        if resume:
+            raise SpecError("--resume does not apply to --as-adapters: an adapter sweep takes seconds; rerun it")
+
+        result = sweep_as_adapters(base, model_paths, Path(os.path.abspath(out)), points, mergers, out_dtype,
+                                   overwrite, started)
+        return result if evaluate is None else _evaluated(result, evaluate)
 
     base_ckpt = open_checkpoint(base)  # a quantized base is dequantized (safeblend.quantized)
     # LoRA adapter dirs (safeblend.lora): as low-rank terms where merge takes them too (the linear
@@ -230,8 +255,17 @@ def sweep(
         ensure_descriptors(sum(len(p.shards) for p in plans))  # open-file limit (safeblend.checkpoint)
         root = Path(os.path.abspath(out))
         finals = [root / output_name(w) for w in points]
-        stats, writers = _run(plans, metadatas, base_ckpt, model_ckpts, mergers, backend, finals,
-                              [base, *model_paths], overwrite, out_dtype, chunk_bytes, workers, progress)
+        # --resume: outputs the interrupted sweep already committed are kept, the rest swept.
+        todo = [k for k in range(len(points)) if not (resume and finished_output(finals[k], metadatas[k]))]
+        for k in sorted(set(range(len(points))) - set(todo)):
+            warn(f"--resume: {finals[k].name} was completed by the interrupted sweep; kept")
+        stats, writers = ExecutionStats(), {}
+        if todo:
+            pick = lambda items: [items[k] for k in todo]  # noqa: E731
+            stats, swept = _run(pick(plans), pick(metadatas), base_ckpt, model_ckpts, pick(mergers), backend,
+                                pick(finals), [base, *model_paths], overwrite, out_dtype, chunk_bytes, workers,
+                                progress, resume, warn)
+            writers = dict(zip(todo, swept))
     finally:
         for ckpt in (base_ckpt, *model_ckpts):
             ckpt.close()
@@ -242,48 +276,63 @@ def sweep(
         MergeResult(
             output=str(final), method=m.name, params=m.recipe(), dtype=out_dtype or "auto", device=device_name,
             tensors=len(p.tensors), shards=len(p.shards), bytes_read=stats.bytes_read,
-            bytes_written=w.bytes_written, seconds=round(seconds, 4),
-            throughput_bytes_per_s=round((stats.bytes_read + w.bytes_written) / max(seconds, 1e-9), 1),
+            bytes_written=w, seconds=round(seconds, 4),
+            throughput_bytes_per_s=round((stats.bytes_read + w) / max(seconds, 1e-9), 1),
             peak_rss_bytes=rss, warnings=[*m.warnings, *p.warnings],
         )
-        for final, m, p, w in zip(finals, mergers, plans, writers)
+        for final, m, p, w in zip(finals, mergers, plans,
+                                  [writers[k].bytes_written if k in writers else 0 for k in range(len(points))])
     ]
-    written = sum(w.bytes_written for w in writers)
-    return SweepResult(
+    written = sum(w.bytes_written for w in writers.values())
+    result = SweepResult(
         output=str(root), method=mergers[0].name, weights=points, outputs=results, tensors=len(plans[0].tensors),
         bytes_read=stats.bytes_read, bytes_written=written, seconds=round(seconds, 4),
         throughput_bytes_per_s=round((stats.bytes_read + written) / max(seconds, 1e-9), 1),
         peak_rss_bytes=rss, warnings=messages,
     )
+    return result if evaluate is None else _evaluated(result, evaluate)
+
+
+def _evaluated(result: SweepResult, evaluate: Any) -> Any:
+    """The evaluation's SweepReport of a finished sweep (``safeblend.evaluate``)."""
+    from .evaluate import evaluate_result
+
+    return evaluate_result(result, evaluate)
 
 
 def _run(plans: list[MergePlan], metadatas: list[dict[str, str]], base: Checkpoint, models: list[Checkpoint],
          mergers: list[MergeMethod], backend, finals: list[Path], inputs: list[str | os.PathLike], overwrite: bool,
-         out_dtype: str | None, chunk_bytes: int, workers: int,
-         progress: bool) -> tuple[ExecutionStats, list[ShardWriter]]:
+         out_dtype: str | None, chunk_bytes: int, workers: int, progress: bool, resume: bool,
+         warn: Callable[[str], None]) -> tuple[ExecutionStats, list[ShardWriter]]:
     """Stage every output as merge does (``MergeSession``: locked, journaled staging beside
     it), run the one pass, then finish and commit each output in turn.
 
-    A sweep does not resume: on any failure, interrupts included, every output not yet
-    committed is removed; committed ones are complete.
+    As in a merge, an interrupt keeps the outputs not yet committed for ``--resume``; any
+    other failure removes them. Committed ones are complete.
     """
     root = finals[0].parent
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{root}: cannot create the sweep directory: {exc.strerror or exc}") from exc
-    OutputDir(finals[0], overwrite).check_space(sum(p.output_bytes for p in plans))  # all of them at once
+    if not resume:  # resumed outputs are partly written: each session checks what it still needs
+        OutputDir(finals[0], overwrite).check_space(sum(p.output_bytes for p in plans))  # all of them at once
     sessions: list[MergeSession] = []
     done = 0  # sessions committed
     try:
         for final, plan in zip(finals, plans):
             # The settings are merge's own, so each partial fingerprints as `merge --weight W` would.
-            sessions.append(MergeSession.start(final, overwrite=overwrite, resume=False, plan=plan, inputs=inputs,
+            sessions.append(MergeSession.start(final, overwrite=overwrite, resume=resume, plan=plan, inputs=inputs,
                                                settings={"chunk_bytes": chunk_bytes, "device": "cpu"}))
+        for message in dict.fromkeys(m for session in sessions for m in session.messages if "--resume: kept" not in m):
+            warn(message)
+        if resume:
+            warn(keep_common(sessions))
         writers = [session.writer for session in sessions]
         for writer in writers:
             writer.open()
         with _progress_bar(plans[0].total_size, len(plans), progress) as bar:
+            bar.update(sessions[0].kept_bytes)
             executor = SweepExecutor(plans, base, models, mergers, backend, chunk_bytes, workers)
             stats = executor.run(_Outputs(writers), bar.update)
         for writer in writers:
@@ -296,14 +345,15 @@ def _run(plans: list[MergePlan], metadatas: list[dict[str, str]], base: Checkpoi
             done += 1
     except BaseException as exc:
         for session in sessions[done:]:
-            session.fail(_Discarded(exc))
+            try:
+                session.fail(exc)  # an interrupt keeps the partial output, anything else removes it
+            except MergeInterrupted:
+                pass
+        if isinstance(exc, KeyboardInterrupt) and sessions[done:]:
+            raise MergeInterrupted(f"the partial outputs are kept in {root}; rerun the same command with --resume "
+                                   "to finish them") from exc
         raise
     return stats, writers
-
-
-class _Discarded(Exception):
-    """Passed to ``MergeSession.fail`` so that it removes a sweep's partial outputs even on an
-    interrupt (merge keeps them for ``--resume``; a sweep has no resume)."""
 
 
 class _Outputs:
