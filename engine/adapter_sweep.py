@@ -49,10 +49,10 @@ from .layouts import canonical_lookup
 from .manifest import MANIFEST_NAME, MANIFEST_VERSION, file_sha256
 from .methods import MergeMethod
 from .model_files import companion_files
+from .output_paths import check_output_not_input, check_replaceable, replace_output, reserve_staging
 from .writer import fsync_dir, write_text_durably
 
 ADAPTER_METHODS = ("linear", "task-arithmetic")
-_STAGING_SUFFIX = ".safeblend-adapter-partial"
 _CHUNK_ELEMENTS = 1 << 20  # elements per step: a few MiB per output at most
 
 
@@ -129,6 +129,7 @@ def _write_adapters(base: str | os.PathLike, adapter: Path, finals: list[Path], 
                     out_dtype: str | None, overwrite: bool,
                     metadata: list[dict[str, str]]) -> tuple[int, int, list[int]]:
     """Write one adapter per scale into ``finals``; returns (tensors, bytes read, bytes written per output)."""
+    check_output_not_input(finals[0].parent, [base, adapter])
     _check_targets(finals, overwrite)
     base_ckpt = Checkpoint.open(base)
     try:
@@ -138,19 +139,16 @@ def _write_adapters(base: str | os.PathLike, adapter: Path, finals: list[Path], 
         source = read_safetensors_header(adapter / ADAPTER_WEIGHTS_NAME)
         try:
             parts = _parts(source, base_ckpt, adapter, out_dtype, targeted)
-            stagings = [f.parent / f".{f.name}{_STAGING_SUFFIX}" for f in finals]
+            stagings: list[Path] = []
             try:
-                for staging in stagings:
-                    shutil.rmtree(staging, ignore_errors=True)
-                    staging.mkdir(parents=True)
+                for final in finals:
+                    stagings.append(reserve_staging(final, "adapter"))
                 _write_all(parts, source, base_ckpt, scales, [s / ADAPTER_WEIGHTS_NAME for s in stagings], metadata)
                 for staging, c in zip(stagings, scales):
                     _copy_companions(adapter, staging, c)
-                    _write_manifest(staging, len(parts), sum(p.nbytes for p in parts))
+                    write_adapter_manifest(staging, len(parts), sum(p.nbytes for p in parts))
                 for staging, final in zip(stagings, finals):
-                    if final.exists():
-                        shutil.rmtree(final)  # --overwrite, checked above
-                    os.rename(staging, final)
+                    replace_output(staging, final, overwrite)  # only a previous safeblend output is replaced
                 fsync_dir(finals[0].parent)
             except BaseException:
                 for staging in stagings:
@@ -171,10 +169,7 @@ def _check_targets(finals: list[Path], overwrite: bool) -> None:
     except OSError as exc:
         raise OutputError(f"{root}: cannot create the sweep directory: {exc.strerror or exc}") from exc
     for final in finals:
-        if final.exists() and not overwrite:
-            raise OutputError(f"{final}: output already exists; pass --overwrite to replace it")
-        if final.is_symlink() or (final.exists() and not final.is_dir()):
-            raise OutputError(f"{final}: exists and is not a directory")
+        check_replaceable(final, overwrite)
 
 
 def _parts(source, base: Checkpoint, adapter: Path, out_dtype: str | None, targeted: set[str]) -> list[_Part]:
@@ -269,7 +264,7 @@ def _copy_companions(adapter: Path, staging: Path, c: float) -> None:
         shutil.copyfile(path, staging / path.name)
 
 
-def _write_manifest(directory: Path, tensors: int, total: int) -> None:
+def write_adapter_manifest(directory: Path, tensors: int, total: int) -> None:
     """safeblend.json: the adapter file's size and SHA-256 and the other files' SHA-256."""
     weights = directory / ADAPTER_WEIGHTS_NAME
     manifest = {

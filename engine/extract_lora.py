@@ -34,8 +34,10 @@ from typing import Any, Callable
 import numpy as np
 
 from . import __version__
+from .adapter_sweep import write_adapter_manifest
 from .checkpoint import Checkpoint
-from .errors import IncompatibleInputsError, OutputError, SpecError
+from .errors import IncompatibleInputsError, SpecError
+from .output_paths import check_output_name, check_output_not_input, check_replaceable, replace_output, reserve_staging
 from .units import parse_size
 from .writer import fsync_dir, write_text_durably
 
@@ -96,16 +98,14 @@ def extract_lora(base: str | os.PathLike, ft: str | os.PathLike, out: str | os.P
         chunk_bytes = parse_size(chunk_size)
     except ValueError as exc:
         raise SpecError(str(exc)) from exc
-    final = Path(os.path.abspath(out))
-    if final.exists() and not overwrite:
-        raise OutputError(f"{final}: output already exists (pass --overwrite to replace it)")
+    final = check_output_name(out)
+    check_output_not_input(final, [base, ft])
+    check_replaceable(final, overwrite)
     base_ckpt, ft_ckpt = Checkpoint.open(base), Checkpoint.open(ft)
-    staging = final.with_name(f".{final.name}.safeblend-extract-partial")
     report = ExtractReport(str(final), rank, oversample, power_iterations)
     try:
         _check_pair(base_ckpt, ft_ckpt)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        staging = reserve_staging(final, "extract")
         try:
             targets = _extract_all(base_ckpt, ft_ckpt, staging, report, rank, oversample, power_iterations, seed,
                                    chunk_bytes, dtype, on_tensor)
@@ -117,9 +117,9 @@ def extract_lora(base: str | os.PathLike, ft: str | os.PathLike, out: str | os.P
             report.bytes_written = sum(p.stat().st_size for p in staging.iterdir())
             report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             write_text_durably(staging / REPORT_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
-            if final.exists():
-                shutil.rmtree(final)  # --overwrite, checked above
-            os.rename(staging, final)
+            # The manifest marks the adapter as safeblend's, so a later --overwrite may replace it.
+            write_adapter_manifest(staging, len(targets), report.bytes_written)
+            replace_output(staging, final, overwrite)  # only a previous safeblend output is replaced
             fsync_dir(final.parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

@@ -238,6 +238,15 @@ def _delete_names(directory: Path, names: Iterable[str], expected: tuple[int, in
 # -- staging directory -------------------------------------------------------------------------
 
 
+def reserve_staging(final: Path, kind: str) -> Path:
+    """A fresh, uniquely named hidden directory beside ``final`` for an output that is written
+    whole and renamed into place (adapters, extracted LoRAs): created exclusively by mkdtemp, so
+    cleaning it up on failure can only delete what safeblend wrote there."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=f".safeblend-{kind}-partial", dir=final.parent))
+
+
+
 def check_staging(staging: Path, existed: bool) -> None:
     """OutputError unless ``staging`` is a real directory owned by this user, and, when it was
     already there, looks like a safeblend partial output (regular files only, with a lock file

@@ -91,3 +91,30 @@ def test_adapter_sweep_refusals_and_cli(prepared, tmp_path):  # noqa: F811
     assert again.exit_code == 1 and "already exists" in again.stderr and "--overwrite" in again.stderr
     assert not list((tmp_path / "s").glob(".*"))  # no staging left behind
     assert runner.invoke(main, [*args, "--overwrite"]).exit_code == 0
+
+
+def test_adapter_sweep_overwrite_replaces_only_its_own_outputs(prepared, tmp_path):  # noqa: F811
+    """--overwrite follows the merge's rule: a directory safeblend did not write is refused and
+    kept whole; a planted staging-looking directory is never touched."""
+    p = prepared
+    root = tmp_path / "s"
+    (root / "lambda-0.5").mkdir(parents=True)
+    (root / "lambda-0.5" / "notes.txt").write_text("mine")
+    planted = root / ".lambda-0.5.safeblend-adapter-partial"
+    planted.mkdir()
+    (planted / "keep.txt").write_text("also mine")
+    with pytest.raises(safeblend.SafeblendError, match="not a previous safeblend output"):
+        safeblend.sweep(p.base, p.adapter, root, [0.5], as_adapters=True, overwrite=True)
+    assert (root / "lambda-0.5" / "notes.txt").read_text() == "mine"
+    assert (planted / "keep.txt").read_text() == "also mine"
+    (root / "lambda-0.5" / "notes.txt").unlink()
+    safeblend.sweep(p.base, p.adapter, root, [0.5], as_adapters=True, overwrite=True)  # empty: replaced
+    safeblend.sweep(p.base, p.adapter, root, [0.5], as_adapters=True, overwrite=True)  # its own: replaced
+    assert (root / "lambda-0.5" / "adapter_model.safetensors").is_file()
+    assert (planted / "keep.txt").read_text() == "also mine"
+
+
+def test_adapter_sweep_refuses_to_write_into_its_input(prepared, tmp_path):  # noqa: F811
+    p = prepared
+    with pytest.raises(safeblend.SafeblendError, match="must not be, contain or lie inside an input"):
+        safeblend.sweep(p.base, p.adapter, Path(p.adapter) / "sweep", [0.5], as_adapters=True)

@@ -191,3 +191,22 @@ def test_panelled_qr_gives_the_same_adapter(pair, tmp_path, monkeypatch):
     panels = extract_lora(pair / "base", pair / "ft", tmp_path / "b", RANK)
     assert [t.retained_energy for t in panels.tensors] == pytest.approx([t.retained_energy for t in whole.tensors],
                                                                         abs=1e-6)
+
+
+def test_overwrite_replaces_only_a_previous_extraction(pair, tmp_path):
+    """--overwrite follows the merge's rule: a foreign directory is refused and kept whole; an
+    adapter extract-lora wrote (it carries safeblend.json) is replaced."""
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(safeblend.SafeblendError, match="not a previous safeblend output"):
+        extract_lora(pair / "base", pair / "ft", out, rank=2, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    extract_lora(pair / "base", pair / "ft", out, rank=2, overwrite=True)
+    assert (out / "safeblend.json").is_file()
+    extract_lora(pair / "base", pair / "ft", out, rank=3, overwrite=True)
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 3
+    assert not list(tmp_path.glob(".*"))  # no staging or replaced output left behind
+    with pytest.raises(safeblend.SafeblendError, match="must not be, contain or lie inside an input"):
+        extract_lora(pair / "base", pair / "ft", pair / "ft" / "adapter", rank=2)
