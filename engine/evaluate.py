@@ -43,6 +43,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .errors import SpecError
 from .keep_rule import KeepRule, choose, parse_keep_rule
+from .output_paths import remove_output
 from .sweep_report import EvalRecord, Row, SweepReport, write_report
 
 PLACEHOLDERS = ("model", "weight", "index")
@@ -375,9 +376,14 @@ def _apply_keep(report: SweepReport, rule: KeepRule, removable: set[Path]) -> No
         for i, row in enumerate(report.rows):
             path = Path(row.model)
             if i != choice.chosen and path in removable and path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
+                # Only the files the sweep wrote go; an evaluation's own files in the model
+                # directory stay (and so does the directory, holding them).
+                left = remove_output(path)
                 row.removed = True
                 removed.append(row.model)
+                if left:
+                    report.notes.append(f"{path}: kept {', '.join(left[:3])}{' …' if len(left) > 3 else ''}, "
+                                        "which safeblend did not write; the model's own files were removed")
     report.keep = {"rule": rule.text, "chosen": report.rows[choice.chosen].weight if choice.chosen is not None else None,
                    "model": report.rows[choice.chosen].model if choice.chosen is not None else None,
                    "reason": choice.reason, "removed": removed}

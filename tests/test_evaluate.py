@@ -354,3 +354,20 @@ def test_choose_applies_conditions_and_breaks_ties_towards_the_smaller_weight():
     assert choose(parse_keep_rule("best task where safety >= 0.99 and task >= 0.8"), rows, labels).chosen is None
     unknown = choose(parse_keep_rule("best tsak"), rows, labels)
     assert unknown.chosen is None and "λ=0.1: tsak" in unknown.reason
+
+
+def test_keep_removes_only_what_the_sweep_wrote(setup, tmp_path):
+    """An evaluation that saves its results inside the model directory keeps them: --keep deletes
+    the files safeblend wrote there (its manifest's list) and leaves the rest, with a note."""
+    writes = setup / "writes_results.py"
+    writes.write_text("import json, sys, pathlib\n"
+                      "pathlib.Path(sys.argv[1], 'eval_results.json').write_text('{}')\n"
+                      "print(json.dumps({'loss': (float(sys.argv[2]) - 0.4) ** 2}))\n")
+    out = tmp_path / "sweep"
+    result = _sweep(setup, out, "--eval", f"{PY} {shlex.quote(str(writes))} {{model}} {{weight}}",
+                    "--keep", "lowest loss")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "lambda-0.2").iterdir()) == ["eval_results.json"]
+    assert (out / "lambda-0.4" / "model.safetensors").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert any("eval_results.json" in note and "lambda-0.2" in note for note in report["notes"])
