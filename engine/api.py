@@ -29,7 +29,8 @@ from .output_checks import OutputWatch
 from .output_paths import check_output_not_input
 from .plan import MergePlan, make_plan
 from .quantized import open_checkpoint
-from .session import MergeSession
+from .session import MergeInterrupted, MergeSession
+from .sweep_resume import finished_output
 from .units import fit_chunk_size, parse_size
 from .writer import write_index
 
@@ -72,6 +73,7 @@ def merge(
     overwrite: bool = False,
     resume: bool = False,
     allow_missing: str | None = None,
+    stream: bool = False,
     progress: bool = False,
     on_warning: Callable[[str], None] | None = None,
     **method_params: Any,
@@ -96,6 +98,8 @@ def merge(
             (``.OUT.safeblend-partial``), keeping its journaled tensors (``safeblend.session``).
         allow_missing: ``"take"`` copies tensors that only some inputs have from the base, else
             from the first model that has them; None (default) refuses such inputs.
+        stream: read Hub repos that are not in the cache by range requests instead of
+            downloading them (``safeblend.remote``); URLs are always streamed.
         progress: show a progress bar on stderr.
         on_warning: called with each warning (default: ``warnings.warn``).
         **method_params: the method's other parameters, e.g. ``density``, ``lambda_``,
@@ -119,10 +123,10 @@ def merge(
             raise SpecError("--dtype fp8 runs on the CPU; leave out --device cuda")
         device = "cpu"
     backend, device_name = _select_backend(device, merger)
-    base, model_paths = resolve_inputs(base, model_paths, warn, progress)  # Hub ids, adapters' own base
+    base, model_paths = resolve_inputs(base, model_paths, warn, progress, stream)  # Hub ids, URLs, an adapter's base
     check_output_not_input(out, [base, *model_paths])  # real paths and (device, inode)
 
-    def execute(plans, base_ckpt, model_ckpts, writers, kept, chunk_bytes, update) -> ExecutionStats:
+    def execute(plans, mergers, base_ckpt, model_ckpts, writers, kept, chunk_bytes, update) -> ExecutionStats:
         executor = CudaExecutor if device_name == "cuda" else Executor
         return executor(plans[0], base_ckpt, model_ckpts, merger, backend, chunk_bytes,
                         kept=kept).run(writers[0], update)
@@ -131,7 +135,7 @@ def merge(
     # low-rank terms where the method adds them itself (the linear family, on the CPU).
     results, _ = write_outputs(base, model_paths, [Path(out)], [merger], options, execute, device=device_name,
                                low_rank=device_name == "cpu" and merger.takes_low_rank, overwrite=overwrite,
-                               resume=resume, keep_partial=True, allow_missing=allow_missing,
+                               resume=resume, allow_missing=allow_missing,
                                progress="merging" if progress else None, warn=warn, started=started,
                                watch_output=True)
     return results[0]
@@ -166,17 +170,22 @@ def open_inputs(stack: ExitStack, base: str | os.PathLike, model_paths: Sequence
 def write_outputs(
     base: str | os.PathLike, model_paths: Sequence[str | os.PathLike], finals: list[Path],
     mergers: list[MergeMethod], options: Options, execute: Callable[..., ExecutionStats], *, device: str,
-    low_rank: bool, overwrite: bool, resume: bool, keep_partial: bool, allow_missing: str | None, progress: str | None,
-    warn: Callable[[str], None], started: float, watch_output: bool = False,
+    low_rank: bool, overwrite: bool, resume: bool, allow_missing: str | None, progress: str | None,
+    warn: Callable[[str], None], started: float, watch_output: bool = False, keep_finished: bool = False,
     before_staging: Callable[[list[MergePlan]], None] | None = None,
+    after_staging: Callable[[list[MergeSession]], list[str]] | None = None,
 ) -> tuple[list[MergeResult], list[str]]:
     """The one merge skeleton, for one output (merge) or several (sweep): open the inputs, plan
-    each output, stage it (``MergeSession``), run ``execute(plans, base, models, writers, kept,
-    chunk_bytes, progress)`` once for all, then finish and commit each. Returns one MergeResult
-    per output and the warnings given. On failure every output not yet committed is removed
-    (an interrupted merge keeps its partial output for ``--resume``: ``keep_partial``), and the
-    first failure of any thread is the one raised (safeblend.abort). ``watch_output`` checks
-    the merged values of a single output (safeblend.output_checks)."""
+    each output, stage it (``MergeSession``), run ``execute(plans, mergers, base, models, writers,
+    kept, chunk_bytes, progress)`` once for all, then finish and commit each. Returns one
+    MergeResult per output and the warnings given.
+
+    On failure every output not yet committed is removed, but an interrupt keeps them for
+    ``--resume``; the first failure of any thread is the one raised (safeblend.abort).
+    ``watch_output`` checks the merged values of a single output (safeblend.output_checks).
+    ``keep_finished`` (a sweep's): with ``resume``, outputs an interrupted run committed are
+    kept as they are. ``after_staging`` returns the messages to show once every output is
+    staged (default: the sessions' own)."""
     with ExitStack() as stack:  # every input opened is closed, however this ends
         base_ckpt, model_ckpts = open_inputs(stack, base, model_paths, options.out_dtype, low_rank)
         metadatas = [output_metadata(m, base, model_paths, options.out_dtype) for m in mergers]
@@ -187,35 +196,43 @@ def write_outputs(
             warn(message)
         chunk_bytes = fit_chunk_size(options.chunk_bytes, plans[0], buffers=7 + len(plans))  # fits in memory
         ensure_descriptors(sum(len(p.shards) for p in plans))  # open-file limit (safeblend.checkpoint)
+        todo = [k for k in range(len(plans)) if not (resume and keep_finished and finished_output(finals[k],
+                                                                                                   metadatas[k]))]
+        for k in sorted(set(range(len(plans))) - set(todo)):
+            warn(f"--resume: {finals[k].name} was completed by the interrupted sweep; kept")
         abort = Abort()  # one failure slot for every thread of every output
         sessions: list[MergeSession] = []
         done = 0  # outputs committed
+        stats, writers = ExecutionStats(), []
         try:
-            if before_staging is not None:
-                before_staging(plans)
-            for final, plan in zip(finals, plans):
+            if before_staging is not None and todo:
+                before_staging([plans[k] for k in todo])
+            for k in todo:
                 # Staging beside OUT, locked and journaled; with resume, ``kept`` lists what is in place.
-                sessions.append(MergeSession.start(final, overwrite=overwrite, resume=resume, plan=plan,
+                sessions.append(MergeSession.start(finals[k], overwrite=overwrite, resume=resume, plan=plans[k],
                                                    inputs=[base, *model_paths], abort=abort,
                                                    settings={"chunk_bytes": chunk_bytes, "device": device}))
-                for message in sessions[-1].messages:
-                    warn(message)
+            staged = after_staging(sessions) if after_staging is not None and sessions else \
+                list(dict.fromkeys(m for s in sessions for m in s.messages))
+            for message in staged:
+                warn(message)
             writers = [session.writer for session in sessions]
-            kept = frozenset(sessions[0].kept)
+            kept = frozenset(sessions[0].kept) if sessions else frozenset()
             watch = OutputWatch(plans[0], base_ckpt, kept) if watch_output else None  # non-finite, equal to base
             for writer in writers:
                 writer.open()
-            with progress_bar(plans[0].total_size, progress) as bar:
-                bar.update(sessions[0].kept_bytes)
-                stats = execute(plans, base_ckpt, model_ckpts, [watch.wrap(writers[0])] if watch else writers, kept,
-                                chunk_bytes, bar.update)
+            if sessions:
+                with progress_bar(plans[0].total_size, progress) as bar:
+                    bar.update(sessions[0].kept_bytes)
+                    stats = execute([plans[k] for k in todo], [mergers[k] for k in todo], base_ckpt, model_ckpts,
+                                    [watch.wrap(writers[0])] if watch else writers, kept, chunk_bytes, bar.update)
             for writer in writers:
                 writer.close()
-            for k, (session, plan, metadata) in enumerate(zip(sessions, plans, metadatas)):
-                write_index(session.staging, plan, metadata)
+            for n, (session, k) in enumerate(zip(sessions, todo)):
+                write_index(session.staging, plans[k], metadatas[k])
                 # Regular files only; a skipped one is said once.
-                write_model_files(plan, base_ckpt.model_dir, session.staging, options.out_dtype,
-                                  warn if k == 0 else None)
+                write_model_files(plans[k], base_ckpt.model_dir, session.staging, options.out_dtype,
+                                  warn if n == 0 else None)
             check_inputs_unchanged([base_ckpt, *model_ckpts])  # size, mtime, inode, lease: last, before commit
             for session in sessions:
                 session.commit()  # hashes, manifest, then the atomic rename
@@ -224,32 +241,36 @@ def write_outputs(
             for message in checks:
                 warn(message)
         except BaseException as exc:
-            failure = abort.first(exc)
-            for session in sessions[done:]:  # an interrupted merge keeps its partial output for --resume
-                session.fail(failure if keep_partial else _Discarded(failure))
+            failure, interrupted = abort.first(exc), None
+            for session in sessions[done:]:  # an interrupt keeps the partial outputs for --resume
+                try:
+                    session.fail(failure)
+                except MergeInterrupted as stop:
+                    interrupted = interrupted or stop
+            if interrupted is not None and keep_finished:  # a sweep's partial outputs, all in one place
+                raise MergeInterrupted(f"the partial outputs are kept in {finals[0].parent}; rerun the same command "
+                                       "with --resume to finish them") from exc
+            if interrupted is not None:
+                raise interrupted
             if failure is exc:
                 raise
             raise failure from None
 
     seconds = time.perf_counter() - started
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    written = dict(zip(todo, (w.bytes_written for w in writers)))  # 0 for an output kept as it was
     results = [
         MergeResult(
-            output=str(session.output.final), method=m.name, params=m.recipe(), dtype=options.out_dtype or "auto",
-            device=device, tensors=len(p.tensors), shards=len(p.shards), bytes_read=stats.bytes_read,
-            bytes_written=w.bytes_written, seconds=round(seconds, 4),
-            throughput_bytes_per_s=round((stats.bytes_read + w.bytes_written) / max(seconds, 1e-9), 1),
+            output=str(Path(os.path.abspath(final))), method=m.name, params=m.recipe(),
+            dtype=options.out_dtype or "auto", device=device, tensors=len(p.tensors), shards=len(p.shards),
+            bytes_read=stats.bytes_read, bytes_written=written.get(k, 0), seconds=round(seconds, 4),
+            throughput_bytes_per_s=round((stats.bytes_read + written.get(k, 0)) / max(seconds, 1e-9), 1),
             peak_rss_bytes=rss, warnings=[*m.warnings, *p.warnings, *checks],
             output_equals_base=watch.equals_base if watch else None,
         )
-        for session, m, p, w in zip(sessions, mergers, plans, writers)
+        for k, (final, m, p) in enumerate(zip(finals, mergers, plans))
     ]
     return results, messages
-
-
-class _Discarded(Exception):
-    """Passed to ``MergeSession.fail`` so that it removes a partial output even on an interrupt
-    (a sweep's: it has no resume)."""
 
 
 def output_metadata(merger: MergeMethod, base: str | os.PathLike, model_paths: Sequence[str | os.PathLike],

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -349,8 +350,12 @@ def read_safetensors_header(path: Path) -> SafetensorsFile:
     Raises CheckpointError naming the file and the first problem found: a file too short
     for its header, a header that is not JSON or not the expected shape, an unknown dtype,
     a byte range that does not match the shape, or ranges that overlap, leave gaps or do
-    not cover the data region exactly.
+    not cover the data region exactly. A file a remote source stands in for
+    (``register_stand_in``; safeblend.remote) is read from there instead.
     """
+    stand_in = _stand_ins.get(os.path.realpath(path))
+    if stand_in is not None:
+        return stand_in()
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open, a device never end
             raise CheckpointError(f"{path}: not a regular file")
@@ -374,6 +379,14 @@ def read_safetensors_header(path: Path) -> SafetensorsFile:
             raw = handle.read(header_len)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    tensors, metadata = parse_safetensors_header(path, raw, size)
+    return SafetensorsFile(path=path, size=size, tensors=tensors, metadata=metadata, identity=_file_identity(st))
+
+
+def parse_safetensors_header(path: Path, raw: bytes, size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Validate the JSON header ``raw`` of a ``size``-byte file (``path`` names it in errors):
+    its tensors, with absolute byte ranges, and its ``__metadata__``."""
+    header_len = len(raw)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -389,7 +402,17 @@ def read_safetensors_header(path: Path) -> SafetensorsFile:
     data_start = 8 + header_len
     tensors = {name: _parse_entry(path, name, entry, data_start, size - data_start) for name, entry in header.items()}
     _check_coverage(path, tensors, data_start, size)
-    return SafetensorsFile(path=path, size=size, tensors=tensors, metadata=metadata, identity=_file_identity(st))
+    return tensors, metadata
+
+
+# Weight files that another source stands in for, by real path: the remote inputs
+# (safeblend.remote) register the local placeholder of each streamed file here.
+_stand_ins: dict[str, Callable[[], SafetensorsFile]] = {}
+
+
+def register_stand_in(path: Path, opener: Callable[[], SafetensorsFile]) -> None:
+    """Make ``read_safetensors_header(path)`` return ``opener()`` instead of reading ``path``."""
+    _stand_ins[os.path.realpath(path)] = opener
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .cli_sweep_eval import eval_options
 from .errors import SafeblendError, SpecError
 from .execute import DEFAULT_CHUNK_BYTES
 from .methods import method_names
@@ -43,6 +44,11 @@ class OutputPath(click.Path):
         if isinstance(value, str) and not value.strip():
             self.fail("the output path is empty (an unset variable?); name the output directory", param, ctx)
         return super().convert(value, param, ctx)
+
+
+# A model argument: a local path, a Hub repo id or a URL, kept as typed (a Path would fold the
+# "//" of https://, s3:// and hf:// URLs, which are read remotely: safeblend.remote).
+_MODEL = click.Path(path_type=str)
 
 
 class _Group(click.Group):
@@ -129,8 +135,8 @@ def _warn(message: str) -> None:
 
 
 @main.command()
-@click.argument("base", required=False, type=click.Path(path_type=Path))
-@click.argument("models", nargs=-1, type=click.Path(path_type=Path))
+@click.argument("base", required=False, type=_MODEL)
+@click.argument("models", nargs=-1, type=_MODEL)
 @_output_option(help="Output model directory (created; appears only when complete).")
 @click.option("--config", "config", type=click.Path(path_type=Path, dir_okay=False),
               help="A mergekit-style YAML recipe; BASE, MODELS, the method and its parameters come from it.")
@@ -161,12 +167,15 @@ def _warn(message: str) -> None:
               "beside it (.OUTPUT.safeblend-partial), keeping the tensors it completed.")
 @click.option("--allow-missing", type=click.Choice(["take"]),
               help="Tensors that only some inputs have: copy each from the input that has it (default: error).")
+@click.option("--stream", is_flag=True, help="Read Hub repos that are not in the cache by range requests, "
+              "without downloading them (URLs are always streamed).")
 @_json_option(help="Print the run summary as JSON on stdout.")
 @_quiet_option(help="No progress bar or summary line.")
 @_debug_option
 @click.pass_context
 def merge(ctx, base, models, out, config, method, weights, densities, lambda_, normalize, consensus, rescale,
-          seed, dtype, device, shard_size, chunk_size, overwrite, resume, allow_missing, as_json, quiet) -> None:
+          seed, dtype, device, shard_size, chunk_size, overwrite, resume, allow_missing, stream, as_json,
+          quiet) -> None:
     """Merge fine-tuned MODELS into BASE: θ = θ_base + λ·(θ_ft − θ_base).
 
     BASE is the model before fine-tuning (e.g. the aligned instruct model), each of MODELS a
@@ -179,7 +188,7 @@ def merge(ctx, base, models, out, config, method, weights, densities, lambda_, n
 
     options = dict(dtype=dtype.lower(), device=device, shard_size=shard_size, chunk_size=chunk_size,
                    overwrite=overwrite, progress=not quiet and not as_json, on_warning=_warn,
-                   resume=resume, allow_missing=allow_missing)
+                   resume=resume, allow_missing=allow_missing, stream=stream)
     if config is not None:
         from .recipe import merge_recipe
 
@@ -242,7 +251,7 @@ def _describe(params: dict) -> str:
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint", type=_MODEL)
 @_json_option(help="Print the summary as JSON.")
 @_debug_option
 def inspect(checkpoint, as_json) -> None:
@@ -319,10 +328,11 @@ def demo(directory, weight, size) -> None:
 
 
 @main.command()
-@click.argument("base", type=click.Path(path_type=Path))
-@click.argument("models", nargs=-1, type=click.Path(path_type=Path))
-@_output_option(help="Sweep directory: each weight's model goes to OUTPUT/lambda-<w>/, complete or not at all.")
-@click.option("--weights", required=True, help="Weights to sweep: a list (0.2,0.5,0.8) or an inclusive range "
+@click.argument("base", required=False, type=_MODEL)
+@click.argument("models", nargs=-1, type=_MODEL)
+@_output_option(required=False,
+                help="Sweep directory: each weight's model goes to OUTPUT/lambda-<w>/, complete or not at all.")
+@click.option("--weights", help="Weights to sweep: a list (0.2,0.5,0.8) or an inclusive range "
               "start:stop:step (0.1:0.9:0.1).")
 @_method_option(help="Merge method; the swept weight is λ (linear, task-arithmetic) or t (slerp).")
 @_lambda_option(help="task-arithmetic's scale of the task vector (default 1).")
@@ -331,31 +341,52 @@ def demo(directory, weight, size) -> None:
 @_shard_size_option
 @_chunk_size_option(help="Largest chunk held in memory at once, per output (default 8 MiB).")
 @_overwrite_option(help="Replace existing outputs of the same weights.")
+@click.option("--resume", is_flag=True, help="Finish the partial outputs an interrupted sweep into OUTPUT left, "
+              "keeping the tensors they completed (as merge --resume).")
+@click.option("--as-adapters", is_flag=True, help="FT is a LoRA adapter: write each weight as a PEFT adapter "
+              "(the adapter scaled), not a full model (linear, task-arithmetic).")
 @_json_option(help="Print every output's summary and the totals as JSON.")
 @_quiet_option(help="No progress bar or summary.")
+@eval_options
 @_debug_option
-def sweep(base, models, out, weights, method, lambda_, normalize, dtype, shard_size, chunk_size, overwrite,
-          as_json, quiet) -> None:
+@click.pass_context
+def sweep(ctx, base, models, out, weights, method, lambda_, normalize, dtype, shard_size, chunk_size, overwrite,
+          resume, as_adapters, as_json, quiet, **eval_opts) -> None:
     """Merge BASE with MODELS at every weight in one read pass: OUTPUT/lambda-0.1/, ...
 
     Each output is exactly what `safeblend merge --weight W` writes. Inputs are given as for
     merge (paths or Hub repo ids; a lone adapter brings its own base). Only methods with one
-    scalar weight sweep: linear, task-arithmetic, slerp.
+    scalar weight sweep: linear, task-arithmetic, slerp. With --eval, each model is then
+    evaluated, OUTPUT/report.json, report.csv and tradeoff.png written, and --keep picks one.
     """
+    from .cli_sweep_eval import eval_plan, finish
+    from .evaluate import evaluate_directory
     from .lambda_sweep import parse_weights
     from .lambda_sweep import sweep as run_sweep
 
+    plan = eval_plan(ctx, eval_opts, as_json, quiet)
+    if eval_opts["eval_only"] is not None:
+        if base is not None or out is not None:
+            raise click.UsageError("--eval-only DIR evaluates DIR's models: give no BASE, MODELS or -o", ctx)
+        only = parse_weights(weights) if weights else None
+        return finish(evaluate_directory(eval_opts["eval_only"], plan, only), as_json, quiet)
+    if base is None or out is None or weights is None:
+        raise click.UsageError("give BASE and at least one fine-tuned MODEL (or a lone adapter), -o DIR and "
+                               "--weights (or --eval-only DIR)", ctx)
     if not models:  # one input: a PEFT adapter, merged onto the base it names
         base, models = None, (base,)
     result = run_sweep(base, list(models), out, parse_weights(weights), method=method, lambda_=lambda_,
                        normalize=normalize, dtype=dtype.lower(), shard_size=shard_size, chunk_size=chunk_size,
-                       overwrite=overwrite, progress=not quiet and not as_json, on_warning=_warn)
+                       overwrite=overwrite, resume=resume, progress=not quiet and not as_json, on_warning=_warn,
+                       evaluate=plan, as_adapters=as_adapters)
+    if plan is not None:
+        return finish(result, as_json, quiet)
     _print_summary(result, as_json, quiet)
 
 
 @main.command()
-@click.argument("base", type=click.Path(path_type=Path))
-@click.argument("ft", required=False, type=click.Path(path_type=Path))
+@click.argument("base", type=_MODEL)
+@click.argument("ft", required=False, type=_MODEL)
 @_json_option(help="Print every figure as JSON on stdout instead of the table.")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False),
               help="Also draw relative change per layer, one line per module type, to this PNG (needs matplotlib).")
@@ -389,6 +420,10 @@ def diff(base, ft, as_json, plot, top, chunk_size, quiet) -> None:
     for message in report.warnings:
         _warn(message)
 
+
+from .cli_extract_lora import extract_lora  # noqa: E402  (the command lives beside its engine module)
+
+main.add_command(extract_lora)
 
 if __name__ == "__main__":
     main()

@@ -23,13 +23,15 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .checkpoint import ADAPTER_CONFIG_NAME, INDEX_NAME, SINGLE_NAME, peft_adapter_dir
 from .errors import CheckpointError, SpecError
 from .model_files import is_companion
+from .remote import is_url, stage_repo, stage_url
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # org/name, as the Hub spells repo ids, with an optional @revision (branches may hold "/").
@@ -66,27 +68,29 @@ def parse_repo_ref(name: str | os.PathLike) -> RepoRef | None:
 
 def resolve_inputs(base: str | os.PathLike | None, models: Sequence[str | os.PathLike],
                    warn: Callable[[str], None] | None = None,
-                   progress: bool = True) -> tuple[Path, list[Path]]:
+                   progress: bool = True, stream: bool = False) -> tuple[Path, list[Path]]:
     """Local paths for BASE and MODELS, each a local path or a Hub repo id (see module doc).
 
     ``base`` may be None when every model is a PEFT adapter naming the same base model.
     ``warn`` receives a warning when an adapter names another base than the one given;
-    ``progress`` shows download progress bars on stderr.
+    ``progress`` shows download progress bars on stderr. ``stream`` reads a repo that is not in
+    the cache by range requests instead of downloading it (safeblend.remote); URLs
+    (``https://``, ``s3://``, ``hf://``, ...) are always streamed, ``hf://`` ones cache first.
 
     Raises CheckpointError naming the repo (not found, not cached while offline, no safetensors
     weights) and SpecError when no base is given and the models do not name one.
     """
-    model_paths = [_resolve(m, progress) for m in models]
+    model_paths = [_resolve(m, progress, stream) for m in models]
     declared = {path: _declared_base(path) for path in model_paths if peft_adapter_dir(path) is not None}
     if base is None:
         named = _base_from_adapters(model_paths, declared)
         try:
-            return _resolve(named, progress), model_paths
+            return _resolve(named, progress, stream), model_paths
         except CheckpointError as exc:
             raise CheckpointError(f"{exc} (the base named by base_model_name_or_path in "
                                   f"{peft_adapter_dir(model_paths[0]) / ADAPTER_CONFIG_NAME}; give BASE to merge onto "
                                   "another)") from None
-    base_path = _resolve(base, progress)
+    base_path = _resolve(base, progress, stream)
     for adapter, name in declared.items():
         if name is not None and warn is not None and not _same_model(base, base_path, name):
             warn(f"{adapter}: the adapter was trained on {name} (base_model_name_or_path) but is merged onto the "
@@ -94,13 +98,19 @@ def resolve_inputs(base: str | os.PathLike | None, models: Sequence[str | os.Pat
     return base_path, model_paths
 
 
-def _resolve(name: str | os.PathLike, progress: bool) -> Path:
-    """A local path for one model name: the path itself if it exists, else a Hub snapshot."""
+def _resolve(name: str | os.PathLike, progress: bool, stream: bool = False) -> Path:
+    """A local path for one model name: the path itself if it exists, else a Hub snapshot (or,
+    streaming, a folder standing for the remote model: safeblend.remote)."""
     path = Path(name)
     if path.exists():
         return path
-    ref = parse_repo_ref(name)
+    url = str(name) if is_url(name) else None
+    if url is not None and not url.startswith("hf://"):
+        return stage_url(url, progress)
+    ref = parse_repo_ref(url[len("hf://"):].rstrip("/")) if url is not None else parse_repo_ref(name)
     if ref is None:
+        if url is not None:
+            raise CheckpointError(f"{url}: not a Hub model URL (hf://org/name or hf://org/name@revision)")
         raise CheckpointError(f"{path}: no such file or directory")
     cached = _cached_snapshot(ref)
     if cached is not None:
@@ -111,6 +121,9 @@ def _resolve(name: str | os.PathLike, progress: bool) -> Path:
         raise CheckpointError(f"{name}: no such local path, and Hub repo {ref.repo_id} at revision {ref.revision} "
                               f"is not in the cache ({HF_HUB_CACHE}) while HF_HUB_OFFLINE=1; fetch it with: "
                               f"{ref.fetch_command()}")
+    if stream or url is not None:
+        with _hub_errors(ref):
+            return stage_repo(ref.repo_id, ref.revision, progress)
     return _download(ref, progress)
 
 
@@ -161,11 +174,10 @@ def _index_shards(index: Path) -> list[str]:
 def _download(ref: RepoRef, progress: bool) -> Path:
     """Download what a merge of ``ref`` needs into the cache; its snapshot folder."""
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     where = f"Hub repo {ref.repo_id} at revision {ref.revision}"
     tqdm_class = None if progress else _silent_tqdm()
-    try:
+    with _hub_errors(ref):
         info = HfApi().model_info(ref.repo_id, revision=ref.revision)
         names = [s.rfilename for s in info.siblings or []]
         weights = _weight_files(names)
@@ -178,6 +190,17 @@ def _download(ref: RepoRef, progress: bool) -> Path:
         wanted = [*weights, *(n for n in names if "/" not in n and (n == "config.json" or is_companion(n)))]
         folder = snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=wanted,
                                    tqdm_class=tqdm_class)
+    return Path(folder)
+
+
+@contextmanager
+def _hub_errors(ref: RepoRef) -> Iterator[None]:
+    """The Hub client's errors as one-line CheckpointErrors naming the repo and revision."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    where = f"Hub repo {ref.repo_id} at revision {ref.revision}"
+    try:
+        yield
     except GatedRepoError as exc:
         raise CheckpointError(f"{where} is gated: accept its terms on the Hub and set HF_TOKEN (or run "
                               f"hf auth login) ({_first_line(exc)})") from None
@@ -192,7 +215,6 @@ def _download(ref: RepoRef, progress: bool) -> Path:
         reason = f"{type(exc).__name__}: {_first_line(exc)}"
         raise CheckpointError(f"{where}: not in the cache and cannot be downloaded ({reason}); fetch it with: "
                               f"{ref.fetch_command()}") from None
-    return Path(folder)
 
 
 def _weight_files(names: list[str]) -> list[str]:

@@ -40,6 +40,8 @@ from .methods import create_method
 from .methods.base import ChunkContext, MergeMethod, TensorContext
 from .output_paths import check_output_not_input
 from .plan import MergePlan
+from .session import MergeSession
+from .sweep_resume import keep_common
 from .writer import OutputDir, ShardWriter, WriteDone, placed
 
 # Methods whose swept parameter is one scalar, the ``weight`` keyword (λ; SLERP's t).
@@ -163,11 +165,14 @@ def sweep(
     shard_size: int | str = "5GB",
     chunk_size: int | str = DEFAULT_CHUNK_BYTES,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = False,
     on_warning: Callable[[str], None] | None = None,
     workers: int = DEFAULT_WORKERS,
+    evaluate: Any = None,
+    as_adapters: bool = False,
     **method_params: Any,
-) -> SweepResult:
+) -> SweepResult | Any:
     """Merge at every weight in one read pass; write ``OUT/lambda-<w>/`` for each weight.
 
     Args:
@@ -179,11 +184,19 @@ def sweep(
         method: linear, task-arithmetic (the weight λ) or slerp (t).
         dtype, shard_size, chunk_size, overwrite, progress, on_warning: as for ``safeblend.merge``;
             ``overwrite`` replaces existing ``lambda-*`` outputs of the same weights.
+        resume: finish the partial outputs an interrupted sweep left (as ``merge --resume``:
+            tensors every output journaled are kept); outputs it completed are kept as they are.
         workers: compute threads.
+        evaluate: evaluate every output once written (``safeblend.evaluate``): a callable
+            ``(model, weight) -> metrics``, a command string, a list of these, or an ``EvalPlan``
+            (jobs, keep rule, plot). Then the return value is the evaluation's ``SweepReport``.
+        as_adapters: write each weight as a PEFT LoRA adapter (linear, task-arithmetic; FT a LoRA
+            adapter), not a model: ``safeblend.adapter_sweep``.
         **method_params: the method's other parameters (e.g. ``normalize``, ``lambda_``).
 
     Returns:
-        A SweepResult: one MergeResult per weight, in the given order, and the totals.
+        A SweepResult: one MergeResult per weight, in the given order, and the totals
+        (with ``evaluate``: the SweepReport, which holds it under ``sweep``).
 
     Example:
         >>> safeblend.sweep("base/", "finetune/", "sweep/", "0.1:0.9:0.1")  # doctest: +SKIP
@@ -199,43 +212,68 @@ def sweep(
     options = parse_options(dtype, shard_size, chunk_size)
     if options.out_dtype == "F8_E4M3":
         raise SpecError("sweep does not write fp8 (--dtype fp8); merge each weight with safeblend merge")
+    if evaluate is not None:
+        from .evaluate import as_plan
+
+        evaluate = as_plan(evaluate)  # commands and keep rule checked before the pass
     mergers = [create_method(method, len(model_paths), weight=w, **method_params) for w in points]
     base, model_paths = resolve_inputs(base, model_paths, warn, progress)  # Hub ids, adapters' own base
     check_output_not_input(out, [base, *model_paths])  # real paths and (device, inode)
     root = Path(os.path.abspath(out))
+    if as_adapters:
+        from .adapter_sweep import sweep_as_adapters
 
-    def execute(plans, base_ckpt, model_ckpts, writers, kept, chunk_bytes, update) -> ExecutionStats:
-        executor = SweepExecutor(plans, base_ckpt, model_ckpts, mergers, cpu_backend(), chunk_bytes, workers)
+        if resume:
+            raise SpecError("--resume does not apply to --as-adapters: an adapter sweep takes seconds; rerun it")
+        result = sweep_as_adapters(base, model_paths, root, points, mergers, options.out_dtype, overwrite, started)
+        return result if evaluate is None else _evaluated(result, evaluate)
+
+    def execute(plans, mergers, base_ckpt, model_ckpts, writers, kept, chunk_bytes, update) -> ExecutionStats:
+        executor = SweepExecutor(plans, base_ckpt, model_ckpts, mergers, cpu_backend(), chunk_bytes, workers, kept)
         return executor.run(_Outputs(writers), update)
 
+    def staged(sessions: list[MergeSession]) -> list[str]:
+        """The sessions' messages once; with --resume, every output keeps what all of them kept."""
+        messages = list(dict.fromkeys(m for s in sessions for m in s.messages if "--resume: kept" not in m))
+        return [*messages, keep_common(sessions)] if resume else messages
+
     # Each output is staged as a merge's (its settings are merge's own, so each partial
-    # fingerprints as `merge --weight W` would) but a sweep has no resume: on any failure,
-    # interrupts included, every output not yet committed is removed. LoRA adapters open as
-    # low-rank terms where merge takes them so too (the linear family), so each output has
-    # merge's bytes, not a materialised θ_ft's rounding.
+    # fingerprints as `merge --weight W` would, and resumes like one: safeblend.sweep_resume).
+    # LoRA adapters open as low-rank terms where merge takes them so too (the linear family),
+    # so each output has merge's bytes, not a materialised θ_ft's rounding.
     results, messages = write_outputs(
         base, model_paths, [root / output_name(w) for w in points], mergers, options, execute, device="cpu",
-        low_rank=all(m.takes_low_rank for m in mergers), overwrite=overwrite, resume=False, keep_partial=False,
+        low_rank=all(m.takes_low_rank for m in mergers), overwrite=overwrite, resume=resume, keep_finished=True,
         allow_missing=None, progress=f"sweeping ×{len(points)}" if progress else None, warn=warn, started=started,
-        before_staging=lambda plans: _make_sweep_dir(root / output_name(points[0]), overwrite, plans))
+        before_staging=lambda plans: _make_sweep_dir(root / output_name(points[0]), overwrite, plans, resume),
+        after_staging=staged)
     first = results[0]
     written = sum(r.bytes_written for r in results)
-    return SweepResult(
+    result = SweepResult(
         output=str(root), method=first.method, weights=points, outputs=results, tensors=first.tensors,
         bytes_read=first.bytes_read, bytes_written=written, seconds=first.seconds,
         throughput_bytes_per_s=round((first.bytes_read + written) / max(first.seconds, 1e-9), 1),
         peak_rss_bytes=first.peak_rss_bytes, warnings=messages,
     )
+    return result if evaluate is None else _evaluated(result, evaluate)
 
 
-def _make_sweep_dir(first: Path, overwrite: bool, plans: list[MergePlan]) -> None:
+def _evaluated(result: SweepResult, evaluate: Any) -> Any:
+    """The evaluation's SweepReport of a finished sweep (``safeblend.evaluate``)."""
+    from .evaluate import evaluate_result
+
+    return evaluate_result(result, evaluate)
+
+
+def _make_sweep_dir(first: Path, overwrite: bool, plans: list[MergePlan], resume: bool) -> None:
     """Create the sweep directory (``first``'s parent) and check there is room for every output at once."""
     root = first.parent
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{root}: cannot create the sweep directory: {exc.strerror or exc}") from exc
-    OutputDir(first, overwrite).check_space(sum(p.output_bytes for p in plans))
+    if not resume:  # resumed outputs are partly written: each session checks what it still needs
+        OutputDir(first, overwrite).check_space(sum(p.output_bytes for p in plans))
 
 
 class _Outputs:
@@ -321,8 +359,8 @@ class SweepExecutor(Executor):
 
     def __init__(self, plans: list[MergePlan], base: Checkpoint, models: list[Checkpoint],
                  methods: list[MergeMethod], backend, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 workers: int = DEFAULT_WORKERS) -> None:
-        super().__init__(plans[0], base, models, _Fanout(methods), backend, chunk_bytes, workers)
+                 workers: int = DEFAULT_WORKERS, kept: frozenset[str] = frozenset()) -> None:
+        super().__init__(plans[0], base, models, _Fanout(methods), backend, chunk_bytes, workers, kept)
         self.methods = methods
 
     def _buffer_pool(self, writer: _Outputs) -> BufferPool:

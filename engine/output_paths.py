@@ -209,7 +209,20 @@ def replace_output(staging: Path, final: Path, overwrite: bool) -> None:
     _delete_names(holder, names, moved)
 
 
-def _delete_names(directory: Path, names: Iterable[str], expected: tuple[int, int] | None) -> None:
+def remove_output(final: Path) -> list[str]:
+    """Delete a safeblend output's own files (the names its manifest lists) and then the
+    directory if nothing else is left in it; returns the names left in place (files someone
+    else put there, such as an evaluation's results). A directory without safeblend's manifest
+    is left whole."""
+    names = safeblend_names(final)
+    if names is None or final.is_symlink():
+        return sorted(os.listdir(final)) if final.is_dir() else []
+    _delete_names(final, names, _identity(final), quiet=True)
+    return sorted(os.listdir(final)) if final.is_dir() else []
+
+
+def _delete_names(directory: Path, names: Iterable[str], expected: tuple[int, int] | None,
+                  quiet: bool = False) -> None:
     """Delete the listed regular files of ``directory``, then the directory if it is empty;
     anything else is left in place with a warning."""
     try:
@@ -231,11 +244,21 @@ def _delete_names(directory: Path, names: Iterable[str], expected: tuple[int, in
     try:
         os.rmdir(directory)
     except OSError:
-        warnings.warn(f"{directory}: the replaced output could not be removed completely; delete it by hand",
-                      stacklevel=3)
+        if not quiet:
+            warnings.warn(f"{directory}: the replaced output could not be removed completely; delete it by hand",
+                          stacklevel=3)
 
 
 # -- staging directory -------------------------------------------------------------------------
+
+
+def reserve_staging(final: Path, kind: str) -> Path:
+    """A fresh, uniquely named hidden directory beside ``final`` for an output that is written
+    whole and renamed into place (adapters, extracted LoRAs): created exclusively by mkdtemp, so
+    cleaning it up on failure can only delete what safeblend wrote there."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=f".safeblend-{kind}-partial", dir=final.parent))
+
 
 
 def check_staging(staging: Path, existed: bool) -> None:

@@ -164,8 +164,11 @@ class _Mxfp4:
 
     def dequantize(self, file: SafetensorsFile, scales: np.ndarray, first: int, count: int, out: np.ndarray) -> None:
         """Elements [first, first + count) of the dequantized (E, G·32, R) weight into ``out``."""
-        blocks = np.frombuffer(file.byte_view(self.weight.start, self.weight.nbytes), dtype=np.uint8)
-        blocks = blocks.reshape(self.experts, self.rows, self.groups, 16)
+        # Only the experts the chunk touches (``sources``): a streamed input (safeblend.remote)
+        # fetches what a view spans, where a map only maps it.
+        _, start, length = self.sources(first, count)[0]
+        e0 = (start - self.weight.start) // (self.rows * self.groups * 16)
+        blocks = np.frombuffer(file.byte_view(start, length), dtype=np.uint8).reshape(-1, self.rows, self.groups, 16)
         for lo, r0, rows, c0, c1 in _pieces(first, count, self.rows):
             # Output rows r0…r0+rows are (expert, column c) pairs; columns c0…c1 are stored rows.
             target = out[lo : lo + rows * (c1 - c0)].reshape(rows, c1 - c0)
@@ -175,7 +178,7 @@ class _Mxfp4:
                 # Tiles of stored rows keep the transposing copy in cache (6× faster measured here).
                 for t0 in range(c0, c1, _MX_TILE):
                     t1 = min(t0 + _MX_TILE, c1)
-                    codes = blocks[e, t0:t1, g0:g1]  # (stored rows, groups, 16 bytes)
+                    codes = blocks[e - e0, t0:t1, g0:g1]  # (stored rows, groups, 16 bytes)
                     values = np.take(_E2M1_PAIRS, codes, mode="clip").view(np.float32)  # (rows, groups, 32)
                     np.multiply(values, _E8M0[scales[e, t0:t1, g0:g1]][..., None], out=values)
                     values = values.reshape(t1 - t0, (g1 - g0) * _MX_BLOCK)

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -229,10 +230,26 @@ def test_sweep_diff_and_recipes_take_repo_ids(cache, models, tmp_path):
 
 
 class _Hub:
-    """A Hub on 127.0.0.1 serving one repo per directory at COMMIT, recording each request."""
+    """A Hub on 127.0.0.1 serving one repo per directory at COMMIT, recording each request.
 
-    def __init__(self, repos: dict[str, Path], token: str) -> None:
+    It answers ``Range: bytes=a-b`` with 206 (streamed inputs, tests/test_stream.py), also
+    serves each repo as plain files under ``/plain/{repo}/{file}``, and injects faults into
+    ranged reads: ``rate`` throttles bodies (bytes/s), ``fail[name] = n`` answers the next n
+    ranged reads of a file with 503, ``drop[name] = [k, ...]`` cuts the next ones' bodies after
+    k bytes, and ``change[name] = (n, data)`` serves ``data`` (a new ETag) from its n-th ranged
+    read on; ``fail`` and ``drop`` spare reads that start before byte ``fault_from`` (headers).
+    ``token=None`` takes any request.
+    """
+
+    def __init__(self, repos: dict[str, Path], token: str | None) -> None:
         self.repos, self.token, self.requests = repos, token, []
+        self.rate: float | None = None
+        self.fail: dict[str, int] = {}
+        self.drop: dict[str, list[int]] = {}
+        self.change: dict[str, tuple[int, bytes]] = {}
+        self.fault_from = 0
+        self.ranged: dict[str, int] = {}  # ranged reads per file name
+        self._faults = threading.Lock()
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -266,7 +283,9 @@ class _Hub:
         path = unquote(urlsplit(request.path).path)
         self.requests.append((request.command, path, request.headers.get("Authorization")))
         parts = path.strip("/").split("/")
-        if request.headers.get("Authorization") != f"Bearer {self.token}":
+        if parts[0] == "plain" and len(parts) >= 4:  # /plain/{org}/{name}/{file}
+            parts = [*parts[1:3], "resolve", COMMIT, *parts[3:]]
+        if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
             return self._send(request, 401, b'{"error": "Invalid credentials"}', body, {"X-Error-Code": "RepoNotFound"})
         if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("revision", "tree"):
             repo = "/".join(parts[2:4])
@@ -286,9 +305,48 @@ class _Hub:
             data = self._files(repo).get(name) if repo in self.repos else None
             if data is None:
                 return self._send(request, 404, b"", body, {"X-Error-Code": "EntryNotFound"})
+            if request.headers.get("Range"):
+                return self._send_range(request, parts[-1], data, body)
             return self._send(request, 200, data, body, {"X-Repo-Commit": COMMIT,
                                                          "ETag": f'"{hashlib.sha256(data).hexdigest()}"'})
         return self._send(request, 404, b"", body)
+
+    def _send_range(self, request, name: str, data: bytes, body: bool) -> None:
+        """206 with the asked bytes of ``data`` (or of its changed version), faults injected."""
+        with self._faults:
+            count = self.ranged[name] = self.ranged.get(name, 0) + 1
+            if name in self.change and count >= self.change[name][0]:
+                data = self.change[name][1]
+            first, last = request.headers["Range"].removeprefix("bytes=").split("-")
+            first, last = int(first), min(int(last) if last else len(data) - 1, len(data) - 1)
+            faulty = first >= self.fault_from
+            if faulty and self.fail.get(name, 0) > 0:
+                self.fail[name] -= 1
+                return self._send(request, 503, b"busy", body)
+            cut = self.drop[name].pop(0) if faulty and self.drop.get(name) else None
+        if first >= len(data):
+            return self._send(request, 416, b"", body, {"Content-Range": f"bytes */{len(data)}"})
+        piece = data[first : last + 1]
+        request.send_response(206)
+        request.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
+        request.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        request.send_header("X-Repo-Commit", COMMIT)
+        request.send_header("Content-Length", str(len(piece)))
+        request.end_headers()
+        if not body:
+            return
+        if cut is not None:  # the connection drops after `cut` bytes of the body
+            request.wfile.write(piece[:cut])
+            request.wfile.flush()
+            request.close_connection = True
+            request.connection.shutdown(2)
+            return
+        step = 1 << 16
+        started = time.perf_counter()
+        for pos in range(0, len(piece), step):
+            request.wfile.write(piece[pos : pos + step])
+            if self.rate:  # sleep until this many bytes are due at `rate`
+                time.sleep(max(0.0, started + (pos + step) / self.rate - time.perf_counter()))
 
     @staticmethod
     def _send(request, status: int, data: bytes, body: bool, headers: dict[str, str] | None = None) -> None:

@@ -1,0 +1,196 @@
+"""A streamed merge against a plain download of the same inputs, over a throttled loopback link.
+
+Generates a Llama-shaped bf16 pair (``safeblend.synthetic.write_pair``; ~0.36 GB together by
+default) and serves both folders from a small HTTP server on 127.0.0.1 that answers range
+requests and sends every body through one shared token bucket of RATE bytes/s (a link of
+that speed, whatever the number of connections). Then alternates, run after run, at each
+rate:
+
+* download: ``curl`` fetching every file of both inputs to disk, one after the other (a plain
+            client: what a user runs before a merge today)
+* stream:   ``safeblend merge URL_BASE URL_FT -o OUT --weight 0.6`` (inputs read by range
+            requests, only the output written), under ``/usr/bin/time -v``
+
+and prints medians (p20/p80) of wall time, the merge's peak RSS, and the disk it used: the
+output's size, and the most the process's staging folder (config, tokenizer and placeholder
+files; safeblend.remote) held while sampled every 20 ms.
+
+    python benchmarks/bench_stream.py --runs 3                   # 100 and 500 MB/s
+    python benchmarks/bench_stream.py --runs 1 --rates 100 --layers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import quantiles, safeblend_command, timed  # noqa: E402
+
+from safeblend.synthetic import LlamaShape, write_pair  # noqa: E402
+
+SHAPE = LlamaShape(1024, 2816, 5, 16000, 16, 4)  # ~89M parameters, 178 MB per model in bf16
+
+
+class Link:
+    """One token bucket shared by every connection: bytes leave at ``rate`` per second."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate, self._lock, self._free_at = rate, threading.Lock(), 0.0
+
+    def send(self, n: int) -> None:
+        with self._lock:
+            now = time.perf_counter()
+            self._free_at = max(self._free_at, now) + n / self.rate
+            wait = self._free_at - now
+        if wait > 0:
+            time.sleep(wait)
+
+
+def serve(root: Path, link: Link) -> ThreadingHTTPServer:
+    """Files under ``root`` at ``/path``: whole (200) or by ``Range: bytes=a-b`` (206), throttled."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def setup(self) -> None:
+            super().setup()  # headers and body go in separate writes: without NODELAY, Nagle's
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # 40 ms stalls
+
+        def do_GET(self) -> None:
+            path = root / self.path.lstrip("/")
+            if not path.is_file():
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            size = path.stat().st_size
+            first, last = 0, size - 1
+            if "Range" in self.headers:
+                a, b = self.headers["Range"].removeprefix("bytes=").split("-")
+                first, last = int(a), min(int(b) if b else size - 1, size - 1)
+                if first >= size:
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{size}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+            else:
+                self.send_response(200)
+            self.send_header("ETag", f'"{path.stat().st_mtime_ns}-{size}"')
+            self.send_header("Content-Length", str(last - first + 1))
+            self.end_headers()
+            with open(path, "rb") as handle:
+                pos, step = first, 256 * 2**10
+                while pos <= last:
+                    n = min(step, last + 1 - pos)
+                    link.send(n)
+                    self.wfile.write(os.pread(handle.fileno(), n, pos))
+                    pos += n
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _q(values: list[float]) -> str:
+    median, p20, p80 = quantiles(values)
+    return f"{median:.2f} ({p20:.2f}–{p80:.2f})"
+
+
+def folder_bytes(folder: Path) -> int:
+    total = 0
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def sampled_peak(folder: Path, stop: threading.Event, peak: list[int]) -> None:
+    while not stop.is_set():
+        peak[0] = max(peak[0], folder_bytes(folder))
+        time.sleep(0.02)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rates", default="100,500", help="link speeds in MB/s (10^6 bytes)")
+    parser.add_argument("--layers", type=int, default=SHAPE.num_hidden_layers)
+    parser.add_argument("--work", type=Path, default=Path("benchmarks/out/stream"))
+    args = parser.parse_args()
+
+    shape = LlamaShape(**{**SHAPE.__dict__, "num_hidden_layers": args.layers})
+    models = args.work / "models"
+    if not (models / "ft" / "config.json").exists():
+        shutil.rmtree(models, ignore_errors=True)
+        write_pair(models / "base", models / "ft", shape, shard_size=10**8)
+    files = sorted(p.relative_to(models) for p in models.rglob("*") if p.is_file())
+    inputs = sum((models / f).stat().st_size for f in files)
+    staging = Path(tempfile.gettempdir()) / f"safeblend-stream-{os.getuid()}"
+    safeblend = safeblend_command()
+    print(f"{shape.parameters / 1e6:.0f}M parameters per model, inputs {inputs / 1e9:.3f} GB "
+          f"({len(files)} files), {args.runs} runs per rate")
+    print("| rate MB/s | download s | streamed merge s | merge / download | peak RSS MiB | output GB | "
+          "staging peak KiB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for rate in (float(r) for r in args.rates.split(",")):
+        server = serve(models, Link(rate * 1e6))
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        download, merge, rss, staged = [], [], [], []
+        out = args.work / "merged"
+        fetched = args.work / "downloaded"
+        try:
+            for _ in range(args.runs):
+                shutil.rmtree(fetched, ignore_errors=True)
+                fetched.mkdir(parents=True)
+                curl = ["curl", "-sf"]
+                for f in files:
+                    curl += ["-o", str(fetched / str(f).replace("/", "--")), f"{url}/{f}"]
+                start = time.perf_counter()
+                subprocess.run(curl, check=True)
+                download.append(time.perf_counter() - start)
+                shutil.rmtree(fetched)
+
+                shutil.rmtree(out, ignore_errors=True)
+                stop, peak = threading.Event(), [0]
+                sampler = threading.Thread(target=sampled_peak, args=(staging, stop, peak))
+                sampler.start()
+                wall, peak_rss = timed([safeblend, "merge", f"{url}/base", f"{url}/ft", "-o", str(out),
+                                        "--weight", "0.6", "-q"])
+                stop.set()
+                sampler.join()
+                merge.append(wall)
+                rss.append(peak_rss)
+                staged.append(peak[0])
+            written = folder_bytes(out)
+        finally:
+            server.shutdown()
+            server.server_close()
+        d, m = statistics.median(download), statistics.median(merge)
+        print(f"| {rate:.0f} | {_q(download)} | {_q(merge)} | {m / d:.2f}× | "
+              f"{statistics.median(rss) / 2**20:.0f} (max {max(rss) / 2**20:.0f}) | {written / 1e9:.3f} | "
+              f"{max(staged) / 1024:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

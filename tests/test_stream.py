@@ -1,0 +1,291 @@
+"""Streamed inputs (safeblend.remote): models read by range requests from the loopback Hub of
+tests/test_hub.py, over plain HTTP, through huggingface_hub (HF_ENDPOINT) and through fsspec,
+with throttling, 503s, dropped connections and a file that changes mid-merge."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import safeblend
+from safeblend import remote
+from safeblend.errors import CheckpointError
+from helpers import assert_within_tolerance, load_checkpoint, random_tensor, write_checkpoint
+from test_hub import CONFIG, _Hub, _run, models  # noqa: F401 (models: a fixture)
+
+WEIGHT = 0.6
+
+
+def _bigger(seed: int) -> dict[str, np.ndarray]:
+    """~1.5 MiB per model: enough 64 KiB blocks and 32 KiB chunks for read-ahead to matter."""
+    rng = np.random.default_rng(seed)
+    tensors = {"model.embed_tokens.weight": random_tensor(rng, (256, 128), "fp32")}
+    for layer in range(4):
+        tensors[f"model.layers.{layer}.mlp.up_proj.weight"] = random_tensor(rng, (256, 256), "bf16")
+        tensors[f"model.layers.{layer}.input_layernorm.weight"] = random_tensor(rng, (256,), "fp32")
+    tensors["lm_head.weight"] = random_tensor(rng, (256, 128), "fp32")
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> dict[str, Path]:
+    """A two-shard base with tokenizer files and a one-file fine-tune, and their local merge."""
+    root = tmp_path_factory.mktemp("stream")
+    base = write_checkpoint(root / "base", _bigger(0), shards=2, config=CONFIG)
+    (base / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    (base / "chat_template.jinja").write_text("{{ messages }}")
+    ft = write_checkpoint(root / "ft", _bigger(1), config=CONFIG)
+    local = root / "local"
+    safeblend.merge(base, ft, local, weight=WEIGHT)
+    return {"base": base, "ft": ft, "local": local}
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """64 KiB blocks within a 256 KiB budget, and retries that wait 10 ms."""
+    monkeypatch.setattr(remote, "BLOCK_BYTES", 64 * 2**10)
+    monkeypatch.setattr(remote, "READ_AHEAD_BYTES", 256 * 2**10)
+    monkeypatch.setattr(remote, "RETRY_WAIT_S", 0.01)
+
+
+def _same_output(out: Path, local: Path) -> None:
+    """Every tensor byte for byte, the same non-weight files, the same header metadata except
+    the recipe's input paths."""
+    a, b = load_checkpoint(out), load_checkpoint(local)
+    assert a.keys() == b.keys() and all(a[n].tobytes() == b[n].tobytes() for n in a)
+    names = {p.name for p in out.iterdir()}
+    assert names == {p.name for p in local.iterdir()}
+    for name in names - {"safeblend.json"}:
+        if not name.endswith(".safetensors"):
+            assert (out / name).read_bytes() == (local / name).read_bytes(), name
+
+
+def _ranges(hub: _Hub, name: str) -> list[tuple[int, int]]:
+    return [(int(a), int(b)) for a, b in (r.split("-") for m, p, r in hub.log if p.endswith("/" + name))]
+
+
+def _merge_urls(hub: _Hub, out: Path, **options):
+    return safeblend.merge(f"{hub.url}/plain/org/base", f"{hub.url}/plain/org/ft", out, weight=WEIGHT,
+                           chunk_size="32KiB", **options)
+
+
+class _LoggingHub(_Hub):
+    """The loopback Hub, also logging each ranged read as (method, path, 'first-last')."""
+
+    def __init__(self, repos, token=None):
+        super().__init__(repos, token)
+        self.log: list[tuple[str, str, str]] = []
+
+    def _send_range(self, request, name, data, body):
+        self.log.append((request.command, request.path, request.headers["Range"].removeprefix("bytes=")))
+        return super()._send_range(request, name, data, body)
+
+
+def test_a_plain_url_merge_reads_headers_first_then_blocks_and_equals_the_local_merge(pair, tmp_path, small_blocks):
+    with _LoggingHub({"org/base": pair["base"], "org/ft": pair["ft"]}) as hub:
+        result = _merge_urls(hub, tmp_path / "out")
+    _same_output(tmp_path / "out", pair["local"])
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors"]
+    # Weight files are never fetched whole: only ranges, the header's first (8 bytes, then the header).
+    whole = [p for m, p, _ in hub.requests if m == "GET" and p.endswith(".safetensors")]
+    assert len(whole) == len(hub.log)
+    header_reads, data_reads = [], []
+    for i, (_, path, span) in enumerate(hub.log):
+        name = path.rsplit("/", 1)[1]
+        local = (pair["base"] if "of" in name else pair["ft"]) / name
+        header_len = int.from_bytes(local.read_bytes()[:8], "little")
+        (header_reads if span in ("0-7", f"8-{8 + header_len - 1}") else data_reads).append(i)
+    # Every header is read before any data: the plan is made from headers alone.
+    assert len(header_reads) == 2 * len(shards) and max(header_reads) < min(data_reads)
+    for name in shards:
+        ranges = _ranges(hub, name)
+        assert ranges[0] == (0, 7)
+        size = os.path.getsize((pair["base"] if "of" in name else pair["ft"]) / name)
+        assert ranges[-1] == (0, 0)  # before commit: is it still the same file (size, ETag)?
+        data = ranges[2:-1]
+        assert data and all(b - a + 1 <= remote.BLOCK_BYTES for a, b in data)
+        assert sum(b - a + 1 for a, b in data) <= size  # each block once
+    assert result.bytes_read > 0
+
+
+def test_hub_repos_stream_through_huggingface_hub_with_the_token_and_nothing_in_the_cache(pair, tmp_path):
+    cache = tmp_path / "cache"
+    with _Hub({"org/base": pair["base"], "org/ft": pair["ft"]}, token="hf_secret") as hub:
+        env = {"HF_HOME": str(tmp_path / "home"), "HF_HUB_CACHE": str(cache), "HF_ENDPOINT": hub.url,
+               "HF_TOKEN": "hf_secret"}
+        result = _run(["merge", "org/base", "org/ft", "-o", "out", "--weight", str(WEIGHT), "--stream",
+                       "--chunk-size", "32KiB"], tmp_path, **env)
+        assert result.returncode == 0, result.stderr
+        hf_url = _run(["merge", "hf://org/base", f"hf://org/ft@{'0123456789abcdef0123456789abcdef01234567'}",
+                       "-o", "hf-url", "--weight", str(WEIGHT), "-q"], tmp_path, **env)
+        assert hf_url.returncode == 0, hf_url.stderr
+    _same_output(tmp_path / "out", pair["local"])
+    _same_output(tmp_path / "hf-url", pair["local"])
+    weight_gets = [r for r in hub.requests if r[0] == "GET" and r[1].endswith(".safetensors")]
+    assert weight_gets and all(auth == "Bearer hf_secret" for _, _, auth in weight_gets)
+    assert all(f"/resolve/{'0123456789abcdef0123456789abcdef01234567'}/" in p for _, p, _ in weight_gets)
+    assert hub.ranged  # every weight read was ranged
+    assert not list(cache.rglob("*.safetensors"))  # nothing downloaded
+    assert "network" in result.stderr  # the network throughput bar
+    recipe = json.loads(load_metadata(tmp_path / "out")["safeblend_recipe"])
+    assert "org--base@0123456789abcdef" in recipe["base"]
+
+
+def load_metadata(out: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "np") as f:
+        return f.metadata()
+
+
+def test_503s_and_dropped_connections_are_retried_resuming_at_the_byte(pair, tmp_path, small_blocks):
+    with _LoggingHub({"org/base": pair["base"], "org/ft": pair["ft"]}) as hub:
+        hub.fault_from = 4096  # faults on data reads, past the headers
+        hub.fail = {"model.safetensors": 2}
+        hub.drop = {"model-00001-of-00002.safetensors": [1000, 70]}
+        _merge_urls(hub, tmp_path / "out")
+        ranges = _ranges(hub, "model-00001-of-00002.safetensors")
+        failed = hub.fail
+    _same_output(tmp_path / "out", pair["local"])
+    assert failed == {"model.safetensors": 0}
+    # Each cut read went on from the byte it stopped at (two reads in flight may take the cuts in
+    # either order): after 1000 bytes of one range, after 70 of the same or another.
+    assert any((a + 1000, b) in ranges for a, b in ranges), ranges
+    assert any((a + 70, b) in ranges or (a + 1070, b) in ranges for a, b in ranges), ranges
+    assert len(ranges) == len(set(ranges))  # nothing read twice
+
+
+def test_a_server_that_keeps_failing_is_one_line_and_nothing_at_out(pair, tmp_path, small_blocks, monkeypatch):
+    monkeypatch.setattr(remote, "RETRIES", 2)
+    with _Hub({"org/base": pair["base"], "org/ft": pair["ft"]}, token=None) as hub:
+        hub.fault_from = 4096
+        hub.drop = {"model.safetensors": [10] * 50}
+        with pytest.raises(CheckpointError, match=r"/plain/org/ft/model\.safetensors: reading bytes \d+-\d+ failed "
+                                                  r"3 times"):
+            _merge_urls(hub, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no OUT, no partial output
+
+
+def test_a_file_that_changes_mid_merge_is_an_error_and_nothing_at_out(pair, tmp_path, small_blocks):
+    changed = bytearray((pair["ft"] / "model.safetensors").read_bytes())
+    changed[-1] ^= 1
+    with _Hub({"org/base": pair["base"], "org/ft": pair["ft"]}, token=None) as hub:
+        hub.change = {"model.safetensors": (5, bytes(changed))}
+        with pytest.raises(CheckpointError, match=r"/plain/org/ft/model\.safetensors: changed while being read"):
+            _merge_urls(hub, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_change_after_the_last_read_is_caught_before_commit(pair, tmp_path, small_blocks, monkeypatch):
+    """The ETag is checked once more before the output is committed (check_inputs_unchanged)."""
+    changed = bytearray((pair["ft"] / "model.safetensors").read_bytes())
+    changed[-1] ^= 1
+    from safeblend import api
+
+    with _Hub({"org/base": pair["base"], "org/ft": pair["ft"]}, token=None) as hub:
+        real = api.check_inputs_unchanged
+
+        def change_then_check(checkpoints):
+            hub.change = {"model.safetensors": (0, bytes(changed))}
+            return real(checkpoints)
+
+        monkeypatch.setattr(api, "check_inputs_unchanged", change_then_check)
+        with pytest.raises(CheckpointError, match="changed while being read"):
+            _merge_urls(hub, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_read_ahead_stays_within_its_budget_and_never_holds_a_shard(pair, tmp_path, small_blocks, monkeypatch):
+    peak = [0]
+    real = remote._ReadAhead._want
+
+    def counting(self, k):
+        future = real(self, k)
+        peak[0] = max(peak[0], sum(remote._held.values()))
+        return future
+
+    monkeypatch.setattr(remote._ReadAhead, "_want", counting)
+    with _Hub({"org/base": pair["base"], "org/ft": pair["ft"]}, token=None) as hub:
+        hub.rate = 20e6  # throttled: the merge waits on the network, read-ahead fills up
+        _merge_urls(hub, tmp_path / "out")
+    _same_output(tmp_path / "out", pair["local"])
+    # The budget, plus the blocks of the chunks being computed (4 workers x 2 in flight, a 32 KiB
+    # chunk spans at most 2 blocks of each of 2 inputs).
+    assert 0 < peak[0] <= remote.READ_AHEAD_BYTES + 8 * 2 * 2 * remote.BLOCK_BYTES
+    assert peak[0] < os.path.getsize(pair["ft"] / "model.safetensors")
+
+
+def test_fsspec_urls_stream_through_their_file_system(pair, tmp_path, small_blocks):
+    fsspec = pytest.importorskip("fsspec")  # a dependency of huggingface_hub: always there
+    fs = fsspec.filesystem("memory")
+    for name in ("base", "ft"):
+        for path in pair[name].iterdir():
+            fs.pipe(f"/models/{name}/{path.name}", path.read_bytes())
+    try:
+        safeblend.merge("memory://models/base", "memory://models/ft", tmp_path / "out", weight=WEIGHT,
+                        chunk_size="32KiB")
+    finally:
+        fs.rm("/models", recursive=True)
+    _same_output(tmp_path / "out", pair["local"])
+
+
+def test_missing_backends_and_files_are_one_line_errors(tmp_path):
+    missing = _run(["merge", "s3://bucket/base", "s3://bucket/ft", "-o", "out"], tmp_path)
+    assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    assert missing.stderr.startswith("Error: s3://bucket/ft: cannot read this URL: ") and "s3fs" in missing.stderr
+    with _Hub({}, token=None) as hub:
+        gone = _run(["merge", f"{hub.url}/plain/org/none", f"{hub.url}/plain/org/none", "-o", "out"], tmp_path)
+    assert gone.returncode == 1 and len(gone.stderr.strip().splitlines()) == 1, gone.stderr
+    assert gone.stderr.startswith(f"Error: {hub.url}/plain/org/none/model.safetensors: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_streamed_merge_resumes(pair, tmp_path):
+    with _Hub({"org/base": pair["base"], "org/ft": pair["ft"]}, token=None) as hub:
+        args = ["merge", f"{hub.url}/plain/org/base", f"{hub.url}/plain/org/ft", "-o", "out", "--weight",
+                str(WEIGHT), "--chunk-size", "32KiB", "-q"]
+        killed = _run(args, tmp_path, SAFEBLEND_FAULT_KILL_AT="write:20",
+                      SAFEBLEND_FAULT_SLOW_WRITE_S="0.01")
+        assert killed.returncode == -signal.SIGKILL
+        assert not (tmp_path / "out").exists() and (tmp_path / ".out.safeblend-partial").is_dir()
+        before = sum(hub.ranged.values())
+        resumed = _run([*args, "--resume"], tmp_path)
+        assert resumed.returncode == 0, resumed.stderr
+        assert sum(hub.ranged.values()) > before
+    _same_output(tmp_path / "out", pair["local"])
+    # The staged inputs have the same names and fingerprint: the journaled tensors are kept.
+    kept = re.match(r"Warning: --resume: kept (\d+) of 10 tensors", resumed.stderr)
+    assert kept and int(kept[1]) > 0, resumed.stderr
+
+
+def test_a_streamed_lora_adapter_merges_as_the_local_one(models, tmp_path):
+    """An adapter folder over HTTP: its config fetched whole, its weights by ranges."""
+    local = tmp_path / "local"
+    safeblend.merge(models["base"], models["adapter"], local, weight=1.0)
+    with _Hub({"org/base": models["base"], "org/adapter": models["adapter"]}, token=None) as hub:
+        notes: list[str] = []  # the adapter names org/base; a URL is not that name: a warning
+        safeblend.merge(f"{hub.url}/plain/org/base", f"{hub.url}/plain/org/adapter", tmp_path / "out", weight=1.0,
+                        on_warning=notes.append)
+        assert hub.ranged["adapter_model.safetensors"] >= 3  # length, header, data
+    _same_output(tmp_path / "out", local)
+
+
+def test_an_unreachable_server_fails_fast_in_one_line(tmp_path, monkeypatch, caplog):
+    import socket
+
+    monkeypatch.setattr(remote, "RETRY_WAIT_S", 0.01)
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/base"
+    with pytest.raises(CheckpointError, match=r"^http://127\.0\.0\.1:\d+/base/config\.json: ConnectError: "):
+        safeblend.merge(url, url, tmp_path / "out")
+    # huggingface_hub's per-retry warnings are not shown: the error above is the one line.
+    assert not [r for r in caplog.records if r.name.startswith("huggingface_hub") and r.levelname == "WARNING"]
+    assert not (tmp_path / "out").exists()
