@@ -364,6 +364,22 @@ def test_kth_largest_is_exact_on_a_large_tensor_whatever_the_sample(sample):
         assert 4 in passes, passes
 
 
+@pytest.mark.parametrize("fold", [0, 1 << 40])
+def test_kth_largest_counts_a_range_by_histogram_or_by_distinct_values(monkeypatch, fold):
+    """Pass 1 counts a block's in-range magnitudes with a whole-range histogram, or by their
+    distinct values when they are few (SPARSE_FOLD); forced either way, the answer is exact."""
+    from safeblend.methods import _select
+
+    monkeypatch.setattr(_select, "SPARSE_FOLD", fold)
+    rng = np.random.default_rng(11)
+    n = _select.SMALL + 54321
+    values = rng.standard_normal(n).astype(np.float32)
+    values[rng.choice(n, 3000, replace=False)] = -0.75  # a tie
+    magnitudes = np.sort(np.abs(values.astype(np.float64)))[::-1]
+    for k in [1, 777, n // 4, n // 2, int(0.75 * n), n - 2]:
+        assert float(_threshold_of(values, k, chunk=1 << 17)) == magnitudes[k - 1], (fold, k)
+
+
 def test_ties_keeps_every_entry_tied_at_the_threshold(tmp_path):
     """Magnitudes from a small set, so the k-th largest value is shared by many entries."""
     rng = np.random.default_rng(1)
