@@ -5,8 +5,8 @@ largest tensors are 128256×4096 embeddings (Llama-3-8B's vocabulary and width; 
 default, so the embeddings dominate), warms the page cache, then runs every method through the
 CLI under ``/usr/bin/time -v`` (peak RSS) on the CPU. Every registered method runs, each
 compared with ``linear`` on the same inputs (wall time and peak RSS as ratios): one fine-tune
-for the methods that take one (slerp, nuslerp, nearswap, arcee-fusion, passthrough), two for
-the others. ``--small`` also measures a model 4× smaller, to show that peak RSS does not grow
+for the methods that take one (slerp, nearswap, arcee-fusion, passthrough), two for the
+others. ``--small`` also measures a model 4× smaller, to show that peak RSS does not grow
 with the model; ``--only-tiny`` a 55M-parameter pair (16000×1024 embeddings, two layers) that
 a shared machine measures in minutes. A method whose parameter has no CLI flag (nearswap's t)
 runs from a generated recipe.
@@ -43,7 +43,6 @@ SHAPES = {
 RUNS: list[tuple[str, int, list[str] | dict]] = [
     ("linear", 1, ["--weight", "0.6"]),
     ("slerp", 1, ["--weight", "0.6"]),
-    ("nuslerp", 1, ["--weight", "0.6"]),
     ("nearswap", 1, {"t": 0.001}),
     ("arcee-fusion", 1, []),
     ("passthrough", 1, []),
@@ -59,6 +58,7 @@ RUNS: list[tuple[str, int, list[str] | dict]] = [
     ("sce", 2, []),
     ("model-stock", 2, []),
     ("multislerp", 2, []),
+    ("nuslerp", 2, ["--weight", "0.4", "--weight", "0.6"]),
     ("karcher", 2, []),
     ("ram", 2, []),
     ("ramplus-tl", 2, []),
