@@ -73,12 +73,11 @@ MERGEKIT_METHODS = {
 # ... and safeblend's own spellings.
 METHODS = {**MERGEKIT_METHODS, **{v: v for v in MERGEKIT_METHODS.values()}}
 
-TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype"}
+TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "chat_template"}
 UNSUPPORTED_TOP_LEVEL = {
     "modules": "multi-module merges are not supported",
     "tokenizer_source": "safeblend copies the base model's tokenizer and does not build a merged one",
     "tokenizer": "safeblend copies the base model's tokenizer and does not build a merged one",
-    "chat_template": "safeblend copies the base model's chat template",
 }
 
 # Per method: parameters per model (recipe key → safeblend keyword) and merge-wide ones.
@@ -164,6 +163,7 @@ class Recipe:
     params: dict[str, Any]
     dtype: str | None = None  # output dtype alias (bf16, fp16, fp32) or None for the base's
     warnings: list[str] = field(default_factory=list)
+    chat_template: str | None = None  # Jinja text replacing the base's; None keeps the base's
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -261,6 +261,36 @@ def _check_size(root: Any, source: str) -> None:
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     """Validate a recipe given as the mapping YAML would produce."""
+    recipe = _parse_merge(data, source)
+    recipe.chat_template = _chat_template(data.get("chat_template"), [recipe.base, *recipe.models], source)
+    return recipe
+
+
+def _chat_template(value: Any, models: list[str], source: str) -> str | None:
+    """The output's chat template as mergekit sets it: ``auto``, the template most of the
+    listed models (the base included) carry (none: the base's own stays; ties go to the
+    first in base-then-models order, where mergekit's order is a set's); else the Jinja text
+    itself, which mergekit takes when it is at least 20 characters with a ``{``."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise SpecError(f"{source}: chat_template must be a string (Jinja text or auto), got {type(value).__name__}")
+    if value == "auto":
+        from collections import Counter
+
+        from .model_files import read_chat_template
+
+        found = [read_chat_template(Path(m)) for m in dict.fromkeys(models) if Path(m).is_dir()]
+        counts = Counter(t.strip() for t in found if t)
+        return counts.most_common(1)[0][0] if counts else None
+    if len(value) < 20 or "{" not in value:
+        raise SpecError(f"{source}: chat_template {value[:40]!r} is not supported: give the Jinja template text or "
+                        "auto (mergekit's bundled named templates are not included)")
+    return value
+
+
+def _parse_merge(data: Any, source: str) -> Recipe:
+    """The inputs, method and parameters of a recipe."""
     if not isinstance(data, dict):
         raise SpecError(f"{source}: a recipe is a mapping with merge_method, models, ...; got {type(data).__name__}")
     for key in data:
@@ -551,6 +581,8 @@ def merge_recipe(path: str | os.PathLike, out: str | os.PathLike, **options: Any
             import warnings
 
             warnings.warn(message, stacklevel=2)
+    if recipe.chat_template is not None:
+        options["chat_template"] = recipe.chat_template
     return merge(recipe.base, recipe.models, out, method=recipe.method, **params, **options)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -282,3 +283,73 @@ def test_every_mergekit_method_is_a_registered_method():
                 "della_linear", "multislerp", "nearswap", "ram", "ramplus_tl", "sce"}
     assert set(MERGEKIT_METHODS) == mergekit
     assert set(MERGEKIT_METHODS.values()) == set(method_names())
+
+
+# -- chat_template --------------------------------------------------------------------------
+
+TEMPLATE_A = "{% for m in messages %}<a>{{ m['content'] }}{% endfor %}"
+TEMPLATE_B = "{% for m in messages %}<b>{{ m['content'] }}{% endfor %}"
+
+
+def _with_tokenizer(path: Path, template: Any, jinja: str | None = None) -> None:
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 64}
+    if template is not None:
+        config["chat_template"] = template
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    if jinja is not None:
+        (path / "chat_template.jinja").write_text(jinja)
+
+
+def _ta_recipe(models, **extra) -> dict:
+    return {"merge_method": "task_arithmetic", "base_model": str(models["base"]),
+            "models": [{"model": str(models[k]), "parameters": {"weight": 0.5}} for k in ("ft0", "ft1", "ft2")],
+            **extra}
+
+
+def test_chat_template_text_replaces_the_bases(tmp_path, models):
+    """mergekit sets the tokenizer's chat template to the recipe's Jinja text: the output's
+    tokenizer_config.json and the chat_template.jinja copied from the base carry it; the
+    weights are the same merge as without it."""
+    _with_tokenizer(models["base"], TEMPLATE_B, jinja=TEMPLATE_B)
+    merge_recipe(write_recipe(tmp_path, _ta_recipe(models, chat_template=TEMPLATE_A)), tmp_path / "out")
+    out = tmp_path / "out"
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == TEMPLATE_A
+    assert (out / "chat_template.jinja").read_text() == TEMPLATE_A
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 64  # the rest kept
+    w = weights(models, out)
+    for name in SHAPES:
+        expected = w["base"][name].astype(np.float64) + sum(
+            0.5 * (w[k][name].astype(np.float64) - w["base"][name]) for k in ("ft0", "ft1", "ft2"))
+        assert_within_tolerance(w["out"][name], expected, [w[k][name] for k in ("base", "ft0", "ft1", "ft2")], name)
+
+
+def test_chat_template_auto_takes_the_most_common(tmp_path, models):
+    """auto: the template most listed models carry (the base counts; named-template sets give
+    their "default"); a recipe whose models carry none keeps the base's."""
+    _with_tokenizer(models["base"], TEMPLATE_A)
+    _with_tokenizer(models["ft0"], [{"name": "default", "template": TEMPLATE_B + "\n"}, {"name": "x", "template": "y"}])
+    _with_tokenizer(models["ft1"], None, jinja=TEMPLATE_B)
+    recipe = load_recipe(write_recipe(tmp_path, _ta_recipe(models, chat_template="auto")))
+    assert recipe.chat_template == TEMPLATE_B
+    for k in ("ft0", "ft1"):
+        (models[k] / "tokenizer_config.json").unlink(missing_ok=True)
+        (models[k] / "chat_template.jinja").unlink(missing_ok=True)
+    (models["base"] / "tokenizer_config.json").unlink()
+    assert load_recipe(write_recipe(tmp_path, _ta_recipe(models, chat_template="auto"))).chat_template is None
+
+
+@pytest.mark.parametrize("value, message", [
+    ("chatml", "chat_template 'chatml' is not supported"),
+    ("{{ short }}", "is not supported"),
+    (3, "chat_template must be a string"),
+])
+def test_chat_template_refusals_name_the_key(models, value, message):
+    with pytest.raises(SpecError, match=message):
+        parse_recipe(_ta_recipe(models, chat_template=value), "r.yaml")
+
+
+def test_chat_template_without_a_base_tokenizer_is_refused(tmp_path, models):
+    result = CliRunner().invoke(main, ["merge", "--config", str(write_recipe(tmp_path, _ta_recipe(
+        models, chat_template=TEMPLATE_A))), "-o", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "chat_template" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
