@@ -309,6 +309,10 @@ def _parse_merge(data: Any, source: str) -> Recipe:
     entries, slice_params = _model_entries(data, source)
     merge_wide = _merge_wide(_mapping(data.get("parameters"), f"{source}: parameters"), slice_params, source)
     base = _model_path(data["base_model"], f"{source}: base_model") if data.get("base_model") is not None else None
+    if base is not None and "+" in base and not os.path.exists(base):
+        raise SpecError(f"{source}: base_model {base!r}: a LoRA reference (model+adapter) as the base is not "
+                        "supported; merge the adapter into its model first")
+    entries = [(_lora_reference(path, base, f"{source}: model {path}"), params) for path, params in entries]
     if method == "passthrough":  # one model, as it is
         return _passthrough(entries, base, source, raw_method, data, warnings)
     if method == "karcher":  # the base, if any, is one more model; none of them has parameters
@@ -552,10 +556,28 @@ def _model_path(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value:
         shown = repr(value) if isinstance(value, (int, float, type(None))) else f"a {type(value).__name__}"
         raise SpecError(f"{what}: model must be a path, got {shown}")
-    if "+" in value and not os.path.exists(value):
-        raise SpecError(f"{what}: {value!r}: LoRA references (model+adapter) are not supported; "
-                        "merge the adapter into its model first")
     return value
+
+
+def _lora_reference(value: str, base: str | None, what: str) -> str:
+    """A ``model+adapter`` reference (mergekit's: the PEFT adapter merged into the model) as the
+    path safeblend opens: the adapter directory itself, which safeblend applies to the merge's
+    base (W + s·B·A, ``safeblend.lora``). Only an adapter on ``base_model`` has that meaning
+    here; one on another model is refused, as is an adapter that is not a local directory."""
+    if "+" not in value or os.path.exists(value):
+        return value
+    from .checkpoint import peft_adapter_dir
+
+    parts = value.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise SpecError(f"{what}: {value!r}: expected MODEL+ADAPTER")
+    model, adapter = parts
+    if base is None or not _same(model, base):
+        raise SpecError(f"{what}: {value!r}: a LoRA reference (model+adapter) is supported on the base_model only "
+                        f"({base or 'none given'}); merge the adapter into {model} first")
+    if peft_adapter_dir(Path(adapter)) is None:
+        raise SpecError(f"{what}: {value!r}: {adapter} is not a local PEFT adapter directory (adapter_config.json)")
+    return adapter
 
 
 def _same(a: str, b: str) -> bool:
