@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SpecError
+from .errors import CheckpointError, SpecError
 from .methods.params import Setting, layer_count, setting
 
 # mergekit's method names (every one mergekit 0.1.5 registers) → safeblend's method.
@@ -73,10 +73,10 @@ MERGEKIT_METHODS = {
 # ... and safeblend's own spellings.
 METHODS = {**MERGEKIT_METHODS, **{v: v for v in MERGEKIT_METHODS.values()}}
 
-TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "chat_template"}
+TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "chat_template",
+             "tokenizer_source"}
 UNSUPPORTED_TOP_LEVEL = {
     "modules": "multi-module merges are not supported",
-    "tokenizer_source": "safeblend copies the base model's tokenizer and does not build a merged one",
     "tokenizer": "safeblend copies the base model's tokenizer and does not build a merged one",
 }
 
@@ -263,7 +263,48 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     """Validate a recipe given as the mapping YAML would produce."""
     recipe = _parse_merge(data, source)
     recipe.chat_template = _chat_template(data.get("chat_template"), [recipe.base, *recipe.models], source)
+    if data.get("tokenizer_source") is not None:
+        _check_tokenizer_source(data["tokenizer_source"], recipe, source)
     return recipe
+
+
+def _check_tokenizer_source(value: Any, recipe: Recipe, source: str) -> None:
+    """``tokenizer_source`` (base, union, or the base model's path) where it changes nothing.
+
+    mergekit then builds the output vocabulary (the base's, or the union of the models'), gives
+    every model's embedding and LM head one row per token of it, in its order, and cuts rows
+    beyond it. Where every model's tokenizer.json holds the base's vocabulary (same tokens, same
+    ids) and every vocabulary tensor has exactly one row per token, that is the identity: the
+    merge is the one without the key, with the base's tokenizer. Anything else is refused."""
+    from .checkpoint import Checkpoint, peft_adapter_dir
+    from .quirks import tokenizer_vocabulary, vocabulary_rows
+
+    what = f"{source}: tokenizer_source {value!r}"
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"{what}: expected base, union or a model path")
+    if value not in ("base", "union") and not _same(value, recipe.base):
+        raise SpecError(f"{what}: a tokenizer from a model other than the base is not supported yet")
+    paths = [recipe.base, *(m for m in recipe.models if peft_adapter_dir(Path(m)) is None)]
+    if not all(Path(p).is_dir() for p in paths):
+        raise SpecError(f"{what}: needs local model directories")
+    try:
+        vocabularies = {path: tokenizer_vocabulary(Path(path)) for path in dict.fromkeys(paths)}
+    except CheckpointError as exc:
+        raise SpecError(f"{what}: {exc}") from None
+    vocab = vocabularies[recipe.base]
+    for path in vocabularies:
+        if vocabularies[path] != vocab:
+            raise SpecError(f"{what}: {path}'s vocabulary differs from the base's; merging vocabularies is not "
+                            "supported yet")
+        checkpoint = Checkpoint.open(Path(path))
+        try:
+            rows = vocabulary_rows(checkpoint)
+        finally:
+            checkpoint.close()
+        for name, count in rows.items():
+            if count != len(vocab):
+                raise SpecError(f"{what}: {path}: {name} has {count} rows for {len(vocab)} tokens; mergekit would cut "
+                                "or pad it to the vocabulary, which is not supported yet")
 
 
 def _chat_template(value: Any, models: list[str], source: str) -> str | None:

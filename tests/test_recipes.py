@@ -82,8 +82,8 @@ def test_ties_recipe_maps_to_method_parameters(models):
     ({"merge_method": "passthrough", "models": [{"model": "a", "parameters": {"scale": 0.5}}]},
      "'scale' other than 1 is not supported yet"),
     ({"merge_method": "frankenmerge", "models": [{"model": "a"}]}, "merge_method 'frankenmerge' is not supported;"),
-    ({"merge_method": "ties", "models": [{"model": "a"}], "base_model": "b", "tokenizer_source": "union"},
-     "key 'tokenizer_source' is not supported"),
+    ({"merge_method": "ties", "models": [{"model": "a"}], "base_model": "b", "tokenizer": {"tokens": {}}},
+     "key 'tokenizer' is not supported"),
     ({"merge_method": "linear", "models": [{"model": "a"}], "name": "x"}, "unknown key 'name'"),
     ({"merge_method": "ties", "base_model": "b",
       "models": [{"model": "a", "parameters": {"weight": 1, "gamma": 0.1}}]}, "parameter 'gamma' is not supported"),
@@ -331,6 +331,8 @@ def test_chat_template_auto_takes_the_most_common(tmp_path, models):
     _with_tokenizer(models["ft1"], None, jinja=TEMPLATE_B)
     recipe = load_recipe(write_recipe(tmp_path, _ta_recipe(models, chat_template="auto")))
     assert recipe.chat_template == TEMPLATE_B
+    (models["ft1"] / "chat_template.jinja").unlink()  # one each: the first, base-then-models order
+    assert load_recipe(write_recipe(tmp_path, _ta_recipe(models, chat_template="auto"))).chat_template == TEMPLATE_A
     for k in ("ft0", "ft1"):
         (models[k] / "tokenizer_config.json").unlink(missing_ok=True)
         (models[k] / "chat_template.jinja").unlink(missing_ok=True)
@@ -352,4 +354,65 @@ def test_chat_template_without_a_base_tokenizer_is_refused(tmp_path, models):
     result = CliRunner().invoke(main, ["merge", "--config", str(write_recipe(tmp_path, _ta_recipe(
         models, chat_template=TEMPLATE_A))), "-o", str(tmp_path / "out")])
     assert result.exit_code != 0 and "chat_template" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+# -- tokenizer_source -----------------------------------------------------------------------
+
+VOCAB = {"<s>": 0, "a": 1, "b": 2, "c": 3, "d": 4}  # + one added token: 6 rows, as SHAPES has
+
+
+def _with_vocabulary(path: Path, vocab: dict[str, int] | list, added: str = "<pad>") -> None:
+    model = {"type": "BPE", "vocab": vocab, "merges": []} if isinstance(vocab, dict) else \
+        {"type": "Unigram", "vocab": vocab}
+    (path / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": model,
+                                                     "added_tokens": [{"id": 5, "content": added}]}))
+
+
+@pytest.mark.parametrize("value", ["base", "union", "BASE"])
+def test_tokenizer_source_with_the_bases_vocabulary_is_the_plain_merge(tmp_path, models, value):
+    """Every model carrying the base's vocabulary, one row per token: mergekit's permutation of
+    the embedding and LM head rows is the identity, so the output is the merge without the key
+    (checked against a float64 task-arithmetic reference) and the base's tokenizer."""
+    for k in ("base", "ft0", "ft1", "ft2"):
+        _with_vocabulary(models[k], VOCAB if k != "ft2" else [[t, 0.0] for t in VOCAB])  # Unigram: ids by index
+    recipe = _ta_recipe(models, tokenizer_source=str(models["base"]) if value == "BASE" else value)
+    merge_recipe(write_recipe(tmp_path, recipe), tmp_path / "out")
+    out = tmp_path / "out"
+    assert (out / "tokenizer.json").read_text() == (models["base"] / "tokenizer.json").read_text()
+    w = weights(models, out)
+    for name in SHAPES:
+        expected = w["base"][name].astype(np.float64) + sum(
+            0.5 * (w[k][name].astype(np.float64) - w["base"][name]) for k in ("ft0", "ft1", "ft2"))
+        assert_within_tolerance(w["out"][name], expected, [w[k][name] for k in ("base", "ft0", "ft1", "ft2")], name)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("other vocabulary", "ft1's vocabulary differs from the base's"),
+    ("padded rows", "has 6 rows for 5 tokens"),
+    ("no tokenizer", "cannot read the tokenizer's vocabulary"),
+    ("another model", "a model other than the base is not supported yet"),
+])
+def test_tokenizer_source_refusals_name_the_key(tmp_path, models, case, message):
+    """What would change the vocabulary (a different one, rows to cut or pad, a tokenizer from
+    another model) is a one-line error naming tokenizer_source, before anything is written."""
+    for k in ("base", "ft0", "ft1", "ft2"):
+        _with_vocabulary(models[k], VOCAB)
+    value = "union"
+    if case == "other vocabulary":
+        _with_vocabulary(models["ft1"], {**VOCAB, "e": 4, "d": 3, "c": 2})  # same tokens, other ids... and one more
+    elif case == "padded rows":
+        (models["base"] / "tokenizer.json").write_text(json.dumps(
+            {"model": {"type": "BPE", "vocab": VOCAB, "merges": []}, "added_tokens": []}))
+        for k in ("ft0", "ft1", "ft2"):
+            (models[k] / "tokenizer.json").write_text((models["base"] / "tokenizer.json").read_text())
+    elif case == "no tokenizer":
+        (models["base"] / "tokenizer.json").unlink()
+    else:
+        value = str(models["ft0"])
+    path = write_recipe(tmp_path, _ta_recipe(models, tokenizer_source=value))
+    result = CliRunner().invoke(main, ["merge", "--config", str(path), "-o", str(tmp_path / "out")])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code != 0 and len(errors) == 1 and message in errors[0], result.output
+    assert "tokenizer_source" in errors[0]
     assert not (tmp_path / "out").exists()
