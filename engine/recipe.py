@@ -74,10 +74,9 @@ MERGEKIT_METHODS = {
 METHODS = {**MERGEKIT_METHODS, **{v: v for v in MERGEKIT_METHODS.values()}}
 
 TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "chat_template",
-             "tokenizer_source"}
+             "tokenizer_source", "tokenizer"}
 UNSUPPORTED_TOP_LEVEL = {
     "modules": "multi-module merges are not supported",
-    "tokenizer": "safeblend copies the base model's tokenizer and does not build a merged one",
 }
 
 # Per method: parameters per model (recipe key → safeblend keyword) and merge-wide ones.
@@ -263,23 +262,60 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     """Validate a recipe given as the mapping YAML would produce."""
     recipe = _parse_merge(data, source)
     recipe.chat_template = _chat_template(data.get("chat_template"), [recipe.base, *recipe.models], source)
+    if data.get("tokenizer_source") is not None and data.get("tokenizer") is not None:
+        raise SpecError(f"{source}: give tokenizer_source or tokenizer, not both (mergekit refuses both)")
     if data.get("tokenizer_source") is not None:
         _check_tokenizer_source(data["tokenizer_source"], recipe, source)
+    if data.get("tokenizer") is not None:
+        _check_tokenizer_block(data["tokenizer"], recipe, source)
     return recipe
 
 
-def _check_tokenizer_source(value: Any, recipe: Recipe, source: str) -> None:
+def _check_tokenizer_block(block: Any, recipe: Recipe, source: str) -> None:
+    """mergekit's ``tokenizer:`` block where it changes nothing: ``source`` (default union) as
+    ``tokenizer_source``; ``pad_to_multiple_of`` N where the vocabulary's size is a multiple of N
+    (no row to add); ``tokens`` without ``force``, which only supply rows for models lacking a
+    token, and none does (a warning says so). A forced token is refused."""
+    what = f"{source}: tokenizer"
+    if not isinstance(block, dict):
+        raise SpecError(f"{what}: expected a mapping with source, tokens, pad_to_multiple_of")
+    unknown = sorted(map(str, set(block) - {"source", "tokens", "pad_to_multiple_of"}))
+    if unknown:
+        raise SpecError(f"{what}: key {unknown[0]!r} is not supported")
+    tokens = block.get("tokens") or {}
+    if not isinstance(tokens, dict):
+        raise SpecError(f"{what}.tokens: expected a mapping of token to {{source, force}}")
+    for token, config in tokens.items():
+        if not isinstance(config, dict) or set(config) - {"source", "force"}:
+            raise SpecError(f"{what}.tokens[{token!r}]: expected {{source: ..., force: true|false}}")
+        if config.get("force", False) is not False:
+            raise SpecError(f"{what}.tokens[{token!r}]: force (replacing the token's row in every model) is not "
+                            "supported yet")
+    pad = block.get("pad_to_multiple_of")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise SpecError(f"{what}.pad_to_multiple_of: expected a positive integer, got {pad!r}")
+    vocab_size = _check_tokenizer_source(block.get("source", "union"), recipe, source, "tokenizer.source")
+    if pad is not None and vocab_size % pad:
+        raise SpecError(f"{what}.pad_to_multiple_of {pad}: would pad {vocab_size} rows to "
+                        f"{-(-vocab_size // pad) * pad} (new rows the mean of the others); not supported yet")
+    if tokens:
+        recipe.warnings.append(f"{what}.tokens: no effect: every model has every token of the base's vocabulary, "
+                               "and an unforced entry only fills a row a model lacks (as in mergekit)")
+
+
+def _check_tokenizer_source(value: Any, recipe: Recipe, source: str, key: str = "tokenizer_source") -> int:
     """``tokenizer_source`` (base, union, or the base model's path) where it changes nothing.
 
     mergekit then builds the output vocabulary (the base's, or the union of the models'), gives
     every model's embedding and LM head one row per token of it, in its order, and cuts rows
     beyond it. Where every model's tokenizer.json holds the base's vocabulary (same tokens, same
     ids) and every vocabulary tensor has exactly one row per token, that is the identity: the
-    merge is the one without the key, with the base's tokenizer. Anything else is refused."""
+    merge is the one without the key, with the base's tokenizer. Anything else is refused.
+    Returns the vocabulary's size."""
     from .checkpoint import Checkpoint, peft_adapter_dir
     from .quirks import tokenizer_vocabulary, vocabulary_rows
 
-    what = f"{source}: tokenizer_source {value!r}"
+    what = f"{source}: {key} {value!r}"
     if not isinstance(value, str) or not value:
         raise SpecError(f"{what}: expected base, union or a model path")
     if value not in ("base", "union") and not _same(value, recipe.base):
@@ -305,6 +341,7 @@ def _check_tokenizer_source(value: Any, recipe: Recipe, source: str) -> None:
             if count != len(vocab):
                 raise SpecError(f"{what}: {path}: {name} has {count} rows for {len(vocab)} tokens; mergekit would cut "
                                 "or pad it to the vocabulary, which is not supported yet")
+    return len(vocab)
 
 
 def _chat_template(value: Any, models: list[str], source: str) -> str | None:

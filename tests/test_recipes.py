@@ -82,8 +82,8 @@ def test_ties_recipe_maps_to_method_parameters(models):
     ({"merge_method": "passthrough", "models": [{"model": "a", "parameters": {"scale": 0.5}}]},
      "'scale' other than 1 is not supported yet"),
     ({"merge_method": "frankenmerge", "models": [{"model": "a"}]}, "merge_method 'frankenmerge' is not supported;"),
-    ({"merge_method": "ties", "models": [{"model": "a"}], "base_model": "b", "tokenizer": {"tokens": {}}},
-     "key 'tokenizer' is not supported"),
+    ({"merge_method": "ties", "models": [{"model": "a"}], "base_model": "b", "modules": {}},
+     "key 'modules' is not supported"),
     ({"merge_method": "linear", "models": [{"model": "a"}], "name": "x"}, "unknown key 'name'"),
     ({"merge_method": "ties", "base_model": "b",
       "models": [{"model": "a", "parameters": {"weight": 1, "gamma": 0.1}}]}, "parameter 'gamma' is not supported"),
@@ -416,3 +416,38 @@ def test_tokenizer_source_refusals_name_the_key(tmp_path, models, case, message)
     assert result.exit_code != 0 and len(errors) == 1 and message in errors[0], result.output
     assert "tokenizer_source" in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("block", [
+    {"source": "base"},
+    {},  # source defaults to union
+    {"source": "union", "pad_to_multiple_of": 3, "tokens": {"a": {"source": "base"}, "<pad>": {"force": False}}},
+])
+def test_tokenizer_block_with_the_bases_vocabulary_is_the_plain_merge(tmp_path, models, block):
+    """The tokenizer block under the same conditions: source as tokenizer_source, a
+    pad_to_multiple_of the vocabulary's size (6) already meets, unforced token entries (they
+    only fill rows a model lacks; a warning says they do nothing): the plain merge."""
+    for k in ("base", "ft0", "ft1", "ft2"):
+        _with_vocabulary(models[k], VOCAB)
+    recipe = load_recipe(write_recipe(tmp_path, _ta_recipe(models, tokenizer=block)))
+    assert any("no effect" in w for w in recipe.warnings) == bool(block.get("tokens"))
+    merge_recipe(write_recipe(tmp_path, _ta_recipe(models, tokenizer=block)), tmp_path / "out")
+    w = weights(models, tmp_path / "out")
+    for name in SHAPES:
+        expected = w["base"][name].astype(np.float64) + sum(
+            0.5 * (w[k][name].astype(np.float64) - w["base"][name]) for k in ("ft0", "ft1", "ft2"))
+        assert_within_tolerance(w["out"][name], expected, [w[k][name] for k in ("base", "ft0", "ft1", "ft2")], name)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"tokenizer": {"tokens": {"a": {"source": "base", "force": True}}}}, "force"),
+    ({"tokenizer": {"pad_to_multiple_of": 4}}, "would pad 6 rows to 8"),
+    ({"tokenizer": {"pad_to_multiple_of": 0}}, "positive integer"),
+    ({"tokenizer": {"source": "base", "vocab": 1}}, "key 'vocab' is not supported"),
+    ({"tokenizer": {"source": "base"}, "tokenizer_source": "base"}, "not both"),
+])
+def test_tokenizer_block_refusals_name_the_key(models, extra, message):
+    for k in ("base", "ft0", "ft1", "ft2"):
+        _with_vocabulary(models[k], VOCAB)
+    with pytest.raises(SpecError, match=message):
+        parse_recipe(_ta_recipe(models, **extra), "r.yaml")
