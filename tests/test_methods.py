@@ -707,6 +707,26 @@ def test_della_is_the_same_for_any_chunking(tmp_path):
         np.testing.assert_array_equal(first[name], second[name])
 
 
+@pytest.mark.parametrize("method", ["della", "della-linear"])
+def test_della_ranks_rows_cut_by_chunks_and_rows_longer_than_a_block(tmp_path, method):
+    """A row a chunk cuts is ranked whole (read through the tensor's reader), also a row longer
+    than the combine block (a 300,000-element vector is one row) and rows of odd length: the
+    float64 reference, through 4 KiB chunks."""
+    rng = np.random.default_rng(17)
+    shapes = {"model.norm.weight": (300_000,), "model.layers.0.mlp.up_proj.weight": (9, 1001)}
+    base = {n: rng.standard_normal(s).astype(np.float16) for n, s in shapes.items()}
+    models = [{n: (t.astype(np.float32) + 0.1 * rng.standard_normal(t.shape)).astype(np.float16)
+               for n, t in base.items()} for _ in range(2)]
+    weights, densities, epsilons = [0.6, 0.9], [0.5, 0.3], [0.2, 0.1]
+    elect = method == "della"
+    out = run(tmp_path, base, models, method, chunk_size=4096, weight=weights, density=densities,
+              epsilon=epsilons, seed=3)
+    for name in base:
+        ms = [m[name] for m in models]
+        ref = ref_della(name, base[name], ms, weights, densities, epsilons, elect, normalize=elect, seed=3)
+        assert_within_tolerance(out[name], ref, [base[name], *ms, operand_scale(method, base[name], ms)], name)
+
+
 @pytest.mark.parametrize("params,message", [
     ({"density": 0.1, "epsilon": 0.15}, "density ± epsilon must lie in \\(0, 1\\)"),
     ({"density": 0.9, "epsilon": 0.2}, "density ± epsilon must lie in \\(0, 1\\)"),
