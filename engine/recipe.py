@@ -28,6 +28,10 @@ the key or value; nothing is ignored silently:
 * Defaults are mergekit's: ``normalize`` true for linear and ties, DARE's ``rescale`` true.
   ``rescale: true`` means what mergekit implements: the kept entries carry each task vector's
   L1 norm (safeblend's ``l1``), for DARE and TIES alike.
+* ``chat_template`` (Jinja text, or ``auto``) replaces the base's in the output.
+  ``tokenizer_source`` and the ``tokenizer`` block are honoured where they change nothing (every
+  model holds the base's vocabulary, one embedding row per token) and refused elsewhere.
+  ``model: BASE+ADAPTER`` on the ``base_model`` is that PEFT adapter applied to the base.
 
 The file is read defensively: a regular file of at most 1 MiB of UTF-8 text, nesting at most
 64 deep, at most 100,000 nodes once aliases are expanded, no duplicate keys.
