@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .checkpoint import ADAPTER_CONFIG_NAME, INDEX_NAME, SINGLE_NAME, peft_adapter_dir
+from .checkpoint import ADAPTER_CONFIG_NAME, INDEX_NAME, SINGLE_NAME, lora_reference, peft_adapter_dir
 from .errors import CheckpointError, SpecError
 from .model_files import is_companion
 
@@ -95,7 +95,11 @@ def resolve_inputs(base: str | os.PathLike | None, models: Sequence[str | os.Pat
 
 
 def _resolve(name: str | os.PathLike, progress: bool) -> Path:
-    """A local path for one model name: the path itself if it exists, else a Hub snapshot."""
+    """A local path for one model name: the path itself if it exists, else a Hub snapshot (each
+    part of a ``MODEL+ADAPTER`` reference resolved alike)."""
+    reference = lora_reference(name)
+    if reference is not None:
+        return Path(f"{_resolve(reference[0], progress)}+{_resolve(reference[1], progress)}")
     path = Path(name)
     if path.exists():
         return path

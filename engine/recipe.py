@@ -31,7 +31,7 @@ the key or value; nothing is ignored silently:
 * ``chat_template`` (Jinja text, or ``auto``) replaces the base's in the output.
   ``tokenizer_source`` and the ``tokenizer`` block are honoured where they change nothing (every
   model holds the base's vocabulary, one embedding row per token) and refused elsewhere.
-  ``model: BASE+ADAPTER`` on the ``base_model`` is that PEFT adapter applied to the base.
+  ``model: MODEL+ADAPTER`` is that PEFT adapter applied to MODEL (local directories).
 
 The file is read defensively: a regular file of at most 1 MiB of UTF-8 text, nesting at most
 64 deep, at most 100,000 nodes once aliases are expanded, no duplicate keys.
@@ -316,7 +316,7 @@ def _check_tokenizer_source(value: Any, recipe: Recipe, source: str, key: str = 
     ids) and every vocabulary tensor has exactly one row per token, that is the identity: the
     merge is the one without the key, with the base's tokenizer. Anything else is refused.
     Returns the vocabulary's size."""
-    from .checkpoint import Checkpoint, peft_adapter_dir
+    from .checkpoint import Checkpoint, lora_reference, peft_adapter_dir
     from .quirks import tokenizer_vocabulary, vocabulary_rows
 
     what = f"{source}: {key} {value!r}"
@@ -324,7 +324,10 @@ def _check_tokenizer_source(value: Any, recipe: Recipe, source: str, key: str = 
         raise SpecError(f"{what}: expected base, union or a model path")
     if value not in ("base", "union") and not _same(value, recipe.base):
         raise SpecError(f"{what}: a tokenizer from a model other than the base is not supported yet")
-    paths = [recipe.base, *(m for m in recipe.models if peft_adapter_dir(Path(m)) is None)]
+    # An adapter applied to the base has the base's vocabulary; MODEL+ADAPTER has MODEL's.
+    references = [lora_reference(m) for m in recipe.models]
+    paths = [recipe.base, *(str(r[0]) if r is not None else m for m, r in zip(recipe.models, references)
+                            if r is not None or peft_adapter_dir(Path(m)) is None)]
     if not all(Path(p).is_dir() for p in paths):
         raise SpecError(f"{what}: needs local model directories")
     try:
@@ -643,9 +646,10 @@ def _model_path(value: Any, what: str) -> str:
 
 def _lora_reference(value: str, base: str | None, what: str) -> str:
     """A ``model+adapter`` reference (mergekit's: the PEFT adapter merged into the model) as the
-    path safeblend opens: the adapter directory itself, which safeblend applies to the merge's
-    base (W + s·B·A, ``safeblend.lora``). Only an adapter on ``base_model`` has that meaning
-    here; one on another model is refused, as is an adapter that is not a local directory."""
+    path safeblend opens: on ``base_model``, the adapter directory itself (safeblend applies an
+    adapter to the base, W + s·B·A, ``safeblend.lora``); on another local model, the reference
+    (``safeblend.lora.open_model`` applies the adapter to that model). An adapter that is not a
+    local PEFT directory is refused."""
     if "+" not in value or os.path.exists(value):
         return value
     from .checkpoint import peft_adapter_dir
@@ -654,12 +658,13 @@ def _lora_reference(value: str, base: str | None, what: str) -> str:
     if len(parts) != 2 or not all(parts):
         raise SpecError(f"{what}: {value!r}: expected MODEL+ADAPTER")
     model, adapter = parts
-    if base is None or not _same(model, base):
-        raise SpecError(f"{what}: {value!r}: a LoRA reference (model+adapter) is supported on the base_model only "
-                        f"({base or 'none given'}); merge the adapter into {model} first")
     if peft_adapter_dir(Path(adapter)) is None:
         raise SpecError(f"{what}: {value!r}: {adapter} is not a local PEFT adapter directory (adapter_config.json)")
-    return adapter
+    if base is not None and _same(model, base):
+        return adapter  # the adapter on the base: safeblend applies any adapter to the base
+    if not Path(model).is_dir():
+        raise SpecError(f"{what}: {value!r}: {model} is not a local model directory")
+    return value  # opened as the adapter applied to MODEL (safeblend.lora.open_model)
 
 
 def _same(a: str, b: str) -> bool:
