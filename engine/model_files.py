@@ -215,3 +215,19 @@ def set_chat_template(out_dir: Path, template: str) -> None:
     processor = out_dir / "chat_template.json"
     if processor.is_file():
         write_text_durably(processor, json.dumps({"chat_template": template}, indent=2, ensure_ascii=False) + "\n")
+
+
+def copy_tokenizer_files(model_dir: str | os.PathLike, out_dir: Path) -> list[str]:
+    """Replace the output's tokenizer files (copied from the base) with ``model_dir``'s: a
+    recipe's ``tokenizer_source`` naming a model. Returns the names copied."""
+    from .quirks import TOKENIZER_FILES
+
+    model_dir = Path(model_dir)
+    for name in TOKENIZER_FILES:
+        (out_dir / name).unlink(missing_ok=True)  # none of the base's may outlive the swap
+    copied = []
+    for name in TOKENIZER_FILES:
+        if _is_regular(model_dir / name):
+            copy_regular_file(model_dir / name, out_dir / name)
+            copied.append(name)
+    return copied

@@ -35,7 +35,7 @@ TIE_PAIRS = (
 # Tensors whose first dimension is the vocabulary.
 _VOCAB_NAME = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_in|embed_out|tok_embeddings|output)"
                          r"\.weight$")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                     "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.json",
                     "chat_template.jinja")
 
@@ -230,7 +230,7 @@ def apply_output_files(plan, directory: Path) -> None:
     from .writer import write_text_durably
 
     if plan.files_from is not None:
-        for name in _TOKENIZER_FILES:
+        for name in TOKENIZER_FILES:
             source = plan.files_from / name
             if source.is_file():
                 copy_regular_file(source, directory / name)  # regular files only, mode never widened

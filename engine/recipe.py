@@ -167,6 +167,7 @@ class Recipe:
     dtype: str | None = None  # output dtype alias (bf16, fp16, fp32) or None for the base's
     warnings: list[str] = field(default_factory=list)
     chat_template: str | None = None  # Jinja text replacing the base's; None keeps the base's
+    tokenizer_from: str | None = None  # a model whose tokenizer files replace the base's
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -308,14 +309,15 @@ def _check_tokenizer_block(block: Any, recipe: Recipe, source: str) -> None:
 
 
 def _check_tokenizer_source(value: Any, recipe: Recipe, source: str, key: str = "tokenizer_source") -> int:
-    """``tokenizer_source`` (base, union, or the base model's path) where it changes nothing.
+    """``tokenizer_source`` (base, union, or a model's path) where the weights do not change.
 
     mergekit then builds the output vocabulary (the base's, or the union of the models'), gives
     every model's embedding and LM head one row per token of it, in its order, and cuts rows
     beyond it. Where every model's tokenizer.json holds the base's vocabulary (same tokens, same
     ids) and every vocabulary tensor has exactly one row per token, that is the identity: the
-    merge is the one without the key, with the base's tokenizer. Anything else is refused.
-    Returns the vocabulary's size."""
+    merge is the one without the key, with the base's tokenizer — or the named model's tokenizer
+    files (same vocabulary; its special tokens, configuration and chat template may differ).
+    Anything else is refused. Returns the vocabulary's size."""
     from .checkpoint import Checkpoint, lora_reference, peft_adapter_dir
     from .quirks import tokenizer_vocabulary, vocabulary_rows
 
@@ -323,7 +325,9 @@ def _check_tokenizer_source(value: Any, recipe: Recipe, source: str, key: str = 
     if not isinstance(value, str) or not value:
         raise SpecError(f"{what}: expected base, union or a model path")
     if value not in ("base", "union") and not _same(value, recipe.base):
-        raise SpecError(f"{what}: a tokenizer from a model other than the base is not supported yet")
+        if not Path(value).is_dir():
+            raise SpecError(f"{what}: not base, union or a local model directory")
+        recipe.tokenizer_from = value  # its vocabulary is checked against the base's below
     # An adapter applied to the base has the base's vocabulary; MODEL+ADAPTER has MODEL's.
     references = [lora_reference(m) for m in recipe.models]
     paths = [recipe.base, *(str(r[0]) if r is not None else m for m, r in zip(recipe.models, references)
@@ -334,11 +338,17 @@ def _check_tokenizer_source(value: Any, recipe: Recipe, source: str, key: str = 
         vocabularies = {path: tokenizer_vocabulary(Path(path)) for path in dict.fromkeys(paths)}
     except CheckpointError as exc:
         raise SpecError(f"{what}: {exc}") from None
+    if recipe.tokenizer_from is not None:
+        try:
+            vocabularies[recipe.tokenizer_from] = tokenizer_vocabulary(Path(recipe.tokenizer_from))
+        except CheckpointError as exc:
+            raise SpecError(f"{what}: {exc}") from None
     vocab = vocabularies[recipe.base]
     for path in vocabularies:
         if vocabularies[path] != vocab:
             raise SpecError(f"{what}: {path}'s vocabulary differs from the base's; merging vocabularies is not "
                             "supported yet")
+    for path in dict.fromkeys(paths):  # the merged models' rows (a tokenizer's source need hold no weights)
         checkpoint = Checkpoint.open(Path(path))
         try:
             rows = vocabulary_rows(checkpoint)
@@ -692,6 +702,8 @@ def merge_recipe(path: str | os.PathLike, out: str | os.PathLike, **options: Any
             warnings.warn(message, stacklevel=2)
     if recipe.chat_template is not None:
         options["chat_template"] = recipe.chat_template
+    if recipe.tokenizer_from is not None:
+        options["tokenizer_from"] = recipe.tokenizer_from
     return merge(recipe.base, recipe.models, out, method=recipe.method, **params, **options)
 
 

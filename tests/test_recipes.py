@@ -392,7 +392,7 @@ def test_tokenizer_source_with_the_bases_vocabulary_is_the_plain_merge(tmp_path,
     ("other vocabulary", "ft1's vocabulary differs from the base's"),
     ("padded rows", "has 6 rows for 5 tokens"),
     ("no tokenizer", "cannot read the tokenizer's vocabulary"),
-    ("another model", "a model other than the base is not supported yet"),
+    ("another model", "ft0's vocabulary differs from the base's"),
 ])
 def test_tokenizer_source_refusals_name_the_key(tmp_path, models, case, message):
     """What would change the vocabulary (a different one, rows to cut or pad, a tokenizer from
@@ -409,7 +409,8 @@ def test_tokenizer_source_refusals_name_the_key(tmp_path, models, case, message)
             (models[k] / "tokenizer.json").write_text((models["base"] / "tokenizer.json").read_text())
     elif case == "no tokenizer":
         (models["base"] / "tokenizer.json").unlink()
-    else:
+    else:  # the tokenizer of a model whose vocabulary is not the base's
+        _with_vocabulary(models["ft0"], {**VOCAB, "e": 6})
         value = str(models["ft0"])
     path = write_recipe(tmp_path, _ta_recipe(models, tokenizer_source=value))
     result = CliRunner().invoke(main, ["merge", "--config", str(path), "-o", str(tmp_path / "out")])
@@ -452,3 +453,32 @@ def test_tokenizer_block_refusals_name_the_key(models, extra, message):
         _with_vocabulary(models[k], VOCAB)
     with pytest.raises(SpecError, match=message):
         parse_recipe(_ta_recipe(models, **extra), "r.yaml")
+
+
+def test_tokenizer_source_a_model_of_the_bases_vocabulary_gives_its_tokenizer(tmp_path, models):
+    """tokenizer_source naming a model with the base's vocabulary (an instruct model's special
+    tokens and template, say): mergekit writes that model's tokenizer and the same weights. The
+    output's tokenizer files are that model's, none of the base's left; a chat_template still
+    applies on top."""
+    for k in ("base", "ft0", "ft1", "ft2"):
+        _with_vocabulary(models[k], VOCAB)
+    (models["base"] / "tokenizer.model").write_bytes(b"base only")
+    _with_tokenizer(models["base"], TEMPLATE_A)
+    source = tmp_path / "instruct-tokenizer"  # a tokenizer alone, no weights
+    source.mkdir()
+    _with_vocabulary(source, VOCAB, added="<pad>")
+    (source / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<pad>"}))
+    _with_tokenizer(source, TEMPLATE_B)
+    merge_recipe(write_recipe(tmp_path, _ta_recipe(models, tokenizer_source=str(source))), tmp_path / "out")
+    out = tmp_path / "out"
+    for name in ("tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (source / name).read_bytes(), name
+    assert not (out / "tokenizer.model").exists()
+    w = weights(models, out)
+    for name in SHAPES:
+        expected = w["base"][name].astype(np.float64) + sum(
+            0.5 * (w[k][name].astype(np.float64) - w["base"][name]) for k in ("ft0", "ft1", "ft2"))
+        assert_within_tolerance(w["out"][name], expected, [w[k][name] for k in ("base", "ft0", "ft1", "ft2")], name)
+    merge_recipe(write_recipe(tmp_path, _ta_recipe(models, tokenizer_source=str(source), chat_template=TEMPLATE_A)),
+                 tmp_path / "out2")
+    assert json.loads((tmp_path / "out2" / "tokenizer_config.json").read_text())["chat_template"] == TEMPLATE_A
