@@ -21,7 +21,7 @@ from .execute_cuda import CudaExecutor, runs_on_gpu
 from .hub import resolve_inputs
 from .lora import open_model
 from .methods import MergeMethod, create_method
-from .model_files import copy_model_files
+from .model_files import copy_model_files, copy_tokenizer_files, set_chat_template
 from .output_checks import OutputWatch
 from .output_paths import check_output_not_input
 from .plan import make_plan
@@ -72,6 +72,8 @@ def merge(
     stream: bool = False,
     progress: bool = False,
     on_warning: Callable[[str], None] | None = None,
+    chat_template: str | None = None,
+    tokenizer_from: str | os.PathLike | None = None,
     **method_params: Any,
 ) -> MergeResult:
     """Merge fine-tuned checkpoints into a base checkpoint, streaming, and write OUT.
@@ -98,6 +100,10 @@ def merge(
             downloading them (``safeblend.remote``); URLs are always streamed.
         progress: show a progress bar on stderr.
         on_warning: called with each warning (default: ``warnings.warn``).
+        chat_template: Jinja text that replaces the chat template copied from the base (a
+            recipe's ``chat_template``; ``safeblend.model_files.set_chat_template``).
+        tokenizer_from: a model directory whose tokenizer files replace the base's (a recipe's
+            ``tokenizer_source`` naming a model of the base's vocabulary).
         **method_params: the method's other parameters, e.g. ``density``, ``lambda_``,
             ``normalize``, ``consensus``, ``rescale``, ``seed`` (see ``safeblend.methods``); any
             of them may vary by tensor (``safeblend.methods.params``).
@@ -158,6 +164,10 @@ def merge(
             writer.close()
             write_index(staging, merge_plan, metadata)
             copy_model_files(base_ckpt.model_dir, staging, out_dtype, warn)  # regular files only
+            if tokenizer_from is not None:
+                copy_tokenizer_files(tokenizer_from, staging)
+            if chat_template is not None:
+                set_chat_template(staging, chat_template)
             check_inputs_unchanged([base_ckpt, *model_ckpts])  # size, mtime, inode, lease
             session.commit()  # hashes, manifest, checkpoint quirks' config, then the atomic rename
             for message in watch.messages():

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .checkpoint import reference_paths
 from .errors import OutputError
 from .output_paths import check_replaceable, check_staging
 from .plan import MergePlan, Shard
@@ -79,8 +80,7 @@ def fingerprint(plan: MergePlan, inputs: Sequence[str | os.PathLike], settings: 
     """What must not change between a run and its resume, as comparable JSON parts: the output
     shards' headers (recipe, dtypes, layout), the inputs' files (size, mtime) and ``settings``."""
     files = []
-    for item in inputs:
-        root = Path(item)
+    for root in (p for item in inputs for p in reference_paths(item)):  # MODEL+ADAPTER: both
         paths = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".json")) if root.is_dir() else [root]
         for path in paths:
             st = os.stat(path)

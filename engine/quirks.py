@@ -35,7 +35,7 @@ TIE_PAIRS = (
 # Tensors whose first dimension is the vocabulary.
 _VOCAB_NAME = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_in|embed_out|tok_embeddings|output)"
                          r"\.weight$")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                     "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.json",
                     "chat_template.jinja")
 
@@ -230,7 +230,7 @@ def apply_output_files(plan, directory: Path) -> None:
     from .writer import write_text_durably
 
     if plan.files_from is not None:
-        for name in _TOKENIZER_FILES:
+        for name in TOKENIZER_FILES:
             source = plan.files_from / name
             if source.is_file():
                 copy_regular_file(source, directory / name)  # regular files only, mode never widened
@@ -239,3 +239,25 @@ def apply_output_files(plan, directory: Path) -> None:
         data = json.loads(config.read_text(encoding="utf-8"))
         data = {k: v for k, v in {**data, **plan.config}.items() if v is not None}  # None removes a key
         write_text_durably(config, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def tokenizer_vocabulary(model_dir: Path) -> dict[str, int]:
+    """A model's token → id map as transformers' ``get_vocab()`` gives it, from tokenizer.json:
+    the tokenizer model's vocabulary (a mapping, or Unigram's list of [piece, score] whose
+    index is the id), then the added tokens. CheckpointError when it cannot be read."""
+    path = model_dir / "tokenizer.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        vocab = data["model"]["vocab"]
+        added = data.get("added_tokens") or []
+        tokens = dict(vocab) if isinstance(vocab, dict) else {piece[0]: i for i, piece in enumerate(vocab)}
+        tokens.update({t["content"]: int(t["id"]) for t in added})
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise CheckpointError(f"{path}: cannot read the tokenizer's vocabulary ({exc.__class__.__name__})") from None
+    return tokens
+
+
+def vocabulary_rows(ckpt: Checkpoint) -> dict[str, int]:
+    """The rows of a checkpoint's vocabulary tensors (embeddings, LM heads), by name."""
+    return {name: info.shape[0] for name, info in ckpt.tensors.items()
+            if _VOCAB_NAME.search(name) and len(info.shape) == 2}
