@@ -1,9 +1,11 @@
 """Tiny transformers models of the architectures fine-tunes come in, merged end to end.
 
 For each architecture — Llama, Gemma2 (tied embeddings, LoRA on the tied LM head), Qwen2 (tied,
-lm_head in modules_to_save; or embed_tokens with ensure_weight_tying), Phi3 (fused qkv/gate_up),
-GPT-2 (Conv1D, tied), Mixtral (MoE) and Llava (saved as language_model.model.*, adapted by
-PEFT as model.language_model.*) — a full fine-tune and a PEFT LoRA adapter are merged at
+lm_head in modules_to_save; or embed_tokens with ensure_weight_tying; or untied), Mistral (LoRA
+on lm_head), Phi3 (fused qkv/gate_up), GPT-2 (Conv1D, tied), Mixtral and Qwen2-MoE (fused
+experts; a shared expert and its gate), BERT (an encoder with a tied masked-LM head) and Llava
+(saved as language_model.model.*, adapted by PEFT as model.language_model.*) — a full fine-tune
+and a PEFT LoRA adapter are merged at
 λ = 0.6. The output must load with ``from_pretrained`` with no missing or unexpected weights (and
 AutoProcessor where the base has a processor), tied embeddings must be tied or not as in PEFT's
 merge, and its logits must match those of a float64 reference merge computed here from
@@ -79,6 +81,19 @@ ARCHS = {
         **TEXT, num_local_experts=4, num_experts_per_tok=2)), dict(r=4, lora_alpha=8,
                                                                    target_modules=["q_proj", "v_proj", "o_proj"]),
                         load_options={"experts_implementation": "eager"}),  # the grouped kernel has no float64
+    "qwen2": Arch(lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TEXT, tie_word_embeddings=False)),
+                  dict(r=4, lora_alpha=8, target_modules="all-linear")),
+    "mistral": Arch(lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**TEXT)),
+                    dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "gate_proj", "lm_head"])),
+    "qwen2-moe": Arch(lambda: transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        **TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24)),
+                      dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "gate_proj", "down_proj",
+                                                                 "shared_expert_gate"]),
+                      load_options={"experts_implementation": "eager"}),
+    "bert": Arch(lambda: transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, pad_token_id=0)),
+                 dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"]), loader="AutoModelForMaskedLM"),
     "llava": Arch(_llava, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "linear_1"]),
                   loader="LlavaForConditionalGeneration", inputs=_llava_inputs()),
 }
