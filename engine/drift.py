@@ -45,8 +45,8 @@ from .errors import IncompatibleInputsError, SafeblendError, SpecError
 from .execute import DEFAULT_CHUNK_BYTES, DEFAULT_WORKERS
 from .hub import resolve_inputs
 from .lora import open_model
-from .plan import check_compatible
 from .quantized import open_checkpoint
+from .quirks import matched_pairs
 from .units import parse_size
 
 # Scratch per thread: float64 blocks of 64K elements keep both operands (512 KiB each) in L2;
@@ -251,10 +251,9 @@ def diff(
         base_ckpt.close()
         raise
     try:
-        check_compatible(base_ckpt, [ft_ckpt])
+        pairs = matched_pairs(base_ckpt, ft_ckpt, notes.append)  # as a merge matches them (safeblend.quirks)
         report = DriftReport(str(base), str(ft), [])
         files = {f.path: f for ckpt in (base_ckpt, ft_ckpt) for f in ckpt.files}
-        pairs = [(info, ft_ckpt.tensors[name]) for name, info in base_ckpt.tensors.items()]
         report.tensors = [_new_entry(a, b) for a, b in pairs]
         pairs = [_addressable(a, b) for a, b in pairs]
         with _progress_bar(base_ckpt.nbytes + ft_ckpt.nbytes, progress) as bar:

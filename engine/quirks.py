@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,44 @@ def reconcile(base: Checkpoint, models: list[Checkpoint], allow_missing: str | N
     if resized:
         _note_resize(resized, result)
     return result
+
+
+def matched_pairs(base: Checkpoint, model: Checkpoint, warn) -> list[tuple[TensorInfo, TensorInfo]]:
+    """(base, model) tensor pairs, in the base's order, for comparing two models tensor by
+    tensor: matched as ``reconcile`` matches them for a merge (names in another transformers
+    layout aligned to the base's; an LM head one model ties to its embedding and the other
+    stores compared with that embedding). Each base-side info carries the pair's name.
+
+    Raises IncompatibleInputsError when names or shapes still differ.
+    """
+    ckpts, tables, result = [base, model], [dict(base.tensors), dict(model.tensors)], Reconciled(entries=[])
+    _align_layouts(ckpts, tables, result)
+    _untie(ckpts, tables, result)
+    for message in result.warnings:
+        if "tie_word_embeddings" not in message:  # untying is reported below, in a comparison's terms
+            warn(message)
+    for ckpt, table in zip(ckpts, tables):
+        for name, info in table.items():
+            if name != info.name and info.name in table:  # a tied head standing for its embedding
+                warn(f"{ckpt.path} ties {name} to {info.name} (tie_word_embeddings) while the other model stores "
+                     f"it: {name} is compared using {info.name}")
+    missing = [n for n in tables[0] if n not in tables[1]]
+    extra = [n for n in tables[1] if n not in tables[0]]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing from it (first: {', '.join(missing[:3])})")
+        if extra:
+            parts.append(f"{len(extra)} not in the base (first: {', '.join(extra[:3])})")
+        raise IncompatibleInputsError(f"{model.path}: tensor names differ from the base {base.path}: " + "; ".join(parts))
+    pairs = []
+    for name, info in tables[0].items():
+        other = tables[1][name]
+        if other.shape != info.shape:
+            raise IncompatibleInputsError(f"{model.path}: tensor {name!r} has shape {list(other.shape)} but the "
+                                          f"base's is {list(info.shape)}")
+        pairs.append((info if info.name == name else replace(info, name=name), other))
+    return pairs
 
 
 def tied_heads(ckpt: Checkpoint) -> dict[str, str]:

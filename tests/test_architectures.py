@@ -243,3 +243,25 @@ def test_tie_warnings_name_only_tensors_the_models_have(tmp_path):
     assert messages and all("transformer.wte" not in m and "embed_in" not in m and "tok_embeddings" not in m
                             for m in messages), messages
     assert any("lm_head.weight" in m and "model.embed_tokens.weight" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_diff_matches_the_float64_reference(built, kind):
+    """``safeblend diff`` of each architecture's fine-tune or adapter: the sums over all tensors
+    equal those over the fine-tuned model's parameters (each tied pair once, as that model holds
+    it; a head it unties compared with the base's embedding, as merge does)."""
+    if kind == "full":
+        theta = _load(built.arch, built.ft)[0]
+    else:
+        theta = peft.PeftModel.from_pretrained(_load(built.arch, built.base)[0], built.adapter).to(torch.float64)
+        theta = theta.merge_and_unload()
+    base = _load(built.arch, built.base)[0].state_dict()
+    aa = dd = max_abs = 0.0
+    for name, p in theta.named_parameters():  # tied parameters once
+        a, delta = base[name].numpy(), p.detach().numpy().astype(np.float32).astype(np.float64) - base[name].numpy()
+        aa, dd = aa + float(np.sum(a * a)), dd + float(np.sum(delta * delta))
+        max_abs = max(max_abs, float(np.max(np.abs(delta))))
+    overall = safeblend.diff(built.base, built.ft if kind == "full" else built.adapter).overall()
+    assert overall.aa == pytest.approx(aa, rel=1e-12)
+    assert overall.dd == pytest.approx(dd, rel=1e-9)
+    assert overall.max_abs == pytest.approx(max_abs, rel=1e-6)
