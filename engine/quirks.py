@@ -6,7 +6,8 @@
   from that model. Fewer rows than the base is an error.
 - **Tied embeddings**: when one model stores ``lm_head`` and another ties it to the input
   embedding (``tie_word_embeddings``), the tied model's embedding stands in for its LM head;
-  the output stores ``lm_head`` and its config says ``tie_word_embeddings: false``.
+  the output stores ``lm_head`` and its config says ``tie_word_embeddings: false`` (in its
+  ``text_config`` too). The pair is found in any transformers layout (safeblend.layouts).
 - **Tensors only some inputs have**: an error listing them, or with ``allow_missing="take"``
   a copy from the base when it has them, else from the first model that does.
 """
@@ -22,7 +23,7 @@ from typing import Any
 
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import CheckpointError, IncompatibleInputsError, SpecError
-from .layouts import align, canonical
+from .layouts import align, canonical, canonical_lookup
 
 ALLOW_MISSING = ("take",)
 # (LM head, input embedding) names of architectures that can tie them.
@@ -164,18 +165,25 @@ def _align_layouts(ckpts: list[Checkpoint], tables: list[dict[str, TensorInfo]],
 
 
 def _untie(ckpts: list[Checkpoint], tables: list[dict[str, TensorInfo]], result: Reconciled) -> None:
-    """Where some inputs store the LM head and others tie it, use the embedding as the head."""
+    """Where some inputs store the LM head and others tie it, use the embedding as the head.
+    Each pair's names are matched in any transformers layout (safeblend.layouts): a Llava-style
+    base saves its tied embedding as ``language_model.model.embed_tokens.weight``."""
     configs = [_config(c) for c in ckpts]
+    lookups = [canonical_lookup(t) for t in tables]
     for head, embed in TIE_PAIRS:
-        holders = [i for i, t in enumerate(tables) if head in t]
-        if not holders or not any(embed in t for t in tables):
+        heads = [lookup.get(canonical(head)) for lookup in lookups]  # each input's own name, or None
+        embeds = [lookup.get(canonical(embed)) for lookup in lookups]
+        holders = [i for i, name in enumerate(heads) if name is not None]
+        if not holders or not any(embeds):
             continue  # another architecture's pair: warn only about tensors these models have
-        tied = [i for i, t in enumerate(tables) if head not in t and embed in t
+        head = heads[holders[0]]
+        tied = [i for i, t in enumerate(tables) if heads[i] is None and embeds[i] is not None
                 and configs[i].get("tie_word_embeddings", True) is not False]
         for i in tied:
-            tables[i][head] = tables[i][embed]
+            tables[i][head] = tables[i][embeds[i]]
+        embed = next(e for e in (embeds[i] for i in (*tied, *range(len(tables)))) if e is not None)
         if tied:
-            result.config["tie_word_embeddings"] = False
+            result.config.update(_untied(configs[0]))
             names = ", ".join(str(ckpts[i].path) for i in tied)
             result.warnings.append(
                 f"{names} tie(s) {head} to {embed} (tie_word_embeddings) while other inputs store it: {head} is "
@@ -184,9 +192,19 @@ def _untie(ckpts: list[Checkpoint], tables: list[dict[str, TensorInfo]], result:
         elif configs[0].get("tie_word_embeddings") is True and any(
                 c.get("tie_word_embeddings") is False for c in configs[1:]):
             # Every input stores the head but some untied it: the merged head is not the embedding.
-            result.config["tie_word_embeddings"] = False
+            result.config.update(_untied(configs[0]))
             result.warnings.append(f"a fine-tuned model unties {head} from {embed}; config.json gets "
                                    "tie_word_embeddings=false")
+
+
+def _untied(config: dict[str, Any]) -> dict[str, Any]:
+    """Config changes that untie the LM head: ``tie_word_embeddings: false``, also in a
+    multimodal model's ``text_config``, from which transformers reads it for Llava-style models."""
+    changes: dict[str, Any] = {"tie_word_embeddings": False}
+    text = config.get("text_config")
+    if isinstance(text, dict):
+        changes["text_config"] = {**text, "tie_word_embeddings": False}
+    return changes
 
 
 def _resize(entry: Entry, models: list[Checkpoint], resized: list) -> None:

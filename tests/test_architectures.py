@@ -43,8 +43,8 @@ class Arch:
     inputs: dict = field(default_factory=lambda: {"input_ids": torch.tensor(TOKENS)})
 
 
-def _llava():
-    text = dict(TEXT, model_type="llama")
+def _llava(tied: bool = False):
+    text = dict(TEXT, model_type="llama", tie_word_embeddings=tied)
     vision = dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                   num_attention_heads=2, image_size=16, patch_size=8)
     return transformers.LlavaForConditionalGeneration(
@@ -96,6 +96,11 @@ ARCHS = {
                  dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"]), loader="AutoModelForMaskedLM"),
     "llava": Arch(_llava, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "linear_1"]),
                   loader="LlavaForConditionalGeneration", inputs=_llava_inputs()),
+    # A tied text model, its embedding saved as language_model.model.embed_tokens, and a
+    # modules_to_save copy of the head that PEFT names lm_head.
+    "llava-tied": Arch(lambda: _llava(tied=True), dict(r=4, lora_alpha=8, target_modules=["q_proj", "linear_1"],
+                                                      modules_to_save=["lm_head"]),
+                       loader="LlavaForConditionalGeneration", inputs=_llava_inputs()),
 }
 
 
