@@ -110,15 +110,14 @@ def matched_pairs(base: Checkpoint, model: Checkpoint, warn) -> list[tuple[Tenso
     """
     ckpts, tables, result = [base, model], [dict(base.tensors), dict(model.tensors)], Reconciled(entries=[])
     _align_layouts(ckpts, tables, result)
-    _untie(ckpts, tables, result)
     for message in result.warnings:
-        if "tie_word_embeddings" not in message:  # untying is reported below, in a comparison's terms
-            warn(message)
-    for ckpt, table in zip(ckpts, tables):
-        for name, info in table.items():
-            if name != info.name and info.name in table:  # a tied head standing for its embedding
-                warn(f"{ckpt.path} ties {name} to {info.name} (tie_word_embeddings) while the other model stores "
-                     f"it: {name} is compared using {info.name}")
+        warn(message)
+    aligned = [set(t) for t in tables]
+    _untie(ckpts, tables, result)  # its warnings speak of a merge's output: reported here in a comparison's terms
+    for ckpt, table, names in zip(ckpts, tables, aligned):
+        for name in table.keys() - names:  # a tied head standing for its embedding
+            warn(f"{ckpt.path} ties {name} to {table[name].name} (tie_word_embeddings) while the other model "
+                 f"stores it: {name} is compared using {table[name].name}")
     missing = [n for n in tables[0] if n not in tables[1]]
     extra = [n for n in tables[1] if n not in tables[0]]
     if missing or extra:

@@ -69,6 +69,8 @@ ARCHS = {
     "qwen2-tied": Arch(lambda: _qwen2_tied(),
                        dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], modules_to_save=["lm_head"]),
                        ),
+    "qwen2-tied-embed": Arch(lambda: _qwen2_tied(),  # untied by the copy: lm_head keeps the base's values
+                             dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
     "qwen2-tied-kept": Arch(lambda: _qwen2_tied(),
                             dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
                                  ensure_weight_tying=True)),
@@ -266,7 +268,11 @@ def test_diff_matches_the_float64_reference(built, kind):
         a, delta = base[name].numpy(), p.detach().numpy().astype(np.float32).astype(np.float64) - base[name].numpy()
         aa, dd = aa + float(np.sum(a * a)), dd + float(np.sum(delta * delta))
         max_abs = max(max_abs, float(np.max(np.abs(delta))))
-    overall = safeblend.diff(built.base, built.ft if kind == "full" else built.adapter).overall()
+    report = safeblend.diff(built.base, built.ft if kind == "full" else built.adapter)
+    overall = report.overall()
     assert overall.aa == pytest.approx(aa, rel=1e-12)
     assert overall.dd == pytest.approx(dd, rel=1e-9)
     assert overall.max_abs == pytest.approx(max_abs, rel=1e-6)
+    names = set(safeblend.checkpoint.Checkpoint.open(built.base).tensors) | {"lm_head.weight"}
+    for message in report.warnings:  # they name only tensors the models have
+        assert all(w in names for w in message.replace(",", " ").split() if w.endswith(".weight")), message
