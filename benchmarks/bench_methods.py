@@ -3,12 +3,17 @@
 Generates a Llama-shaped bf16 base and two "fine-tunes" of it (base + small noise) whose
 largest tensors are 128256×4096 embeddings (Llama-3-8B's vocabulary and width; one layer by
 default, so the embeddings dominate), warms the page cache, then runs every method through the
-CLI under ``/usr/bin/time -v`` (peak RSS) on the CPU. Each method is compared with ``linear``
-on the same inputs: one fine-tune for slerp, two for the others. ``--small`` also measures a
-model 4× smaller, to show that peak RSS does not grow with the model.
+CLI under ``/usr/bin/time -v`` (peak RSS) on the CPU. Every registered method runs, each
+compared with ``linear`` on the same inputs (wall time and peak RSS as ratios): one fine-tune
+for the methods that take one (slerp, nearswap, arcee-fusion, passthrough), two for the
+others. ``--small`` also measures a model 4× smaller, to show that peak RSS does not grow
+with the model; ``--only-tiny`` a 55M-parameter pair (16000×1024 embeddings, two layers) that
+a shared machine measures in minutes. A method whose parameter has no CLI flag (nearswap's t)
+runs from a generated recipe.
 
     python benchmarks/bench_methods.py                 # 128256×4096 embeddings, ~2.5 GB per model
     python benchmarks/bench_methods.py --small --runs 3
+    python benchmarks/bench_methods.py --only-tiny --keep
 """
 
 from __future__ import annotations
@@ -32,20 +37,32 @@ from measure import safeblend_command, timed
 SHAPES = {
     "embed-128256x4096": LlamaShape(4096, 14336, 1, 128256, 32, 8),
     "embed-32064x4096": LlamaShape(4096, 3584, 1, 32064, 32, 8),  # ~4× smaller
+    "embed-16000x1024": LlamaShape(1024, 2816, 2, 16000, 16, 4),  # 55M parameters, 110 MB per model
 }
-# (method, fine-tunes, extra CLI arguments)
-RUNS = [
+# (method, fine-tunes, extra CLI arguments, or a dict: the recipe's merge-wide parameters)
+RUNS: list[tuple[str, int, list[str] | dict]] = [
     ("linear", 1, ["--weight", "0.6"]),
     ("slerp", 1, ["--weight", "0.6"]),
+    ("nearswap", 1, {"t": 0.001}),
+    ("arcee-fusion", 1, []),
+    ("passthrough", 1, []),
     ("linear", 2, ["--weight", "0.5"]),
     ("task-arithmetic", 2, ["--weight", "0.5", "--lambda", "0.8"]),
     ("ties", 2, ["--weight", "0.5", "--density", "0.3"]),
     ("dare-linear", 2, ["--weight", "0.5", "--density", "0.3"]),
     ("dare-ties", 2, ["--weight", "0.5", "--density", "0.3"]),
+    ("breadcrumbs", 2, ["--weight", "0.5", "--density", "0.3"]),
+    ("breadcrumbs-ties", 2, ["--weight", "0.5", "--density", "0.3"]),
+    ("della", 2, ["--weight", "0.5", "--density", "0.3"]),
+    ("della-linear", 2, ["--weight", "0.5", "--density", "0.3"]),
+    ("sce", 2, []),
     ("model-stock", 2, []),
+    ("multislerp", 2, []),
+    ("nuslerp", 2, ["--weight", "0.4", "--weight", "0.6"]),
+    ("karcher", 2, []),
+    ("ram", 2, []),
+    ("ramplus-tl", 2, []),
 ]
-
-
 def write_second_finetune(base: Path, out: Path, seed: int = 1, scale: float = 0.05) -> None:
     """Another fine-tune of ``base``: each tensor plus its own noise, one shard at a time."""
     out.mkdir(parents=True, exist_ok=True)
@@ -89,8 +106,15 @@ def bench_size(workdir: Path, tag: str, shape: LlamaShape, runs: int, methods: s
         if methods and method not in methods and method != "linear":
             continue
         inputs = [base, ft1, ft2][: 1 + n_ft]
-        cmd = [safeblend_command(), "merge", *map(str, inputs), "-o", str(out), "--method", method, *extra,
-               "--device", "cpu", "--overwrite", "--json"]
+        if isinstance(extra, dict):  # a parameter without a CLI flag: a recipe
+            recipe = workdir / f"{method}.yml"
+            recipe.write_text(json.dumps({"merge_method": method, "base_model": str(base), "parameters": extra,
+                                          "models": [{"model": str(p)} for p in inputs[1:]]}))
+            cmd = [safeblend_command(), "merge", "--config", str(recipe), "-o", str(out),
+                   "--device", "cpu", "--overwrite", "--json"]
+        else:
+            cmd = [safeblend_command(), "merge", *map(str, inputs), "-o", str(out), "--method", method, *extra,
+                   "--device", "cpu", "--overwrite", "--json"]
         samples = [timed(cmd) for _ in range(runs)]
         wall = statistics.median(w for w, _ in samples)
         rss = max(r for _, r in samples)
@@ -102,13 +126,14 @@ def bench_size(workdir: Path, tag: str, shape: LlamaShape, runs: int, methods: s
 
 
 def print_table(rows: list[dict]) -> None:
-    baseline = {(r["size"], r["fine_tunes"]): r["wall_s"] for r in rows if r["method"] == "linear"}
-    print(f"| size | method | fine-tunes | wall s (median) | vs linear | peak RSS MiB |")
-    print("|---|---|---:|---:|---:|---:|")
+    linear = {(r["size"], r["fine_tunes"]): r for r in rows if r["method"] == "linear"}
+    print("| size | method | fine-tunes | wall s (median) | wall vs linear | peak RSS MiB | RSS vs linear |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        ratio = r["wall_s"] / baseline[(r["size"], r["fine_tunes"])]
+        ref = linear[(r["size"], r["fine_tunes"])]
         print(f"| {r['size']} ({r['model_bytes'] / 1e9:.2f} GB/model) | {r['method']} | {r['fine_tunes']} | "
-              f"{r['wall_s']:.2f} | {ratio:.2f}x | {r['peak_rss'] / 2**20:.0f} |")
+              f"{r['wall_s']:.2f} | {r['wall_s'] / ref['wall_s']:.2f}x | {r['peak_rss'] / 2**20:.0f} | "
+              f"{r['peak_rss'] / ref['peak_rss']:.2f}x |")
 
 
 def main() -> None:
@@ -116,12 +141,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--small", action="store_true", help="also measure a model 4x smaller")
     parser.add_argument("--only-small", action="store_true", help="measure only the smaller model")
+    parser.add_argument("--only-tiny", action="store_true", help="measure only the 55M-parameter pair")
     parser.add_argument("--methods", nargs="*", help="only these methods (linear always runs)")
     parser.add_argument("--workdir", type=Path, default=Path("benchmarks/out/methods"))
     parser.add_argument("--keep", action="store_true", help="keep the generated models for the next run")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    sizes = ["embed-32064x4096"] if args.only_small else (
+    sizes = ["embed-16000x1024"] if args.only_tiny else ["embed-32064x4096"] if args.only_small else (
         ["embed-128256x4096", "embed-32064x4096"] if args.small else ["embed-128256x4096"])
     rows = []
     for tag in sizes:

@@ -24,7 +24,7 @@ from .execute_cuda import CudaExecutor
 from .hub import resolve_inputs
 from .lora import open_model
 from .methods import MergeMethod, create_method
-from .model_files import write_model_files
+from .model_files import copy_tokenizer_files, set_chat_template, write_model_files
 from .output_checks import OutputWatch
 from .output_paths import check_output_not_input
 from .plan import MergePlan, make_plan
@@ -76,6 +76,8 @@ def merge(
     stream: bool = False,
     progress: bool = False,
     on_warning: Callable[[str], None] | None = None,
+    chat_template: str | None = None,
+    tokenizer_from: str | os.PathLike | None = None,
     **method_params: Any,
 ) -> MergeResult:
     """Merge fine-tuned checkpoints into a base checkpoint, streaming, and write OUT.
@@ -102,6 +104,10 @@ def merge(
             downloading them (``safeblend.remote``); URLs are always streamed.
         progress: show a progress bar on stderr.
         on_warning: called with each warning (default: ``warnings.warn``).
+        chat_template: Jinja text that replaces the chat template copied from the base (a
+            recipe's ``chat_template``; ``safeblend.model_files.set_chat_template``).
+        tokenizer_from: a model directory whose tokenizer files replace the base's (a recipe's
+            ``tokenizer_source`` naming a model of the base's vocabulary).
         **method_params: the method's other parameters, e.g. ``density``, ``lambda_``,
             ``normalize``, ``consensus``, ``rescale``, ``seed`` (see ``safeblend.methods``); any
             of them may vary by tensor (``safeblend.methods.params``).
@@ -131,13 +137,19 @@ def merge(
         return executor(plans[0], base_ckpt, model_ckpts, merger, backend, chunk_bytes,
                         kept=kept).run(writers[0], update)
 
+    def finish_files(staging: Path) -> None:  # a recipe's tokenizer_source and chat_template
+        if tokenizer_from is not None:
+            copy_tokenizer_files(tokenizer_from, staging)
+        if chat_template is not None:
+            set_chat_template(staging, chat_template)
+
     # LoRA adapter directories open as lazily materialised fine-tunes (safeblend.lora); as
     # low-rank terms where the method adds them itself (the linear family, on the CPU).
     results, _ = write_outputs(base, model_paths, [Path(out)], [merger], options, execute, device=device_name,
                                low_rank=device_name == "cpu" and merger.takes_low_rank, overwrite=overwrite,
                                resume=resume, allow_missing=allow_missing,
                                progress="merging" if progress else None, warn=warn, started=started,
-                               watch_output=True)
+                               watch_output=True, finish_files=finish_files)
     return results[0]
 
 
@@ -174,6 +186,7 @@ def write_outputs(
     warn: Callable[[str], None], started: float, watch_output: bool = False, keep_finished: bool = False,
     before_staging: Callable[[list[MergePlan]], None] | None = None,
     after_staging: Callable[[list[MergeSession]], list[str]] | None = None,
+    finish_files: Callable[[Path], None] | None = None,
 ) -> tuple[list[MergeResult], list[str]]:
     """The one merge skeleton, for one output (merge) or several (sweep): open the inputs, plan
     each output, stage it (``MergeSession``), run ``execute(plans, mergers, base, models, writers,
@@ -185,7 +198,8 @@ def write_outputs(
     ``watch_output`` checks the merged values of a single output (safeblend.output_checks).
     ``keep_finished`` (a sweep's): with ``resume``, outputs an interrupted run committed are
     kept as they are. ``after_staging`` returns the messages to show once every output is
-    staged (default: the sessions' own)."""
+    staged (default: the sessions' own). ``finish_files`` may change an output's non-weight files
+    once written (a recipe's tokenizer and chat template)."""
     with ExitStack() as stack:  # every input opened is closed, however this ends
         base_ckpt, model_ckpts = open_inputs(stack, base, model_paths, options.out_dtype, low_rank)
         metadatas = [output_metadata(m, base, model_paths, options.out_dtype) for m in mergers]
@@ -233,6 +247,8 @@ def write_outputs(
                 # Regular files only; a skipped one is said once.
                 write_model_files(plans[k], base_ckpt.model_dir, session.staging, options.out_dtype,
                                   warn if n == 0 else None)
+                if finish_files is not None:
+                    finish_files(session.staging)
             check_inputs_unchanged([base_ckpt, *model_ckpts])  # size, mtime, inode, lease: last, before commit
             for session in sessions:
                 session.commit()  # hashes, manifest, then the atomic rename

@@ -513,6 +513,24 @@ def peft_adapter_dir(path: Path) -> Path | None:
     return root
 
 
+def lora_reference(item: str | os.PathLike) -> tuple[Path, Path] | None:
+    """mergekit's ``MODEL+ADAPTER`` reference (the PEFT adapter merged into MODEL) as (model,
+    adapter); None for anything else: an existing path with a ``+`` in its name, or a URL."""
+    text = os.fspath(item)
+    if "+" not in text or os.path.exists(text) or "://" in text:
+        return None
+    parts = text.split("+")
+    if len(parts) != 2 or not all(parts):
+        return None
+    return Path(parts[0]), Path(parts[1])
+
+
+def reference_paths(item: str | os.PathLike) -> list[Path]:
+    """The paths one input reads: a ``MODEL+ADAPTER`` reference's two, else the path itself."""
+    reference = lora_reference(item)
+    return list(reference) if reference is not None else [Path(item)]
+
+
 @dataclass
 class Checkpoint:
     """A model as a set of safetensors files, viewed through their headers.

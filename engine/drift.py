@@ -44,7 +44,7 @@ from .errors import IncompatibleInputsError, SafeblendError, SpecError
 from .execute import DEFAULT_CHUNK_BYTES, DEFAULT_WORKERS, run_in_order
 from .hub import resolve_inputs
 from .methods._blocks import scratch
-from .plan import check_compatible
+from .quirks import matched_pairs
 from .units import parse_size
 
 # Scratch per thread: float64 blocks of 64K elements keep both operands (512 KiB each) in L2;
@@ -245,10 +245,9 @@ def diff(
     with ExitStack() as stack:  # both inputs closed however this ends
         # A LoRA adapter directory is base + s·B·A (safeblend.lora), formed in float64.
         base_ckpt, (ft_ckpt,) = open_inputs(stack, base, [ft], out_dtype="F64")
-        check_compatible(base_ckpt, [ft_ckpt])
+        pairs = matched_pairs(base_ckpt, ft_ckpt, notes.append)  # as a merge matches them (safeblend.quirks)
         report = DriftReport(str(base), str(ft), [])
         files = {f.path: f for ckpt in (base_ckpt, ft_ckpt) for f in ckpt.files}
-        pairs = [(info, ft_ckpt.tensors[name]) for name, info in base_ckpt.tensors.items()]
         report.tensors = [_new_entry(a, b) for a, b in pairs]
         pairs = [_addressable(a, b) for a, b in pairs]
         with progress_bar(base_ckpt.nbytes + ft_ckpt.nbytes, "diff" if progress else None) as bar:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from .checkpoint import ADAPTER_CONFIG_NAME, INDEX_NAME, SINGLE_NAME, peft_adapter_dir
+from .checkpoint import ADAPTER_CONFIG_NAME, INDEX_NAME, SINGLE_NAME, lora_reference, peft_adapter_dir
 from .errors import CheckpointError, SpecError
 from .model_files import is_companion
 from .remote import is_url, stage_repo, stage_url
@@ -100,7 +100,11 @@ def resolve_inputs(base: str | os.PathLike | None, models: Sequence[str | os.Pat
 
 def _resolve(name: str | os.PathLike, progress: bool, stream: bool = False) -> Path:
     """A local path for one model name: the path itself if it exists, else a Hub snapshot (or,
-    streaming, a folder standing for the remote model: safeblend.remote)."""
+    streaming, a folder standing for the remote model: safeblend.remote); each part of a
+    ``MODEL+ADAPTER`` reference is resolved alike."""
+    reference = lora_reference(name)
+    if reference is not None:
+        return Path(f"{_resolve(reference[0], progress, stream)}+{_resolve(reference[1], progress, stream)}")
     path = Path(name)
     if path.exists():
         return path

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .abort import Abort
+from .checkpoint import reference_paths
 from .errors import OutputError
 from .plan import MergePlan, Shard
 from .writer import ShardWriter, WriteDone
@@ -64,8 +65,7 @@ def fingerprint(plan: MergePlan, inputs: Sequence[str | os.PathLike], settings: 
     """What must not change between a run and its resume, as comparable JSON parts: the output
     shards' headers (recipe, dtypes, layout), the inputs' files (size, mtime) and ``settings``."""
     files = []
-    for item in inputs:
-        root = Path(item)
+    for root in (p for item in inputs for p in reference_paths(item)):  # MODEL+ADAPTER: both
         paths = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".json")) if root.is_dir() else [root]
         for path in paths:
             st = os.stat(path)

@@ -55,6 +55,7 @@ from .checkpoint import (
     Checkpoint,
     SafetensorsFile,
     TensorInfo,
+    lora_reference,
     peft_adapter_dir,
     read_safetensors_header,
 )
@@ -468,6 +469,7 @@ class LoraCheckpoint(Checkpoint):
     adapter_file: SafetensorsFile | None = None
     delta_file: _DeltaFile | None = None
     targeted: list[str] = field(default_factory=list)
+    owns_base: bool = False  # a MODEL+ADAPTER reference: MODEL was opened for it, and closes with it
 
     def file_of(self, info: TensorInfo) -> SafetensorsFile:
         for f in (*self.files, *(self.base.files if self.base else ())):
@@ -476,13 +478,16 @@ class LoraCheckpoint(Checkpoint):
         raise KeyError(info.file)
 
     def close(self) -> None:
-        for f in self.files:  # not the base's: their owner closes them
+        for f in self.files:  # not the base's (unless owned): their owner closes them
             f.close()
+        if self.owns_base and self.base is not None:
+            self.base.close()  # closing a file twice is harmless
 
 
 def open_model(path: str | Path, base: Checkpoint, out_dtype: str | None = "F64",
                low_rank: bool = False) -> Checkpoint:
-    """Open a fine-tuned model: a full checkpoint, or a PEFT LoRA adapter applied to ``base``.
+    """Open a fine-tuned model: a full checkpoint, a PEFT LoRA adapter applied to ``base``, or
+    mergekit's ``MODEL+ADAPTER`` reference (the adapter applied to MODEL, opened here).
 
     ``out_dtype`` is what the merged tensors are rounded to (a safetensors dtype name, None for
     the base's per tensor); it sets the precision of LoRA products (see _EXACT_OUTPUTS). The
@@ -490,6 +495,20 @@ def open_model(path: str | Path, base: Checkpoint, out_dtype: str | None = "F64"
     ``LowRankChunk``s where W is the base's own tensor: only for a consumer that takes them
     (``MergeMethod.takes_low_rank`` on the CPU executor).
     """
+    reference = lora_reference(path)
+    if reference is not None:  # MODEL+ADAPTER: the adapter applied to MODEL, not to the base
+        adapter = peft_adapter_dir(reference[1])
+        if adapter is None:
+            raise CheckpointError(f"{path}: {reference[1]} is not a PEFT adapter directory (adapter_config.json)")
+        model = open_checkpoint(reference[0])
+        try:
+            merged = open_adapter(adapter, model, out_dtype)  # W is MODEL's tensor: never low-rank terms
+        except BaseException:
+            model.close()
+            raise
+        merged.files = [*merged.files, *model.files]  # MODEL's untouched tensors are read through these
+        merged.owns_base = True
+        return merged
     directory = peft_adapter_dir(Path(path))
     if directory is None:
         return open_checkpoint(path)  # dequantized where its config declares a quantization

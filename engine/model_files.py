@@ -184,3 +184,61 @@ def _config_text(config_path: Path, out_dtype: str | None, changes: dict[str, An
             config["dtype"] = name
     config = {k: v for k, v in {**config, **changes}.items() if v is not None}  # None removes a key
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+# -- a recipe's chat_template -------------------------------------------------------------------
+
+
+def read_chat_template(model_dir: Path) -> str | None:
+    """A model's chat template as transformers' tokenizer loads it: ``chat_template.jinja`` if
+    present, else ``tokenizer_config.json``'s ``chat_template`` (of a set of named templates,
+    the one named "default"); None when it has none or the files cannot be read."""
+    jinja = model_dir / "chat_template.jinja"
+    try:
+        if _is_regular(jinja):
+            return jinja.read_text(encoding="utf-8")
+        config = model_dir / "tokenizer_config.json"
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if _is_regular(config) else None
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template if isinstance(template, str) else None
+
+
+def set_chat_template(out_dir: Path, template: str) -> None:
+    """Make ``template`` the output's chat template: ``tokenizer_config.json``'s
+    ``chat_template``, and the ``chat_template.jinja`` / ``chat_template.json`` copied from the
+    base too where present (transformers prefers those files to the config's entry)."""
+    config = out_dir / "tokenizer_config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{config}: chat_template: the base model has no tokenizer_config.json to carry it")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{config}: chat_template: not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{config}: chat_template: not a JSON object")
+    data["chat_template"] = template
+    write_text_durably(config, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    if (out_dir / "chat_template.jinja").is_file():
+        write_text_durably(out_dir / "chat_template.jinja", template)
+    processor = out_dir / "chat_template.json"
+    if processor.is_file():
+        write_text_durably(processor, json.dumps({"chat_template": template}, indent=2, ensure_ascii=False) + "\n")
+
+
+def copy_tokenizer_files(model_dir: str | os.PathLike, out_dir: Path) -> list[str]:
+    """Replace the output's tokenizer files (copied from the base) with ``model_dir``'s: a
+    recipe's ``tokenizer_source`` naming a model. Returns the names copied."""
+    model_dir = Path(model_dir)
+    for name in TOKENIZER_FILES:
+        (out_dir / name).unlink(missing_ok=True)  # none of the base's may outlive the swap
+    copied = []
+    for name in TOKENIZER_FILES:
+        if _is_regular(model_dir / name):
+            copy_regular_file(model_dir / name, out_dir / name)
+            copied.append(name)
+    return copied

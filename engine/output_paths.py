@@ -54,7 +54,13 @@ def check_output_name(out: str | os.PathLike) -> Path:
 
 def input_files(item: str | os.PathLike) -> list[Path]:
     """Every path a merge may read for one input: the path itself and, for a directory, each
-    entry in it (shards an index names, adapter files, config and tokenizer files)."""
+    entry in it (shards an index names, adapter files, config and tokenizer files); both parts
+    of a ``MODEL+ADAPTER`` reference."""
+    from .checkpoint import lora_reference
+
+    reference = lora_reference(item)
+    if reference is not None:
+        return [*input_files(reference[0]), *input_files(reference[1])]
     root = Path(item)
     paths = [root]
     if root.is_dir():

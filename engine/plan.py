@@ -116,29 +116,6 @@ class MergePlan:
         return sum(s.size for s in self.shards) + self.companion_bytes
 
 
-def check_compatible(base: Checkpoint, models: list[Checkpoint]) -> None:
-    """The inputs must hold the same tensor names with the same shapes (dtypes may differ)."""
-    for model in models:
-        missing = [n for n in base.tensors if n not in model.tensors]
-        extra = [n for n in model.tensors if n not in base.tensors]
-        if missing or extra:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing from it (first: {', '.join(missing[:3])})")
-            if extra:
-                parts.append(f"{len(extra)} not in the base (first: {', '.join(extra[:3])})")
-            raise IncompatibleInputsError(
-                f"{model.path}: tensor names differ from the base {base.path}: " + "; ".join(parts)
-            )
-        for name, info in base.tensors.items():
-            other = model.tensors[name]
-            if other.shape != info.shape:
-                raise IncompatibleInputsError(
-                    f"{model.path}: tensor {name!r} has shape {list(other.shape)} but the base's is "
-                    f"{list(info.shape)}"
-                )
-
-
 def make_plan(
     base: Checkpoint,
     models: list[Checkpoint],

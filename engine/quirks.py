@@ -6,7 +6,8 @@
   from that model. Fewer rows than the base is an error.
 - **Tied embeddings**: when one model stores ``lm_head`` and another ties it to the input
   embedding (``tie_word_embeddings``), the tied model's embedding stands in for its LM head;
-  the output stores ``lm_head`` and its config says ``tie_word_embeddings: false``.
+  the output stores ``lm_head`` and its config says ``tie_word_embeddings: false`` (in its
+  ``text_config`` too). The pair is found in any transformers layout (safeblend.layouts).
 - **Tensors only some inputs have**: an error listing them, or with ``allow_missing="take"``
   a copy from the base when it has them, else from the first model that does.
 """
@@ -15,14 +16,14 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import CheckpointError, IncompatibleInputsError, SpecError
-from .layouts import align, canonical
+from .layouts import align, canonical, canonical_lookup
 
 ALLOW_MISSING = ("take",)
 # (LM head, input embedding) names of architectures that can tie them.
@@ -96,6 +97,43 @@ def reconcile(base: Checkpoint, models: list[Checkpoint], allow_missing: str | N
     return result
 
 
+def matched_pairs(base: Checkpoint, model: Checkpoint, warn) -> list[tuple[TensorInfo, TensorInfo]]:
+    """(base, model) tensor pairs, in the base's order, for comparing two models tensor by
+    tensor: matched as ``reconcile`` matches them for a merge (names in another transformers
+    layout aligned to the base's; an LM head one model ties to its embedding and the other
+    stores compared with that embedding). Each base-side info carries the pair's name.
+
+    Raises IncompatibleInputsError when names or shapes still differ.
+    """
+    ckpts, tables, result = [base, model], [dict(base.tensors), dict(model.tensors)], Reconciled(entries=[])
+    _align_layouts(ckpts, tables, result)
+    for message in result.warnings:
+        warn(message)
+    aligned = [set(t) for t in tables]
+    _untie(ckpts, tables, result)  # its warnings speak of a merge's output: reported here in a comparison's terms
+    for ckpt, table, names in zip(ckpts, tables, aligned):
+        for name in table.keys() - names:  # a tied head standing for its embedding
+            warn(f"{ckpt.path} ties {name} to {table[name].name} (tie_word_embeddings) while the other model "
+                 f"stores it: {name} is compared using {table[name].name}")
+    missing = [n for n in tables[0] if n not in tables[1]]
+    extra = [n for n in tables[1] if n not in tables[0]]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing from it (first: {', '.join(missing[:3])})")
+        if extra:
+            parts.append(f"{len(extra)} not in the base (first: {', '.join(extra[:3])})")
+        raise IncompatibleInputsError(f"{model.path}: tensor names differ from the base {base.path}: " + "; ".join(parts))
+    pairs = []
+    for name, info in tables[0].items():
+        other = tables[1][name]
+        if other.shape != info.shape:
+            raise IncompatibleInputsError(f"{model.path}: tensor {name!r} has shape {list(other.shape)} but the "
+                                          f"base's is {list(info.shape)}")
+        pairs.append((info if info.name == name else replace(info, name=name), other))
+    return pairs
+
+
 def tied_heads(ckpt: Checkpoint) -> dict[str, str]:
     """LM head name → input embedding name, for each head the checkpoint ties to its embedding:
     the embedding is stored (under any transformers layout, safeblend.layouts), the head is not,
@@ -123,18 +161,25 @@ def _align_layouts(ckpts: list[Checkpoint], tables: list[dict[str, TensorInfo]],
 
 
 def _untie(ckpts: list[Checkpoint], tables: list[dict[str, TensorInfo]], result: Reconciled) -> None:
-    """Where some inputs store the LM head and others tie it, use the embedding as the head."""
+    """Where some inputs store the LM head and others tie it, use the embedding as the head.
+    Each pair's names are matched in any transformers layout (safeblend.layouts): a Llava-style
+    base saves its tied embedding as ``language_model.model.embed_tokens.weight``."""
     configs = [_config(c) for c in ckpts]
+    lookups = [canonical_lookup(t) for t in tables]
     for head, embed in TIE_PAIRS:
-        holders = [i for i, t in enumerate(tables) if head in t]
-        if not holders or not any(embed in t for t in tables):
+        heads = [lookup.get(canonical(head)) for lookup in lookups]  # each input's own name, or None
+        embeds = [lookup.get(canonical(embed)) for lookup in lookups]
+        holders = [i for i, name in enumerate(heads) if name is not None]
+        if not holders or not any(embeds):
             continue  # another architecture's pair: warn only about tensors these models have
-        tied = [i for i, t in enumerate(tables) if head not in t and embed in t
+        head = heads[holders[0]]
+        tied = [i for i, t in enumerate(tables) if heads[i] is None and embeds[i] is not None
                 and configs[i].get("tie_word_embeddings", True) is not False]
         for i in tied:
-            tables[i][head] = tables[i][embed]
+            tables[i][head] = tables[i][embeds[i]]
+        embed = next(e for e in (embeds[i] for i in (*tied, *range(len(tables)))) if e is not None)
         if tied:
-            result.config["tie_word_embeddings"] = False
+            result.config.update(_untied(configs[0]))
             names = ", ".join(str(ckpts[i].path) for i in tied)
             result.warnings.append(
                 f"{names} tie(s) {head} to {embed} (tie_word_embeddings) while other inputs store it: {head} is "
@@ -143,9 +188,19 @@ def _untie(ckpts: list[Checkpoint], tables: list[dict[str, TensorInfo]], result:
         elif configs[0].get("tie_word_embeddings") is True and any(
                 c.get("tie_word_embeddings") is False for c in configs[1:]):
             # Every input stores the head but some untied it: the merged head is not the embedding.
-            result.config["tie_word_embeddings"] = False
+            result.config.update(_untied(configs[0]))
             result.warnings.append(f"a fine-tuned model unties {head} from {embed}; config.json gets "
                                    "tie_word_embeddings=false")
+
+
+def _untied(config: dict[str, Any]) -> dict[str, Any]:
+    """Config changes that untie the LM head: ``tie_word_embeddings: false``, also in a
+    multimodal model's ``text_config``, from which transformers reads it for Llava-style models."""
+    changes: dict[str, Any] = {"tie_word_embeddings": False}
+    text = config.get("text_config")
+    if isinstance(text, dict):
+        changes["text_config"] = {**text, "tie_word_embeddings": False}
+    return changes
 
 
 def _resize(entry: Entry, models: list[Checkpoint], resized: list) -> None:
@@ -222,3 +277,25 @@ def read_config(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot read config JSON ({exc})") from exc
+
+
+def tokenizer_vocabulary(model_dir: Path) -> dict[str, int]:
+    """A model's token → id map as transformers' ``get_vocab()`` gives it, from tokenizer.json:
+    the tokenizer model's vocabulary (a mapping, or Unigram's list of [piece, score] whose
+    index is the id), then the added tokens. CheckpointError when it cannot be read."""
+    path = model_dir / "tokenizer.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        vocab = data["model"]["vocab"]
+        added = data.get("added_tokens") or []
+        tokens = dict(vocab) if isinstance(vocab, dict) else {piece[0]: i for i, piece in enumerate(vocab)}
+        tokens.update({t["content"]: int(t["id"]) for t in added})
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise CheckpointError(f"{path}: cannot read the tokenizer's vocabulary ({exc.__class__.__name__})") from None
+    return tokens
+
+
+def vocabulary_rows(ckpt: Checkpoint) -> dict[str, int]:
+    """The rows of a checkpoint's vocabulary tensors (embeddings, LM heads), by name."""
+    return {name: info.shape[0] for name, info in ckpt.tensors.items()
+            if _VOCAB_NAME.search(name) and len(info.shape) == 2}

@@ -28,6 +28,10 @@ the key or value; nothing is ignored silently:
 * Defaults are mergekit's: ``normalize`` true for linear and ties, DARE's ``rescale`` true.
   ``rescale: true`` means what mergekit implements: the kept entries carry each task vector's
   L1 norm (safeblend's ``l1``), for DARE and TIES alike.
+* ``chat_template`` (Jinja text, or ``auto``) replaces the base's in the output.
+  ``tokenizer_source`` and the ``tokenizer`` block are honoured where they change nothing (every
+  model holds the base's vocabulary, one embedding row per token) and refused elsewhere.
+  ``model: MODEL+ADAPTER`` is that PEFT adapter applied to MODEL (local directories).
 
 The file is read defensively: a regular file of at most 1 MiB of UTF-8 text, nesting at most
 64 deep, at most 100,000 nodes once aliases are expanded, no duplicate keys.
@@ -44,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SpecError
+from .errors import CheckpointError, SpecError
 from .methods.params import Setting, layer_count, setting
 
 # mergekit's method names (every one mergekit 0.1.5 registers) → safeblend's method.
@@ -73,12 +77,10 @@ MERGEKIT_METHODS = {
 # ... and safeblend's own spellings.
 METHODS = {**MERGEKIT_METHODS, **{v: v for v in MERGEKIT_METHODS.values()}}
 
-TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype"}
+TOP_LEVEL = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "chat_template",
+             "tokenizer_source", "tokenizer"}
 UNSUPPORTED_TOP_LEVEL = {
     "modules": "multi-module merges are not supported",
-    "tokenizer_source": "safeblend copies the base model's tokenizer and does not build a merged one",
-    "tokenizer": "safeblend copies the base model's tokenizer and does not build a merged one",
-    "chat_template": "safeblend copies the base model's chat template",
 }
 
 # Per method: parameters per model (recipe key → safeblend keyword) and merge-wide ones.
@@ -164,6 +166,8 @@ class Recipe:
     params: dict[str, Any]
     dtype: str | None = None  # output dtype alias (bf16, fp16, fp32) or None for the base's
     warnings: list[str] = field(default_factory=list)
+    chat_template: str | None = None  # Jinja text replacing the base's; None keeps the base's
+    tokenizer_from: str | None = None  # a model whose tokenizer files replace the base's
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -261,6 +265,127 @@ def _check_size(root: Any, source: str) -> None:
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     """Validate a recipe given as the mapping YAML would produce."""
+    recipe = _parse_merge(data, source)
+    recipe.chat_template = _chat_template(data.get("chat_template"), [recipe.base, *recipe.models], source)
+    if data.get("tokenizer_source") is not None and data.get("tokenizer") is not None:
+        raise SpecError(f"{source}: give tokenizer_source or tokenizer, not both (mergekit refuses both)")
+    if data.get("tokenizer_source") is not None:
+        _check_tokenizer_source(data["tokenizer_source"], recipe, source)
+    if data.get("tokenizer") is not None:
+        _check_tokenizer_block(data["tokenizer"], recipe, source)
+    return recipe
+
+
+def _check_tokenizer_block(block: Any, recipe: Recipe, source: str) -> None:
+    """mergekit's ``tokenizer:`` block where it changes nothing: ``source`` (default union) as
+    ``tokenizer_source``; ``pad_to_multiple_of`` N where the vocabulary's size is a multiple of N
+    (no row to add); ``tokens`` without ``force``, which only supply rows for models lacking a
+    token, and none does (a warning says so). A forced token is refused."""
+    what = f"{source}: tokenizer"
+    if not isinstance(block, dict):
+        raise SpecError(f"{what}: expected a mapping with source, tokens, pad_to_multiple_of")
+    unknown = sorted(map(str, set(block) - {"source", "tokens", "pad_to_multiple_of"}))
+    if unknown:
+        raise SpecError(f"{what}: key {unknown[0]!r} is not supported")
+    tokens = block.get("tokens") or {}
+    if not isinstance(tokens, dict):
+        raise SpecError(f"{what}.tokens: expected a mapping of token to {{source, force}}")
+    for token, config in tokens.items():
+        if not isinstance(config, dict) or set(config) - {"source", "force"}:
+            raise SpecError(f"{what}.tokens[{token!r}]: expected {{source: ..., force: true|false}}")
+        if config.get("force", False) is not False:
+            raise SpecError(f"{what}.tokens[{token!r}]: force (replacing the token's row in every model) is not "
+                            "supported yet")
+    pad = block.get("pad_to_multiple_of")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise SpecError(f"{what}.pad_to_multiple_of: expected a positive integer, got {pad!r}")
+    vocab_size = _check_tokenizer_source(block.get("source", "union"), recipe, source, "tokenizer.source")
+    if pad is not None and vocab_size % pad:
+        raise SpecError(f"{what}.pad_to_multiple_of {pad}: would pad {vocab_size} rows to "
+                        f"{-(-vocab_size // pad) * pad} (new rows the mean of the others); not supported yet")
+    if tokens:
+        recipe.warnings.append(f"{what}.tokens: no effect: every model has every token of the base's vocabulary, "
+                               "and an unforced entry only fills a row a model lacks (as in mergekit)")
+
+
+def _check_tokenizer_source(value: Any, recipe: Recipe, source: str, key: str = "tokenizer_source") -> int:
+    """``tokenizer_source`` (base, union, or a model's path) where the weights do not change.
+
+    mergekit then builds the output vocabulary (the base's, or the union of the models'), gives
+    every model's embedding and LM head one row per token of it, in its order, and cuts rows
+    beyond it. Where every model's tokenizer.json holds the base's vocabulary (same tokens, same
+    ids) and every vocabulary tensor has exactly one row per token, that is the identity: the
+    merge is the one without the key, with the base's tokenizer — or the named model's tokenizer
+    files (same vocabulary; its special tokens, configuration and chat template may differ).
+    Anything else is refused. Returns the vocabulary's size."""
+    from .checkpoint import Checkpoint, lora_reference, peft_adapter_dir
+    from .quirks import tokenizer_vocabulary, vocabulary_rows
+
+    what = f"{source}: {key} {value!r}"
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"{what}: expected base, union or a model path")
+    if value not in ("base", "union") and not _same(value, recipe.base):
+        if not Path(value).is_dir():
+            raise SpecError(f"{what}: not base, union or a local model directory")
+        recipe.tokenizer_from = value  # its vocabulary is checked against the base's below
+    # An adapter applied to the base has the base's vocabulary; MODEL+ADAPTER has MODEL's.
+    references = [lora_reference(m) for m in recipe.models]
+    paths = [recipe.base, *(str(r[0]) if r is not None else m for m, r in zip(recipe.models, references)
+                            if r is not None or peft_adapter_dir(Path(m)) is None)]
+    if not all(Path(p).is_dir() for p in paths):
+        raise SpecError(f"{what}: needs local model directories")
+    try:
+        vocabularies = {path: tokenizer_vocabulary(Path(path)) for path in dict.fromkeys(paths)}
+    except CheckpointError as exc:
+        raise SpecError(f"{what}: {exc}") from None
+    if recipe.tokenizer_from is not None:
+        try:
+            vocabularies[recipe.tokenizer_from] = tokenizer_vocabulary(Path(recipe.tokenizer_from))
+        except CheckpointError as exc:
+            raise SpecError(f"{what}: {exc}") from None
+    vocab = vocabularies[recipe.base]
+    for path in vocabularies:
+        if vocabularies[path] != vocab:
+            raise SpecError(f"{what}: {path}'s vocabulary differs from the base's; merging vocabularies is not "
+                            "supported yet")
+    for path in dict.fromkeys(paths):  # the merged models' rows (a tokenizer's source need hold no weights)
+        checkpoint = Checkpoint.open(Path(path))
+        try:
+            rows = vocabulary_rows(checkpoint)
+        finally:
+            checkpoint.close()
+        for name, count in rows.items():
+            if count != len(vocab):
+                raise SpecError(f"{what}: {path}: {name} has {count} rows for {len(vocab)} tokens; mergekit would cut "
+                                "or pad it to the vocabulary, which is not supported yet")
+    return len(vocab)
+
+
+def _chat_template(value: Any, models: list[str], source: str) -> str | None:
+    """The output's chat template as mergekit sets it: ``auto``, the template most of the
+    listed models (the base included) carry (none: the base's own stays; ties go to the
+    first in base-then-models order, where mergekit's order is a set's); else the Jinja text
+    itself, which mergekit takes when it is at least 20 characters with a ``{``."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise SpecError(f"{source}: chat_template must be a string (Jinja text or auto), got {type(value).__name__}")
+    if value == "auto":
+        from collections import Counter
+
+        from .model_files import read_chat_template
+
+        found = [read_chat_template(Path(m)) for m in dict.fromkeys(models) if Path(m).is_dir()]
+        counts = Counter(t.strip() for t in found if t)
+        return counts.most_common(1)[0][0] if counts else None
+    if len(value) < 20 or "{" not in value:
+        raise SpecError(f"{source}: chat_template {value[:40]!r} is not supported: give the Jinja template text or "
+                        "auto (mergekit's bundled named templates are not included)")
+    return value
+
+
+def _parse_merge(data: Any, source: str) -> Recipe:
+    """The inputs, method and parameters of a recipe."""
     if not isinstance(data, dict):
         raise SpecError(f"{source}: a recipe is a mapping with merge_method, models, ...; got {type(data).__name__}")
     for key in data:
@@ -279,6 +404,10 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     entries, slice_params = _model_entries(data, source)
     merge_wide = _merge_wide(_mapping(data.get("parameters"), f"{source}: parameters"), slice_params, source)
     base = _model_path(data["base_model"], f"{source}: base_model") if data.get("base_model") is not None else None
+    if base is not None and "+" in base and not os.path.exists(base):
+        raise SpecError(f"{source}: base_model {base!r}: a LoRA reference (model+adapter) as the base is not "
+                        "supported; merge the adapter into its model first")
+    entries = [(_lora_reference(path, base, f"{source}: model {path}"), params) for path, params in entries]
     if method == "passthrough":  # one model, as it is
         return _passthrough(entries, base, source, raw_method, data, warnings)
     if method == "karcher":  # the base, if any, is one more model; none of them has parameters
@@ -522,10 +651,30 @@ def _model_path(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value:
         shown = repr(value) if isinstance(value, (int, float, type(None))) else f"a {type(value).__name__}"
         raise SpecError(f"{what}: model must be a path, got {shown}")
-    if "+" in value and not os.path.exists(value):
-        raise SpecError(f"{what}: {value!r}: LoRA references (model+adapter) are not supported; "
-                        "merge the adapter into its model first")
     return value
+
+
+def _lora_reference(value: str, base: str | None, what: str) -> str:
+    """A ``model+adapter`` reference (mergekit's: the PEFT adapter merged into the model) as the
+    path safeblend opens: on ``base_model``, the adapter directory itself (safeblend applies an
+    adapter to the base, W + s·B·A, ``safeblend.lora``); on another local model, the reference
+    (``safeblend.lora.open_model`` applies the adapter to that model). An adapter that is not a
+    local PEFT directory is refused."""
+    if "+" not in value or os.path.exists(value):
+        return value
+    from .checkpoint import peft_adapter_dir
+
+    parts = value.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise SpecError(f"{what}: {value!r}: expected MODEL+ADAPTER")
+    model, adapter = parts
+    if peft_adapter_dir(Path(adapter)) is None:
+        raise SpecError(f"{what}: {value!r}: {adapter} is not a local PEFT adapter directory (adapter_config.json)")
+    if base is not None and _same(model, base):
+        return adapter  # the adapter on the base: safeblend applies any adapter to the base
+    if not Path(model).is_dir():
+        raise SpecError(f"{what}: {value!r}: {model} is not a local model directory")
+    return value  # opened as the adapter applied to MODEL (safeblend.lora.open_model)
 
 
 def _same(a: str, b: str) -> bool:
@@ -551,6 +700,10 @@ def merge_recipe(path: str | os.PathLike, out: str | os.PathLike, **options: Any
             import warnings
 
             warnings.warn(message, stacklevel=2)
+    if recipe.chat_template is not None:
+        options["chat_template"] = recipe.chat_template
+    if recipe.tokenizer_from is not None:
+        options["tokenizer_from"] = recipe.tokenizer_from
     return merge(recipe.base, recipe.models, out, method=recipe.method, **params, **options)
 
 

@@ -1,9 +1,11 @@
 """Tiny transformers models of the architectures fine-tunes come in, merged end to end.
 
 For each architecture — Llama, Gemma2 (tied embeddings, LoRA on the tied LM head), Qwen2 (tied,
-lm_head in modules_to_save; or embed_tokens with ensure_weight_tying), Phi3 (fused qkv/gate_up),
-GPT-2 (Conv1D, tied), Mixtral (MoE) and Llava (saved as language_model.model.*, adapted by
-PEFT as model.language_model.*) — a full fine-tune and a PEFT LoRA adapter are merged at
+lm_head in modules_to_save; or embed_tokens with ensure_weight_tying; or untied), Mistral (LoRA
+on lm_head), Phi3 (fused qkv/gate_up), GPT-2 (Conv1D, tied), Mixtral and Qwen2-MoE (fused
+experts; a shared expert and its gate), BERT (an encoder with a tied masked-LM head) and Llava
+(saved as language_model.model.*, adapted by PEFT as model.language_model.*) — a full fine-tune
+and a PEFT LoRA adapter are merged at
 λ = 0.6. The output must load with ``from_pretrained`` with no missing or unexpected weights (and
 AutoProcessor where the base has a processor), tied embeddings must be tied or not as in PEFT's
 merge, and its logits must match those of a float64 reference merge computed here from
@@ -41,8 +43,8 @@ class Arch:
     inputs: dict = field(default_factory=lambda: {"input_ids": torch.tensor(TOKENS)})
 
 
-def _llava():
-    text = dict(TEXT, model_type="llama")
+def _llava(tied: bool = False):
+    text = dict(TEXT, model_type="llama", tie_word_embeddings=tied)
     vision = dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                   num_attention_heads=2, image_size=16, patch_size=8)
     return transformers.LlavaForConditionalGeneration(
@@ -67,6 +69,8 @@ ARCHS = {
     "qwen2-tied": Arch(lambda: _qwen2_tied(),
                        dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], modules_to_save=["lm_head"]),
                        ),
+    "qwen2-tied-embed": Arch(lambda: _qwen2_tied(),  # untied by the copy: lm_head keeps the base's values
+                             dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
     "qwen2-tied-kept": Arch(lambda: _qwen2_tied(),
                             dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
                                  ensure_weight_tying=True)),
@@ -79,8 +83,26 @@ ARCHS = {
         **TEXT, num_local_experts=4, num_experts_per_tok=2)), dict(r=4, lora_alpha=8,
                                                                    target_modules=["q_proj", "v_proj", "o_proj"]),
                         load_options={"experts_implementation": "eager"}),  # the grouped kernel has no float64
+    "qwen2": Arch(lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TEXT, tie_word_embeddings=False)),
+                  dict(r=4, lora_alpha=8, target_modules="all-linear")),
+    "mistral": Arch(lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**TEXT)),
+                    dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "gate_proj", "lm_head"])),
+    "qwen2-moe": Arch(lambda: transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        **TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24)),
+                      dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "gate_proj", "down_proj",
+                                                                 "shared_expert_gate"]),
+                      load_options={"experts_implementation": "eager"}),
+    "bert": Arch(lambda: transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, pad_token_id=0)),
+                 dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"]), loader="AutoModelForMaskedLM"),
     "llava": Arch(_llava, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "linear_1"]),
                   loader="LlavaForConditionalGeneration", inputs=_llava_inputs()),
+    # A tied text model, its embedding saved as language_model.model.embed_tokens, and a
+    # modules_to_save copy of the head that PEFT names lm_head.
+    "llava-tied": Arch(lambda: _llava(tied=True), dict(r=4, lora_alpha=8, target_modules=["q_proj", "linear_1"],
+                                                      modules_to_save=["lm_head"]),
+                       loader="LlavaForConditionalGeneration", inputs=_llava_inputs()),
 }
 
 
@@ -228,3 +250,29 @@ def test_tie_warnings_name_only_tensors_the_models_have(tmp_path):
     assert messages and all("transformer.wte" not in m and "embed_in" not in m and "tok_embeddings" not in m
                             for m in messages), messages
     assert any("lm_head.weight" in m and "model.embed_tokens.weight" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_diff_matches_the_float64_reference(built, kind):
+    """``safeblend diff`` of each architecture's fine-tune or adapter: the sums over all tensors
+    equal those over the fine-tuned model's parameters (each tied pair once, as that model holds
+    it; a head it unties compared with the base's embedding, as merge does)."""
+    if kind == "full":
+        theta = _load(built.arch, built.ft)[0]
+    else:
+        theta = peft.PeftModel.from_pretrained(_load(built.arch, built.base)[0], built.adapter).to(torch.float64)
+        theta = theta.merge_and_unload()
+    base = _load(built.arch, built.base)[0].state_dict()
+    aa = dd = max_abs = 0.0
+    for name, p in theta.named_parameters():  # tied parameters once
+        a, delta = base[name].numpy(), p.detach().numpy().astype(np.float32).astype(np.float64) - base[name].numpy()
+        aa, dd = aa + float(np.sum(a * a)), dd + float(np.sum(delta * delta))
+        max_abs = max(max_abs, float(np.max(np.abs(delta))))
+    report = safeblend.diff(built.base, built.ft if kind == "full" else built.adapter)
+    overall = report.overall()
+    assert overall.aa == pytest.approx(aa, rel=1e-12)
+    assert overall.dd == pytest.approx(dd, rel=1e-9)
+    assert overall.max_abs == pytest.approx(max_abs, rel=1e-6)
+    names = set(safeblend.checkpoint.Checkpoint.open(built.base).tensors) | {"lm_head.weight"}
+    for message in report.warnings:  # they name only tensors the models have
+        assert all(w in names for w in message.replace(",", " ").split() if w.endswith(".weight")), message

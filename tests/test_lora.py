@@ -595,3 +595,86 @@ def test_modules_to_save_of_the_wrong_shape(llama, tmp_path):
     with pytest.raises(IncompatibleInputsError, match=r"resized vocabularies are not supported"):
         lora.open_model(bad, base)
     base.close()
+
+
+# -- recipes: mergekit's model+adapter references -----------------------------------------------
+
+
+def test_recipe_model_plus_lora_is_the_adapter_merged_into_the_base(llama, tmp_path):
+    """``model: BASE+ADAPTER`` in a recipe is mergekit's reference to the adapter merged into
+    BASE (PEFT's merge_and_unload): task_arithmetic with weight 0.7 gives
+    θ_base + 0.7·(θ_peft − θ_base), checked against PEFT's own float64 merge."""
+    import yaml
+
+    from safeblend.recipe import merge_recipe
+
+    base, adapter = llama
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(base),
+                                      "models": [{"model": f"{base}+{adapter}", "parameters": {"weight": 0.7}}],
+                                      "dtype": "float32"}))
+    merge_recipe(recipe, tmp_path / "out")
+    theta = _peft_merged(base, adapter)
+    base_tensors = load_checkpoint(base)
+    out = load_checkpoint(tmp_path / "out")
+    assert set(out) == set(base_tensors)
+    for name, w in base_tensors.items():
+        b = w.astype(np.float64)
+        expected = b + 0.7 * (theta[name].astype(np.float64) - b)
+        assert_within_tolerance(out[name], expected, [w, theta[name]], name)
+    assert any(not np.array_equal(out[n], base_tensors[n]) for n in out)
+
+
+def test_recipe_adapter_on_another_model_is_applied_to_that_model(llama, tmp_path):
+    """``model: OTHER+ADAPTER`` with OTHER not the base: mergekit merges the adapter into OTHER
+    (PEFT's merge_and_unload on OTHER), then merges that model as usual; task_arithmetic with
+    weight 0.7 against PEFT's float64 merge on OTHER; OTHER's files are closed afterwards."""
+    import shutil
+
+    import yaml
+
+    from safeblend.recipe import merge_recipe
+
+    base, adapter = llama
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    rng = np.random.default_rng(3)
+    tensors = {k: (v + 0.05 * rng.standard_normal(v.shape)).astype(v.dtype)
+               for k, v in load_checkpoint(base).items()}
+    save_file(tensors, str(other / "model.safetensors"), metadata={"format": "pt"})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(base),
+                                      "models": [{"model": f"{other}+{adapter}", "parameters": {"weight": 0.7}}],
+                                      "dtype": "float32"}))
+    merge_recipe(recipe, tmp_path / "out")
+    theta = _peft_merged(other, adapter)
+    base_tensors = load_checkpoint(base)
+    out = load_checkpoint(tmp_path / "out")
+    assert set(out) == set(base_tensors)
+    for name, w in base_tensors.items():
+        b = w.astype(np.float64)
+        expected = b + 0.7 * (theta[name].astype(np.float64) - b)
+        assert_within_tolerance(out[name], expected, [w, theta[name]], name)
+
+
+def test_recipe_lora_references_refused(llama, tmp_path):
+    """An adapter as the base, a reference whose adapter is not a PEFT directory or whose model
+    is not a local directory: one line naming it, nothing written."""
+    import yaml
+
+    base, adapter = llama
+    for recipe, message in [
+        ({"merge_method": "task_arithmetic", "base_model": str(base),
+          "models": [{"model": f"{tmp_path}/other+{adapter}", "parameters": {"weight": 1}}]},
+         "is not a local model directory"),
+        ({"merge_method": "task_arithmetic", "base_model": f"{base}+{adapter}",
+          "models": [{"model": str(base), "parameters": {"weight": 1}}]}, "as the base is not supported"),
+        ({"merge_method": "task_arithmetic", "base_model": str(base),
+          "models": [{"model": f"{base}+{tmp_path}", "parameters": {"weight": 1}}]}, "not a local PEFT adapter"),
+    ]:
+        path = tmp_path / "r.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        result = CliRunner().invoke(main, ["merge", "--config", str(path), "-o", str(tmp_path / "out")])
+        errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert result.exit_code != 0 and len(errors) == 1 and message in errors[0], result.output
+        assert not (tmp_path / "out").exists()

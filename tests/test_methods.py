@@ -364,6 +364,22 @@ def test_kth_largest_is_exact_on_a_large_tensor_whatever_the_sample(sample):
         assert 4 in passes, passes
 
 
+@pytest.mark.parametrize("fold", [0, 1 << 40])
+def test_kth_largest_counts_a_range_by_histogram_or_by_distinct_values(monkeypatch, fold):
+    """Pass 1 counts a block's in-range magnitudes with a whole-range histogram, or by their
+    distinct values when they are few (SPARSE_FOLD); forced either way, the answer is exact."""
+    from safeblend.methods import _select
+
+    monkeypatch.setattr(_select, "SPARSE_FOLD", fold)
+    rng = np.random.default_rng(11)
+    n = _select.SMALL + 54321
+    values = rng.standard_normal(n).astype(np.float32)
+    values[rng.choice(n, 3000, replace=False)] = -0.75  # a tie
+    magnitudes = np.sort(np.abs(values.astype(np.float64)))[::-1]
+    for k in [1, 777, n // 4, n // 2, int(0.75 * n), n - 2]:
+        assert float(_threshold_of(values, k, chunk=1 << 17)) == magnitudes[k - 1], (fold, k)
+
+
 def test_ties_keeps_every_entry_tied_at_the_threshold(tmp_path):
     """Magnitudes from a small set, so the k-th largest value is shared by many entries."""
     rng = np.random.default_rng(1)
@@ -689,6 +705,26 @@ def test_della_is_the_same_for_any_chunking(tmp_path):
     second = run(tmp_path, base, models, "della", out="b", chunk_size="1MiB", density=0.5, epsilon=0.2)
     for name in base:
         np.testing.assert_array_equal(first[name], second[name])
+
+
+@pytest.mark.parametrize("method", ["della", "della-linear"])
+def test_della_ranks_rows_cut_by_chunks_and_rows_longer_than_a_block(tmp_path, method):
+    """A row a chunk cuts is ranked whole (read through the tensor's reader), also a row longer
+    than the combine block (a 300,000-element vector is one row) and rows of odd length: the
+    float64 reference, through 4 KiB chunks."""
+    rng = np.random.default_rng(17)
+    shapes = {"model.norm.weight": (300_000,), "model.layers.0.mlp.up_proj.weight": (9, 1001)}
+    base = {n: rng.standard_normal(s).astype(np.float16) for n, s in shapes.items()}
+    models = [{n: (t.astype(np.float32) + 0.1 * rng.standard_normal(t.shape)).astype(np.float16)
+               for n, t in base.items()} for _ in range(2)]
+    weights, densities, epsilons = [0.6, 0.9], [0.5, 0.3], [0.2, 0.1]
+    elect = method == "della"
+    out = run(tmp_path, base, models, method, chunk_size=4096, weight=weights, density=densities,
+              epsilon=epsilons, seed=3)
+    for name in base:
+        ms = [m[name] for m in models]
+        ref = ref_della(name, base[name], ms, weights, densities, epsilons, elect, normalize=elect, seed=3)
+        assert_within_tolerance(out[name], ref, [base[name], *ms, operand_scale(method, base[name], ms)], name)
 
 
 @pytest.mark.parametrize("params,message", [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -81,8 +82,8 @@ def test_ties_recipe_maps_to_method_parameters(models):
     ({"merge_method": "passthrough", "models": [{"model": "a", "parameters": {"scale": 0.5}}]},
      "'scale' other than 1 is not supported yet"),
     ({"merge_method": "frankenmerge", "models": [{"model": "a"}]}, "merge_method 'frankenmerge' is not supported;"),
-    ({"merge_method": "ties", "models": [{"model": "a"}], "base_model": "b", "tokenizer_source": "union"},
-     "key 'tokenizer_source' is not supported"),
+    ({"merge_method": "ties", "models": [{"model": "a"}], "base_model": "b", "modules": {}},
+     "key 'modules' is not supported"),
     ({"merge_method": "linear", "models": [{"model": "a"}], "name": "x"}, "unknown key 'name'"),
     ({"merge_method": "ties", "base_model": "b",
       "models": [{"model": "a", "parameters": {"weight": 1, "gamma": 0.1}}]}, "parameter 'gamma' is not supported"),
@@ -95,7 +96,8 @@ def test_ties_recipe_maps_to_method_parameters(models):
                                            {"model": "c", "parameters": {"weight": 1}}]},
      "unsupported key 'filtr'"),
     ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}},
-                                           {"model": "c+lora", "parameters": {"weight": 1}}]}, "LoRA"),
+                                           {"model": "c+lora", "parameters": {"weight": 1}}]},
+     "'c\\+lora': lora is not a local PEFT adapter directory"),
     ({"merge_method": "linear", "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}]},
                                            {"sources": [{"model": "a", "layer_range": [2, 4]}]}]},
      "only one slice"),
@@ -282,3 +284,201 @@ def test_every_mergekit_method_is_a_registered_method():
                 "della_linear", "multislerp", "nearswap", "ram", "ramplus_tl", "sce"}
     assert set(MERGEKIT_METHODS) == mergekit
     assert set(MERGEKIT_METHODS.values()) == set(method_names())
+
+
+# -- chat_template --------------------------------------------------------------------------
+
+TEMPLATE_A = "{% for m in messages %}<a>{{ m['content'] }}{% endfor %}"
+TEMPLATE_B = "{% for m in messages %}<b>{{ m['content'] }}{% endfor %}"
+
+
+def _with_tokenizer(path: Path, template: Any, jinja: str | None = None) -> None:
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 64}
+    if template is not None:
+        config["chat_template"] = template
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    if jinja is not None:
+        (path / "chat_template.jinja").write_text(jinja)
+
+
+def _ta_recipe(models, **extra) -> dict:
+    return {"merge_method": "task_arithmetic", "base_model": str(models["base"]),
+            "models": [{"model": str(models[k]), "parameters": {"weight": 0.5}} for k in ("ft0", "ft1", "ft2")],
+            **extra}
+
+
+def test_chat_template_text_replaces_the_bases(tmp_path, models):
+    """mergekit sets the tokenizer's chat template to the recipe's Jinja text: the output's
+    tokenizer_config.json and the chat_template.jinja copied from the base carry it; the
+    weights are the same merge as without it."""
+    _with_tokenizer(models["base"], TEMPLATE_B, jinja=TEMPLATE_B)
+    merge_recipe(write_recipe(tmp_path, _ta_recipe(models, chat_template=TEMPLATE_A)), tmp_path / "out")
+    out = tmp_path / "out"
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == TEMPLATE_A
+    assert (out / "chat_template.jinja").read_text() == TEMPLATE_A
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 64  # the rest kept
+    w = weights(models, out)
+    for name in SHAPES:
+        expected = w["base"][name].astype(np.float64) + sum(
+            0.5 * (w[k][name].astype(np.float64) - w["base"][name]) for k in ("ft0", "ft1", "ft2"))
+        assert_within_tolerance(w["out"][name], expected, [w[k][name] for k in ("base", "ft0", "ft1", "ft2")], name)
+
+
+def test_chat_template_auto_takes_the_most_common(tmp_path, models):
+    """auto: the template most listed models carry (the base counts; named-template sets give
+    their "default"); a recipe whose models carry none keeps the base's."""
+    _with_tokenizer(models["base"], TEMPLATE_A)
+    _with_tokenizer(models["ft0"], [{"name": "default", "template": TEMPLATE_B + "\n"}, {"name": "x", "template": "y"}])
+    _with_tokenizer(models["ft1"], None, jinja=TEMPLATE_B)
+    recipe = load_recipe(write_recipe(tmp_path, _ta_recipe(models, chat_template="auto")))
+    assert recipe.chat_template == TEMPLATE_B
+    (models["ft1"] / "chat_template.jinja").unlink()  # one each: the first, base-then-models order
+    assert load_recipe(write_recipe(tmp_path, _ta_recipe(models, chat_template="auto"))).chat_template == TEMPLATE_A
+    for k in ("ft0", "ft1"):
+        (models[k] / "tokenizer_config.json").unlink(missing_ok=True)
+        (models[k] / "chat_template.jinja").unlink(missing_ok=True)
+    (models["base"] / "tokenizer_config.json").unlink()
+    assert load_recipe(write_recipe(tmp_path, _ta_recipe(models, chat_template="auto"))).chat_template is None
+
+
+@pytest.mark.parametrize("value, message", [
+    ("chatml", "chat_template 'chatml' is not supported"),
+    ("{{ short }}", "is not supported"),
+    (3, "chat_template must be a string"),
+])
+def test_chat_template_refusals_name_the_key(models, value, message):
+    with pytest.raises(SpecError, match=message):
+        parse_recipe(_ta_recipe(models, chat_template=value), "r.yaml")
+
+
+def test_chat_template_without_a_base_tokenizer_is_refused(tmp_path, models):
+    result = CliRunner().invoke(main, ["merge", "--config", str(write_recipe(tmp_path, _ta_recipe(
+        models, chat_template=TEMPLATE_A))), "-o", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "chat_template" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+# -- tokenizer_source -----------------------------------------------------------------------
+
+VOCAB = {"<s>": 0, "a": 1, "b": 2, "c": 3, "d": 4}  # + one added token: 6 rows, as SHAPES has
+
+
+def _with_vocabulary(path: Path, vocab: dict[str, int] | list, added: str = "<pad>") -> None:
+    model = {"type": "BPE", "vocab": vocab, "merges": []} if isinstance(vocab, dict) else \
+        {"type": "Unigram", "vocab": vocab}
+    (path / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": model,
+                                                     "added_tokens": [{"id": 5, "content": added}]}))
+
+
+@pytest.mark.parametrize("value", ["base", "union", "BASE"])
+def test_tokenizer_source_with_the_bases_vocabulary_is_the_plain_merge(tmp_path, models, value):
+    """Every model carrying the base's vocabulary, one row per token: mergekit's permutation of
+    the embedding and LM head rows is the identity, so the output is the merge without the key
+    (checked against a float64 task-arithmetic reference) and the base's tokenizer."""
+    for k in ("base", "ft0", "ft1", "ft2"):
+        _with_vocabulary(models[k], VOCAB if k != "ft2" else [[t, 0.0] for t in VOCAB])  # Unigram: ids by index
+    recipe = _ta_recipe(models, tokenizer_source=str(models["base"]) if value == "BASE" else value)
+    merge_recipe(write_recipe(tmp_path, recipe), tmp_path / "out")
+    out = tmp_path / "out"
+    assert (out / "tokenizer.json").read_text() == (models["base"] / "tokenizer.json").read_text()
+    w = weights(models, out)
+    for name in SHAPES:
+        expected = w["base"][name].astype(np.float64) + sum(
+            0.5 * (w[k][name].astype(np.float64) - w["base"][name]) for k in ("ft0", "ft1", "ft2"))
+        assert_within_tolerance(w["out"][name], expected, [w[k][name] for k in ("base", "ft0", "ft1", "ft2")], name)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("other vocabulary", "ft1's vocabulary differs from the base's"),
+    ("padded rows", "has 6 rows for 5 tokens"),
+    ("no tokenizer", "cannot read the tokenizer's vocabulary"),
+    ("another model", "ft0's vocabulary differs from the base's"),
+])
+def test_tokenizer_source_refusals_name_the_key(tmp_path, models, case, message):
+    """What would change the vocabulary (a different one, rows to cut or pad, a tokenizer from
+    another model) is a one-line error naming tokenizer_source, before anything is written."""
+    for k in ("base", "ft0", "ft1", "ft2"):
+        _with_vocabulary(models[k], VOCAB)
+    value = "union"
+    if case == "other vocabulary":
+        _with_vocabulary(models["ft1"], {**VOCAB, "e": 4, "d": 3, "c": 2})  # same tokens, other ids... and one more
+    elif case == "padded rows":
+        (models["base"] / "tokenizer.json").write_text(json.dumps(
+            {"model": {"type": "BPE", "vocab": VOCAB, "merges": []}, "added_tokens": []}))
+        for k in ("ft0", "ft1", "ft2"):
+            (models[k] / "tokenizer.json").write_text((models["base"] / "tokenizer.json").read_text())
+    elif case == "no tokenizer":
+        (models["base"] / "tokenizer.json").unlink()
+    else:  # the tokenizer of a model whose vocabulary is not the base's
+        _with_vocabulary(models["ft0"], {**VOCAB, "e": 6})
+        value = str(models["ft0"])
+    path = write_recipe(tmp_path, _ta_recipe(models, tokenizer_source=value))
+    result = CliRunner().invoke(main, ["merge", "--config", str(path), "-o", str(tmp_path / "out")])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code != 0 and len(errors) == 1 and message in errors[0], result.output
+    assert "tokenizer_source" in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("block", [
+    {"source": "base"},
+    {},  # source defaults to union
+    {"source": "union", "pad_to_multiple_of": 3, "tokens": {"a": {"source": "base"}, "<pad>": {"force": False}}},
+])
+def test_tokenizer_block_with_the_bases_vocabulary_is_the_plain_merge(tmp_path, models, block):
+    """The tokenizer block under the same conditions: source as tokenizer_source, a
+    pad_to_multiple_of the vocabulary's size (6) already meets, unforced token entries (they
+    only fill rows a model lacks; a warning says they do nothing): the plain merge."""
+    for k in ("base", "ft0", "ft1", "ft2"):
+        _with_vocabulary(models[k], VOCAB)
+    recipe = load_recipe(write_recipe(tmp_path, _ta_recipe(models, tokenizer=block)))
+    assert any("no effect" in w for w in recipe.warnings) == bool(block.get("tokens"))
+    merge_recipe(write_recipe(tmp_path, _ta_recipe(models, tokenizer=block)), tmp_path / "out")
+    w = weights(models, tmp_path / "out")
+    for name in SHAPES:
+        expected = w["base"][name].astype(np.float64) + sum(
+            0.5 * (w[k][name].astype(np.float64) - w["base"][name]) for k in ("ft0", "ft1", "ft2"))
+        assert_within_tolerance(w["out"][name], expected, [w[k][name] for k in ("base", "ft0", "ft1", "ft2")], name)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"tokenizer": {"tokens": {"a": {"source": "base", "force": True}}}}, "force"),
+    ({"tokenizer": {"pad_to_multiple_of": 4}}, "would pad 6 rows to 8"),
+    ({"tokenizer": {"pad_to_multiple_of": 0}}, "positive integer"),
+    ({"tokenizer": {"source": "base", "vocab": 1}}, "key 'vocab' is not supported"),
+    ({"tokenizer": {"source": "base"}, "tokenizer_source": "base"}, "not both"),
+])
+def test_tokenizer_block_refusals_name_the_key(models, extra, message):
+    for k in ("base", "ft0", "ft1", "ft2"):
+        _with_vocabulary(models[k], VOCAB)
+    with pytest.raises(SpecError, match=message):
+        parse_recipe(_ta_recipe(models, **extra), "r.yaml")
+
+
+def test_tokenizer_source_a_model_of_the_bases_vocabulary_gives_its_tokenizer(tmp_path, models):
+    """tokenizer_source naming a model with the base's vocabulary (an instruct model's special
+    tokens and template, say): mergekit writes that model's tokenizer and the same weights. The
+    output's tokenizer files are that model's, none of the base's left; a chat_template still
+    applies on top."""
+    for k in ("base", "ft0", "ft1", "ft2"):
+        _with_vocabulary(models[k], VOCAB)
+    (models["base"] / "tokenizer.model").write_bytes(b"base only")
+    _with_tokenizer(models["base"], TEMPLATE_A)
+    source = tmp_path / "instruct-tokenizer"  # a tokenizer alone, no weights
+    source.mkdir()
+    _with_vocabulary(source, VOCAB, added="<pad>")
+    (source / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<pad>"}))
+    _with_tokenizer(source, TEMPLATE_B)
+    merge_recipe(write_recipe(tmp_path, _ta_recipe(models, tokenizer_source=str(source))), tmp_path / "out")
+    out = tmp_path / "out"
+    for name in ("tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (source / name).read_bytes(), name
+    assert not (out / "tokenizer.model").exists()
+    w = weights(models, out)
+    for name in SHAPES:
+        expected = w["base"][name].astype(np.float64) + sum(
+            0.5 * (w[k][name].astype(np.float64) - w["base"][name]) for k in ("ft0", "ft1", "ft2"))
+        assert_within_tolerance(w["out"][name], expected, [w[k][name] for k in ("base", "ft0", "ft1", "ft2")], name)
+    merge_recipe(write_recipe(tmp_path, _ta_recipe(models, tokenizer_source=str(source), chat_template=TEMPLATE_A)),
+                 tmp_path / "out2")
+    assert json.loads((tmp_path / "out2" / "tokenizer_config.json").read_text())["chat_template"] == TEMPLATE_A

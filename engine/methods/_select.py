@@ -40,6 +40,9 @@ SMALL = 1 << 20
 # Largest range of bit patterns counted exactly in pass 1: 16 of the 32768 top-bit bins (8 MiB
 # of int64 counters per task vector while the tensor is reduced).
 RANGE_CAP = 1 << 20
+# Pass 1 counts a block's in-range magnitudes by their distinct values, not a full-range
+# bincount, when they number fewer than 1/SPARSE_FOLD of the range's bins.
+SPARSE_FOLD = 16
 _MAGNITUDE = np.uint32(0x7FFFFFFF)
 _SHIFT = np.uint32(16)
 _LOW = np.uint32(0xFFFF)
@@ -105,7 +108,18 @@ class KthLargest:
                 self._above += above
             if inside.size:
                 size = (self._hi - self._lo) >> self._shift
-                self._fold(np.bincount(inside, minlength=size), size)
+                if inside.size * SPARSE_FOLD < size:
+                    # Few of the block's magnitudes lie in a range of up to RANGE_CAP bins:
+                    # counting the distinct values beats allocating and folding a whole
+                    # histogram per block (measured: arcee-fusion's passes, ~3K of 128K inside
+                    # 400K–850K bins: 81 -> 38 ns per element for the whole method).
+                    values, counts = np.unique(inside, return_counts=True)
+                    with self._lock:
+                        if self._hist is None:
+                            self._hist = np.zeros(size, dtype=np.int64)
+                        self._hist[values] += counts
+                else:
+                    self._fold(np.bincount(inside, minlength=size), size)
         else:  # the low bits of the magnitudes in the chosen bin: (bits >> shift) == bin
             shift = _SHIFT if self._classic else np.uint32(self._shift)
             np.right_shift(bits, shift, out=high, casting="unsafe")

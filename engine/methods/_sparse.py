@@ -71,6 +71,7 @@ class SparseState:
     l1_pass: int | None = None  # TIES with rescale l1: the pass after the selection
     epsilons: list[float] = field(default_factory=list)  # DELLA
     row_length: int = 1  # DELLA: ranks are taken per row
+    rank_limits: list[np.ndarray] = field(default_factory=list)  # DELLA: per model, keep limit by rank
     reader: Any = None  # DELLA: views of elements outside a chunk (rows it cuts)
     passes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -214,6 +215,8 @@ class SparseTaskArithmetic(MergeMethod):
                     if 0.0 < p < 1.0 and not (p - e > 0.0 and p + e < 1.0):
                         raise SpecError(f"{self.name}: epsilon {e:g} with density {p:g} for tensor {name!r}: "
                                         "density ± epsilon must lie in (0, 1)")
+                state.rank_limits = [della_limits(p, e, state.row_length) if 0.0 < p < 1.0 else np.zeros(0, np.uint64)
+                                     for p, e in zip(state.densities, state.epsilons)]
             state.limits = [keep_limit(p) for p in state.densities]
             if state.rescale == "l1" and any(p < 1.0 for p in state.densities):
                 state.l1 = np.zeros((self.n_models, 2))
@@ -296,13 +299,13 @@ class SparseTaskArithmetic(MergeMethod):
         probability, or DELLA's per-element one from the magnitude's rank in its row."""
         if self.sparsify != "della":
             return generator.keep(state.keys[i], first, state.limits[i], keep)
-        p, e = state.densities[i], state.epsilons[i]
-        if p <= 0.0:
-            keep[:] = False
+        p = state.densities[i]
+        if p <= 0.0 or p >= 1.0:  # ρ ≥ 1 keeps dᵢ whole (its L1 factor is then never used)
+            keep[:] = p > 0.0
             return keep
-        probability = (p - e) + 2.0 * e * _row_ranks(state, i, first, delta)
-        limits = np.floor(probability * 2.0**53).astype(np.uint64) << np.uint64(11)
-        return np.less(generator.counters(state.keys[i], first, keep.shape[0]), limits, out=keep)
+        (limits,) = scratch("della-limits", 1, np.uint64, COMBINE_BLOCK)
+        _rank_limits(state, i, first, delta, limits[: keep.shape[0]])
+        return np.less(generator.counters(state.keys[i], first, keep.shape[0]), limits[: keep.shape[0]], out=keep)
 
     @staticmethod
     def _accumulate_sample(state: SparseState, base: np.ndarray, models: Sequence[np.ndarray],
@@ -464,51 +467,72 @@ class SparseTaskArithmetic(MergeMethod):
         return recipe
 
 
-def _row_ranks(state: SparseState, i: int, first: int, delta: np.ndarray) -> np.ndarray:
-    """(rank − 1)/(m − 1) of each |dᵢ| in [first, first + len(delta)) within its row of m = row
-    length elements, ranks 1..m ascending, ties in index order (0 for one-element rows).
+def della_limits(density: float, epsilon: float, length: int) -> np.ndarray:
+    """DELLA's keep limits by rank: entry c (0-based ascending rank in a row of ``length``) is
+    ⌊(ρ − ε + 2ε·c/(m − 1))·2⁵³⌋·2¹¹ (uint64), compared with the generator's u; one-element
+    rows take c/(m − 1) = 0. Computed once per tensor and model."""
+    ranks = np.arange(length, dtype=np.float64) / (length - 1) if length > 1 else np.zeros(1)
+    probability = (density - epsilon) + 2.0 * epsilon * ranks
+    return np.floor(probability * 2.0**53).astype(np.uint64) << np.uint64(11)
+
+
+def _rank_limits(state: SparseState, i: int, first: int, delta: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Model i's keep limit for each element [first, first + len(delta)) of the tensor: its
+    magnitude's rank in its row (ties in index order) looked up in ``state.rank_limits[i]``.
 
     Rows wholly inside the range are ranked from ``delta``; a row the range cuts is read whole
     through the tensor's reader (at most two per call: memory stays one row per model)."""
     length, count = state.row_length, delta.shape[0]
-    out = np.empty(count)
-    magnitude = np.abs(delta)
-    row = first // length
-    while row * length < first + count:
-        lo, hi = max(first, row * length), min(first + count, (row + 1) * length)
-        if lo == row * length and hi == (row + 1) * length:  # whole rows from here on: ranked together
-            rows = (first + count - lo) // length
-            block = magnitude[lo - first : lo - first + rows * length].reshape(rows, length)
-            out[lo - first : lo - first + rows * length] = _ranks(block).ravel()
-            row += rows
+    table = state.rank_limits[i]
+    at = 0
+    while at < count:
+        start = first + at - (first + at) % length  # the row's first element in the tensor
+        if start == first + at and count - at >= length:  # whole rows from here on: ranked together
+            rows = (count - at) // length
+            _limits_of_rows(delta[at : at + rows * length], length, table, out[at : at + rows * length])
+            at += rows * length
             continue
         if state.reader is None:
             raise ValueError("della needs whole rows: the tensor's reader was not attached")
-        views = state.reader(row * length, length)
-        whole = np.abs(views[1 + i].astype(np.float32) - views[0].astype(np.float32))
-        out[lo - first : hi - first] = _ranks(whole.reshape(1, length)).ravel()[lo - row * length : hi - row * length]
-        row += 1
+        views = state.reader(start, length)
+        whole = views[1 + i].astype(np.float32) - views[0].astype(np.float32)
+        row = np.empty(length, dtype=np.uint64)
+        _limits_of_rows(whole, length, table, row)
+        end = min(count, start + length - first)
+        out[at:end] = row[first + at - start : end + first - start]
+        at = end
     return out
 
 
-def _ranks(magnitudes: np.ndarray) -> np.ndarray:
-    """Per row of a 2-D fp32 array of magnitudes: (rank − 1)/(m − 1), ascending, ties in index order.
+def _limits_of_rows(delta: np.ndarray, length: int, table: np.ndarray, out: np.ndarray) -> None:
+    """``out[j] = table[rank of |delta[j]| in its row]`` for whole rows of ``length`` (fp32 in).
 
-    Sorts one uint64 key per entry, its magnitude's bit pattern above its index in the row (keys
-    are distinct, so the order is the stable one), then scatters the ranks back: ~4x faster here
-    than a stable argsort and ``put_along_axis``."""
-    rows, length = magnitudes.shape
-    if length == 1:
-        return np.zeros((rows, 1))
-    keys = np.ascontiguousarray(magnitudes, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    np.left_shift(keys, np.uint64(32), out=keys)
-    np.bitwise_or(keys, np.arange(length, dtype=np.uint64)[None, :], out=keys)
-    keys.sort(axis=1)
-    positions = (keys & np.uint64(0xFFFFFFFF)).astype(np.intp)
-    positions += (np.arange(rows, dtype=np.intp) * length)[:, None]
-    ranks = np.empty(rows * length)
-    ranks[positions.ravel()] = np.tile(np.arange(length, dtype=np.float64) / (length - 1), rows)
-    return ranks.reshape(rows, length)
+    Sorts one uint64 key per entry, its magnitude's bit pattern above its position in ``delta``
+    (keys are distinct and positions grow along a row, so the order is the stable one); the
+    sorted keys' low words are then the positions that receive the table in rank order. Built
+    through a uint32 view and scattered once: ~2x faster here than ranks in float64 turned into
+    limits (measured 29 -> 15 ns per element with the generator, 64x4096 rows)."""
+    n = delta.shape[0]
+    rows = n // length
+    (keys,) = scratch("della-keys", 1, np.uint64, n)
+    words = keys[:n].view(np.uint32).reshape(n, 2)  # little-endian: [:, 0] low, [:, 1] high
+    np.bitwise_and(delta.view(np.uint32), np.uint32(0x7FFFFFFF), out=words[:, 1])  # |delta|'s bits
+    words[:, 0] = _positions(n)
+    keys[:n].reshape(rows, length).sort(axis=1)
+    out[words[:, 0]] = np.broadcast_to(table, (rows, length)).reshape(n)
+
+
+_position_cache: dict[str, np.ndarray] = {}
+
+
+def _positions(n: int) -> np.ndarray:
+    """0, 1, …, n − 1 as uint32 (shared, read-only; grown on demand)."""
+    cached = _position_cache.get("positions")
+    if cached is None or cached.shape[0] < n:
+        cached = np.arange(max(n, COMBINE_BLOCK), dtype=np.uint32)
+        cached.flags.writeable = False
+        _position_cache["positions"] = cached
+    return cached[:n]
 
 
 def _generator() -> MaskGenerator:

@@ -29,11 +29,12 @@ import numpy as np
 
 from . import register
 from ._blocks import blocks, scratch
-from ._select import KthLargest, magnitude_bits
+from ._select import SMALL, KthLargest, magnitude_bits
 from .base import ChunkContext, MergeMethod, TensorContext
 
 EPS = 1e-8
 QUANTILES = (0.25, 0.5, 0.75)
+_FIRST = np.zeros(1, dtype=np.intp)  # one segment from the start, for np.add.reduceat
 
 
 @dataclass
@@ -43,6 +44,7 @@ class FusionState:
     rows: int
     stats: np.ndarray = field(init=False)  # per row: max_b, sum_b, max_a, sum_a
     kl: np.ndarray = field(init=False)
+    kl_done: np.ndarray = field(init=False)  # per row: KL found in pass 0 (the row was whole in a block)
     ranks: list[int] = field(default_factory=list)  # per quantile: its rank from the top (n: the minimum)
     selectors: list[KthLargest] = field(default_factory=list)
     minimum: float = math.inf
@@ -54,6 +56,7 @@ class FusionState:
         self.stats = np.zeros((4, self.rows))
         self.stats[0] = self.stats[2] = -np.inf
         self.kl = np.zeros(self.rows)
+        self.kl_done = np.zeros(self.rows, dtype=bool)
         n = self.numel
         # ascending index ⌊x·(n − 1)⌋ is the (n − index)-th largest; the n-th largest (the
         # minimum, in tensors of ≤ 4 elements) is tracked directly: KthLargest answers k ≥ n with
@@ -98,34 +101,33 @@ class ArceeFusion(MergeMethod):
         (bits,) = scratch("fusion-bits", 1, np.uint32)
         (high,) = scratch("fusion-high", 1, np.intp)
         (mask,) = scratch("fusion-mask", 1, np.bool_)
-        part: list[tuple[int, np.ndarray]] = []
+        part: list[tuple[int, Any]] = []
+        if pass_index == 2 and state.numel > SMALL:  # the selectors' first pass looks at a sample only
+            self._accumulate_sample(state, base, models[0], chunk)
+            return
         with np.errstate(all="ignore"):
             for lo, hi in blocks(base.shape[0]):
                 k = hi - lo
                 first = chunk.first + lo
+                row0, starts = _segments(first, k, state.row_length)
+                if pass_index == 1:  # rows cut by a block: their KL, from the whole rows' normalisers
+                    pending = [(j, starts[j], starts[j + 1] if j + 1 < starts.size else k) for j in range(starts.size)
+                               if not state.kl_done[row0 + j]]
+                    for j, s, e in pending:
+                        np.copyto(a[s:e], base[lo + s : lo + e], casting="unsafe")
+                        np.copyto(b[s:e], models[0][lo + s : lo + e], casting="unsafe")
+                        for x, m in ((b, 0), (a, 2)):  # x ← softmax + ε, in place
+                            np.subtract(x[s:e], state.stats[m][row0 + j], out=x[s:e])
+                            np.exp(x[s:e], out=x[s:e])
+                            np.divide(x[s:e], state.stats[m + 1][row0 + j], out=x[s:e])
+                            np.add(x[s:e], EPS, out=x[s:e])
+                        part.append((row0 + j, float(_kl(a[s:e], b[s:e], t[s:e], _FIRST)[0])))
+                    continue
                 np.copyto(a[:k], base[lo:hi], casting="unsafe")
                 np.copyto(b[:k], models[0][lo:hi], casting="unsafe")
-                row0, starts = _segments(first, k, state.row_length)
-                if pass_index == 0:  # per row: max and Σ exp(x − max), for b then a
-                    values = np.empty((4, starts.size))
-                    for j, x in ((0, b), (2, a)):
-                        values[j] = np.maximum.reduceat(x[:k], starts)
-                        local = np.repeat(values[j], np.diff(np.append(starts, k)))
-                        np.subtract(x[:k], local, out=t[:k])
-                        np.exp(t[:k], out=t[:k])
-                        values[j + 1] = np.add.reduceat(t[:k], starts)
-                    part.append((row0, values))
-                elif pass_index == 1:  # per row: Σ p·log(p/q)
-                    r = self._rows(first, k, state, rows)
-                    for x, j in ((b, 0), (a, 2)):  # x ← softmax + ε, in place
-                        np.subtract(x[:k], state.stats[j][r], out=x[:k])
-                        np.exp(x[:k], out=x[:k])
-                        np.divide(x[:k], state.stats[j + 1][r], out=x[:k])
-                        np.add(x[:k], EPS, out=x[:k])
-                    np.divide(b[:k], a[:k], out=t[:k])
-                    np.log(t[:k], out=t[:k])
-                    np.multiply(t[:k], b[:k], out=t[:k])
-                    part.append((row0, np.add.reduceat(t[:k], starts)))
+                if pass_index == 0:
+                    values, whole, kl = _row_statistics(a[:k], b[:k], t[:k], first, starts, state.row_length)
+                    part.append((row0, values, whole, kl))
                 else:  # the selection passes, over every importance
                     self._importance(state, a[:k], b[:k], first, d32[:k], s32[:k], rows)
                     if pass_index == 2:
@@ -137,6 +139,37 @@ class ArceeFusion(MergeMethod):
         if pass_index < 2:
             with state.lock:
                 state.parts[chunk.first] = part
+
+    def _accumulate_sample(self, state: FusionState, base: np.ndarray, model: np.ndarray,
+                           chunk: ChunkContext) -> None:
+        """The selectors' first pass: the importances of the sampled ranges only, gathered into
+        one buffer so each selector counts them in one call (the minimum is only needed in
+        tensors of at most 4 elements, which are counted whole)."""
+        a, b, _ = scratch("fusion", 3, np.float64)
+        (rows,) = scratch("fusion-rows", 1, np.intp)
+        d32, s32 = scratch("fusion32", 2, np.float32)
+        (bits,) = scratch("fusion-bits", 1, np.uint32)
+        (high,) = scratch("fusion-high", 1, np.intp)
+        (mask,) = scratch("fusion-mask", 1, np.bool_)
+        size = bits.shape[0]
+        pieces = [(lo + at, min(hi, lo + at + size)) for lo, hi in state.selectors[0].sample_ranges(base.shape[0])
+                  for at in range(0, hi - lo, size)]
+        filled = 0
+        with np.errstate(all="ignore"):
+            for lo, hi in pieces:
+                k = hi - lo
+                if filled + k > size:
+                    for selector in state.selectors:  # pass 0's add() leaves the bits as they are
+                        selector.add(0, bits[:filled], high[:filled], mask[:filled])
+                    filled = 0
+                np.copyto(a[:k], base[lo:hi], casting="unsafe")
+                np.copyto(b[:k], model[lo:hi], casting="unsafe")
+                self._importance(state, a[:k], b[:k], chunk.first + lo, d32[:k], s32[:k], rows)
+                magnitude_bits(s32[:k], bits[filled : filled + k])
+                filled += k
+            if filled:
+                for selector in state.selectors:
+                    selector.add(0, bits[:filled], high[:filled], mask[:filled])
 
     def _importance(self, state: FusionState, a: np.ndarray, b: np.ndarray, first: int, d32: np.ndarray,
                     s32: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -154,7 +187,7 @@ class ArceeFusion(MergeMethod):
         parts = [p for first in sorted(state.parts) for p in state.parts[first]]  # in chunk order
         state.parts.clear()
         if pass_index == 0:
-            for row0, values in parts:
+            for row0, values, whole, kl in parts:
                 rows = slice(row0, row0 + values.shape[1])
                 for j in (0, 2):
                     old_max, old_sum = state.stats[j][rows], state.stats[j + 1][rows]
@@ -163,9 +196,11 @@ class ArceeFusion(MergeMethod):
                         state.stats[j + 1][rows] = (np.where(old_sum > 0, old_sum * np.exp(old_max - new_max), 0.0)
                                                     + values[j + 1] * np.exp(values[j] - new_max))
                     state.stats[j][rows] = new_max
+                state.kl[rows][whole] = kl[whole]
+                state.kl_done[rows] |= whole
         elif pass_index == 1:
-            for row0, sums in parts:
-                state.kl[row0 : row0 + sums.shape[0]] += sums
+            for row, value in parts:
+                state.kl[row] += value
             np.maximum(state.kl, 0.0, out=state.kl)
         else:
             for selector in state.selectors:
@@ -197,3 +232,38 @@ class ArceeFusion(MergeMethod):
 
     def recipe(self) -> dict[str, Any]:
         return {"method": self.name}
+
+
+def _row_statistics(a: np.ndarray, b: np.ndarray, t: np.ndarray, first: int, starts: np.ndarray,
+                    row_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pass 0 over one block (``a``, ``b`` float64 copies, ``t`` scratch; all three consumed).
+
+    Per segment (a row's part in the block, from ``starts``): max and Σ exp(x − max) of b, then
+    of a; and for the segments that are whole rows, the row's KL at once, with the same
+    operations pass 1 applies to the rest (the normalisers of a whole row pass through
+    ``end_pass`` unchanged, ×exp(max − max)), so a row's KL does not depend on which pass
+    found it. Returns (values[4, segments], whole[segments], kl[segments])."""
+    k = a.shape[0]
+    lengths = np.diff(np.append(starts, k))
+    values = np.empty((4, starts.size))
+    for j, x in ((0, b), (2, a)):
+        values[j] = np.maximum.reduceat(x, starts)
+        np.subtract(x, np.repeat(values[j], lengths), out=t)
+        np.exp(t, out=t)
+        values[j + 1] = np.add.reduceat(t, starts)
+        # x ← softmax + ε for the whole rows (partial segments get values never used)
+        with np.errstate(invalid="ignore"):
+            total = values[j + 1] * np.exp(values[j] - values[j])
+        np.divide(t, np.repeat(total, lengths), out=x)
+        np.add(x, EPS, out=x)
+    whole = (lengths == row_length) & ((first + starts) % row_length == 0)
+    kl = _kl(a, b, t, starts) if whole.any() else np.zeros(starts.size)
+    return values, whole, kl
+
+
+def _kl(q: np.ndarray, p: np.ndarray, t: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Σ p·log(p/q) per segment from ``starts`` (``t`` scratch); one float64 per segment."""
+    np.divide(p, q, out=t)
+    np.log(t, out=t)
+    np.multiply(t, p, out=t)
+    return np.add.reduceat(t, starts)
