@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 
-from measure import quantiles, safeblend_command, timed  # noqa: E402
+from measure import add_warm_memory_option, quantiles, safeblend_command, timed, warm_free_memory  # noqa: E402
 
 HIDDEN, VOCAB, HEADS = 7168, 129280, 128
 Q_RANK, KV_RANK, NOPE, ROPE, V_DIM = 1536, 512, 128, 64, 128
@@ -161,6 +161,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--workdir", type=Path, default=REPO / "benchmarks/out/bench_fp8")
     p.add_argument("--keep", action="store_true")
+    add_warm_memory_option(p)
     args = p.parse_args()
 
     tensors = model_tensors(args.dense_layers, args.moe_layers, args.experts, args.embed)
@@ -181,11 +182,13 @@ def main() -> None:
                  f"cp {' '.join(str(f) for f in sorted(ft.glob('*.safetensors')))} {floor_out}/ && "
                  f"sync {floor_out}/* {floor_out}")
     contestants = {"safeblend fp8+bf16": merge_cmd, "floor": floor_cmd}
+    subprocess.run(["cat", *map(str, in_files)], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
     results: dict[str, list[tuple[float, int]]] = {k: [] for k in contestants}
     for run in range(args.runs):
         for name in (list(contestants) if run % 2 == 0 else list(contestants)[::-1]):
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(floor_out, ignore_errors=True)
+            warm_free_memory(args.warm_memory)
             results[name].append(timed(contestants[name]))
             w, r = results[name][-1]
             print(f"run {run + 1}/{args.runs} {name:<19} {w:6.2f} s {r / 2**20:6.0f} MiB", file=sys.stderr)
