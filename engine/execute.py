@@ -207,8 +207,11 @@ class Executor(ExecutorBase):
         context, state, read = self._states.get(t)
         self.method.merge_chunk(self.backend, views[0], views[1:], out_bytes.view(t.dtype.numpy),
                                 ChunkContext(context, chunk.first), state)
-        read += release_inputs(sources, chunk.first, chunk.count)
+        # Submitted before the inputs are released: the output watch (safeblend.output_checks)
+        # compares early chunks with the base's values, which a streamed input would otherwise
+        # fetch again once released.
         writer.submit(t.shard, offset, out_bytes, partial(pool.release, buffer))
+        read += release_inputs(sources, chunk.first, chunk.count)
         return read
 
     def _process_requantized(self, chunk: Chunk, writer: ShardWriter) -> int:

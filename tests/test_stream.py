@@ -111,7 +111,11 @@ def test_a_plain_url_merge_reads_headers_first_then_blocks_and_equals_the_local_
         assert ranges[-1] == (0, 0)  # before commit: is it still the same file (size, ETag)?
         data = ranges[2:-1]
         assert data and all(b - a + 1 <= remote.BLOCK_BYTES for a, b in data)
-        assert sum(b - a + 1 for a, b in data) <= size  # each block once
+        # Each block is requested once from its start; a request that starts inside a block is
+        # a retry resuming where a dropped (or, under load, timed-out) response stopped.
+        starts = [a for a, _ in data if a % remote.BLOCK_BYTES == 0]
+        assert len(starts) == len(set(starts))
+        assert sum(b - a + 1 for a, b in data if a % remote.BLOCK_BYTES == 0) <= size
     assert result.bytes_read > 0
 
 
