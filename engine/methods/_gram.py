@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._blocks import blocks, dot, scratch
+from .base import ChunkContext, MergeMethod
 from .linear import weighted_sum
 
 
@@ -72,3 +73,29 @@ def combine(backend: Any, base: np.ndarray, models: Sequence[np.ndarray], state:
         weighted_sum(base, models, c[0], c[1:], out)
     else:
         backend.weighted_delta_sum(base, models, c, out)
+
+
+class GramMethod(MergeMethod):
+    """A method whose output is ``combine`` with coefficients computed from the Gram matrix:
+    one reduce pass gathers it, ``coefficients`` turns it into the cᵢ, ``combine`` writes."""
+
+    def coefficients(self, state: GramState) -> list[float]:
+        """The cᵢ of this tensor, from ``state.gram`` (and the method's ``state.extra``)."""
+        raise NotImplementedError
+
+    def reduce_passes(self, state: GramState) -> int:
+        return 1
+
+    def accumulate(self, state: GramState, pass_index: int, base: np.ndarray, models: Sequence[np.ndarray],
+                   chunk: ChunkContext) -> None:
+        accumulate(state, base, models, chunk.first)
+
+    def end_pass(self, state: GramState, pass_index: int) -> None:
+        end_pass(state)
+        state.coefficients = self.coefficients(state)
+
+    def merge_chunk(self, backend: Any, base: Any, models: Sequence[Any], out: Any,
+                    chunk: ChunkContext | None = None, state: GramState | None = None) -> None:
+        if state is None:
+            raise ValueError(f"{self.name} needs the tensor's state (its Gram matrix) from the engine")
+        combine(backend, base, models, state, out)

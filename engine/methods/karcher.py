@@ -24,20 +24,20 @@ rounding noise times 10¹⁶ there).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..errors import SpecError
 from . import _gram, register
-from .base import ChunkContext, MergeMethod, TensorContext
+from .base import TensorContext
 from .params import resolve_float, setting
 
 ANTIPODAL = 1e-12  # ‖uᵢ − ⟨u, uᵢ⟩·u‖ below this: uᵢ is ±u, no direction to move in
 
 
 @register
-class Karcher(MergeMethod):
+class Karcher(_gram.GramMethod):
     name = "karcher"
 
     def __init__(self, n_models: int, max_iter: Any = 10, tol: Any = 1e-5) -> None:
@@ -53,23 +53,9 @@ class Karcher(MergeMethod):
         state.extra["tol"] = resolve_float(self._tol, tensor.name, tensor.position, f"{self.name}: tol")
         return state
 
-    def reduce_passes(self, state: _gram.GramState) -> int:
-        return 1
-
-    def accumulate(self, state: _gram.GramState, pass_index: int, base: np.ndarray, models: Sequence[np.ndarray],
-                   chunk: ChunkContext) -> None:
-        _gram.accumulate(state, base, models, chunk.first)
-
-    def end_pass(self, state: _gram.GramState, pass_index: int) -> None:
-        _gram.end_pass(state)
-        state.coefficients, state.extra["iterations"] = karcher_coefficients(state.gram, self.max_iter,
-                                                                             state.extra["tol"])
-
-    def merge_chunk(self, backend: Any, base: Any, models: Sequence[Any], out: Any,
-                    chunk: ChunkContext | None = None, state: _gram.GramState | None = None) -> None:
-        if state is None:
-            raise ValueError("karcher needs the tensor's state (its Gram matrix) from the engine")
-        _gram.combine(backend, base, models, state, out)
+    def coefficients(self, state: _gram.GramState) -> list[float]:
+        coefficients, state.extra["iterations"] = karcher_coefficients(state.gram, self.max_iter, state.extra["tol"])
+        return coefficients
 
     def recipe(self) -> dict[str, Any]:
         return {"method": self.name, "max_iter": self.max_iter, "tol": self._tol.to_json()}

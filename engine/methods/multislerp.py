@@ -20,18 +20,18 @@ coefficients are computed from it, and the output is one weighted sum (fp32, one
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..errors import SpecError
 from . import _gram, register
-from .base import ChunkContext, MergeMethod, TensorContext
+from .base import TensorContext
 from .params import per_model, resolve_bool, resolve_float, setting
 
 
 @register
-class MultiSlerp(MergeMethod):
+class MultiSlerp(_gram.GramMethod):
     name = "multislerp"
 
     def __init__(self, n_models: int, weight: Any = None, base_weight: Any = None, normalize_weights: Any = True,
@@ -59,23 +59,8 @@ class MultiSlerp(MergeMethod):
         state.extra.update(name=name, weights=weights, eps=resolve_float(self._eps, name, t, f"{self.name}: eps"))
         return state
 
-    def reduce_passes(self, state: _gram.GramState) -> int:
-        return 1
-
-    def accumulate(self, state: _gram.GramState, pass_index: int, base: np.ndarray, models: Sequence[np.ndarray],
-                   chunk: ChunkContext) -> None:
-        _gram.accumulate(state, base, models, chunk.first)
-
-    def end_pass(self, state: _gram.GramState, pass_index: int) -> None:
-        _gram.end_pass(state)
-        state.coefficients = multislerp_coefficients(state.gram, state.extra["weights"], state.extra["eps"],
-                                                     state.extra["name"])
-
-    def merge_chunk(self, backend: Any, base: Any, models: Sequence[Any], out: Any,
-                    chunk: ChunkContext | None = None, state: _gram.GramState | None = None) -> None:
-        if state is None:
-            raise ValueError("multislerp needs the tensor's state (its Gram matrix) from the engine")
-        _gram.combine(backend, base, models, state, out)
+    def coefficients(self, state: _gram.GramState) -> list[float]:
+        return multislerp_coefficients(state.gram, state.extra["weights"], state.extra["eps"], state.extra["name"])
 
     def recipe(self) -> dict[str, Any]:
         recipe = {"method": self.name, "weights": [s.to_json() for s in self._weights],
