@@ -14,6 +14,7 @@ runs from a generated recipe.
     python benchmarks/bench_methods.py                 # 128256×4096 embeddings, ~2.5 GB per model
     python benchmarks/bench_methods.py --small --runs 3
     python benchmarks/bench_methods.py --only-tiny --keep
+    python benchmarks/bench_methods.py --sizes tinyllama-1.1b    # the 22-layer TinyLlama shapes
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from safeblend.synthetic import LlamaShape, write_pair
+from safeblend.synthetic import PRESETS, LlamaShape, write_pair
 from measure import safeblend_command, timed
 
 SHAPES = {
     "embed-128256x4096": LlamaShape(4096, 14336, 1, 128256, 32, 8),
     "embed-32064x4096": LlamaShape(4096, 3584, 1, 32064, 32, 8),  # ~4× smaller
     "embed-16000x1024": LlamaShape(1024, 2816, 2, 16000, 16, 4),  # 55M parameters, 110 MB per model
+    "tinyllama-1.1b": PRESETS["tinyllama-1.1b"],  # 1.10B parameters, 2.2 GB per model
 }
 # (method, fine-tunes, extra CLI arguments, or a dict: the recipe's merge-wide parameters)
 RUNS: list[tuple[str, int, list[str] | dict]] = [
@@ -142,12 +144,13 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="also measure a model 4x smaller")
     parser.add_argument("--only-small", action="store_true", help="measure only the smaller model")
     parser.add_argument("--only-tiny", action="store_true", help="measure only the 55M-parameter pair")
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SHAPES), help="measure exactly these shapes")
     parser.add_argument("--methods", nargs="*", help="only these methods (linear always runs)")
     parser.add_argument("--workdir", type=Path, default=Path("benchmarks/out/methods"))
     parser.add_argument("--keep", action="store_true", help="keep the generated models for the next run")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    sizes = ["embed-16000x1024"] if args.only_tiny else ["embed-32064x4096"] if args.only_small else (
+    sizes = args.sizes if args.sizes else ["embed-16000x1024"] if args.only_tiny else ["embed-32064x4096"] if args.only_small else (
         ["embed-128256x4096", "embed-32064x4096"] if args.small else ["embed-128256x4096"])
     rows = []
     for tag in sizes:
