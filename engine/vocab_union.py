@@ -266,6 +266,17 @@ class VocabularyPlan:
             write_text_durably(legacy, json.dumps(entries, indent=2, ensure_ascii=False) + "\n")
 
 
+def _declared_vocab_size(model_dir: Path) -> int | None:
+    """config.json's ``vocab_size`` (or its ``text_config``'s), if it states one."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        return None
+    config = _json_object(path)
+    text = config.get("text_config")
+    value = config.get("vocab_size", text.get("vocab_size") if isinstance(text, dict) else None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _json_object(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -312,10 +323,13 @@ def plan_vocabulary(what: str, source: str, model_dirs: list[str], has_base: boo
     if len(widths) > 1:
         raise SpecError(f"{what}: the models' embeddings have different widths ({sorted(widths)})")
     for path, tok, rows in zip(paths, tokenizers, input_rows):
-        beyond = [t for t, i in tok.vocab.items() if i >= rows]
+        # mergekit drops a model's tokens past config.json's vocab_size: refused here instead.
+        declared = _declared_vocab_size(Path(path))
+        limit = min(rows, declared) if declared is not None else rows
+        beyond = [t for t, i in tok.vocab.items() if i >= limit]
         if beyond:
             raise SpecError(f"{what}: {tok.path}: token {beyond[0]!r} has id {tok.vocab[beyond[0]]}, beyond the "
-                            f"{rows} rows of {shown[path]}'s embedding (mergekit drops such tokens); not supported")
+                            f"{limit} rows of {shown[path]}'s embedding (mergekit drops such tokens); not supported")
     source_tokenizer, source_dir = None, None
     if source not in ("base", "union"):
         source_dir = Path(source)

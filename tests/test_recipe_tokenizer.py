@@ -62,6 +62,12 @@ def save_tokenizer(directory: Path, plain: list[str], added: list[tuple[str, boo
     backend.add_tokens([AddedToken(t, special=s, normalized=not s) for t, s in added])
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>")
     fast.save_pretrained(directory)
+    # transformers 4 (mergekit's) also lists the added tokens in tokenizer_config.json.
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {
+        str(e["id"]): {k: e[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+        for e in json.loads(backend.to_str())["added_tokens"]}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
     return len(fast.get_vocab())
 
 
@@ -234,6 +240,10 @@ def test_union_with_linear(tmp_path, models, tensors):
     vocab = reference_vocabulary(models, names)
     assert len(vocab) == 25
     check_vocabulary(out, vocab, len(vocab))
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.added_tokens_decoder[vocab["<im>"]].special and not tok.added_tokens_decoder[vocab["x4"]].special
+    decoder = json.loads((out / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    assert {int(i) for i in decoder} == {i for t, i in vocab.items() if i >= 15 or t == "<unk>"}  # each added one
     w = load_checkpoint(out)
     for embed in EMBEDS:
         rows = permuted(tensors, vocab, names, embed)
@@ -259,9 +269,9 @@ def test_union_with_slerp(tmp_path, models, tensors):
         assert_within_tolerance(w[embed], ref_slerp(rows["base"], rows["ft1"], 0.3), list(rows.values()), embed)
 
 
-def test_union_with_ties_without_a_base_model_averages(tmp_path, models, tensors):
-    """TIES over two fine-tunes: tokens both have and the base lacks (x2, x3) get, in the
-    base, the mean of their rows; with ft1 as the base, tokens only ft2 has are ft2's."""
+def test_union_with_ties(tmp_path, models, tensors):
+    """TIES over two fine-tunes: the sign election sees the permuted rows; tokens both have
+    and the base lacks (x2, x3) get, in the base, the mean of their rows."""
     names = ["base", "ft1", "ft2"]
     out = run(tmp_path, {"merge_method": "ties", "base_model": str(models["base"]),
                          "models": [{"model": str(models["ft1"]), "parameters": {"weight": 0.7, "density": 1.0}},
@@ -375,4 +385,52 @@ def test_bad_tokenizer_settings_are_one_line_errors(tmp_path, models, extra, mes
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert result.exit_code != 0 and len(errors) == 1 and message in errors[0], result.output
     assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def _tied_copy(source: Path, target: Path, tie: bool) -> Path:
+    """``source`` with its LM head tied to the embedding (not stored) when ``tie``."""
+    import shutil
+
+    shutil.copytree(source, target)
+    weights = load_checkpoint(source)
+    if tie:
+        del weights["lm_head.weight"]
+    write_checkpoint(target, weights)
+    config = json.loads((source / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": tie}))
+    return target
+
+
+def test_tied_heads_follow_the_permuted_embedding(tmp_path, models, tensors):
+    """Every model ties its LM head: only the embedding is permuted and merged; the output
+    stays tied and loads with the union's vocabulary."""
+    names = ["base", "ft1"]
+    tied = {n: _tied_copy(models[n], tmp_path / f"tied-{n}", tie=True) for n in names}
+    out = run(tmp_path, {"merge_method": "linear", "base_model": str(tied["base"]),
+                         "models": [{"model": str(tied[n]), "parameters": {"weight": 0.5}} for n in names],
+                         "tokenizer_source": "union"})
+    vocab = reference_vocabulary(models, names)
+    w = load_checkpoint(out)
+    assert "lm_head.weight" not in w
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    embed = EMBEDS[0]
+    rows = permuted(tensors, vocab, names, embed)
+    assert_within_tolerance(w[embed], (rows["base"] + rows["ft1"]) / 2, list(rows.values()), embed)
+    model = transformers.LlamaForCausalLM.from_pretrained(out)
+    assert model.get_output_embeddings().weight.shape == (len(vocab), HIDDEN)
+
+
+def test_a_head_tied_in_some_models_only_is_refused(tmp_path, models):
+    """mergekit would read the tied model's embedding as its head; safeblend refuses the mix
+    with a changed vocabulary rather than give other default rows."""
+    tied = _tied_copy(models["ft1"], tmp_path / "tied-ft1", tie=True)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"merge_method": "linear", "base_model": str(models["base"]),
+                                    "models": [{"model": str(models["base"]), "parameters": {"weight": 0.5}},
+                                               {"model": str(tied), "parameters": {"weight": 0.5}}],
+                                    "tokenizer_source": "union"}))
+    result = CliRunner().invoke(main, ["merge", "--config", str(path), "-o", str(tmp_path / "out")])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code != 0 and len(errors) == 1 and "tied in some models only" in errors[0], result.output
     assert not (tmp_path / "out").exists()
