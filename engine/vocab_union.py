@@ -415,6 +415,7 @@ class VocabularyFile:
     """
 
     BLOCK_BYTES = 4 << 20  # rows per block of the mean's pass
+    READS_PER_DROP = 8  # row runs read between two drops of their pages (``_drop``)
 
     def __init__(self, path: Path, plan: VocabularyPlan, model: int,
                  operands: list[dict[str, tuple[TensorInfo, Any]] | None]) -> None:
@@ -459,7 +460,7 @@ class VocabularyFile:
         self._forward(start, length, "prefetch")
 
     def release(self, start: int, length: int) -> None:
-        self._forward(start, length, "release")
+        """Nothing to do: each view dropped the input rows it read (``_rows``)."""
 
     def stored_bytes(self, start: int, length: int) -> int:
         return length
@@ -470,7 +471,7 @@ class VocabularyFile:
     # Helpers.
 
     def _forward(self, start: int, length: int, action: str) -> None:
-        """Pass a prefetch or release on to the span of the model's own rows a range reads."""
+        """Pass a prefetch on to the span of the model's own rows a range reads."""
         if length <= 0:
             return
         info, first, count = self._locate(start, length)
@@ -505,33 +506,60 @@ class VocabularyFile:
         return f.view(info, row * width, count * width).reshape(count, width)
 
     def _rows(self, name: str, r0: int, r1: int, out: np.ndarray) -> None:
-        """Output rows [r0, r1) of this model's tensor ``name`` into ``out``."""
+        """Output rows [r0, r1) of this model's tensor ``name`` into ``out``; the input rows
+        read are then dropped from the process (``release``), each model's span at once."""
         plan, own = self.plan, self.plan.own[self.model]
+        spans: dict[int, list[int]] = {}  # model → [lowest, highest + 1) row read since the last drop
+        reads = [0]
+
+        def read(model: int, row: int, count: int) -> np.ndarray:
+            if reads[0] == self.READS_PER_DROP:
+                self._drop(name, spans)
+                reads[0] = 0
+            reads[0] += 1
+            span = spans.setdefault(model, [row, row + count])
+            span[0], span[1] = min(span[0], row), max(span[1], row + count)
+            return self._real_rows(model, name, row, count)
+
         r = r0
         while r < r1:
             if r >= plan.size:  # pad_to_multiple_of's rows: the mean of this model's output rows
                 out[r - r0 :] = self._mean(name)
-                return
+                break
             src = int(own[r])
             if src >= 0:
                 n = 1
                 end = min(r1, plan.size)
                 while r + n < end and own[r + n] == src + n:
                     n += 1
-                np.copyto(out[r - r0 : r - r0 + n], self._real_rows(self.model, name, src, n), casting="unsafe")
+                np.copyto(out[r - r0 : r - r0 + n], read(self.model, src, n), casting="unsafe")
                 r += n
                 continue
             pairs = plan.defaults[r]
             if not pairs:
                 out[r - r0] = 0
             elif len(pairs) == 1:
-                np.copyto(out[r - r0], self._real_rows(pairs[0][0], name, pairs[0][1], 1)[0], casting="unsafe")
+                np.copyto(out[r - r0], read(pairs[0][0], pairs[0][1], 1)[0], casting="unsafe")
             else:
                 total = np.zeros(out.shape[1], dtype=np.float64)
                 for k, row in pairs:
-                    total += self._real_rows(k, name, row, 1)[0]
+                    total += read(k, row, 1)[0]
                 np.copyto(out[r - r0], total / len(pairs), casting="unsafe")
             r += 1
+        self._drop(name, spans)
+
+    def _drop(self, name: str, spans: dict[int, list[int]]) -> None:
+        """Drop the input rows read (each model's span) from the process: a gather's rows lie
+        anywhere in the inputs, and each page fault maps its neighbours too (fault-around), so
+        without this the pages around every row read stay mapped. Measured on a 32000 × 2048
+        bf16 pair whose ids are shuffled, 8 MiB chunks: 426 MiB peak never dropping, 297 MiB
+        dropping once per chunk, 197 MiB every 8 runs (the plain merge: 152 MiB; the rest is
+        the gathered chunks' buffers). Rows another thread still reads are only refaulted
+        from the page cache."""
+        for model, (lo, hi) in spans.items():
+            info, f = self._operands[model][name]  # type: ignore[index]
+            f.release(*info.byte_range(lo * info.shape[1], (hi - lo) * info.shape[1]))
+        spans.clear()
 
     def _mean(self, name: str) -> np.ndarray:
         """The mean of this model's rows [0, vocabulary size) of ``name``, in its dtype
