@@ -434,3 +434,38 @@ def test_a_head_tied_in_some_models_only_is_refused(tmp_path, models):
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert result.exit_code != 0 and len(errors) == 1 and "tied in some models only" in errors[0], result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_views_gather_only_the_rows_a_chunk_covers(tmp_path, models, tensors):
+    """A view of the permuted tensor (what every executor reads, the GPU's through
+    byte_view) holds the rows its range covers: its thread's buffer grows to the largest
+    range asked for plus two rows, never to a whole embedding."""
+    from safeblend.checkpoint import Checkpoint
+    from safeblend.recipe import load_recipe
+
+    names = ["base", "ft1", "ft2"]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"merge_method": "linear", "base_model": str(models["base"]),
+                                    "models": [{"model": str(models[n]), "parameters": {"weight": 1.0}}
+                                               for n in names], "tokenizer": {"pad_to_multiple_of": 16}}))
+    plan = load_recipe(path).vocabulary
+    ckpts = [Checkpoint.open(models[n]) for n in names]
+    try:
+        base, others_ = plan.wrap(ckpts[0], ckpts[1:])
+        vocab = reference_vocabulary(models, names)
+        embed = EMBEDS[0]
+        expected = permuted(tensors, vocab, names, embed, pad=16)["ft1"].reshape(-1)
+        info = others_[0].tensors[embed]
+        assert info.shape == (32, HIDDEN)
+        f = next(f for f in others_[0].files if f.path == info.file)
+        largest = 0
+        for first, count in [(0, 11), (HIDDEN * 3 + 5, 11), (HIDDEN * 20 - 3, 40), (HIDDEN * 31, HIDDEN)]:
+            values = f.view(info, first, count)
+            largest = max(largest, count)
+            assert values.base is not None and values.base.size <= largest + 2 * HIDDEN
+            np.testing.assert_allclose(values, expected[first : first + count], rtol=1e-6, atol=1e-6)
+            start, length = info.byte_range(first, count)
+            assert bytes(f.byte_view(start, length)) == values.tobytes()
+    finally:
+        for ckpt in ckpts:
+            ckpt.close()
