@@ -46,10 +46,13 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError, SpecError
 from .methods.params import Setting, layer_count, setting
+
+if TYPE_CHECKING:
+    from .vocab_union import TokenRule
 
 # mergekit's method names (every one mergekit 0.1.5 registers) → safeblend's method.
 MERGEKIT_METHODS = {
@@ -308,7 +311,7 @@ def _check_tokenizer_block(block: Any, recipe: Recipe, source: str, has_base: bo
     _check_tokenizer_source(block.get("source", "union"), recipe, source, has_base, "tokenizer.source", rules, pad)
 
 
-def _token_rule(value: Any, force: bool, key: str):
+def _token_rule(value: Any, force: bool, key: str) -> TokenRule:
     """A ``tokens:`` entry's ``source``: a model path, ``{kind: zero}`` or ``{kind: model_token,
     model: PATH, token: TEXT | token_id: N}``. mergekit fails on an entry without one."""
     from .vocab_union import TokenRule

@@ -283,9 +283,9 @@ def test_union_with_ties(tmp_path, models, tensors):
         rows = permuted(tensors, vocab, names, embed)
         expected = ref_ties(rows["base"], [rows["ft1"], rows["ft2"]], [0.7, 0.4])
         assert_within_tolerance(w[embed], expected, list(rows.values()), embed)
-        x2 = vocab["x2"]
-        np.testing.assert_allclose(rows["base"][x2], (tensors["ft1"][embed][reference_vocabulary_cache["ft1"]["x2"]]
-                                                      + tensors["ft2"][embed][reference_vocabulary_cache["ft2"]["x2"]]) / 2)
+        own = reference_vocabulary_cache
+        x2_rows = [tensors[n][embed][own[n]["x2"]] for n in ("ft1", "ft2")]
+        np.testing.assert_allclose(rows["base"][vocab["x2"]], (x2_rows[0] + x2_rows[1]) / 2)
 
 
 def test_linear_without_base_model_averages_shared_tokens(tmp_path, models, tensors):
