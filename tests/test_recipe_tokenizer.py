@@ -469,3 +469,40 @@ def test_views_gather_only_the_rows_a_chunk_covers(tmp_path, models, tensors):
     finally:
         for ckpt in ckpts:
             ckpt.close()
+
+
+@pytest.mark.parametrize("kind", ["BPE", "Unigram"])
+def test_union_rewrites_bpe_and_unigram_tokenizers(tmp_path, kind):
+    """The union's tokenizer.json for the other model types safeblend rewrites: transformers
+    loads it with the vocabulary mergekit builds, and it encodes the added tokens."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE, Unigram
+    from tokenizers.pre_tokenizers import Whitespace
+
+    pieces = {"base": ["<unk>", "a", "b", "c", "ab"], "ft": ["<unk>", "c", "d", "a", "cd", "dd"]}
+    rng = np.random.default_rng(7)
+    paths = {}
+    for name, tokens in pieces.items():
+        if kind == "BPE":
+            merges = [tuple(t) for t in tokens if len(t) == 2]
+            model = BPE({t: i for i, t in enumerate(tokens)}, merges, unk_token="<unk>")
+        else:
+            model = Unigram([(t, -float(len(t))) for t in tokens], unk_id=0)
+        backend = Tokenizer(model)
+        backend.pre_tokenizer = Whitespace()
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+        directory = tmp_path / name
+        fast.save_pretrained(directory)
+        rows = len(tokens)
+        write_checkpoint(directory, {e: random_tensor(rng, (rows, HIDDEN), "fp32") for e in EMBEDS}
+                         | {"model.norm.weight": random_tensor(rng, (HIDDEN,), "fp32")}, config=llama_config(rows))
+        paths[name] = directory
+    out = run(tmp_path, {"merge_method": "linear", "base_model": str(paths["base"]),
+                         "models": [{"model": str(paths[n]), "parameters": {"weight": 0.5}} for n in paths],
+                         "tokenizer_source": "union"})
+    vocab = reference_vocabulary(paths, ["base", "ft"])
+    assert len(vocab) == 8
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.get_vocab() == vocab
+    assert tok("ab cd dd")["input_ids"] == [vocab["ab"], vocab["cd"], vocab["dd"]]
+    assert load_checkpoint(out)[EMBEDS[0]].shape == (8, HIDDEN)
