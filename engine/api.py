@@ -78,6 +78,7 @@ def merge(
     on_warning: Callable[[str], None] | None = None,
     chat_template: str | None = None,
     tokenizer_from: str | os.PathLike | None = None,
+    vocabulary: Any = None,
     **method_params: Any,
 ) -> MergeResult:
     """Merge fine-tuned checkpoints into a base checkpoint, streaming, and write OUT.
@@ -108,6 +109,9 @@ def merge(
             recipe's ``chat_template``; ``safeblend.model_files.set_chat_template``).
         tokenizer_from: a model directory whose tokenizer files replace the base's (a recipe's
             ``tokenizer_source`` naming a model of the base's vocabulary).
+        vocabulary: a changed vocabulary (a recipe's ``tokenizer_source`` or ``tokenizer``
+            block, ``safeblend.vocab_union.VocabularyPlan``): every model's embedding and LM
+            head rows permuted to it, and its tokenizer files and ``vocab_size`` written.
         **method_params: the method's other parameters, e.g. ``density``, ``lambda_``,
             ``normalize``, ``consensus``, ``rescale``, ``seed`` (see ``safeblend.methods``); any
             of them may vary by tensor (``safeblend.methods.params``).
@@ -138,6 +142,8 @@ def merge(
                         kept=kept).run(writers[0], update)
 
     def finish_files(staging: Path) -> None:  # a recipe's tokenizer_source and chat_template
+        if vocabulary is not None:
+            vocabulary.write_files(staging)
         if tokenizer_from is not None:
             copy_tokenizer_files(tokenizer_from, staging)
         if chat_template is not None:
@@ -149,7 +155,8 @@ def merge(
                                low_rank=device_name == "cpu" and merger.takes_low_rank, overwrite=overwrite,
                                resume=resume, allow_missing=allow_missing,
                                progress="merging" if progress else None, warn=warn, started=started,
-                               watch_output=True, finish_files=finish_files)
+                               watch_output=True, finish_files=finish_files,
+                               wrap_inputs=vocabulary.wrap if vocabulary is not None else None)
     return results[0]
 
 
@@ -187,6 +194,7 @@ def write_outputs(
     before_staging: Callable[[list[MergePlan]], None] | None = None,
     after_staging: Callable[[list[MergeSession]], list[str]] | None = None,
     finish_files: Callable[[Path], None] | None = None,
+    wrap_inputs: Callable[[Checkpoint, list[Checkpoint]], tuple[Checkpoint, list[Checkpoint]]] | None = None,
 ) -> tuple[list[MergeResult], list[str]]:
     """The one merge skeleton, for one output (merge) or several (sweep): open the inputs, plan
     each output, stage it (``MergeSession``), run ``execute(plans, mergers, base, models, writers,
@@ -199,9 +207,12 @@ def write_outputs(
     ``keep_finished`` (a sweep's): with ``resume``, outputs an interrupted run committed are
     kept as they are. ``after_staging`` returns the messages to show once every output is
     staged (default: the sessions' own). ``finish_files`` may change an output's non-weight files
-    once written (a recipe's tokenizer and chat template)."""
+    once written (a recipe's tokenizer and chat template); ``wrap_inputs`` may replace the opened
+    checkpoints by views of them (a recipe's changed vocabulary, safeblend.vocab_union)."""
     with ExitStack() as stack:  # every input opened is closed, however this ends
         base_ckpt, model_ckpts = open_inputs(stack, base, model_paths, options.out_dtype, low_rank)
+        if wrap_inputs is not None:
+            base_ckpt, model_ckpts = wrap_inputs(base_ckpt, model_ckpts)
         metadatas = [output_metadata(m, base, model_paths, options.out_dtype) for m in mergers]
         plans = [make_plan(base_ckpt, model_ckpts, options.out_dtype, options.shard_bytes, md,
                            allow_missing=allow_missing) for md in metadatas]

@@ -279,22 +279,6 @@ def read_config(path: Path) -> Any:
         raise CheckpointError(f"{path}: cannot read config JSON ({exc})") from exc
 
 
-def tokenizer_vocabulary(model_dir: Path) -> dict[str, int]:
-    """A model's token → id map as transformers' ``get_vocab()`` gives it, from tokenizer.json:
-    the tokenizer model's vocabulary (a mapping, or Unigram's list of [piece, score] whose
-    index is the id), then the added tokens. CheckpointError when it cannot be read."""
-    path = model_dir / "tokenizer.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        vocab = data["model"]["vocab"]
-        added = data.get("added_tokens") or []
-        tokens = dict(vocab) if isinstance(vocab, dict) else {piece[0]: i for i, piece in enumerate(vocab)}
-        tokens.update({t["content"]: int(t["id"]) for t in added})
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise CheckpointError(f"{path}: cannot read the tokenizer's vocabulary ({exc.__class__.__name__})") from None
-    return tokens
-
-
 def vocabulary_rows(ckpt: Checkpoint) -> dict[str, int]:
     """The rows of a checkpoint's vocabulary tensors (embeddings, LM heads), by name."""
     return {name: info.shape[0] for name, info in ckpt.tensors.items()

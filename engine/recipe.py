@@ -29,8 +29,8 @@ the key or value; nothing is ignored silently:
   ``rescale: true`` means what mergekit implements: the kept entries carry each task vector's
   L1 norm (safeblend's ``l1``), for DARE and TIES alike.
 * ``chat_template`` (Jinja text, or ``auto``) replaces the base's in the output.
-  ``tokenizer_source`` and the ``tokenizer`` block are honoured where they change nothing (every
-  model holds the base's vocabulary, one embedding row per token) and refused elsewhere.
+  ``tokenizer_source`` and the ``tokenizer`` block build mergekit's output vocabulary and give
+  every model's embedding and LM head its rows (safeblend.vocab_union).
   ``model: MODEL+ADAPTER`` is that PEFT adapter applied to MODEL (local directories).
 
 The file is read defensively: a regular file of at most 1 MiB of UTF-8 text, nesting at most
@@ -46,10 +46,13 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError, SpecError
 from .methods.params import Setting, layer_count, setting
+
+if TYPE_CHECKING:
+    from .vocab_union import TokenRule
 
 # mergekit's method names (every one mergekit 0.1.5 registers) → safeblend's method.
 MERGEKIT_METHODS = {
@@ -168,6 +171,7 @@ class Recipe:
     warnings: list[str] = field(default_factory=list)
     chat_template: str | None = None  # Jinja text replacing the base's; None keeps the base's
     tokenizer_from: str | None = None  # a model whose tokenizer files replace the base's
+    vocabulary: Any = None  # a changed vocabulary (safeblend.vocab_union.VocabularyPlan)
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -269,18 +273,18 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     recipe.chat_template = _chat_template(data.get("chat_template"), [recipe.base, *recipe.models], source)
     if data.get("tokenizer_source") is not None and data.get("tokenizer") is not None:
         raise SpecError(f"{source}: give tokenizer_source or tokenizer, not both (mergekit refuses both)")
+    has_base = data.get("base_model") is not None
     if data.get("tokenizer_source") is not None:
-        _check_tokenizer_source(data["tokenizer_source"], recipe, source)
+        _check_tokenizer_source(data["tokenizer_source"], recipe, source, has_base)
     if data.get("tokenizer") is not None:
-        _check_tokenizer_block(data["tokenizer"], recipe, source)
+        _check_tokenizer_block(data["tokenizer"], recipe, source, has_base)
     return recipe
 
 
-def _check_tokenizer_block(block: Any, recipe: Recipe, source: str) -> None:
-    """mergekit's ``tokenizer:`` block where it changes nothing: ``source`` (default union) as
-    ``tokenizer_source``; ``pad_to_multiple_of`` N where the vocabulary's size is a multiple of N
-    (no row to add); ``tokens`` without ``force``, which only supply rows for models lacking a
-    token, and none does (a warning says so). A forced token is refused."""
+def _check_tokenizer_block(block: Any, recipe: Recipe, source: str, has_base: bool) -> None:
+    """mergekit's ``tokenizer:`` block: ``source`` (default union) as ``tokenizer_source``,
+    ``tokens`` (each token's default row and ``force``), ``pad_to_multiple_of``
+    (safeblend.vocab_union)."""
     what = f"{source}: tokenizer"
     if not isinstance(block, dict):
         raise SpecError(f"{what}: expected a mapping with source, tokens, pad_to_multiple_of")
@@ -290,75 +294,87 @@ def _check_tokenizer_block(block: Any, recipe: Recipe, source: str) -> None:
     tokens = block.get("tokens") or {}
     if not isinstance(tokens, dict):
         raise SpecError(f"{what}.tokens: expected a mapping of token to {{source, force}}")
+    rules = {}
     for token, config in tokens.items():
+        key = f"{what}.tokens[{token!r}]"
+        if not isinstance(token, str) or not token:
+            raise SpecError(f"{key}: a token must be a non-empty string")
         if not isinstance(config, dict) or set(config) - {"source", "force"}:
-            raise SpecError(f"{what}.tokens[{token!r}]: expected {{source: ..., force: true|false}}")
-        if config.get("force", False) is not False:
-            raise SpecError(f"{what}.tokens[{token!r}]: force (replacing the token's row in every model) is not "
-                            "supported yet")
+            raise SpecError(f"{key}: expected {{source: ..., force: true|false}}")
+        force = config.get("force", False)
+        if not isinstance(force, bool):
+            raise SpecError(f"{key}.force: expected true or false, got {force!r}")
+        rules[token] = _token_rule(config.get("source"), force, key)
     pad = block.get("pad_to_multiple_of")
     if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
         raise SpecError(f"{what}.pad_to_multiple_of: expected a positive integer, got {pad!r}")
-    vocab_size = _check_tokenizer_source(block.get("source", "union"), recipe, source, "tokenizer.source")
-    if pad is not None and vocab_size % pad:
-        raise SpecError(f"{what}.pad_to_multiple_of {pad}: would pad {vocab_size} rows to "
-                        f"{-(-vocab_size // pad) * pad} (new rows the mean of the others); not supported yet")
-    if tokens:
-        recipe.warnings.append(f"{what}.tokens: no effect: every model has every token of the base's vocabulary, "
-                               "and an unforced entry only fills a row a model lacks (as in mergekit)")
+    _check_tokenizer_source(block.get("source", "union"), recipe, source, has_base, "tokenizer.source", rules, pad)
 
 
-def _check_tokenizer_source(value: Any, recipe: Recipe, source: str, key: str = "tokenizer_source") -> int:
-    """``tokenizer_source`` (base, union, or a model's path) where the weights do not change.
+def _token_rule(value: Any, force: bool, key: str) -> TokenRule:
+    """A ``tokens:`` entry's ``source``: a model path, ``{kind: zero}`` or ``{kind: model_token,
+    model: PATH, token: TEXT | token_id: N}``. mergekit fails on an entry without one."""
+    from .vocab_union import TokenRule
 
-    mergekit then builds the output vocabulary (the base's, or the union of the models'), gives
-    every model's embedding and LM head one row per token of it, in its order, and cuts rows
-    beyond it. Where every model's tokenizer.json holds the base's vocabulary (same tokens, same
-    ids) and every vocabulary tensor has exactly one row per token, that is the identity: the
-    merge is the one without the key, with the base's tokenizer — or the named model's tokenizer
-    files (same vocabulary; its special tokens, configuration and chat template may differ).
-    Anything else is refused. Returns the vocabulary's size."""
-    from .checkpoint import Checkpoint, lora_reference, peft_adapter_dir
-    from .quirks import tokenizer_vocabulary, vocabulary_rows
+    if isinstance(value, str) and value:
+        return TokenRule("model", model=value, force=force)
+    if isinstance(value, dict) and value.get("kind") == "zero" and set(value) == {"kind"}:
+        return TokenRule("zero", force=force)
+    if isinstance(value, dict) and value.get("kind") == "model_token" and set(value) <= {"kind", "model", "token",
+                                                                                         "token_id"}:
+        model, token, token_id = value.get("model"), value.get("token"), value.get("token_id")
+        if not isinstance(model, str) or not model:
+            raise SpecError(f"{key}.source.model: expected a model path, got {model!r}")
+        if (token is None) == (token_id is None):
+            raise SpecError(f"{key}.source: give one of token and token_id")
+        if token is not None and not isinstance(token, str):
+            raise SpecError(f"{key}.source.token: expected a string, got {token!r}")
+        if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int)):
+            raise SpecError(f"{key}.source.token_id: expected an integer, got {token_id!r}")
+        return TokenRule("model_token", model=model, token=token, token_id=token_id, force=force)
+    raise SpecError(f"{key}.source: expected a model path, {{kind: zero}} or {{kind: model_token, model: ..., "
+                    f"token: ...}}, got {value!r}")
+
+
+def _check_tokenizer_source(value: Any, recipe: Recipe, source: str, has_base: bool,
+                            key: str = "tokenizer_source", rules: dict | None = None, pad: int | None = None) -> None:
+    """``tokenizer_source`` (base, union, or a model's path), as mergekit builds it
+    (safeblend.vocab_union): where the output vocabulary gives every model the rows it stores
+    and the tokenizer is its source's, the merge is the plain one, with that model's tokenizer
+    files (``tokenizer_from``); otherwise ``recipe.vocabulary`` permutes the vocabulary tensors."""
+    from .checkpoint import lora_reference, peft_adapter_dir
+    from .vocab_union import plan_vocabulary
 
     what = f"{source}: {key} {value!r}"
     if not isinstance(value, str) or not value:
         raise SpecError(f"{what}: expected base, union or a model path")
-    if value not in ("base", "union") and not _same(value, recipe.base):
-        if not Path(value).is_dir():
-            raise SpecError(f"{what}: not base, union or a local model directory")
-        recipe.tokenizer_from = value  # its vocabulary is checked against the base's below
+    named = value not in ("base", "union") and not _same(value, recipe.base)
+    if named and not Path(value).is_dir():
+        raise SpecError(f"{what}: not base, union or a local model directory")
     # An adapter applied to the base has the base's vocabulary; MODEL+ADAPTER has MODEL's.
     references = [lora_reference(m) for m in recipe.models]
+    adapters = [m for m, r in zip(recipe.models, references) if r is not None or peft_adapter_dir(Path(m)) is not None]
     paths = [recipe.base, *(str(r[0]) if r is not None else m for m, r in zip(recipe.models, references)
                             if r is not None or peft_adapter_dir(Path(m)) is None)]
     if not all(Path(p).is_dir() for p in paths):
         raise SpecError(f"{what}: needs local model directories")
     try:
-        vocabularies = {path: tokenizer_vocabulary(Path(path)) for path in dict.fromkeys(paths)}
+        plan = plan_vocabulary(what, value if named or value == "union" else "base", paths, has_base, rules or {},
+                               pad, f"{source}: tokenizer")
+    except SpecError as exc:
+        message = str(exc)
+        raise SpecError(message if message.startswith(source) else f"{what}: {message}") from None
     except CheckpointError as exc:
         raise SpecError(f"{what}: {exc}") from None
-    if recipe.tokenizer_from is not None:
-        try:
-            vocabularies[recipe.tokenizer_from] = tokenizer_vocabulary(Path(recipe.tokenizer_from))
-        except CheckpointError as exc:
-            raise SpecError(f"{what}: {exc}") from None
-    vocab = vocabularies[recipe.base]
-    for path in vocabularies:
-        if vocabularies[path] != vocab:
-            raise SpecError(f"{what}: {path}'s vocabulary differs from the base's; merging vocabularies is not "
-                            "supported yet")
-    for path in dict.fromkeys(paths):  # the merged models' rows (a tokenizer's source need hold no weights)
-        checkpoint = Checkpoint.open(Path(path))
-        try:
-            rows = vocabulary_rows(checkpoint)
-        finally:
-            checkpoint.close()
-        for name, count in rows.items():
-            if count != len(vocab):
-                raise SpecError(f"{what}: {path}: {name} has {count} rows for {len(vocab)} tokens; mergekit would cut "
-                                "or pad it to the vocabulary, which is not supported yet")
-    return len(vocab)
+    if not plan.changes_weights() and plan.same_tokenizer:
+        if named:
+            recipe.tokenizer_from = value
+        return
+    if adapters:
+        raise SpecError(f"{what}: changes the vocabulary, which is not supported with a LoRA adapter among the "
+                        f"models ({adapters[0]})")
+    recipe.vocabulary = plan
+    recipe.warnings.extend(plan.warnings)
 
 
 def _chat_template(value: Any, models: list[str], source: str) -> str | None:
@@ -704,6 +720,8 @@ def merge_recipe(path: str | os.PathLike, out: str | os.PathLike, **options: Any
         options["chat_template"] = recipe.chat_template
     if recipe.tokenizer_from is not None:
         options["tokenizer_from"] = recipe.tokenizer_from
+    if recipe.vocabulary is not None:
+        options["vocabulary"] = recipe.vocabulary
     return merge(recipe.base, recipe.models, out, method=recipe.method, **params, **options)
 
 

@@ -366,8 +366,9 @@ VOCAB = {"<s>": 0, "a": 1, "b": 2, "c": 3, "d": 4}  # + one added token: 6 rows,
 def _with_vocabulary(path: Path, vocab: dict[str, int] | list, added: str = "<pad>") -> None:
     model = {"type": "BPE", "vocab": vocab, "merges": []} if isinstance(vocab, dict) else \
         {"type": "Unigram", "vocab": vocab}
-    (path / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": model,
-                                                     "added_tokens": [{"id": 5, "content": added}]}))
+    entry = {"id": 5, "content": added, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+             "special": True}
+    (path / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": model, "added_tokens": [entry]}))
 
 
 @pytest.mark.parametrize("value", ["base", "union", "BASE"])
@@ -389,27 +390,19 @@ def test_tokenizer_source_with_the_bases_vocabulary_is_the_plain_merge(tmp_path,
 
 
 @pytest.mark.parametrize("case, message", [
-    ("other vocabulary", "ft1's vocabulary differs from the base's"),
-    ("padded rows", "has 6 rows for 5 tokens"),
-    ("no tokenizer", "cannot read the tokenizer's vocabulary"),
-    ("another model", "ft0's vocabulary differs from the base's"),
+    ("no tokenizer", "cannot read the tokenizer"),
+    ("another model", "token 'e' has id 6, beyond the 6 rows"),
 ])
 def test_tokenizer_source_refusals_name_the_key(tmp_path, models, case, message):
-    """What would change the vocabulary (a different one, rows to cut or pad, a tokenizer from
-    another model) is a one-line error naming tokenizer_source, before anything is written."""
+    """What mergekit would not do the same way (a tokenizer.json missing, a token past the
+    embedding's rows) is a one-line error naming tokenizer_source, before anything is written.
+    Changed vocabularies themselves are merged (tests/test_recipe_tokenizer.py)."""
     for k in ("base", "ft0", "ft1", "ft2"):
         _with_vocabulary(models[k], VOCAB)
     value = "union"
-    if case == "other vocabulary":
-        _with_vocabulary(models["ft1"], {**VOCAB, "e": 4, "d": 3, "c": 2})  # same tokens, other ids... and one more
-    elif case == "padded rows":
-        (models["base"] / "tokenizer.json").write_text(json.dumps(
-            {"model": {"type": "BPE", "vocab": VOCAB, "merges": []}, "added_tokens": []}))
-        for k in ("ft0", "ft1", "ft2"):
-            (models[k] / "tokenizer.json").write_text((models["base"] / "tokenizer.json").read_text())
-    elif case == "no tokenizer":
+    if case == "no tokenizer":
         (models["base"] / "tokenizer.json").unlink()
-    else:  # the tokenizer of a model whose vocabulary is not the base's
+    else:  # the tokenizer of a model with a token past its embedding's rows
         _with_vocabulary(models["ft0"], {**VOCAB, "e": 6})
         value = str(models["ft0"])
     path = write_recipe(tmp_path, _ta_recipe(models, tokenizer_source=value))
@@ -423,16 +416,20 @@ def test_tokenizer_source_refusals_name_the_key(tmp_path, models, case, message)
 @pytest.mark.parametrize("block", [
     {"source": "base"},
     {},  # source defaults to union
-    {"source": "union", "pad_to_multiple_of": 3, "tokens": {"a": {"source": "base"}, "<pad>": {"force": False}}},
+    {"source": "union", "pad_to_multiple_of": 3, "tokens": {"<pad>": {"source": "BASE"}}},
 ])
 def test_tokenizer_block_with_the_bases_vocabulary_is_the_plain_merge(tmp_path, models, block):
     """The tokenizer block under the same conditions: source as tokenizer_source, a
-    pad_to_multiple_of the vocabulary's size (6) already meets, unforced token entries (they
-    only fill rows a model lacks; a warning says they do nothing): the plain merge."""
+    pad_to_multiple_of the vocabulary's size (6) already meets, an unforced entry for an added
+    token every model has (it only fills rows a model lacks): the plain merge."""
     for k in ("base", "ft0", "ft1", "ft2"):
         _with_vocabulary(models[k], VOCAB)
+    for config in block.get("tokens", {}).values():
+        config["source"] = str(models["base"])
     recipe = load_recipe(write_recipe(tmp_path, _ta_recipe(models, tokenizer=block)))
-    assert any("no effect" in w for w in recipe.warnings) == bool(block.get("tokens"))
+    # A tokens entry re-adds its token as a plain added token (transformers' add_tokens, as
+    # mergekit calls it): <pad> is no longer special; the weights are unchanged.
+    assert (recipe.vocabulary is None) == ("tokens" not in block)
     merge_recipe(write_recipe(tmp_path, _ta_recipe(models, tokenizer=block)), tmp_path / "out")
     w = weights(models, tmp_path / "out")
     for name in SHAPES:
@@ -442,8 +439,7 @@ def test_tokenizer_block_with_the_bases_vocabulary_is_the_plain_merge(tmp_path, 
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"tokenizer": {"tokens": {"a": {"source": "base", "force": True}}}}, "force"),
-    ({"tokenizer": {"pad_to_multiple_of": 4}}, "would pad 6 rows to 8"),
+    ({"tokenizer": {"tokens": {"a": {"source": "base", "force": True}}}}, "'base' is not a model of this merge"),
     ({"tokenizer": {"pad_to_multiple_of": 0}}, "positive integer"),
     ({"tokenizer": {"source": "base", "vocab": 1}}, "key 'vocab' is not supported"),
     ({"tokenizer": {"source": "base"}, "tokenizer_source": "base"}, "not both"),
