@@ -328,7 +328,7 @@ def read_slices(data: dict, method: str, raw_method: str, source: str, warnings:
             order, params = [0], r._method_params(method, raw_method, merge_wide, entries, what, warnings)
         else:
             listed = base is not None and any(r._same(base, e[0]) for e in entries)
-            if base is not None and not listed and not (method in r._WEIGHTED_BASE or method == "karcher"):
+            if base is not None and not listed and method != "linear":  # linear never reads the base
                 raise SpecError(f"{what}: sources do not include base_model {base}, which {raw_method} needs "
                                 "(mergekit does not add it to a slice)")
             anchor, fine_tuned, params = r._method_inputs(method, raw_method, entries, base if listed else None,
