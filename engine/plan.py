@@ -13,7 +13,8 @@ copy reads one input instead of two and does no arithmetic. A literal merge woul
 the copy only by IEEE rules the copy rightly skips: an infinite base value gives inf − inf =
 NaN in ``θ_base + λ·(θ_ft − θ_base)``, and −0.0 becomes +0.0; the copy keeps the base's value,
 which is what θ_ft = θ_base means. A full fine-tune stored in its own files is always merged,
-even where its values equal the base's.
+even where its values equal the base's. A method that changes such a tensor anyway says so
+(``MergeMethod.must_compute``: passthrough's ``scale``), and it is computed.
 """
 
 from __future__ import annotations

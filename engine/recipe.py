@@ -486,14 +486,14 @@ def _base_weight(base: str, base_params: dict, merge_wide: dict[str, Setting], s
 
 
 def _merge_wide(global_params: dict, slice_params: dict, source: str,
-                where: str = "slices[0].parameters") -> dict[str, Setting]:
+                slice_key: str = "slices[0].parameters") -> dict[str, Setting]:
     """Merge-wide settings: a slice's own first, then the recipe's (rule by rule)."""
     merged: dict[str, Setting] = {}
     for key in [*slice_params, *(k for k in global_params if k not in slice_params)]:
         if not isinstance(key, str):
             raise SpecError(f"{source}: parameter name {key!r} is not a string")
         chain = [setting(params[key], f"{source}: {where}.{key}")
-                 for params, where in ((slice_params, where), (global_params, "parameters"))
+                 for params, where in ((slice_params, slice_key), (global_params, "parameters"))
                  if key in params]
         merged[key] = chain[0].then(chain[1]) if len(chain) == 2 else chain[0]
     return merged

@@ -140,6 +140,17 @@ def test_frankenmerge_stacks_layer_ranges_byte_for_byte(tmp_path, models, stored
     assert recorded["slices"][2] == {"sources": [{"model": str(models["b"]), "layer_range": [1, 4]}]}
 
 
+def test_one_slice_cuts_layers(tmp_path, models, stored):
+    """One slice of fewer layers than the model has: the model cut to layers 1..2, renumbered."""
+    out = run(tmp_path, with_paths({"slices": [{"sources": [{"model": "b", "layer_range": [1, 3]}]}],
+                                    "merge_method": "passthrough"}, models))
+    assert set(out) == set(shapes(2))
+    for name in shapes(2):
+        source = source_name(name, int(name.split(".")[2]) + 1) if ".layers." in name else name
+        assert np.array_equal(bits(out[name]), bits(stored["b"][source])), name
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
 def test_frankenmerge_config_from_base_model(tmp_path, models, stored):
     """With base_model, passthrough takes no tensor from it but the output's config.json (mergekit's
     _model_out_config), its layer count set."""
@@ -341,6 +352,10 @@ def slice_of(model: str, a: int, b: int, **params) -> dict:
       "merge_method": "passthrough"}, ["parameter 'weight' is not supported per model by passthrough"]),
     ({"slices": [{"sources": [slice_of("a", 0, 2), slice_of("a", 1, 3)]}, {"sources": [slice_of("b", 0, 2)]}],
       "merge_method": "passthrough"}, ["slices[0].sources[1]", "listed twice in one slice"]),
+    ({"slices": [{"sources": [slice_of("a", 0, 2), slice_of("b", 0, 2, weight=1)], "parameters": {"seed": 1}},
+                 {"sources": [slice_of("a", 2, 4), slice_of("b", 2, 4, weight=1)], "parameters": {"seed": 3}}],
+      "merge_method": "dare_linear", "base_model": "a", "parameters": {"density": 0.5}},
+     ["parameter 'seed' must be one value for the whole merge"]),
 ])
 def test_bad_slices_are_one_line_errors(tmp_path, models, recipe, fragments):
     result = run_cli(tmp_path, with_paths(recipe, models))
