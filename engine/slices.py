@@ -218,7 +218,7 @@ def combine_params(per_slice: list[dict[str, Any]], layout: SliceLayout, default
             combined[key] = [_per_slice([v[i] for v in values], layout, i + 1, key) for i in range(len(given))]
         elif key == "base_weight":
             combined[key] = _per_slice(values, layout, 0, key)
-        elif all(v == values[0] for v in values):
+        elif all(v == values[0] for v in values) and not isinstance(values[0], Setting):
             combined[key] = values[0]
         elif key in constant_only:
             raise SpecError(f"{source}: parameter {key!r} must be one value for the whole merge, not per slice")
@@ -229,8 +229,8 @@ def combine_params(per_slice: list[dict[str, Any]], layout: SliceLayout, default
 
 def _per_slice(values: list[Any], layout: SliceLayout, operand: int | None, key: str) -> Setting:
     settings = tuple(setting(v, key) for v in values)
-    if all(s == settings[0] for s in settings) and operand is None:
-        return settings[0]
+    if all(s == settings[0] for s in settings) and operand is None and settings[0].constant is not None:
+        return settings[0]  # the same for every tensor; anything else is read at its place in its slice
     return SliceSetting(rules=(), per_slice=settings, layout=layout, operand=operand)
 
 

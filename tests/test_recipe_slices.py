@@ -274,6 +274,21 @@ def test_multi_slice_slerp(tmp_path, models, stored):
         assert_within_tolerance(out[name], reference, [base, other], name)
 
 
+def test_merge_wide_gradient_runs_across_each_slice(tmp_path, models, stored):
+    """A merge-wide gradient is read at each layer's place in its own slice (mergekit's t per
+    slice), not across the whole output: t = [0.2, 0.8] gives 0.2, 0.8, 0.2, 0.8."""
+    recipe = with_paths({"slices": [
+        {"sources": [{"model": "a", "layer_range": [0, 2]}, {"model": "b", "layer_range": [0, 2]}]},
+        {"sources": [{"model": "a", "layer_range": [2, 4]}, {"model": "b", "layer_range": [2, 4]}]}],
+        "merge_method": "slerp", "base_model": "a", "parameters": {"t": [0.2, 0.8]}, "dtype": "float32"}, models)
+    out = run(tmp_path, recipe)
+    for name in shapes(LAYERS):
+        t = (0.2, 0.8)[int(name.split(".")[2]) % 2] if ".layers." in name else 0.2
+        base, other = stored["a"][name], stored["b"][name]
+        reference = ref_slerp(base.astype(np.float64), other.astype(np.float64), t)
+        assert_within_tolerance(out[name], reference, [base, other], name)
+
+
 # -- transformers loads a frankenmerge ------------------------------------------------------------
 
 def test_transformers_loads_a_frankenmerge(tmp_path):
