@@ -277,7 +277,8 @@ def model_layer_count(path: str, what: str) -> int:
         raise SpecError(f"{what}: layer_range: {path}'s config.json has num_hidden_layers "
                         f"{config.get('num_hidden_layers')!r}, its weights {count} layers; cannot set the output's")
     for key, value in config.items():
-        if isinstance(value, list) and len(value) == count and count > 1 and key not in _PER_LAYER_OK | {"architectures"}:
+        per_layer = isinstance(value, list) and len(value) == count and count > 1
+        if per_layer and key not in _PER_LAYER_OK | {"architectures"}:
             raise SpecError(f"{what}: layer_range: {path}'s config.json lists {key!r} per layer; safeblend cannot "
                             "rebuild it for the output's layers")
     return count

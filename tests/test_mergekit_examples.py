@@ -3,8 +3,8 @@ run on tiny generated models, each compared with a float64 reference of what mer
 formulas compute (written here from mergekit's merge_methods/*.py, never calling safeblend).
 
 The recipes are restated in this project's words: model names become generated checkpoints,
-``layer_range: [0, 40]`` becomes the generated model's [0, 3]. Recipes using what safeblend
-does not have yet are refused with a one-line error naming it.
+``layer_range: [0, 40]`` becomes the generated model's [0, 3]. The frankenmerge example and the
+passthrough stack and scale configurations are in test_recipe_slices.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from safeblend.errors import SpecError
-from safeblend.recipe import load_recipe, merge_recipe
+from safeblend.recipe import merge_recipe
 from helpers import NUMPY_DTYPES, assert_within_tolerance, load_checkpoint, write_checkpoint
 
 LAYERS = 3

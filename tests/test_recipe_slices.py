@@ -124,7 +124,7 @@ def test_frankenmerge_stacks_layer_ranges_byte_for_byte(tmp_path, models, stored
         for j in range(start, end):
             for name in shapes(1):
                 if ".layers.0." in name:
-                    ours, theirs = name.replace(".layers.0.", f".layers.{k}."), name.replace(".layers.0.", f".layers.{j}.")
+                    ours, theirs = source_name(name, k), source_name(name, j)
                     assert np.array_equal(bits(out[ours]), bits(stored[model][theirs])), ours
             k += 1
     assert np.array_equal(bits(out["model.embed_tokens.weight"]), bits(stored["a"]["model.embed_tokens.weight"]))
