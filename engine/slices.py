@@ -177,9 +177,10 @@ class SliceSetting(Setting):
     operand: int | None = None
 
     @property
-    def constant(self):  # the value when every slice's is the same constant
-        values = {s.constant for s in self.per_slice}
-        return self.per_slice[0].constant if len(values) == 1 else None
+    def constant(self):  # the value when every slice's is the same constant (True is not 1 here)
+        first = self.per_slice[0].constant
+        same = all(type(s.constant) is type(first) and s.constant == first for s in self.per_slice)
+        return first if same else None
 
     def at(self, name: str, position: float):
         s, match, t = self.layout.evaluation(name, self.operand)
@@ -278,7 +279,7 @@ def model_layer_count(path: str, what: str) -> int:
                         f"{config.get('num_hidden_layers')!r}, its weights {count} layers; cannot set the output's")
     for key, value in config.items():
         per_layer = isinstance(value, list) and len(value) == count and count > 1
-        if per_layer and key not in _PER_LAYER_OK | {"architectures"}:
+        if per_layer and key not in _PER_LAYER_OK | {"architectures"} and not key.endswith(("token_id", "token_ids")):
             raise SpecError(f"{what}: layer_range: {path}'s config.json lists {key!r} per layer; safeblend cannot "
                             "rebuild it for the output's layers")
     return count
