@@ -79,6 +79,7 @@ def merge(
     chat_template: str | None = None,
     tokenizer_from: str | os.PathLike | None = None,
     vocabulary: Any = None,
+    slices: Any = None,
     **method_params: Any,
 ) -> MergeResult:
     """Merge fine-tuned checkpoints into a base checkpoint, streaming, and write OUT.
@@ -112,6 +113,9 @@ def merge(
         vocabulary: a changed vocabulary (a recipe's ``tokenizer_source`` or ``tokenizer``
             block, ``safeblend.vocab_union.VocabularyPlan``): every model's embedding and LM
             head rows permuted to it, and its tokenizer files and ``vocab_size`` written.
+        slices: a ``safeblend.slices.SliceLayout`` (a recipe's ``slices``): the output's layers
+            taken from ranges of the models' layers; ``base`` is then the model whose config the
+            output takes and ``models`` every other model the layout reads.
         **method_params: the method's other parameters, e.g. ``density``, ``lambda_``,
             ``normalize``, ``consensus``, ``rescale``, ``seed`` (see ``safeblend.methods``); any
             of them may vary by tensor (``safeblend.methods.params``).
@@ -127,13 +131,17 @@ def merge(
     warn = on_warning or (lambda message: warnings.warn(message, stacklevel=4))
     model_paths = [models] if isinstance(models, (str, os.PathLike)) else list(models)
     options = parse_options(dtype, shard_size, chunk_size)
-    merger = create_method(method, len(model_paths), weight=weight, **method_params)
+    n_models = slices.n_models if slices is not None else len(model_paths)
+    merger = create_method(method, n_models, weight=weight, **method_params)
     if options.out_dtype == "F8_E4M3":  # fp8 output is quantized by the CPU executor (safeblend.quantized)
         if device == "cuda":
             raise SpecError("--dtype fp8 runs on the CPU; leave out --device cuda")
         device = "cpu"
     backend, device_name = _select_backend(device, merger)
+    given = [str(base), *map(str, model_paths)]
     base, model_paths = resolve_inputs(base, model_paths, warn, progress, stream)  # Hub ids, URLs, an adapter's base
+    if slices is not None:
+        slices = slices.with_paths(dict(zip(given, map(str, [base, *model_paths]))))
     check_output_not_input(out, [base, *model_paths])  # real paths and (device, inode)
 
     def execute(plans, mergers, base_ckpt, model_ckpts, writers, kept, chunk_bytes, update) -> ExecutionStats:
@@ -155,7 +163,7 @@ def merge(
                                low_rank=device_name == "cpu" and merger.takes_low_rank, overwrite=overwrite,
                                resume=resume, allow_missing=allow_missing,
                                progress="merging" if progress else None, warn=warn, started=started,
-                               watch_output=True, finish_files=finish_files,
+                               watch_output=True, finish_files=finish_files, slices=slices,
                                wrap_inputs=vocabulary.wrap if vocabulary is not None else None)
     return results[0]
 
@@ -178,9 +186,15 @@ def parse_options(dtype: str, shard_size: int | str, chunk_size: int | str) -> O
 
 
 def open_inputs(stack: ExitStack, base: str | os.PathLike, model_paths: Sequence[str | os.PathLike],
-                out_dtype: str | None, low_rank: bool = False) -> tuple[Checkpoint, list[Checkpoint]]:
+                out_dtype: str | None, low_rank: bool = False,
+                slices: Any = None) -> tuple[Checkpoint, list[Checkpoint]]:
     """Open BASE and the fine-tuned models (LoRA adapters as lazy fine-tunes, safeblend.lora),
-    each closed by ``stack`` however the run ends."""
+    each closed by ``stack`` however the run ends. With ``slices`` (a SliceLayout), the models
+    it reads, seen as one checkpoint per operand (``SliceLayout.assemble``)."""
+    if slices is not None:
+        opened = {str(p): stack.enter_context(closing(open_checkpoint(p))) for p in dict.fromkeys([base, *model_paths])}
+        views = slices.assemble(opened)
+        return views[0], views[1:]
     base_ckpt = stack.enter_context(closing(open_checkpoint(base)))  # quantized: safeblend.quantized
     models = [stack.enter_context(closing(open_model(p, base_ckpt, out_dtype, low_rank))) for p in model_paths]
     return base_ckpt, models
@@ -193,7 +207,7 @@ def write_outputs(
     warn: Callable[[str], None], started: float, watch_output: bool = False, keep_finished: bool = False,
     before_staging: Callable[[list[MergePlan]], None] | None = None,
     after_staging: Callable[[list[MergeSession]], list[str]] | None = None,
-    finish_files: Callable[[Path], None] | None = None,
+    finish_files: Callable[[Path], None] | None = None, slices: Any = None,
     wrap_inputs: Callable[[Checkpoint, list[Checkpoint]], tuple[Checkpoint, list[Checkpoint]]] | None = None,
 ) -> tuple[list[MergeResult], list[str]]:
     """The one merge skeleton, for one output (merge) or several (sweep): open the inputs, plan
@@ -210,12 +224,16 @@ def write_outputs(
     once written (a recipe's tokenizer and chat template); ``wrap_inputs`` may replace the opened
     checkpoints by views of them (a recipe's changed vocabulary, safeblend.vocab_union)."""
     with ExitStack() as stack:  # every input opened is closed, however this ends
-        base_ckpt, model_ckpts = open_inputs(stack, base, model_paths, options.out_dtype, low_rank)
+        base_ckpt, model_ckpts = open_inputs(stack, base, model_paths, options.out_dtype, low_rank, slices)
         if wrap_inputs is not None:
             base_ckpt, model_ckpts = wrap_inputs(base_ckpt, model_ckpts)
-        metadatas = [output_metadata(m, base, model_paths, options.out_dtype) for m in mergers]
+        metadatas = [output_metadata(m, base, model_paths, options.out_dtype, slices) for m in mergers]
         plans = [make_plan(base_ckpt, model_ckpts, options.out_dtype, options.shard_bytes, md,
-                           allow_missing=allow_missing) for md in metadatas]
+                           allow_missing=allow_missing, must_compute=m.must_compute)
+                 for m, md in zip(mergers, metadatas)]
+        if slices is not None:  # the output's layer count (safeblend.slices)
+            for plan in plans:
+                plan.config.update(slices.config_changes())
         messages = list(dict.fromkeys(msg for m, p in zip(mergers, plans) for msg in [*m.warnings, *p.warnings]))
         for message in messages:
             warn(message)
@@ -301,13 +319,14 @@ def write_outputs(
 
 
 def output_metadata(merger: MergeMethod, base: str | os.PathLike, model_paths: Sequence[str | os.PathLike],
-                    out_dtype: str | None) -> dict[str, str]:
+                    out_dtype: str | None, slices: Any = None) -> dict[str, str]:
     """The strings every output shard header records: version and merge recipe (also used by sweep)."""
     recipe = {
         **merger.recipe(),
         "base": str(base),
         "models": [str(p) for p in model_paths],
         "dtype": out_dtype or "auto",
+        **({"slices": slices.describe()} if slices is not None else {}),
     }
     return {"safeblend_version": __version__, "safeblend_recipe": json.dumps(recipe, sort_keys=True)}
 

@@ -13,7 +13,8 @@ copy reads one input instead of two and does no arithmetic. A literal merge woul
 the copy only by IEEE rules the copy rightly skips: an infinite base value gives inf − inf =
 NaN in ``θ_base + λ·(θ_ft − θ_base)``, and −0.0 becomes +0.0; the copy keeps the base's value,
 which is what θ_ft = θ_base means. A full fine-tune stored in its own files is always merged,
-even where its values equal the base's.
+even where its values equal the base's. A method that changes such a tensor anyway says so
+(``MergeMethod.must_compute``: passthrough's ``scale``), and it is computed.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import json
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from .checkpoint import Checkpoint, TensorInfo
 from .dtypes import DTYPES, DType
 from .errors import IncompatibleInputsError
+from .methods.params import layer_positions
 from .model_files import check_config_file, companion_bytes
 from .quantized import output_config_changes, requantized_tensors
 from .quirks import reconcile  # tied embeddings, resized vocabularies, missing tensors
@@ -123,6 +125,7 @@ def make_plan(
     shard_size: int,
     metadata: dict[str, str],
     allow_missing: str | None = None,
+    must_compute: Callable[[str, float], bool] | None = None,
 ) -> MergePlan:
     """Decide every output tensor and lay out the shards.
 
@@ -133,11 +136,14 @@ def make_plan(
         shard_size: largest shard in bytes (a tensor larger than this gets a shard alone).
         metadata: strings recorded in every shard header (``format`` is added).
         allow_missing: ``"take"`` copies tensors only some inputs have (``safeblend.quirks``).
+        must_compute: ``(name, position)`` → whether the method changes a tensor even where
+            every input is the base's own bytes (passthrough's ``scale``): never a copy then.
     """
     for ckpt in models:
         check_config_file(ckpt.model_dir)  # before anything reads it: a FIFO would block
     extra_bytes = companion_bytes(base.model_dir)
     matched = reconcile(base, models, allow_missing)
+    positions = layer_positions(e.name for e in matched.entries) if must_compute is not None else {}
     warnings: list[str] = list(matched.warnings)
     tensors: list[OutputTensor] = []
     uncomputable: list[OutputTensor] = []
@@ -150,7 +156,8 @@ def make_plan(
         name, info, sources = entry.name, entry.base, entry.models
         if info.dtype.computable and all(s.dtype.computable for s in sources):
             dtype = DTYPES[out_dtype] if out_dtype else info.auto_dtype
-            if all(_same_tensor(s, info) for s in sources):  # every task vector is zero (module doc)
+            if all(_same_tensor(s, info) for s in sources) and not (
+                    must_compute is not None and must_compute(name, positions.get(name, 1.0))):  # (module doc)
                 tensors.append(OutputTensor(name, entry.shape, dtype, info, [], "copy"))
                 continue
             tensors.append(OutputTensor(name, entry.shape, dtype, info, sources, "merge", tail=entry.tail))

@@ -107,7 +107,7 @@ _PER_MODEL = {
     "arcee-fusion": {},
     "della": {"weight": "weight", "density": "density", "epsilon": "epsilon"},
     "della-linear": {"weight": "weight", "density": "density", "epsilon": "epsilon"},
-    "passthrough": {},
+    "passthrough": {"scale": "scale"},
 }
 _GLOBAL = {
     "linear": {"normalize": "normalize"},
@@ -172,6 +172,7 @@ class Recipe:
     chat_template: str | None = None  # Jinja text replacing the base's; None keeps the base's
     tokenizer_from: str | None = None  # a model whose tokenizer files replace the base's
     vocabulary: Any = None  # a changed vocabulary (safeblend.vocab_union.VocabularyPlan)
+    slices: Any = None  # a safeblend.slices.SliceLayout: output layers cut or stacked from the models'
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
@@ -278,6 +279,9 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         _check_tokenizer_source(data["tokenizer_source"], recipe, source, has_base)
     if data.get("tokenizer") is not None:
         _check_tokenizer_block(data["tokenizer"], recipe, source, has_base)
+    if recipe.slices is not None and recipe.vocabulary is not None:
+        raise SpecError(f"{source}: slices that cut or stack layers with a changed vocabulary "
+                        "(tokenizer_source / tokenizer) are not supported yet")
     return recipe
 
 
@@ -417,6 +421,10 @@ def _parse_merge(data: Any, source: str) -> Recipe:
     method = METHODS[raw_method]
     warnings: list[str] = []
 
+    if "slices" in data and "models" not in data and not _whole_model_slices(data["slices"], source):
+        from .slices import read_slices  # frankenmerges and per-slice merges
+
+        return read_slices(data, method, raw_method, source, warnings)
     entries, slice_params = _model_entries(data, source)
     merge_wide = _merge_wide(_mapping(data.get("parameters"), f"{source}: parameters"), slice_params, source)
     base = _model_path(data["base_model"], f"{source}: base_model") if data.get("base_model") is not None else None
@@ -425,7 +433,17 @@ def _parse_merge(data: Any, source: str) -> Recipe:
                         "supported; merge the adapter into its model first")
     entries = [(_lora_reference(path, base, f"{source}: model {path}"), params) for path, params in entries]
     if method == "passthrough":  # one model, as it is
-        return _passthrough(entries, base, source, raw_method, data, warnings)
+        return _passthrough(entries, base, source, raw_method, data, merge_wide, warnings)
+    base, fine_tuned, params = _method_inputs(method, raw_method, entries, base, merge_wide, source, warnings)
+    return Recipe(source=source, method=method, base=base, models=fine_tuned, params=params,
+                  dtype=_output_dtype(data, source, warnings), warnings=warnings)
+
+
+def _method_inputs(method: str, raw_method: str, entries: list[tuple[str, dict]], base: str | None,
+                   merge_wide: dict[str, Setting], source: str,
+                   warnings: list[str]) -> tuple[str, list[str], dict[str, Any]]:
+    """(base, fine-tuned models, method keywords) for the listed models and their parameters
+    (a whole recipe's, or one slice's)."""
     if method == "karcher":  # the base, if any, is one more model; none of them has parameters
         base = base if base is not None else entries[0][0]
         fine_tuned = [e for e in entries if not _same(e[0], base)]
@@ -458,26 +476,18 @@ def _parse_merge(data: Any, source: str) -> Recipe:
                 keys = ", ".join(sorted(map(str, base_params)))
                 warnings.append(f"{source}: the base model's own parameters ({keys}) have no effect on "
                                 f"{raw_method}, as in mergekit")
-    return Recipe(source=source, method=method, base=base, models=[e[0] for e in fine_tuned], params=params,
-                  dtype=_output_dtype(data, source, warnings), warnings=warnings)
+    return base, [e[0] for e in fine_tuned], params
 
 
 def _passthrough(entries: list[tuple[str, dict]], base: str | None, source: str, raw_method: str, data: dict,
-                 warnings: list[str]) -> Recipe:
-    """mergekit's passthrough of one model: that model merged with itself (every tensor a copy)."""
+                 merge_wide: dict[str, Setting], warnings: list[str]) -> Recipe:
+    """mergekit's passthrough of one model: that model merged with itself, each tensor times its
+    ``scale`` (the model's own, else the merge-wide one; none: a copy)."""
     if len(entries) != 1 or (base is not None and not _same(base, entries[0][0])):
-        raise SpecError(f"{source}: passthrough takes exactly one model (stacking models is not supported yet)")
-    path, params = entries[0]
-    for key, value in params.items():
-        if key != "scale":
-            raise SpecError(f"{source}: model {path}: parameter {key!r} is not supported by passthrough")
-        scale = setting(value, f"{source}: {path}: scale").constant
-        if isinstance(scale, bool) or scale != 1:
-            raise SpecError(f"{source}: model {path}: parameter 'scale' other than 1 is not supported yet")
-    if data.get("parameters"):
-        raise SpecError(f"{source}: parameter {sorted(map(str, data['parameters']))[0]!r} is not supported by "
-                        f"{raw_method} (it takes: none)")
-    return Recipe(source=source, method="passthrough", base=path, models=[path], params={},
+        raise SpecError(f"{source}: passthrough takes exactly one model (stack models with slices)")
+    path = entries[0][0]
+    params = _method_params("passthrough", raw_method, merge_wide, entries, source, warnings)
+    return Recipe(source=source, method="passthrough", base=path, models=[path], params=params,
                   dtype=_output_dtype(data, source, warnings), warnings=warnings)
 
 
@@ -494,34 +504,62 @@ def _base_weight(base: str, base_params: dict, merge_wide: dict[str, Setting], s
     return own.then(fallback) if fallback is not None else own
 
 
-def _merge_wide(global_params: dict, slice_params: dict, source: str) -> dict[str, Setting]:
+def _merge_wide(global_params: dict, slice_params: dict, source: str,
+                slice_key: str = "slices[0].parameters") -> dict[str, Setting]:
     """Merge-wide settings: a slice's own first, then the recipe's (rule by rule)."""
     merged: dict[str, Setting] = {}
     for key in [*slice_params, *(k for k in global_params if k not in slice_params)]:
         if not isinstance(key, str):
             raise SpecError(f"{source}: parameter name {key!r} is not a string")
         chain = [setting(params[key], f"{source}: {where}.{key}")
-                 for params, where in ((slice_params, "slices[0].parameters"), (global_params, "parameters"))
+                 for params, where in ((slice_params, slice_key), (global_params, "parameters"))
                  if key in params]
         merged[key] = chain[0].then(chain[1]) if len(chain) == 2 else chain[0]
     return merged
 
 
-def _check_full_range(path: str, layer_range: Any, source: str) -> None:
-    """A slice must span every layer of the model: [0, number of layers]."""
+def _whole_model_slices(slices: Any, source: str) -> bool:
+    """Whether ``slices`` reads as ``models``: one slice whose sources span every layer (or is
+    malformed, for the checks of ``_model_entries`` to name). Anything else is read by
+    ``safeblend.slices``."""
+    if not (isinstance(slices, list) and len(slices) == 1 and isinstance(slices[0], dict)):
+        return not isinstance(slices, list) or not slices or not all(isinstance(s, dict) for s in slices)
+    sources = slices[0].get("sources")
+    if not isinstance(sources, list):
+        return True
+    for item in sources:
+        layer_range = item.get("layer_range") if isinstance(item, dict) else None
+        if not (isinstance(layer_range, list) and len(layer_range) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in layer_range)):
+            continue
+        if layer_range[0] != 0 or not isinstance(item.get("model"), str) or "+" in item["model"]:
+            return False
+        try:
+            if layer_range[1] != _layer_count(item["model"]):
+                return False
+        except CheckpointError:
+            continue  # _check_full_range names the model
+    return True
+
+
+def _layer_count(path: str) -> int:
     from .checkpoint import Checkpoint
     from .hub import resolve_inputs
 
-    if not (isinstance(layer_range, list) and len(layer_range) == 2 and all(isinstance(v, int) for v in layer_range)):
-        raise SpecError(f"{source}: layer_range must be [start, end], got {layer_range!r}")
     checkpoint = Checkpoint.open(resolve_inputs(path, [])[0])  # a local path or a Hub repo id
     try:
-        count = layer_count(checkpoint.tensors)
+        return layer_count(checkpoint.tensors)
     finally:
         checkpoint.close()
-    if list(layer_range) != [0, count]:
-        raise SpecError(f"{source}: layer_range {layer_range} of {path} does not span its {count} layers "
-                        f"([0, {count}]); safeblend merges whole models and does not cut or stack layers")
+
+
+def _check_full_range(path: str, layer_range: Any, source: str) -> None:
+    """A source of the one slice read as ``models`` spans every layer: [0, number of layers]."""
+    if not (isinstance(layer_range, list) and len(layer_range) == 2 and all(isinstance(v, int) for v in layer_range)):
+        raise SpecError(f"{source}: layer_range must be [start, end], got {layer_range!r}")
+    count = _layer_count(path)
+    if list(layer_range) != [0, count]:  # _whole_model_slices sends any other range to safeblend.slices
+        raise SpecError(f"{source}: layer_range {layer_range} of {path} does not span its {count} layers")
 
 
 def _model_entries(data: dict, source: str) -> tuple[list[tuple[str, dict]], dict]:
@@ -533,8 +571,7 @@ def _model_entries(data: dict, source: str) -> tuple[list[tuple[str, dict]], dic
     else:
         slices = data["slices"]
         if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
-            raise SpecError(f"{source}: slices: only one slice spanning every layer is supported "
-                            "(safeblend does not stack or cut layers)")
+            raise SpecError(f"{source}: slices must be a list of {{sources: [...], parameters: ...}}")
         unknown = sorted(map(str, set(slices[0]) - {"sources", "parameters"}))
         if unknown:
             raise SpecError(f"{source}: slices[0]: key {unknown[0]!r} is not supported")
@@ -722,6 +759,8 @@ def merge_recipe(path: str | os.PathLike, out: str | os.PathLike, **options: Any
         options["tokenizer_from"] = recipe.tokenizer_from
     if recipe.vocabulary is not None:
         options["vocabulary"] = recipe.vocabulary
+    if recipe.slices is not None:
+        options["slices"] = recipe.slices
     return merge(recipe.base, recipe.models, out, method=recipe.method, **params, **options)
 
 

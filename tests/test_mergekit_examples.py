@@ -3,8 +3,8 @@ run on tiny generated models, each compared with a float64 reference of what mer
 formulas compute (written here from mergekit's merge_methods/*.py, never calling safeblend).
 
 The recipes are restated in this project's words: model names become generated checkpoints,
-``layer_range: [0, 40]`` becomes the generated model's [0, 3]. Recipes using what safeblend
-does not have yet are refused with a one-line error naming it.
+``layer_range: [0, 40]`` becomes the generated model's [0, 3]. The frankenmerge example and the
+passthrough stack and scale configurations are in test_recipe_slices.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from safeblend.errors import SpecError
-from safeblend.recipe import load_recipe, merge_recipe
+from safeblend.recipe import merge_recipe
 from helpers import NUMPY_DTYPES, assert_within_tolerance, load_checkpoint, write_checkpoint
 
 LAYERS = 3
@@ -172,20 +172,8 @@ def test_example_gradient_slerp(tmp_path, models, f64):
     check(out, lambda n: ref_slerp(f64["base"][n], f64["a"][n], evaluate(t_rules, n)), [f64["base"], f64["a"]])
 
 
-@pytest.mark.parametrize("recipe,message", [
-    # examples/orcamini-platy-44layer.yml: a frankenmerge stacking layer ranges
-    ({"slices": [{"sources": [{"model": "A", "layer_range": [0, 24]}]},
-                 {"sources": [{"model": "B", "layer_range": [20, 40]}]}], "merge_method": "passthrough"},
-     "only one slice spanning every layer is supported"),
-    # tests/test_basic_merges.py::test_passthrough_scale
-    ({"models": [{"model": "A", "parameters": {"scale": [{"filter": "o_proj", "value": 0}, {"value": 1}]}}],
-      "merge_method": "passthrough"}, "'scale' other than 1 is not supported yet"),
-])
-def test_examples_safeblend_refuses(tmp_path, recipe, message):
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    with pytest.raises(SpecError, match=message):
-        load_recipe(path)
+# examples/orcamini-platy-44layer.yml (a frankenmerge) and test_basic_merges.py's passthrough
+# stack and scale: tests/test_recipe_slices.py.
 
 
 # -- tests/test_basic_merges.py configurations ---------------------------------------------------

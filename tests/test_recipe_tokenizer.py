@@ -506,3 +506,18 @@ def test_union_rewrites_bpe_and_unigram_tokenizers(tmp_path, kind):
     assert tok.get_vocab() == vocab
     assert tok("ab cd dd")["input_ids"] == [vocab["ab"], vocab["cd"], vocab["dd"]]
     assert load_checkpoint(out)[EMBEDS[0]].shape == (8, HIDDEN)
+
+
+def test_slices_that_stack_layers_with_a_changed_vocabulary_are_refused(tmp_path, models):
+    """A frankenmerge's views rename layers; the vocabulary's views are not built over them
+    yet, so the pair is a one-line error rather than a model with unpermuted rows."""
+    recipe = {"merge_method": "passthrough", "base_model": str(models["base"]), "tokenizer_source": "union",
+              "slices": [{"sources": [{"model": str(models["base"]), "layer_range": [0, 1]}]},
+                         {"sources": [{"model": str(models["ft1"]), "layer_range": [0, 1]}]}]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    result = CliRunner().invoke(main, ["merge", "--config", str(path), "-o", str(tmp_path / "out")])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code != 0 and len(errors) == 1, result.output
+    assert "changed vocabulary" in errors[0] and "not supported" in errors[0]
+    assert not (tmp_path / "out").exists()

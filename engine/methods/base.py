@@ -85,6 +85,12 @@ class MergeMethod:
         """Per-tensor state handed to ``accumulate`` and ``merge_chunk``; called once per tensor."""
         return None
 
+    def must_compute(self, name: str, position: float) -> bool:
+        """Whether tensor ``name`` is computed even where every input holds the base's own
+        bytes, which the plan otherwise copies (``safeblend.plan``): a method that changes such a
+        tensor (passthrough's ``scale``) says so."""
+        return False
+
     def attach_reader(self, state: Any, reader: Any) -> None:
         """Called once per tensor after ``prepare``, on the CPU. ``reader(first, count)`` returns
         views of [base, *models] for elements [first, first + count) of the tensor, for methods
