@@ -293,3 +293,51 @@ def test_an_unreachable_server_fails_fast_in_one_line(tmp_path, monkeypatch, cap
     # huggingface_hub's per-retry warnings are not shown: the error above is the one line.
     assert not [r for r in caplog.records if r.name.startswith("huggingface_hub") and r.levelname == "WARNING"]
     assert not (tmp_path / "out").exists()
+
+
+def _hub_env(hub: _Hub, tmp_path: Path) -> dict[str, str]:
+    return {"HF_HOME": str(tmp_path / "home"), "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_ENDPOINT": hub.url}
+
+
+def test_sweep_stream_reads_hub_repos_by_ranges_as_merge_stream_does(pair, tmp_path):
+    """`sweep --stream`: nothing downloaded, each output the local merge at its weight."""
+    local = tmp_path / "local-0.3"
+    safeblend.merge(pair["base"], pair["ft"], local, weight=0.3)
+    with _Hub({"org/base": pair["base"], "org/ft": pair["ft"]}, token=None) as hub:
+        result = _run(["sweep", "org/base", "org/ft", "-o", "sweep", "--weights", f"0.3,{WEIGHT}", "--stream",
+                       "--chunk-size", "32KiB", "-q"], tmp_path, **_hub_env(hub, tmp_path))
+        assert result.returncode == 0, result.stderr
+        assert hub.ranged  # weights read by range requests
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))  # nothing downloaded
+    _same_output(tmp_path / "sweep" / f"lambda-{WEIGHT}", pair["local"])
+    _same_output(tmp_path / "sweep" / "lambda-0.3", local)
+
+
+def test_diff_stream_reads_hub_repos_by_ranges_and_reports_as_for_local_models(pair, tmp_path):
+    expected = safeblend.diff(pair["base"], pair["ft"], chunk_size="32KiB").to_dict()
+    with _Hub({"org/base": pair["base"], "org/ft": pair["ft"]}, token=None) as hub:
+        result = _run(["diff", "org/base", "org/ft", "--stream", "--json", "--chunk-size", "32KiB"], tmp_path,
+                      **_hub_env(hub, tmp_path))
+        assert result.returncode == 0, result.stderr
+        assert hub.ranged
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+    got = json.loads(result.stdout)
+    for report in (got, expected):  # the inputs' names and the timings differ; the figures must not
+        for key in ("base", "ft", "seconds", "throughput_bytes_per_s"):
+            report.pop(key)
+    assert _close(got, expected)
+
+
+def _close(a, b) -> bool:
+    """Nested JSON equal, floats within 1e-12 relative (the figures are float64 sums)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        return all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        assert len(a) == len(b)
+        return all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-12, abs=1e-300), (a, b)
+        return True
+    assert a == b
+    return True
