@@ -24,6 +24,7 @@ the Hub, commit) differs from the one its header was read with is an ``InputChan
 from __future__ import annotations
 
 import atexit
+import bisect
 import fcntl
 import hashlib
 import json
@@ -83,8 +84,14 @@ class _Blob:
     size: int
     tag: str | None
 
-    def read(self, start: int, end: int) -> bytearray | mmap.mmap:
+    def read(self, start: int, end: int) -> bytes | bytearray | mmap.mmap:
+        """Bytes [start, end) in a buffer of their own."""
         raise NotImplementedError
+
+    def read_block(self, start: int, end: int) -> bytes | bytearray | memoryview:
+        """A read-ahead block's bytes [start, end) (at most BLOCK_BYTES), where they can go: a
+        reused buffer (_BlockBuffers) for HTTP, whose bodies are written into it as they arrive."""
+        return self.read(start, end)
 
     def check_unchanged(self) -> None:
         raise NotImplementedError
@@ -100,11 +107,17 @@ class _HttpBlob(_Blob):
         self.retries = STAGING_RETRIES  # RETRIES once its header is read (_stand_in)
         self._first = self.read(0, 8)  # learns size and tag from the response
 
-    def read(self, start: int, end: int) -> bytearray:
+    def read(self, start: int, end: int) -> bytearray | memoryview:
+        return self._read_into(_buffer(end - start), start, end)
+
+    def read_block(self, start: int, end: int) -> bytearray | memoryview:
+        return self._read_into(_blocks.take(end - start), start, end)
+
+    def _read_into(self, out: bytearray | memoryview, start: int, end: int) -> bytearray | memoryview:
+        """Fill ``out`` with bytes [start, end), resuming a body cut short at the byte it reached."""
         from huggingface_hub.utils import http_stream_backoff
         import httpx2
 
-        out = _buffer(end - start)
         got, failures = 0, 0
         while got < len(out):
             cut: Exception | None = None
@@ -113,7 +126,7 @@ class _HttpBlob(_Blob):
                 with http_stream_backoff("GET", self.url, headers=headers, timeout=_timeout(),
                                          max_retries=self.retries, base_wait_time=RETRY_WAIT_S) as response:
                     self._check(response, start + got)
-                    if end > self.size:  # the first read, of a file shorter than it asked
+                    if end > self.size:  # the first read (a bytearray), of a file shorter than it asked
                         end = self.size
                         del out[end - start :]
                     try:  # caught here: raised through the client's retrying context, it would retry there
@@ -185,7 +198,7 @@ class _FsspecBlob(_Blob):
                 return int(info["size"]), f"{key}={info[key]}"
         return int(info["size"]), None
 
-    def read(self, start: int, end: int) -> bytearray:
+    def read(self, start: int, end: int) -> bytes:
         failures = 0
         while True:
             try:
@@ -193,7 +206,7 @@ class _FsspecBlob(_Blob):
                 if len(data) != end - start:
                     raise OSError(f"got {len(data)} bytes for a range of {end - start}")
                 meter.add(len(data))
-                return bytearray(data)
+                return data
             except (FileNotFoundError, PermissionError) as exc:
                 raise CheckpointError(f"{self.display}: {_first_line(exc)}") from None
             except (OSError, TimeoutError, ConnectionError) as exc:
@@ -209,11 +222,61 @@ class _FsspecBlob(_Blob):
 
 
 def _buffer(size: int) -> bytearray | mmap.mmap:
-    """A writable buffer for a block: a mapping of its own above 1 MiB, unmapped when its last
-    view goes. (Blocks as bytearrays came from malloc, whose mmap threshold rises to a block's
-    size once one is freed; later blocks then came from per-thread heaps that do not shrink:
-    +50 MiB peak RSS measured on a 0.36 GB streamed merge.)"""
+    """A writable buffer: a mapping of its own above 1 MiB, unmapped when its last view goes.
+    (Blocks as bytearrays came from malloc, whose mmap threshold rises to a block's size once
+    one is freed; later blocks then came from per-thread heaps that do not shrink: +50 MiB peak
+    RSS measured on a 0.36 GB streamed merge.)"""
     return mmap.mmap(-1, size) if size >= 2**20 else bytearray(size)
+
+
+def _refcount(items: list, k: int) -> int:
+    """References to ``items[k]``, as counted from here (see _BlockBuffers)."""
+    return sys.getrefcount(items[k])
+
+
+class _BlockBuffers:
+    """Block-sized mappings reused from one block to the next.
+
+    A fresh mapping per block pays its page faults and zeroing, and unmapping it again: ~1 s of
+    system CPU per GB streamed, measured, as much as receiving the bytes. A returned buffer is
+    reused only once nothing else refers to it: every view of a block (a memoryview, a numpy
+    array over it, a chunk still queued for writing) holds a reference to the buffer it looks
+    into, so a buffer whose count is back to the free list's own has no reader left. Buffers
+    still referenced when asked for are skipped (and a fresh one mapped), never overwritten.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[mmap.mmap] = []
+        self._alone = _refcount([object()], 0)  # the count of an object only the list refers to
+
+    def take(self, size: int) -> bytearray | memoryview:
+        """A writable buffer of ``size`` bytes: a view of a block-sized mapping, reused when one
+        is free (else mapped afresh)."""
+        if size > BLOCK_BYTES:
+            return _buffer(size)
+        with self._lock:
+            for k in range(len(self._free)):
+                if len(self._free[k]) == BLOCK_BYTES and _refcount(self._free, k) == self._alone:
+                    return memoryview(self._free.pop(k))[:size]
+        return memoryview(self._map())[:size]
+
+    @staticmethod
+    def _map() -> mmap.mmap:
+        return mmap.mmap(-1, BLOCK_BYTES)
+
+    def give(self, data: object) -> None:
+        """Return a block's buffer (``take``'s view) once the block is dropped; readers may still
+        hold views of it (then it waits in the list until they are gone)."""
+        owner = data.obj if isinstance(data, memoryview) else None
+        if isinstance(owner, mmap.mmap) and len(owner) == BLOCK_BYTES:
+            with self._lock:
+                self._free = [b for b in self._free if len(b) == BLOCK_BYTES]  # BLOCK_BYTES set anew (tests)
+                if len(self._free) < READ_AHEAD_BYTES // BLOCK_BYTES + 2 * FETCH_THREADS:
+                    self._free.append(owner)
+
+
+_blocks = _BlockBuffers()
 
 
 def _timeout() -> float:
@@ -334,22 +397,47 @@ def _fetcher() -> ThreadPoolExecutor:
         return _pool
 
 
-class _ReadAhead:
-    """One remote file's blocks: fetched on demand and sequentially ahead of the latest read,
-    up to this file's share of ``READ_AHEAD_BYTES``; dropped once wholly released."""
+def block_starts(size: int, tensors: list[tuple[int, int]], block: int) -> list[int]:
+    """Where a file's blocks start, for its tensors' byte ranges ``(start, end)``: no block is
+    larger than ``block``; a tensor larger than that is cut into blocks from its own first byte,
+    so the merge's chunks of it (``block`` bytes or a divisor of it, for the default chunk size)
+    each lie in one block and are served without a copy; smaller tensors share blocks."""
+    starts, current = [0], 0
+    for start, end in sorted(tensors):
+        if end - current <= block:
+            continue  # fits in the current block
+        if start > current:
+            starts.append(start)  # a block of its own from its first byte
+        current = start
+        while end - current > block:
+            current += block
+            starts.append(current)
+    return [s for s in starts if s < size]
 
-    def __init__(self, blob: _Blob) -> None:
+
+class _ReadAhead:
+    """One remote file's blocks (``block_starts``): fetched on demand and sequentially ahead of
+    the latest read, up to this file's share of ``READ_AHEAD_BYTES``; dropped once wholly released."""
+
+    def __init__(self, blob: _Blob, tensors: list[tuple[int, int]]) -> None:
         self.blob = blob
         self._lock = threading.Lock()
         self._blocks: dict[int, Future] = {}
         self._released: dict[int, int] = {}
-        self._count = -(-blob.size // BLOCK_BYTES)
+        self._starts = block_starts(blob.size, tensors, BLOCK_BYTES)
+        self._count = len(self._starts)
+
+    def _block_of(self, offset: int) -> int:
+        return bisect.bisect_right(self._starts, offset) - 1
+
+    def _bounds(self, k: int) -> tuple[int, int]:
+        return self._starts[k], self._starts[k + 1] if k + 1 < self._count else self.blob.size
 
     def read(self, start: int, length: int) -> memoryview:
         """Bytes [start, start + length) of the file, read-only (a block's own when one holds them)."""
         if length <= 0:
             return memoryview(b"")
-        first, last = start // BLOCK_BYTES, (start + length - 1) // BLOCK_BYTES
+        first, last = self._block_of(start), self._block_of(start + length - 1)
         with self._lock:
             futures = [self._want(k) for k in range(first, last + 1)]
             # Blocks far behind the one read now will not be read again (chunks start in order),
@@ -359,19 +447,20 @@ class _ReadAhead:
             self._ahead(last + 1)
         blocks = [f.result() for f in futures]
         if first == last:
-            lo = start - first * BLOCK_BYTES
+            lo = start - self._starts[first]
             return memoryview(blocks[0])[lo : lo + length].toreadonly()
-        out = _buffer(length)
+        out = _buffer(length)  # a read across blocks (a chunk larger than a block): copied
         pos = 0
         for k, data in zip(range(first, last + 1), blocks):
-            lo, hi = max(start, k * BLOCK_BYTES) - k * BLOCK_BYTES, min(start + length, (k + 1) * BLOCK_BYTES) - k * BLOCK_BYTES
+            a, b = self._bounds(k)
+            lo, hi = max(start, a) - a, min(start + length, b) - a
             out[pos : pos + hi - lo] = memoryview(data)[lo:hi]
             pos += hi - lo
         return memoryview(out).toreadonly()
 
     def prefetch(self, start: int, length: int) -> None:
         if length > 0:
-            first, last = start // BLOCK_BYTES, (start + length - 1) // BLOCK_BYTES
+            first, last = self._block_of(start), self._block_of(start + length - 1)
             with self._lock:
                 for k in range(first, last + 1):
                     self._want(k)
@@ -380,12 +469,12 @@ class _ReadAhead:
     def release(self, start: int, length: int) -> None:
         if length <= 0:
             return
-        first, last = start // BLOCK_BYTES, (start + length - 1) // BLOCK_BYTES
+        first, last = self._block_of(start), self._block_of(start + length - 1)
         with self._lock:
             for k in range(first, last + 1):
-                lo, hi = max(start, k * BLOCK_BYTES), min(start + length, (k + 1) * BLOCK_BYTES)
-                self._released[k] = self._released.get(k, 0) + hi - lo
-                if self._released[k] >= self._block_size(k):
+                a, b = self._bounds(k)
+                self._released[k] = self._released.get(k, 0) + min(start + length, b) - max(start, a)
+                if self._released[k] >= b - a:
                     self._drop(k)
 
     def close(self) -> None:
@@ -396,20 +485,24 @@ class _ReadAhead:
             _held.pop(id(self), None)
 
     def _block_size(self, k: int) -> int:
-        return min(self.blob.size, (k + 1) * BLOCK_BYTES) - k * BLOCK_BYTES
+        a, b = self._bounds(k)
+        return b - a
 
     def _want(self, k: int) -> Future:
         future = self._blocks.get(k)
         if future is None:
-            start = k * BLOCK_BYTES
-            future = self._blocks[k] = _fetcher().submit(self.blob.read, start, start + self._block_size(k))
+            start, end = self._bounds(k)
+            future = self._blocks[k] = _fetcher().submit(self.blob.read_block, start, end)
             self._released.pop(k, None)
-            _held[id(self)] = _held.get(id(self), 0) + self._block_size(k)
+            _held[id(self)] = _held.get(id(self), 0) + end - start
         return future
 
     def _drop(self, k: int) -> None:
-        if self._blocks.pop(k, None) is not None:
+        future = self._blocks.pop(k, None)
+        if future is not None:
             _held[id(self)] = _held.get(id(self), 0) - self._block_size(k)
+            if future.done() and not future.cancelled() and future.exception() is None:
+                _blocks.give(future.result())
         self._released.pop(k, None)
 
     def _ahead(self, k: int) -> None:
@@ -431,7 +524,7 @@ class RemoteSafetensorsFile(SafetensorsFile):
         with self._map_lock:
             if self._reader is None:
                 assert self.source is not None
-                self._reader = _ReadAhead(self.source)
+                self._reader = _ReadAhead(self.source, [(t.start, t.start + t.nbytes) for t in self.tensors.values()])
             return self._reader
 
     def view(self, info: TensorInfo, first: int, count: int) -> np.ndarray:
