@@ -100,6 +100,10 @@ class TensorStates:
             return 0
         sources = [t.base, *t.models]
         files = [self.file_of(info) for info in sources]
+        for info, f in zip(sources, files):
+            hold = getattr(f, "hold", None)  # a streamed input: fetched once for every pass (safeblend.remote)
+            if hold is not None:
+                hold(info)
         steps = list(element_steps(t.numel, chunk_elements(self.chunk_bytes, *(i.dtype.itemsize for i in sources))))
 
         def fold(pass_index: int, step: tuple[int, int]) -> int:

@@ -39,16 +39,17 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 from urllib.parse import quote
 
 import numpy as np
 
 from .checkpoint import (ADAPTER_CONFIG_NAME, INDEX_NAME, MAX_HEADER_BYTES, SINGLE_NAME, InputChangedError,
                          SafetensorsFile, TensorInfo, parse_safetensors_header, register_stand_in)
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputError
 from .model_files import COMPANION_PATTERNS, is_companion
 
 # Range requests are this large: a few round trips per shard's worth of MiBs, and a block is
@@ -62,6 +63,9 @@ RETRIES = 6  # attempts after a failure, per request, waiting RETRY_WAIT_S, doub
 # host, a refused connection): a few seconds of retries, not half a minute.
 STAGING_RETRIES = 2
 RETRY_WAIT_S = 1.0
+# Spooled tensors kept per remote file: the one whose reduce passes run and the one before it,
+# whose last merged chunks may still be in flight.
+SPOOLS_KEPT = 2
 # Blocks this far behind the latest read are dropped even if not every byte was released
 # (a header block, tensors a resumed merge skips).
 _BEHIND = 4
@@ -513,12 +517,96 @@ class _ReadAhead:
             k += 1
 
 
+# -- spooling: a tensor read several times, fetched once -------------------------------------
+
+
+_spool_dir: Path | None = None  # where spools go: the output's staging folder during a merge
+
+
+@contextmanager
+def spool_in(directory: Path) -> Iterator[None]:
+    """Spool tensors into ``directory`` (a folder on the output's file system) while inside."""
+    global _spool_dir
+    previous, _spool_dir = _spool_dir, directory
+    try:
+        yield
+    finally:
+        _spool_dir = previous
+
+
+@dataclass(frozen=True)
+class _Spool:
+    """Bytes [start, end) of a remote file, in an unlinked local file mapped read-only."""
+
+    start: int
+    end: int
+    map: mmap.mmap
+
+    def view(self, start: int, length: int) -> memoryview:
+        return memoryview(self.map)[start - self.start : start - self.start + length]
+
+    def release(self, start: int, length: int) -> None:
+        """Drop the pages of a consumed range from the process (they stay in the page cache)."""
+        lo = (start - self.start) // mmap.PAGESIZE * mmap.PAGESIZE
+        hi = min(self.end - self.start, start - self.start + length)
+        if hi > lo:
+            self.map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def _spool(reader: "_ReadAhead", start: int, end: int, display: str) -> _Spool:
+    """Fetch bytes [start, end) through ``reader`` (block by block, each released once written)
+    into a file in the spool folder that is unlinked at once: nothing is left behind however the
+    merge ends, and its space is freed when the last view of its mapping goes."""
+    directory = _spool_dir if _spool_dir is not None else Path(tempfile.gettempdir())
+    try:
+        fd, path = tempfile.mkstemp(prefix=".safeblend-spool-", dir=directory)
+    except OSError as exc:
+        raise OutputError(f"{directory}: cannot create a spool file for {display}: {exc.strerror or exc}") from None
+    try:
+        os.unlink(path)
+        pos = start
+        while pos < end:
+            k = reader._block_of(pos)
+            n = min(end, reader._bounds(k)[1]) - pos
+            data = reader.read(pos, n)
+            done = 0
+            while done < n:
+                done += os.pwrite(fd, data[done:], pos - start + done)
+            del data
+            reader.release(pos, n)
+            pos += n
+        return _Spool(start, end, mmap.mmap(fd, end - start, prot=mmap.PROT_READ))
+    except OSError as exc:
+        from .writer import filesystem_of
+
+        raise OutputError(f"{directory}: cannot spool {end - start} bytes of {display} on "
+                          f"{filesystem_of(directory)}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+def spool_bytes(checkpoints) -> int:
+    """Disk the spools of these checkpoints' remote files may take at once: SPOOLS_KEPT of the
+    largest tensors of each (counted in the output's free-space check)."""
+    total = 0
+    for ckpt in checkpoints:
+        for f in getattr(ckpt, "files", []):
+            if isinstance(f, RemoteSafetensorsFile) and f.tensors:
+                total += sum(sorted((t.nbytes for t in f.tensors.values()), reverse=True)[:SPOOLS_KEPT])
+    return total
+
+
 @dataclass
 class RemoteSafetensorsFile(SafetensorsFile):
-    """A safetensors file read by range requests; ``path`` is its local placeholder."""
+    """A safetensors file read by range requests; ``path`` is its local placeholder.
+
+    A tensor that reduce passes read several times is first ``hold``-ed: fetched once into a
+    spool (``_Spool``), from which every pass and the merge read it."""
 
     source: _Blob | None = field(default=None, repr=False)
     _reader: _ReadAhead | None = field(default=None, repr=False)
+    _spools: list[_Spool] = field(default_factory=list, repr=False)
+    _spool_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def _ahead(self) -> _ReadAhead:
         with self._map_lock:
@@ -527,18 +615,37 @@ class RemoteSafetensorsFile(SafetensorsFile):
                 self._reader = _ReadAhead(self.source, [(t.start, t.start + t.nbytes) for t in self.tensors.values()])
             return self._reader
 
+    def hold(self, info: TensorInfo) -> None:
+        """Spool ``info``'s bytes (before its reduce passes), unless a spool holds them already."""
+        start, end = info.start, info.start + info.nbytes
+        with self._spool_lock:
+            if end > start and self._spooled(start, end - start) is None:
+                assert self.source is not None
+                self._spools = [*self._spools, _spool(self._ahead(), start, end, self.source.display)][-SPOOLS_KEPT:]
+
+    def _spooled(self, start: int, length: int) -> _Spool | None:
+        for spool in self._spools:  # a list replaced whole, never changed in place: no lock to read it
+            if spool.start <= start and start + length <= spool.end:
+                return spool
+        return None
+
     def view(self, info: TensorInfo, first: int, count: int) -> np.ndarray:
-        data = self._ahead().read(info.start + first * info.dtype.itemsize, count * info.dtype.itemsize)
+        data = self.byte_view(info.start + first * info.dtype.itemsize, count * info.dtype.itemsize)
         return np.frombuffer(data, dtype=info.dtype.numpy, count=count)
 
     def byte_view(self, start: int, length: int) -> memoryview:
-        return self._ahead().read(start, length)
+        spool = self._spooled(start, length)
+        return spool.view(start, length) if spool is not None else self._ahead().read(start, length)
 
     def prefetch(self, start: int, length: int) -> None:
-        self._ahead().prefetch(start, length)
+        if self._spooled(start, length) is None:
+            self._ahead().prefetch(start, length)
 
     def release(self, start: int, length: int) -> None:
-        if self._reader is not None:
+        spool = self._spooled(start, length)
+        if spool is not None:
+            spool.release(start, length)
+        elif self._reader is not None:
             self._reader.release(start, length)
 
     def check_unchanged(self) -> None:
@@ -550,6 +657,7 @@ class RemoteSafetensorsFile(SafetensorsFile):
             reader, self._reader = self._reader, None
         if reader is not None:
             reader.close()
+        self._spools = []  # each spool's mapping goes with its last view
 
 
 # -- staging ---------------------------------------------------------------------------------
