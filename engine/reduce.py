@@ -126,6 +126,10 @@ class TensorStates:
                 self.method.end_pass(state, pass_index)
                 pass_index += 1
                 passes = self.method.reduce_passes(state)  # a pass may find it needs more
+            for info, f in zip(sources, files):
+                done = getattr(f, "passes_done", None)  # its spool goes once the merge consumed it
+                if done is not None:
+                    done(info)
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)

@@ -63,8 +63,9 @@ RETRIES = 6  # attempts after a failure, per request, waiting RETRY_WAIT_S, doub
 # host, a refused connection): a few seconds of retries, not half a minute.
 STAGING_RETRIES = 2
 RETRY_WAIT_S = 1.0
-# Spooled tensors kept per remote file: the one whose reduce passes run and the one before it,
-# whose last merged chunks may still be in flight.
+# Disk a remote file's spools may take at once, in its largest tensors: a spool goes as soon as
+# the merge consumed it, but several tensors' chunks can be in flight (the oldest spools beyond
+# this go first; a tensor whose spool went is read over the network again).
 SPOOLS_KEPT = 2
 # Blocks this far behind the latest read are dropped even if not every byte was released
 # (a header block, tensors a resumed merge skips).
@@ -534,13 +535,15 @@ def spool_in(directory: Path) -> Iterator[None]:
         _spool_dir = previous
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Spool:
-    """Bytes [start, end) of a remote file, in an unlinked local file mapped read-only."""
+    """Bytes [start, end) of a remote file, in an unlinked local file mapped read-only.
+    ``merged`` counts the bytes the merge pass released, once the reduce passes are done."""
 
     start: int
     end: int
     map: mmap.mmap
+    merged: int | None = None
 
     def view(self, start: int, length: int) -> memoryview:
         return memoryview(self.map)[start - self.start : start - self.start + length]
@@ -585,6 +588,17 @@ def _spool(reader: "_ReadAhead", start: int, end: int, display: str) -> _Spool:
         os.close(fd)
 
 
+def _kept(spools: list[_Spool], limit: int) -> list[_Spool]:
+    """The newest spools that fit in ``limit`` bytes (the newest always)."""
+    kept, total = [], 0
+    for spool in reversed(spools):
+        total += spool.end - spool.start
+        if kept and total > limit:
+            break
+        kept.insert(0, spool)
+    return kept
+
+
 def spool_bytes(checkpoints) -> int:
     """Disk the spools of these checkpoints' remote files may take at once: SPOOLS_KEPT of the
     largest tensors of each (counted in the output's free-space check)."""
@@ -621,7 +635,15 @@ class RemoteSafetensorsFile(SafetensorsFile):
         with self._spool_lock:
             if end > start and self._spooled(start, end - start) is None:
                 assert self.source is not None
-                self._spools = [*self._spools, _spool(self._ahead(), start, end, self.source.display)][-SPOOLS_KEPT:]
+                limit = sum(sorted((t.nbytes for t in self.tensors.values()), reverse=True)[:SPOOLS_KEPT])
+                self._spools = _kept([*self._spools, _spool(self._ahead(), start, end, self.source.display)], limit)
+
+    def passes_done(self, info: TensorInfo) -> None:
+        """The reduce passes over ``info`` are done: its spool goes once the merge released it all."""
+        with self._spool_lock:
+            for spool in self._spools:
+                if (spool.start, spool.end) == (info.start, info.start + info.nbytes):
+                    spool.merged = 0
 
     def _spooled(self, start: int, length: int) -> _Spool | None:
         for spool in self._spools:  # a list replaced whole, never changed in place: no lock to read it
@@ -645,6 +667,11 @@ class RemoteSafetensorsFile(SafetensorsFile):
         spool = self._spooled(start, length)
         if spool is not None:
             spool.release(start, length)
+            with self._spool_lock:
+                if spool.merged is not None:
+                    spool.merged += length
+                    if spool.merged >= spool.end - spool.start:
+                        self._spools = [s for s in self._spools if s is not spool]
         elif self._reader is not None:
             self._reader.release(start, length)
 

@@ -406,10 +406,11 @@ def test_reduce_passes_read_a_spool_and_fetch_each_tensor_once(pair, tmp_path, s
         _merge_urls(hub, tmp_path / "out", method="ties", density=0.3)
         fetched = sum(int(b) - int(a) + 1 for _, _, span in hub.log for a, b in [span.split("-")])
     _same_output(tmp_path / "out", local)
-    # Each byte once, plus blocks the read-ahead fetched before the tensor they hold was spooled
-    # and dropped while its passes ran (refetched, measured: +12% on the benchmark's pair);
-    # without the spool, ~2.5x (a sampling pass, a counting pass, the merge).
-    assert fetched <= 1.5 * _weight_bytes(pair["base"], pair["ft"]), fetched
+    # Each byte about once: a spool beyond its file's disk allowance (two of its largest tensors,
+    # here 256 KiB, while up to 8 chunks of 32 KiB are in flight) goes before it is merged and is
+    # read again, as timing has it (1.0-1.12x seen); without the spool ~2.5x (a sampling pass, a
+    # counting pass, the merge).
+    assert fetched <= 1.5 * _weight_bytes(pair["base"], pair["ft"]), (fetched, _weight_bytes(pair["base"], pair["ft"]))
     assert not [p for p in tmp_path.rglob("*") if "spool" in p.name]  # nothing left behind
 
 
