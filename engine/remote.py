@@ -277,7 +277,7 @@ class _BlockBuffers:
         if isinstance(owner, mmap.mmap) and len(owner) == BLOCK_BYTES:
             with self._lock:
                 self._free = [b for b in self._free if len(b) == BLOCK_BYTES]  # BLOCK_BYTES set anew (tests)
-                if len(self._free) < READ_AHEAD_BYTES // BLOCK_BYTES + 2 * FETCH_THREADS:
+                if len(self._free) < READ_AHEAD_BYTES // BLOCK_BYTES:
                     self._free.append(owner)
 
 
