@@ -17,6 +17,7 @@ files; safeblend.remote) held while sampled every 20 ms.
 
     python benchmarks/bench_stream.py --runs 3                   # 100 and 500 MB/s
     python benchmarks/bench_stream.py --runs 1 --rates 100 --layers 2
+    python benchmarks/bench_stream.py --runs 3 --local --baseline /tmp/old   # + local merge, older code
 """
 
 from __future__ import annotations
@@ -163,6 +164,8 @@ def main() -> None:
                         help="also time the merge with PYTHONPATH=DIR (a copy of an older safeblend package, "
                              "e.g. `git archive OLD engine kernels`, engine/ renamed safeblend/ and kernels/ "
                              "moved into it), paired run by run")
+    parser.add_argument("--local", action="store_true",
+                        help="also time the same merge from the local files (page cache warm): the floor")
     args = parser.parse_args()
 
     shape = LlamaShape(**{**SHAPE.__dict__, "num_hidden_layers": args.layers})
@@ -177,6 +180,8 @@ def main() -> None:
     variants = {"merge": None}
     if args.baseline is not None:
         variants["baseline"] = {**os.environ, "PYTHONPATH": str(args.baseline.resolve())}
+    if args.local:
+        variants["local"] = None  # the same merge from the files on disk: the merge's own cost
     print(f"{shape.parameters / 1e6:.0f}M parameters per model, inputs {inputs / 1e9:.3f} GB "
           f"({len(files)} files), {args.runs} runs per rate, load average {os.getloadavg()[0]:.2f} at start")
     print("| rate MB/s | variant | link time s | download s | streamed merge s | merge / download | "
@@ -208,7 +213,8 @@ def main() -> None:
                     stop, peak = threading.Event(), [0]
                     sampler = threading.Thread(target=sampled_peak, args=(staging, stop, peak))
                     sampler.start()
-                    runs[name].append(timed_merge([safeblend, "merge", f"{url}/base", f"{url}/ft", "-o", str(out),
+                    where = str(models) if name == "local" else url
+                    runs[name].append(timed_merge([safeblend, "merge", f"{where}/base", f"{where}/ft", "-o", str(out),
                                                    "--weight", "0.6", "-q"], variants[name]))
                     stop.set()
                     sampler.join()

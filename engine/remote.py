@@ -828,6 +828,7 @@ def _stand_in(placeholder: Path, blob: _Blob) -> None:
 
 
 _folders: dict[Path, int] = {}  # staged folders and the descriptors of their shared locks
+_folders_lock = threading.Lock()
 
 
 def _stage_folder(key: str) -> Path:
@@ -841,12 +842,13 @@ def _stage_folder(key: str) -> Path:
     readable = re.sub(r"[^A-Za-z0-9._@-]+", "-", key.split("://", 1)[-1].replace("/", "--")).strip("-")[:80]
     folder = root / f"{readable}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     folder.mkdir(mode=0o700, exist_ok=True)
-    if folder not in _folders:
-        lock = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(lock, fcntl.LOCK_SH)
-        if not _folders:
-            atexit.register(_remove_folders)
-        _folders[folder] = lock
+    with _folders_lock:  # inputs are staged concurrently (safeblend.hub)
+        if folder not in _folders:
+            lock = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            if not _folders:
+                atexit.register(_remove_folders)
+            _folders[folder] = lock
     return folder
 
 

@@ -429,3 +429,31 @@ def test_the_spools_space_is_checked_before_the_merge(pair, tmp_path, small_bloc
         with pytest.raises(OutputError, match="not enough space"):
             _merge_urls(hub, tmp_path / "ties", method="ties", density=0.3)
     assert (tmp_path / "linear").is_dir() and not (tmp_path / "ties").exists()
+
+
+class _SlowHub(_Hub):
+    """The loopback Hub answering every request after 20 ms, recording when each was served."""
+
+    def __init__(self, repos, token=None):
+        super().__init__(repos, token)
+        self.served: list[tuple[float, float, str]] = []
+
+    def answer(self, request, body):
+        import time
+
+        start = time.perf_counter()
+        time.sleep(0.02)
+        super().answer(request, body)
+        self.served.append((start, time.perf_counter(), request.path))
+
+
+def test_streamed_inputs_are_staged_at_the_same_time(pair, tmp_path):
+    """Each input's many small staging requests (config and tokenizer names, headers) overlap
+    with the other input's, rather than waiting for them."""
+    with _SlowHub({"org/base": pair["base"], "org/ft": pair["ft"]}) as hub:
+        _merge_urls(hub, tmp_path / "out")
+    _same_output(tmp_path / "out", pair["local"])
+    # The fine-tune's weight file is asked for (its header) only once its config and tokenizer
+    # names were tried; the base's requests began before that, not after its staging.
+    ft_header = min(a for a, _, path in hub.served if path.endswith("/org/ft/model.safetensors"))
+    assert min(a for a, _, path in hub.served if "/org/base/" in path) < ft_header
