@@ -18,6 +18,7 @@ files; safeblend.remote) held while sampled every 20 ms.
     python benchmarks/bench_stream.py --runs 3                   # 100 and 500 MB/s
     python benchmarks/bench_stream.py --runs 1 --rates 100 --layers 2
     python benchmarks/bench_stream.py --runs 3 --local --baseline /tmp/old   # + local merge, older code
+    python benchmarks/bench_stream.py --runs 1 --rates 100 --methods ties,slerp --baseline /tmp/old
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ class Link:
 
     def __init__(self, rate: float) -> None:
         self.rate, self._lock, self._free_at = rate, threading.Lock(), 0.0
+        self.sent = 0  # bytes of bodies sent
 
     def send(self, n: int) -> None:
         with self._lock:
+            self.sent += n
             now = time.perf_counter()
             self._free_at = max(self._free_at, now - self.BURST / self.rate) + n / self.rate
             wait = self._free_at - now
@@ -164,6 +167,9 @@ def main() -> None:
                         help="also time the merge with PYTHONPATH=DIR (a copy of an older safeblend package, "
                              "e.g. `git archive OLD engine kernels`, engine/ renamed safeblend/ and kernels/ "
                              "moved into it), paired run by run")
+    parser.add_argument("--methods", default="",
+                        help="also merge with these methods (e.g. ties,slerp; ties at density 0.3) and report the "
+                             "bytes the server sent per byte of weights: reduce passes read a tensor several times")
     parser.add_argument("--local", action="store_true",
                         help="also time the same merge from the local files (page cache warm): the floor")
     args = parser.parse_args()
@@ -187,8 +193,10 @@ def main() -> None:
     print("| rate MB/s | variant | link time s | download s | streamed merge s | merge / download | "
           "CPU user s/GB | CPU sys s/GB | peak RSS MiB | output GB | staging peak KiB |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    weights = sum((models / f).stat().st_size for f in files if str(f).endswith(".safetensors"))
     for rate in (float(r) for r in args.rates.split(",")):
-        server = serve(models, Link(rate * 1e6))
+        link = Link(rate * 1e6)
+        server = serve(models, link)
         url = f"http://127.0.0.1:{server.server_address[1]}"
         download: list[float] = []
         runs: dict[str, list[tuple[float, int, float, float]]] = {name: [] for name in variants}
@@ -220,6 +228,18 @@ def main() -> None:
                     sampler.join()
                     staged.append(peak[0])
             written = folder_bytes(out)
+            for method in filter(None, args.methods.split(",")):
+                extra = ["--density", "0.3"] if method in ("ties", "dare-ties", "della", "breadcrumbs-ties") else []
+                for name in variants:
+                    if name == "local":
+                        continue
+                    shutil.rmtree(out, ignore_errors=True)
+                    before = link.sent
+                    wall, peak_rss, _, _ = timed_merge([safeblend, "merge", f"{url}/base", f"{url}/ft", "-o", str(out),
+                                                       "--method", method, "--weight", "0.6", *extra, "-q"],
+                                                      variants[name])
+                    print(f"  {rate:.0f} MB/s {method} ({name}): {(link.sent - before) / weights:.2f}x the weights' "
+                          f"bytes sent, {wall:.2f} s, peak RSS {peak_rss / 2**20:.0f} MiB", flush=True)
         finally:
             server.shutdown()
             server.server_close()
