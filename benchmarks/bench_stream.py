@@ -17,12 +17,15 @@ files; safeblend.remote) held while sampled every 20 ms.
 
     python benchmarks/bench_stream.py --runs 3                   # 100 and 500 MB/s
     python benchmarks/bench_stream.py --runs 1 --rates 100 --layers 2
+    python benchmarks/bench_stream.py --runs 3 --local --baseline /tmp/old   # + local merge, older code
+    python benchmarks/bench_stream.py --runs 1 --rates 100 --methods ties,slerp --baseline /tmp/old
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -35,7 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import quantiles, safeblend_command, timed  # noqa: E402
+from measure import quantiles, safeblend_command  # noqa: E402
 
 from safeblend.synthetic import LlamaShape, write_pair  # noqa: E402
 
@@ -43,15 +46,22 @@ SHAPE = LlamaShape(1024, 2816, 5, 16000, 16, 4)  # ~89M parameters, 178 MB per m
 
 
 class Link:
-    """One token bucket shared by every connection: bytes leave at ``rate`` per second."""
+    """One token bucket shared by every connection: bytes leave at ``rate`` per second, with a
+    burst of ``BURST`` bytes, so a sender that comes back a little late (its own write, a
+    sleep that overshot) catches up instead of losing link time: one connection can fill the
+    link as well as several (without it, curl's single connection got ~80% of 500 MB/s)."""
+
+    BURST = 2**20
 
     def __init__(self, rate: float) -> None:
         self.rate, self._lock, self._free_at = rate, threading.Lock(), 0.0
+        self.sent = 0  # bytes of bodies sent
 
     def send(self, n: int) -> None:
         with self._lock:
+            self.sent += n
             now = time.perf_counter()
-            self._free_at = max(self._free_at, now) + n / self.rate
+            self._free_at = max(self._free_at, now - self.BURST / self.rate) + n / self.rate
             wait = self._free_at - now
         if wait > 0:
             time.sleep(wait)
@@ -95,13 +105,14 @@ def serve(root: Path, link: Link) -> ThreadingHTTPServer:
             self.send_header("ETag", f'"{path.stat().st_mtime_ns}-{size}"')
             self.send_header("Content-Length", str(last - first + 1))
             self.end_headers()
-            with open(path, "rb") as handle:
+            with open(path, "rb") as handle:  # sendfile: the server's own CPU stays small beside the client's
                 pos, step = first, 256 * 2**10
                 while pos <= last:
                     n = min(step, last + 1 - pos)
                     link.send(n)
-                    self.wfile.write(os.pread(handle.fileno(), n, pos))
-                    pos += n
+                    end = pos + n
+                    while pos < end:
+                        pos += os.sendfile(self.connection.fileno(), handle.fileno(), pos, end - pos)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
@@ -131,16 +142,40 @@ def sampled_peak(folder: Path, stop: threading.Event, peak: list[int]) -> None:
         time.sleep(0.02)
 
 
+def timed_merge(cmd: list[str], env: dict[str, str] | None) -> tuple[float, int, float, float]:
+    """(wall s, peak RSS bytes, user CPU s, system CPU s) of one command under ``/usr/bin/time -v``."""
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+
+    def field(label: str) -> float:
+        return float(re.search(rf"{re.escape(label)}: ([\d.]+)", proc.stderr).group(1))
+
+    return wall, int(field("Maximum resident set size (kbytes)")) * 1024, field("User time (seconds)"), \
+        field("System time (seconds)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rates", default="100,500", help="link speeds in MB/s (10^6 bytes)")
     parser.add_argument("--layers", type=int, default=SHAPE.num_hidden_layers)
     parser.add_argument("--work", type=Path, default=Path("benchmarks/out/stream"))
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="also time the merge with PYTHONPATH=DIR (a copy of an older safeblend package, "
+                             "e.g. `git archive OLD engine kernels`, engine/ renamed safeblend/ and kernels/ "
+                             "moved into it), paired run by run")
+    parser.add_argument("--methods", default="",
+                        help="also merge with these methods (e.g. ties,slerp; ties at density 0.3) and report the "
+                             "bytes the server sent per byte of weights: reduce passes read a tensor several times")
+    parser.add_argument("--local", action="store_true",
+                        help="also time the same merge from the local files (page cache warm): the floor")
     args = parser.parse_args()
 
     shape = LlamaShape(**{**SHAPE.__dict__, "num_hidden_layers": args.layers})
-    models = args.work / "models"
+    models = args.work / f"models-{args.layers}"
     if not (models / "ft" / "config.json").exists():
         shutil.rmtree(models, ignore_errors=True)
         write_pair(models / "base", models / "ft", shape, shard_size=10**8)
@@ -148,19 +183,28 @@ def main() -> None:
     inputs = sum((models / f).stat().st_size for f in files)
     staging = Path(tempfile.gettempdir()) / f"safeblend-stream-{os.getuid()}"
     safeblend = safeblend_command()
+    variants = {"merge": None}
+    if args.baseline is not None:
+        variants["baseline"] = {**os.environ, "PYTHONPATH": str(args.baseline.resolve())}
+    if args.local:
+        variants["local"] = None  # the same merge from the files on disk: the merge's own cost
     print(f"{shape.parameters / 1e6:.0f}M parameters per model, inputs {inputs / 1e9:.3f} GB "
-          f"({len(files)} files), {args.runs} runs per rate")
-    print("| rate MB/s | download s | streamed merge s | merge / download | peak RSS MiB | output GB | "
-          "staging peak KiB |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+          f"({len(files)} files), {args.runs} runs per rate, load average {os.getloadavg()[0]:.2f} at start")
+    print("| rate MB/s | variant | link time s | download s | streamed merge s | merge / download | "
+          "CPU user s/GB | CPU sys s/GB | peak RSS MiB | output GB | staging peak KiB |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    weights = sum((models / f).stat().st_size for f in files if str(f).endswith(".safetensors"))
     for rate in (float(r) for r in args.rates.split(",")):
-        server = serve(models, Link(rate * 1e6))
+        link = Link(rate * 1e6)
+        server = serve(models, link)
         url = f"http://127.0.0.1:{server.server_address[1]}"
-        download, merge, rss, staged = [], [], [], []
+        download: list[float] = []
+        runs: dict[str, list[tuple[float, int, float, float]]] = {name: [] for name in variants}
+        staged: list[int] = []
         out = args.work / "merged"
         fetched = args.work / "downloaded"
         try:
-            for _ in range(args.runs):
+            for run in range(args.runs):
                 shutil.rmtree(fetched, ignore_errors=True)
                 fetched.mkdir(parents=True)
                 curl = ["curl", "-sf"]
@@ -171,25 +215,43 @@ def main() -> None:
                 download.append(time.perf_counter() - start)
                 shutil.rmtree(fetched)
 
-                shutil.rmtree(out, ignore_errors=True)
-                stop, peak = threading.Event(), [0]
-                sampler = threading.Thread(target=sampled_peak, args=(staging, stop, peak))
-                sampler.start()
-                wall, peak_rss = timed([safeblend, "merge", f"{url}/base", f"{url}/ft", "-o", str(out),
-                                        "--weight", "0.6", "-q"])
-                stop.set()
-                sampler.join()
-                merge.append(wall)
-                rss.append(peak_rss)
-                staged.append(peak[0])
+                order = list(variants) if run % 2 == 0 else list(reversed(variants))  # paired, alternating
+                for name in order:
+                    shutil.rmtree(out, ignore_errors=True)
+                    stop, peak = threading.Event(), [0]
+                    sampler = threading.Thread(target=sampled_peak, args=(staging, stop, peak))
+                    sampler.start()
+                    where = str(models) if name == "local" else url
+                    runs[name].append(timed_merge([safeblend, "merge", f"{where}/base", f"{where}/ft", "-o", str(out),
+                                                   "--weight", "0.6", "-q"], variants[name]))
+                    stop.set()
+                    sampler.join()
+                    staged.append(peak[0])
             written = folder_bytes(out)
+            for method in filter(None, args.methods.split(",")):
+                extra = ["--density", "0.3"] if method in ("ties", "dare-ties", "della", "breadcrumbs-ties") else []
+                for name in variants:
+                    if name == "local":
+                        continue
+                    shutil.rmtree(out, ignore_errors=True)
+                    before = link.sent
+                    wall, peak_rss, _, _ = timed_merge([safeblend, "merge", f"{url}/base", f"{url}/ft", "-o", str(out),
+                                                       "--method", method, "--weight", "0.6", *extra, "-q"],
+                                                      variants[name])
+                    print(f"  {rate:.0f} MB/s {method} ({name}): {(link.sent - before) / weights:.2f}x the weights' "
+                          f"bytes sent, {wall:.2f} s, peak RSS {peak_rss / 2**20:.0f} MiB", flush=True)
         finally:
             server.shutdown()
             server.server_close()
-        d, m = statistics.median(download), statistics.median(merge)
-        print(f"| {rate:.0f} | {_q(download)} | {_q(merge)} | {m / d:.2f}× | "
-              f"{statistics.median(rss) / 2**20:.0f} (max {max(rss) / 2**20:.0f}) | {written / 1e9:.3f} | "
-              f"{max(staged) / 1024:.0f} |", flush=True)
+        d = statistics.median(download)
+        for name, results in runs.items():
+            wall, rss, user, system = ([r[i] for r in results] for i in range(4))
+            m = statistics.median(wall)
+            print(f"| {rate:.0f} | {name} | {inputs / (rate * 1e6):.2f} | {_q(download)} | {_q(wall)} | {m / d:.2f}× | "
+                  f"{statistics.median(user) / (inputs / 1e9):.2f} | {statistics.median(system) / (inputs / 1e9):.2f} | "
+                  f"{statistics.median(rss) / 2**20:.0f} (max {max(rss) / 2**20:.0f}) | {written / 1e9:.3f} | "
+                  f"{max(staged) / 1024:.0f} |", flush=True)
+    print(f"load average {os.getloadavg()[0]:.2f} at end")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from .output_checks import OutputWatch
 from .output_paths import check_output_not_input
 from .plan import MergePlan, make_plan
 from .quantized import open_checkpoint
+from .remote import spool_bytes, spool_in
 from .session import MergeInterrupted, MergeSession
 from .sweep_resume import finished_output
 from .units import fit_chunk_size, parse_size
@@ -168,6 +169,11 @@ def merge(
     return results[0]
 
 
+def _reduces(method: MergeMethod) -> bool:
+    """Whether a method may run reduce passes (it defines them; some configurations run none)."""
+    return type(method).reduce_passes is not MergeMethod.reduce_passes
+
+
 @dataclass(frozen=True)
 class Options:
     """The options every run parses the same way."""
@@ -265,7 +271,12 @@ def write_outputs(
             for writer in writers:
                 writer.open()
             if sessions:
-                with progress_bar(plans[0].total_size, progress) as bar:
+                # Streamed inputs spool tensors that reduce passes read several times (safeblend.remote)
+                # beside the outputs, so the space for both is checked here.
+                spooled = spool_bytes([base_ckpt, *model_ckpts]) if any(map(_reduces, mergers)) else 0
+                if spooled:
+                    sessions[0].output.check_space(spooled + (0 if resume else sum(plans[k].output_bytes for k in todo)))
+                with progress_bar(plans[0].total_size, progress) as bar, spool_in(sessions[0].staging):
                     bar.update(sessions[0].kept_bytes)
                     stats = execute([plans[k] for k in todo], [mergers[k] for k in todo], base_ckpt, model_ckpts,
                                     [watch.wrap(writers[0])] if watch else writers, kept, chunk_bytes, bar.update)

@@ -121,6 +121,8 @@ _method_option = partial(click.option, "--method", default="linear", show_defaul
 _lambda_option = partial(click.option, "--lambda", "lambda_", type=float)
 _normalize_option = partial(click.option, "--normalize/--no-normalize", default=None)
 _overwrite_option = partial(click.option, "--overwrite", is_flag=True)
+_stream_option = click.option("--stream", is_flag=True, help="Read Hub repos that are not in the cache by range "
+                              "requests, without downloading them (URLs are always streamed).")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -167,8 +169,7 @@ def _warn(message: str) -> None:
               "beside it (.OUTPUT.safeblend-partial), keeping the tensors it completed.")
 @click.option("--allow-missing", type=click.Choice(["take"]),
               help="Tensors that only some inputs have: copy each from the input that has it (default: error).")
-@click.option("--stream", is_flag=True, help="Read Hub repos that are not in the cache by range requests, "
-              "without downloading them (URLs are always streamed).")
+@_stream_option
 @_json_option(help="Print the run summary as JSON on stdout.")
 @_quiet_option(help="No progress bar or summary line.")
 @_debug_option
@@ -345,13 +346,14 @@ def demo(directory, weight, size) -> None:
               "keeping the tensors they completed (as merge --resume).")
 @click.option("--as-adapters", is_flag=True, help="FT is a LoRA adapter: write each weight as a PEFT adapter "
               "(the adapter scaled), not a full model (linear, task-arithmetic).")
+@_stream_option
 @_json_option(help="Print every output's summary and the totals as JSON.")
 @_quiet_option(help="No progress bar or summary.")
 @eval_options
 @_debug_option
 @click.pass_context
 def sweep(ctx, base, models, out, weights, method, lambda_, normalize, dtype, shard_size, chunk_size, overwrite,
-          resume, as_adapters, as_json, quiet, **eval_opts) -> None:
+          resume, as_adapters, stream, as_json, quiet, **eval_opts) -> None:
     """Merge BASE with MODELS at every weight in one read pass: OUTPUT/lambda-0.1/, ...
 
     Each output is exactly what `safeblend merge --weight W` writes. Inputs are given as for
@@ -378,7 +380,7 @@ def sweep(ctx, base, models, out, weights, method, lambda_, normalize, dtype, sh
     result = run_sweep(base, list(models), out, parse_weights(weights), method=method, lambda_=lambda_,
                        normalize=normalize, dtype=dtype.lower(), shard_size=shard_size, chunk_size=chunk_size,
                        overwrite=overwrite, resume=resume, progress=not quiet and not as_json, on_warning=_warn,
-                       evaluate=plan, as_adapters=as_adapters)
+                       evaluate=plan, as_adapters=as_adapters, stream=stream)
     if plan is not None:
         return finish(result, as_json, quiet)
     _print_summary(result, as_json, quiet)
@@ -393,9 +395,10 @@ def sweep(ctx, base, models, out, weights, method, lambda_, normalize, dtype, sh
 @click.option("--top", default=10, show_default=True, type=click.IntRange(0),
               help="How many of the most-changed tensors the table lists.")
 @_chunk_size_option(help="Largest chunk read at once per input (default 8 MiB).")
+@_stream_option
 @_quiet_option(help="No progress bar.")
 @_debug_option
-def diff(base, ft, as_json, plot, top, chunk_size, quiet) -> None:
+def diff(base, ft, as_json, plot, top, chunk_size, stream, quiet) -> None:
     """Report where fine-tuning moved FT away from BASE: per tensor, layer and module type.
 
     BASE and FT are given as for merge; a lone adapter (FT) is measured against the base it names.
@@ -408,7 +411,7 @@ def diff(base, ft, as_json, plot, top, chunk_size, quiet) -> None:
         require_matplotlib()  # fail before reading the models, not after
     if ft is None:  # one input: a PEFT adapter, against the base it names
         base, ft = None, base
-    report = run_diff(base, ft, chunk_size=chunk_size, progress=not quiet and not as_json)
+    report = run_diff(base, ft, chunk_size=chunk_size, progress=not quiet and not as_json, stream=stream)
     if plot is not None:
         plot_drift(report, plot)
     if as_json:

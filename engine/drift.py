@@ -217,6 +217,7 @@ def diff(
     chunk_size: int | str = DEFAULT_CHUNK_BYTES,
     workers: int = DEFAULT_WORKERS,
     progress: bool = False,
+    stream: bool = False,
 ) -> DriftReport:
     """Measure how far FT moved from BASE, tensor by tensor, in one streaming read.
 
@@ -227,6 +228,8 @@ def diff(
         chunk_size: largest chunk read at once per input.
         workers: threads measuring chunks in parallel.
         progress: show a progress bar (input bytes) on stderr.
+        stream: read Hub repos that are not in the cache by range requests instead of
+            downloading them, as for ``safeblend.merge``; URLs are always streamed.
 
     Returns:
         A DriftReport; ``format_report`` renders it, ``plot_drift`` draws it.
@@ -241,7 +244,7 @@ def diff(
     except ValueError as exc:
         raise SpecError(str(exc)) from exc
     notes: list[str] = []
-    base, (ft,) = resolve_inputs(base, [ft], notes.append, progress)  # Hub ids, an adapter's own base
+    base, (ft,) = resolve_inputs(base, [ft], notes.append, progress, stream)  # Hub ids, URLs, an adapter's base
     with ExitStack() as stack:  # both inputs closed however this ends
         # A LoRA adapter directory is base + s·B·A (safeblend.lora), formed in float64.
         base_ckpt, (ft_ckpt,) = open_inputs(stack, base, [ft], out_dtype="F64")

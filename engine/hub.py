@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,10 @@ def resolve_inputs(base: str | os.PathLike | None, models: Sequence[str | os.Pat
     Raises CheckpointError naming the repo (not found, not cached while offline, no safetensors
     weights) and SpecError when no base is given and the models do not name one.
     """
-    model_paths = [_resolve(m, progress, stream) for m in models]
+    if base is not None:  # the models first, as ever: the first failure among them is the one reported
+        *model_paths, base_path = _resolve_all([*models, base], progress, stream)
+    else:
+        model_paths = _resolve_all(list(models), progress, stream)
     declared = {path: _declared_base(path) for path in model_paths if peft_adapter_dir(path) is not None}
     if base is None:
         named = _base_from_adapters(model_paths, declared)
@@ -90,12 +94,39 @@ def resolve_inputs(base: str | os.PathLike | None, models: Sequence[str | os.Pat
             raise CheckpointError(f"{exc} (the base named by base_model_name_or_path in "
                                   f"{peft_adapter_dir(model_paths[0]) / ADAPTER_CONFIG_NAME}; give BASE to merge onto "
                                   "another)") from None
-    base_path = _resolve(base, progress, stream)
     for adapter, name in declared.items():
         if name is not None and warn is not None and not _same_model(base, base_path, name):
             warn(f"{adapter}: the adapter was trained on {name} (base_model_name_or_path) but is merged onto the "
                  f"base given, {base}")
     return base_path, model_paths
+
+
+def _resolve_all(names: list[str | os.PathLike], progress: bool, stream: bool) -> list[Path]:
+    """``_resolve`` of each name. Streamed inputs (URLs; repo ids with ``stream``) are staged at
+    the same time, each in a thread of its own: staging is many small requests (listing, config
+    and tokenizer files, headers) whose round trips then overlap. The first failure in the
+    order given is raised."""
+    if len(names) < 2 or not (stream or all(is_url(n) for n in names)):
+        return [_resolve(n, progress, stream) for n in names]
+    results: list[Path | None] = [None] * len(names)
+    errors: list[BaseException | None] = [None] * len(names)
+
+    def run(k: int) -> None:
+        try:
+            results[k] = _resolve(names[k], progress, stream)
+        except BaseException as exc:  # re-raised in the calling thread, in order
+            errors[k] = exc
+
+    threads = [threading.Thread(target=run, args=(k,), name=f"safeblend-stage-{k}", daemon=True)
+               for k in range(len(names))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for error in errors:
+        if error is not None:
+            raise error
+    return [path for path in results if path is not None]
 
 
 def _resolve(name: str | os.PathLike, progress: bool, stream: bool = False) -> Path:

@@ -171,6 +171,7 @@ def sweep(
     workers: int = DEFAULT_WORKERS,
     evaluate: Any = None,
     as_adapters: bool = False,
+    stream: bool = False,
     **method_params: Any,
 ) -> SweepResult | Any:
     """Merge at every weight in one read pass; write ``OUT/lambda-<w>/`` for each weight.
@@ -192,6 +193,8 @@ def sweep(
             (jobs, keep rule, plot). Then the return value is the evaluation's ``SweepReport``.
         as_adapters: write each weight as a PEFT LoRA adapter (linear, task-arithmetic; FT a LoRA
             adapter), not a model: ``safeblend.adapter_sweep``.
+        stream: read Hub repos that are not in the cache by range requests instead of
+            downloading them, as for ``safeblend.merge``; URLs are always streamed.
         **method_params: the method's other parameters (e.g. ``normalize``, ``lambda_``).
 
     Returns:
@@ -217,7 +220,7 @@ def sweep(
 
         evaluate = as_plan(evaluate)  # commands and keep rule checked before the pass
     mergers = [create_method(method, len(model_paths), weight=w, **method_params) for w in points]
-    base, model_paths = resolve_inputs(base, model_paths, warn, progress)  # Hub ids, adapters' own base
+    base, model_paths = resolve_inputs(base, model_paths, warn, progress, stream)  # Hub ids, URLs, adapters' own base
     check_output_not_input(out, [base, *model_paths])  # real paths and (device, inode)
     root = Path(os.path.abspath(out))
     if as_adapters:

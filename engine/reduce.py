@@ -100,6 +100,10 @@ class TensorStates:
             return 0
         sources = [t.base, *t.models]
         files = [self.file_of(info) for info in sources]
+        for info, f in zip(sources, files):
+            hold = getattr(f, "hold", None)  # a streamed input: fetched once for every pass (safeblend.remote)
+            if hold is not None:
+                hold(info)
         steps = list(element_steps(t.numel, chunk_elements(self.chunk_bytes, *(i.dtype.itemsize for i in sources))))
 
         def fold(pass_index: int, step: tuple[int, int]) -> int:
@@ -122,6 +126,10 @@ class TensorStates:
                 self.method.end_pass(state, pass_index)
                 pass_index += 1
                 passes = self.method.reduce_passes(state)  # a pass may find it needs more
+            for info, f in zip(sources, files):
+                done = getattr(f, "passes_done", None)  # its spool goes once the merge consumed it
+                if done is not None:
+                    done(info)
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)

@@ -24,6 +24,7 @@ the Hub, commit) differs from the one its header was read with is an ``InputChan
 from __future__ import annotations
 
 import atexit
+import bisect
 import fcntl
 import hashlib
 import json
@@ -38,16 +39,17 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 from urllib.parse import quote
 
 import numpy as np
 
 from .checkpoint import (ADAPTER_CONFIG_NAME, INDEX_NAME, MAX_HEADER_BYTES, SINGLE_NAME, InputChangedError,
                          SafetensorsFile, TensorInfo, parse_safetensors_header, register_stand_in)
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputError
 from .model_files import COMPANION_PATTERNS, is_companion
 
 # Range requests are this large: a few round trips per shard's worth of MiBs, and a block is
@@ -61,6 +63,10 @@ RETRIES = 6  # attempts after a failure, per request, waiting RETRY_WAIT_S, doub
 # host, a refused connection): a few seconds of retries, not half a minute.
 STAGING_RETRIES = 2
 RETRY_WAIT_S = 1.0
+# Disk a remote file's spools may take at once, in its largest tensors: a spool goes as soon as
+# the merge consumed it, but several tensors' chunks can be in flight (the oldest spools beyond
+# this go first; a tensor whose spool went is read over the network again).
+SPOOLS_KEPT = 2
 # Blocks this far behind the latest read are dropped even if not every byte was released
 # (a header block, tensors a resumed merge skips).
 _BEHIND = 4
@@ -83,8 +89,14 @@ class _Blob:
     size: int
     tag: str | None
 
-    def read(self, start: int, end: int) -> bytearray | mmap.mmap:
+    def read(self, start: int, end: int) -> bytes | bytearray | mmap.mmap:
+        """Bytes [start, end) in a buffer of their own."""
         raise NotImplementedError
+
+    def read_block(self, start: int, end: int) -> bytes | bytearray | memoryview:
+        """A read-ahead block's bytes [start, end) (at most BLOCK_BYTES), where they can go: a
+        reused buffer (_BlockBuffers) for HTTP, whose bodies are written into it as they arrive."""
+        return self.read(start, end)
 
     def check_unchanged(self) -> None:
         raise NotImplementedError
@@ -100,11 +112,17 @@ class _HttpBlob(_Blob):
         self.retries = STAGING_RETRIES  # RETRIES once its header is read (_stand_in)
         self._first = self.read(0, 8)  # learns size and tag from the response
 
-    def read(self, start: int, end: int) -> bytearray:
+    def read(self, start: int, end: int) -> bytearray | memoryview:
+        return self._read_into(_buffer(end - start), start, end)
+
+    def read_block(self, start: int, end: int) -> bytearray | memoryview:
+        return self._read_into(_blocks.take(end - start), start, end)
+
+    def _read_into(self, out: bytearray | memoryview, start: int, end: int) -> bytearray | memoryview:
+        """Fill ``out`` with bytes [start, end), resuming a body cut short at the byte it reached."""
         from huggingface_hub.utils import http_stream_backoff
         import httpx2
 
-        out = _buffer(end - start)
         got, failures = 0, 0
         while got < len(out):
             cut: Exception | None = None
@@ -113,7 +131,7 @@ class _HttpBlob(_Blob):
                 with http_stream_backoff("GET", self.url, headers=headers, timeout=_timeout(),
                                          max_retries=self.retries, base_wait_time=RETRY_WAIT_S) as response:
                     self._check(response, start + got)
-                    if end > self.size:  # the first read, of a file shorter than it asked
+                    if end > self.size:  # the first read (a bytearray), of a file shorter than it asked
                         end = self.size
                         del out[end - start :]
                     try:  # caught here: raised through the client's retrying context, it would retry there
@@ -185,7 +203,7 @@ class _FsspecBlob(_Blob):
                 return int(info["size"]), f"{key}={info[key]}"
         return int(info["size"]), None
 
-    def read(self, start: int, end: int) -> bytearray:
+    def read(self, start: int, end: int) -> bytes:
         failures = 0
         while True:
             try:
@@ -193,7 +211,7 @@ class _FsspecBlob(_Blob):
                 if len(data) != end - start:
                     raise OSError(f"got {len(data)} bytes for a range of {end - start}")
                 meter.add(len(data))
-                return bytearray(data)
+                return data
             except (FileNotFoundError, PermissionError) as exc:
                 raise CheckpointError(f"{self.display}: {_first_line(exc)}") from None
             except (OSError, TimeoutError, ConnectionError) as exc:
@@ -209,11 +227,61 @@ class _FsspecBlob(_Blob):
 
 
 def _buffer(size: int) -> bytearray | mmap.mmap:
-    """A writable buffer for a block: a mapping of its own above 1 MiB, unmapped when its last
-    view goes. (Blocks as bytearrays came from malloc, whose mmap threshold rises to a block's
-    size once one is freed; later blocks then came from per-thread heaps that do not shrink:
-    +50 MiB peak RSS measured on a 0.36 GB streamed merge.)"""
+    """A writable buffer: a mapping of its own above 1 MiB, unmapped when its last view goes.
+    (Blocks as bytearrays came from malloc, whose mmap threshold rises to a block's size once
+    one is freed; later blocks then came from per-thread heaps that do not shrink: +50 MiB peak
+    RSS measured on a 0.36 GB streamed merge.)"""
     return mmap.mmap(-1, size) if size >= 2**20 else bytearray(size)
+
+
+def _refcount(items: list, k: int) -> int:
+    """References to ``items[k]``, as counted from here (see _BlockBuffers)."""
+    return sys.getrefcount(items[k])
+
+
+class _BlockBuffers:
+    """Block-sized mappings reused from one block to the next.
+
+    A fresh mapping per block pays its page faults and zeroing, and unmapping it again: ~1 s of
+    system CPU per GB streamed, measured, as much as receiving the bytes. A returned buffer is
+    reused only once nothing else refers to it: every view of a block (a memoryview, a numpy
+    array over it, a chunk still queued for writing) holds a reference to the buffer it looks
+    into, so a buffer whose count is back to the free list's own has no reader left. Buffers
+    still referenced when asked for are skipped (and a fresh one mapped), never overwritten.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[mmap.mmap] = []
+        self._alone = _refcount([object()], 0)  # the count of an object only the list refers to
+
+    def take(self, size: int) -> bytearray | memoryview:
+        """A writable buffer of ``size`` bytes: a view of a block-sized mapping, reused when one
+        is free (else mapped afresh)."""
+        if size > BLOCK_BYTES:
+            return _buffer(size)
+        with self._lock:
+            for k in range(len(self._free)):
+                if len(self._free[k]) == BLOCK_BYTES and _refcount(self._free, k) == self._alone:
+                    return memoryview(self._free.pop(k))[:size]
+        return memoryview(self._map())[:size]
+
+    @staticmethod
+    def _map() -> mmap.mmap:
+        return mmap.mmap(-1, BLOCK_BYTES)
+
+    def give(self, data: object) -> None:
+        """Return a block's buffer (``take``'s view) once the block is dropped; readers may still
+        hold views of it (then it waits in the list until they are gone)."""
+        owner = data.obj if isinstance(data, memoryview) else None
+        if isinstance(owner, mmap.mmap) and len(owner) == BLOCK_BYTES:
+            with self._lock:
+                self._free = [b for b in self._free if len(b) == BLOCK_BYTES]  # BLOCK_BYTES set anew (tests)
+                if len(self._free) < READ_AHEAD_BYTES // BLOCK_BYTES:
+                    self._free.append(owner)
+
+
+_blocks = _BlockBuffers()
 
 
 def _timeout() -> float:
@@ -334,22 +402,47 @@ def _fetcher() -> ThreadPoolExecutor:
         return _pool
 
 
-class _ReadAhead:
-    """One remote file's blocks: fetched on demand and sequentially ahead of the latest read,
-    up to this file's share of ``READ_AHEAD_BYTES``; dropped once wholly released."""
+def block_starts(size: int, tensors: list[tuple[int, int]], block: int) -> list[int]:
+    """Where a file's blocks start, for its tensors' byte ranges ``(start, end)``: no block is
+    larger than ``block``; a tensor larger than that is cut into blocks from its own first byte,
+    so the merge's chunks of it (``block`` bytes or a divisor of it, for the default chunk size)
+    each lie in one block and are served without a copy; smaller tensors share blocks."""
+    starts, current = [0], 0
+    for start, end in sorted(tensors):
+        if end - current <= block:
+            continue  # fits in the current block
+        if start > current:
+            starts.append(start)  # a block of its own from its first byte
+        current = start
+        while end - current > block:
+            current += block
+            starts.append(current)
+    return [s for s in starts if s < size]
 
-    def __init__(self, blob: _Blob) -> None:
+
+class _ReadAhead:
+    """One remote file's blocks (``block_starts``): fetched on demand and sequentially ahead of
+    the latest read, up to this file's share of ``READ_AHEAD_BYTES``; dropped once wholly released."""
+
+    def __init__(self, blob: _Blob, tensors: list[tuple[int, int]]) -> None:
         self.blob = blob
         self._lock = threading.Lock()
         self._blocks: dict[int, Future] = {}
         self._released: dict[int, int] = {}
-        self._count = -(-blob.size // BLOCK_BYTES)
+        self._starts = block_starts(blob.size, tensors, BLOCK_BYTES)
+        self._count = len(self._starts)
+
+    def _block_of(self, offset: int) -> int:
+        return bisect.bisect_right(self._starts, offset) - 1
+
+    def _bounds(self, k: int) -> tuple[int, int]:
+        return self._starts[k], self._starts[k + 1] if k + 1 < self._count else self.blob.size
 
     def read(self, start: int, length: int) -> memoryview:
         """Bytes [start, start + length) of the file, read-only (a block's own when one holds them)."""
         if length <= 0:
             return memoryview(b"")
-        first, last = start // BLOCK_BYTES, (start + length - 1) // BLOCK_BYTES
+        first, last = self._block_of(start), self._block_of(start + length - 1)
         with self._lock:
             futures = [self._want(k) for k in range(first, last + 1)]
             # Blocks far behind the one read now will not be read again (chunks start in order),
@@ -359,19 +452,20 @@ class _ReadAhead:
             self._ahead(last + 1)
         blocks = [f.result() for f in futures]
         if first == last:
-            lo = start - first * BLOCK_BYTES
+            lo = start - self._starts[first]
             return memoryview(blocks[0])[lo : lo + length].toreadonly()
-        out = _buffer(length)
+        out = _buffer(length)  # a read across blocks (a chunk larger than a block): copied
         pos = 0
         for k, data in zip(range(first, last + 1), blocks):
-            lo, hi = max(start, k * BLOCK_BYTES) - k * BLOCK_BYTES, min(start + length, (k + 1) * BLOCK_BYTES) - k * BLOCK_BYTES
+            a, b = self._bounds(k)
+            lo, hi = max(start, a) - a, min(start + length, b) - a
             out[pos : pos + hi - lo] = memoryview(data)[lo:hi]
             pos += hi - lo
         return memoryview(out).toreadonly()
 
     def prefetch(self, start: int, length: int) -> None:
         if length > 0:
-            first, last = start // BLOCK_BYTES, (start + length - 1) // BLOCK_BYTES
+            first, last = self._block_of(start), self._block_of(start + length - 1)
             with self._lock:
                 for k in range(first, last + 1):
                     self._want(k)
@@ -380,12 +474,12 @@ class _ReadAhead:
     def release(self, start: int, length: int) -> None:
         if length <= 0:
             return
-        first, last = start // BLOCK_BYTES, (start + length - 1) // BLOCK_BYTES
+        first, last = self._block_of(start), self._block_of(start + length - 1)
         with self._lock:
             for k in range(first, last + 1):
-                lo, hi = max(start, k * BLOCK_BYTES), min(start + length, (k + 1) * BLOCK_BYTES)
-                self._released[k] = self._released.get(k, 0) + hi - lo
-                if self._released[k] >= self._block_size(k):
+                a, b = self._bounds(k)
+                self._released[k] = self._released.get(k, 0) + min(start + length, b) - max(start, a)
+                if self._released[k] >= b - a:
                     self._drop(k)
 
     def close(self) -> None:
@@ -396,20 +490,24 @@ class _ReadAhead:
             _held.pop(id(self), None)
 
     def _block_size(self, k: int) -> int:
-        return min(self.blob.size, (k + 1) * BLOCK_BYTES) - k * BLOCK_BYTES
+        a, b = self._bounds(k)
+        return b - a
 
     def _want(self, k: int) -> Future:
         future = self._blocks.get(k)
         if future is None:
-            start = k * BLOCK_BYTES
-            future = self._blocks[k] = _fetcher().submit(self.blob.read, start, start + self._block_size(k))
+            start, end = self._bounds(k)
+            future = self._blocks[k] = _fetcher().submit(self.blob.read_block, start, end)
             self._released.pop(k, None)
-            _held[id(self)] = _held.get(id(self), 0) + self._block_size(k)
+            _held[id(self)] = _held.get(id(self), 0) + end - start
         return future
 
     def _drop(self, k: int) -> None:
-        if self._blocks.pop(k, None) is not None:
+        future = self._blocks.pop(k, None)
+        if future is not None:
             _held[id(self)] = _held.get(id(self), 0) - self._block_size(k)
+            if future.done() and not future.cancelled() and future.exception() is None:
+                _blocks.give(future.result())
         self._released.pop(k, None)
 
     def _ahead(self, k: int) -> None:
@@ -420,32 +518,161 @@ class _ReadAhead:
             k += 1
 
 
+# -- spooling: a tensor read several times, fetched once -------------------------------------
+
+
+_spool_dir: Path | None = None  # where spools go: the output's staging folder during a merge
+
+
+@contextmanager
+def spool_in(directory: Path) -> Iterator[None]:
+    """Spool tensors into ``directory`` (a folder on the output's file system) while inside."""
+    global _spool_dir
+    previous, _spool_dir = _spool_dir, directory
+    try:
+        yield
+    finally:
+        _spool_dir = previous
+
+
+@dataclass
+class _Spool:
+    """Bytes [start, end) of a remote file, in an unlinked local file mapped read-only.
+    ``merged`` counts the bytes the merge pass released, once the reduce passes are done."""
+
+    start: int
+    end: int
+    map: mmap.mmap
+    merged: int | None = None
+
+    def view(self, start: int, length: int) -> memoryview:
+        return memoryview(self.map)[start - self.start : start - self.start + length]
+
+    def release(self, start: int, length: int) -> None:
+        """Drop the pages of a consumed range from the process (they stay in the page cache)."""
+        lo = (start - self.start) // mmap.PAGESIZE * mmap.PAGESIZE
+        hi = min(self.end - self.start, start - self.start + length)
+        if hi > lo:
+            self.map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def _spool(reader: "_ReadAhead", start: int, end: int, display: str) -> _Spool:
+    """Fetch bytes [start, end) through ``reader`` (block by block, each released once written)
+    into a file in the spool folder that is unlinked at once: nothing is left behind however the
+    merge ends, and its space is freed when the last view of its mapping goes."""
+    directory = _spool_dir if _spool_dir is not None else Path(tempfile.gettempdir())
+    try:
+        fd, path = tempfile.mkstemp(prefix=".safeblend-spool-", dir=directory)
+    except OSError as exc:
+        raise OutputError(f"{directory}: cannot create a spool file for {display}: {exc.strerror or exc}") from None
+    try:
+        os.unlink(path)
+        pos = start
+        while pos < end:
+            k = reader._block_of(pos)
+            n = min(end, reader._bounds(k)[1]) - pos
+            data = reader.read(pos, n)
+            done = 0
+            while done < n:
+                done += os.pwrite(fd, data[done:], pos - start + done)
+            del data
+            reader.release(pos, n)
+            pos += n
+        return _Spool(start, end, mmap.mmap(fd, end - start, prot=mmap.PROT_READ))
+    except OSError as exc:
+        from .writer import filesystem_of
+
+        raise OutputError(f"{directory}: cannot spool {end - start} bytes of {display} on "
+                          f"{filesystem_of(directory)}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+def _kept(spools: list[_Spool], limit: int) -> list[_Spool]:
+    """The newest spools that fit in ``limit`` bytes (the newest always)."""
+    kept, total = [], 0
+    for spool in reversed(spools):
+        total += spool.end - spool.start
+        if kept and total > limit:
+            break
+        kept.insert(0, spool)
+    return kept
+
+
+def spool_bytes(checkpoints) -> int:
+    """Disk the spools of these checkpoints' remote files may take at once: SPOOLS_KEPT of the
+    largest tensors of each (counted in the output's free-space check)."""
+    total = 0
+    for ckpt in checkpoints:
+        for f in getattr(ckpt, "files", []):
+            if isinstance(f, RemoteSafetensorsFile) and f.tensors:
+                total += sum(sorted((t.nbytes for t in f.tensors.values()), reverse=True)[:SPOOLS_KEPT])
+    return total
+
+
 @dataclass
 class RemoteSafetensorsFile(SafetensorsFile):
-    """A safetensors file read by range requests; ``path`` is its local placeholder."""
+    """A safetensors file read by range requests; ``path`` is its local placeholder.
+
+    A tensor that reduce passes read several times is first ``hold``-ed: fetched once into a
+    spool (``_Spool``), from which every pass and the merge read it."""
 
     source: _Blob | None = field(default=None, repr=False)
     _reader: _ReadAhead | None = field(default=None, repr=False)
+    _spools: list[_Spool] = field(default_factory=list, repr=False)
+    _spool_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def _ahead(self) -> _ReadAhead:
         with self._map_lock:
             if self._reader is None:
                 assert self.source is not None
-                self._reader = _ReadAhead(self.source)
+                self._reader = _ReadAhead(self.source, [(t.start, t.start + t.nbytes) for t in self.tensors.values()])
             return self._reader
 
+    def hold(self, info: TensorInfo) -> None:
+        """Spool ``info``'s bytes (before its reduce passes), unless a spool holds them already."""
+        start, end = info.start, info.start + info.nbytes
+        with self._spool_lock:
+            if end > start and self._spooled(start, end - start) is None:
+                assert self.source is not None
+                limit = sum(sorted((t.nbytes for t in self.tensors.values()), reverse=True)[:SPOOLS_KEPT])
+                self._spools = _kept([*self._spools, _spool(self._ahead(), start, end, self.source.display)], limit)
+
+    def passes_done(self, info: TensorInfo) -> None:
+        """The reduce passes over ``info`` are done: its spool goes once the merge released it all."""
+        with self._spool_lock:
+            for spool in self._spools:
+                if (spool.start, spool.end) == (info.start, info.start + info.nbytes):
+                    spool.merged = 0
+
+    def _spooled(self, start: int, length: int) -> _Spool | None:
+        for spool in self._spools:  # a list replaced whole, never changed in place: no lock to read it
+            if spool.start <= start and start + length <= spool.end:
+                return spool
+        return None
+
     def view(self, info: TensorInfo, first: int, count: int) -> np.ndarray:
-        data = self._ahead().read(info.start + first * info.dtype.itemsize, count * info.dtype.itemsize)
+        data = self.byte_view(info.start + first * info.dtype.itemsize, count * info.dtype.itemsize)
         return np.frombuffer(data, dtype=info.dtype.numpy, count=count)
 
     def byte_view(self, start: int, length: int) -> memoryview:
-        return self._ahead().read(start, length)
+        spool = self._spooled(start, length)
+        return spool.view(start, length) if spool is not None else self._ahead().read(start, length)
 
     def prefetch(self, start: int, length: int) -> None:
-        self._ahead().prefetch(start, length)
+        if self._spooled(start, length) is None:
+            self._ahead().prefetch(start, length)
 
     def release(self, start: int, length: int) -> None:
-        if self._reader is not None:
+        spool = self._spooled(start, length)
+        if spool is not None:
+            spool.release(start, length)
+            with self._spool_lock:
+                if spool.merged is not None:
+                    spool.merged += length
+                    if spool.merged >= spool.end - spool.start:
+                        self._spools = [s for s in self._spools if s is not spool]
+        elif self._reader is not None:
             self._reader.release(start, length)
 
     def check_unchanged(self) -> None:
@@ -457,6 +684,7 @@ class RemoteSafetensorsFile(SafetensorsFile):
             reader, self._reader = self._reader, None
         if reader is not None:
             reader.close()
+        self._spools = []  # each spool's mapping goes with its last view
 
 
 # -- staging ---------------------------------------------------------------------------------
@@ -600,6 +828,7 @@ def _stand_in(placeholder: Path, blob: _Blob) -> None:
 
 
 _folders: dict[Path, int] = {}  # staged folders and the descriptors of their shared locks
+_folders_lock = threading.Lock()
 
 
 def _stage_folder(key: str) -> Path:
@@ -613,12 +842,13 @@ def _stage_folder(key: str) -> Path:
     readable = re.sub(r"[^A-Za-z0-9._@-]+", "-", key.split("://", 1)[-1].replace("/", "--")).strip("-")[:80]
     folder = root / f"{readable}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     folder.mkdir(mode=0o700, exist_ok=True)
-    if folder not in _folders:
-        lock = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(lock, fcntl.LOCK_SH)
-        if not _folders:
-            atexit.register(_remove_folders)
-        _folders[folder] = lock
+    with _folders_lock:  # inputs are staged concurrently (safeblend.hub)
+        if folder not in _folders:
+            lock = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            if not _folders:
+                atexit.register(_remove_folders)
+            _folders[folder] = lock
     return folder
 
 
