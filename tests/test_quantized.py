@@ -730,3 +730,36 @@ def test_static_activation_scales_dropped_for_bf16_and_kept_for_fp8(fp8_pair, tm
     out = read_raw_safetensors(tmp_path / "fp8" / "model.safetensors")
     assert set(out) == set(stored) | set(act)
     assert all(out[n] == act[n] for n in act)
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_fp8_output_scales_are_not_counted_as_merged_bf16_values(tmp_path, norm_first):
+    """The fresh scales a weight's chunks write (F32, placed just before the weight) are no merged
+    values: their bytes read as bf16 must not count as NaN/inf. Here the one scale is 0x3C237F80,
+    whose low half is bf16 +inf, after a merged bf16 norm, or first in the shard (before every
+    merged tensor)."""
+    scale = np.array([0x3C237F80], np.uint32).view(np.float32)[0]
+    value = np.float32(scale * np.float32(E4M3_MAX))  # the block's amax: fresh scale = value / 448 = scale
+    assert np.float32(value / np.float32(E4M3_MAX)) == scale
+    name = "model.layers.0.mlp.down_proj.weight"
+    (tmp_path / "base").mkdir()
+    norm = {"model.norm.weight": _raw(np.full(8, 1.0, BF16), "BF16")}
+    quantized = {name: _raw(np.zeros((128, 128), np.uint8), "F8_E4M3"),  # all zero, scale 1
+                 name + "_scale_inv": _raw(np.ones((1, 1), np.float32), "F32")}
+    write_raw_safetensors(tmp_path / "base" / "model.safetensors",
+                          {**norm, **quantized} if norm_first else {**quantized, **norm})
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": FP8_CONFIG}))
+    weight = np.zeros((128, 128), np.float32)
+    weight[0, 0] = value
+    (tmp_path / "ft").mkdir()
+    write_raw_safetensors(tmp_path / "ft" / "model.safetensors", {
+        "model.norm.weight": _raw(np.full(8, 1.5, BF16), "BF16"), name: _raw(weight, "F32")})
+    (tmp_path / "ft" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    seen = []
+    result = safeblend.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=1.0, dtype="fp8",
+                             on_warning=seen.append)
+    assert not [m for m in [*seen, *result.warnings] if "non-finite" in m], seen
+    out = read_raw_safetensors(tmp_path / "out" / "model.safetensors")
+    assert np.frombuffer(out[name + "_scale_inv"][2], np.float32).tolist() == [scale]
+    codes = np.frombuffer(out[name][2], np.uint8)
+    assert codes[0] == np.array([E4M3_MAX], np.float32).astype(FP8).view(np.uint8)[0] and not codes[1:].any()
