@@ -599,6 +599,7 @@ FP8_OUTPUT = "F8_E4M3"  # what --dtype fp8 maps to
 _ENCODE_BLOCK = 1 << 16  # values encoded at a time (their temporaries stay in cache)
 _F8 = DTYPES["F8_E4M3"]
 _E4M3_MAX = np.float32(448.0)
+_SMALLEST_NORMAL = np.finfo(np.float32).tiny
 
 
 @dataclass
@@ -653,7 +654,12 @@ class Requantize:
                 s[amax == 0] = 1.0
                 grid[k] = s
                 np.divide(rows, np.repeat(s, self.bn)[: self.cols], out=rows)
-                np.clip(rows, -_E4M3_MAX, _E4M3_MAX, out=rows)
+                # Where s is a normal float it is amax/448 within half an ulp, so |x/s| ≤ 448·(1 +
+                # 2⁻²³), and everything below 464 (the midpoint to the NaN code above 448) encodes
+                # as 448 would: the clip changes nothing then (a pass saved). A subnormal, zero or
+                # NaN scale needs it.
+                if not (s >= _SMALLEST_NORMAL).all():
+                    np.clip(rows, -_E4M3_MAX, _E4M3_MAX, out=rows)
         codes = _encode_e4m3(merged)
         out = [(weight, first, memoryview(codes))]
         if self.scale.name not in skip:

@@ -699,6 +699,31 @@ def test_requantize_matches_the_reference_on_zero_tiny_and_3d_blocks(monkeypatch
     assert grid[0, 0, 0] == 1.0
 
 
+def test_requantize_clips_where_a_subnormal_or_zero_scale_overshoots():
+    """The clip to ±448 is skipped where every scale of a block row is a normal float (then
+    |x/s| stays below 464 and encodes as 448 would); blocks whose amax/448 underflows keep it:
+    s rounded down to the least subnormal gives x/s = 667, rounded to 0 gives inf."""
+    from safeblend.quantized import Requantize
+
+    class Target:
+        name = "w_scale_inv"
+
+    least = np.float32(2.0**-149)
+    x = np.zeros((2, 128), np.float32)
+    x[0, :32] = np.float32(667) * least * np.array([1, -1] * 16, np.float32)  # s = least: x/s = ±667
+    x[0, 32:64] = np.float32(100) * least  # s rounds to 0: x/s = inf
+    x[0, 64:96] = np.linspace(-3, 3, 32, dtype=np.float32)  # normal
+    x[1] = np.linspace(-1e-3, 2e-3, 128, dtype=np.float32)
+    with np.errstate(divide="ignore"):
+        q, grid = requantize_reference(x, (1, 32))
+    assert grid[0, 0] == least and grid[0, 1] == 0
+    assert np.abs(q.astype(np.float32)[0, :64]).min() == E4M3_MAX  # clipped: unclipped they would be NaN codes
+    spec = Requantize(2, 128, 1, 32, 2, 4, False, scale=Target())
+    out = spec.quantize("w", x.reshape(-1).copy(), 0, frozenset())
+    assert bytes(out[0][2]) == q.tobytes()
+    assert bytes(out[1][2]) == grid.tobytes()
+
+
 def test_fp8_encoding_table_rounds_every_float_as_ml_dtypes():
     """The table encoder against ml_dtypes' cast on random bit patterns (NaN codes aside) and
     on every tie between neighbouring fp8 values."""
