@@ -609,6 +609,32 @@ def test_fp8_output_requantizes_with_fresh_block_scales(fp8_pair, tmp_path, chun
     reopened.close()
 
 
+def test_fp8_output_codes_held_for_hashing_are_bounded(fp8_pair, tmp_path, monkeypatch):
+    """A requantized weight's codes wait for its scale tensor (laid out before it, complete only
+    after the weight's last chunk) before they can be hashed: the hasher keeps at most
+    _HOLD_UNPOOLED_BYTES of them in memory and reads the rest back from the file, so memory does
+    not grow with the weight; the output is byte-identical either way."""
+    from safeblend.journal import Progress
+
+    root, _, _ = fp8_pair
+    args = dict(weight=0.4, dtype="fp8", chunk_size="1KiB")  # q_proj: 3 chunks of 33,280 codes
+    safeblend.merge(root / "base", root / "ft", tmp_path / "held", **args)
+    monkeypatch.setattr("safeblend.journal._HOLD_UNPOOLED_BYTES", 40_000)
+    held, landed = [0], Progress.landed
+
+    def watched(self, *a, **k):
+        landed(self, *a, **k)
+        with self._cv:
+            now = sum(memoryview(d).nbytes for s in self.shards for d, r in s.blocks.values() if r is None)
+        held[0] = max(held[0], now)
+
+    monkeypatch.setattr(Progress, "landed", watched)
+    safeblend.merge(root / "base", root / "ft", tmp_path / "bounded", **args)
+    assert 0 < held[0] <= 40_000
+    for f in sorted((tmp_path / "held").iterdir()):
+        assert (tmp_path / "bounded" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
 def test_fp8_output_copies_weights_a_lora_leaves_alone_as_stored(fp8_pair, tmp_path):
     root, base, _ = fp8_pair
     target = "model.layers.0.self_attn.q_proj.weight"
