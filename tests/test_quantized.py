@@ -116,7 +116,11 @@ def fp8_pair(tmp_path_factory):
     return root, base, ft
 
 
-def test_views_dequantize_exactly_for_any_chunking(fp8_pair):
+@pytest.mark.parametrize("decode_pairs", [1 << 15, 5])
+def test_views_dequantize_exactly_for_any_chunking(fp8_pair, monkeypatch, decode_pairs):
+    """Every view, of any length and start, is fp8 × scale rounded once; the codes decoded in
+    one lookup or in many pieces (5 pairs: an odd tail and pieces that cut rows)."""
+    monkeypatch.setattr("safeblend.quantized._DECODE_PAIRS", decode_pairs)
     root, base, _ = fp8_pair
     ckpt = open_checkpoint(root / "base")
     try:
