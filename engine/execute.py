@@ -28,6 +28,7 @@ from .abort import Abort
 from .blas import single_threaded_blas
 from .checkpoint import Checkpoint, SafetensorsFile, TensorInfo
 from .chunks import Chunk, iter_chunks, release_inputs
+from .methods._blocks import scratch
 from .methods.base import ChunkContext, MergeMethod
 from .plan import MergePlan, OutputTensor
 from .reduce import TensorStates
@@ -221,7 +222,7 @@ class Executor(ExecutorBase):
         sources = [(info, self._file(info)) for info in self._sources(t)]
         views = [f.view(info, chunk.first, chunk.count) for info, f in sources]
         context, state, read = self._states.get(t)
-        merged = np.empty(chunk.count, np.float32)
+        merged = scratch("requantize", 1, np.float32, chunk.count)[0][: chunk.count]  # reused: fresh pages cost
         self.method.merge_chunk(self.backend, views[0], views[1:], merged, ChunkContext(context, chunk.first), state)
         read += release_inputs(sources, chunk.first, chunk.count)
         for target, offset, data in t.requant.quantize(t, merged, chunk.first, self.kept):

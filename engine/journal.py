@@ -52,6 +52,11 @@ _PASS_BYTES = 64 * 2**20
 _READ_BLOCK = 4 * 2**20
 # Hashed bytes of a shard that may stay in the page cache before they are flushed and dropped.
 _DROP_BYTES = 32 * 2**20
+# Written blocks kept for hashing that no buffer pool bounds (those submitted without a release:
+# an fp8 output's codes, whose weight's scale tensor, laid out before it, is complete only after
+# the weight's last chunk, so the hash waits there): beyond this many bytes the hasher reads them
+# back from the file instead (a 18432×7168 weight's codes are 132 MB).
+_HOLD_UNPOOLED_BYTES = 32 * 2**20
 # Test hook: SIGKILL this process at a named point ("start", "write:N", "closed", "finishing").
 FAULT_ENV = "SAFEBLEND_FAULT_KILL_AT"
 FAULT_STATE_ENV = "SAFEBLEND_FAULT_STATE"
@@ -198,6 +203,7 @@ class Progress:
         self._hasher_done = False
         self._buffer = memoryview(bytearray(_READ_BLOCK))  # the hasher thread's read buffer
         self._holding = True  # landed() keeps blocks for hashing; off once the thread ends
+        self._unpooled = 0  # bytes of held blocks without a release (_HOLD_UNPOOLED_BYTES)
 
     def start(self) -> None:
         for s in self.shards:
@@ -214,8 +220,11 @@ class Progress:
         """
         s = self.shards[shard]
         with self._cv:
-            if data is not None and self._holding:
+            if data is not None and self._holding and (
+                    release is not None or self._unpooled + length <= _HOLD_UNPOOLED_BYTES):
                 s.blocks[offset] = (data, release)
+                if release is None:
+                    self._unpooled += length
                 release = None
             s.landed[offset] = offset + length
             advanced = False
@@ -319,6 +328,7 @@ class Progress:
             held = [release for s in self.shards for _, release in s.blocks.values()]
             for s in self.shards:
                 s.blocks.clear()
+            self._unpooled = 0
         for release in held:
             if release is not None:
                 release()
@@ -332,6 +342,8 @@ class Progress:
             with self._cv:
                 block = s.blocks.pop(s.cursor, None)
                 next_block = min((o for o in s.blocks if o > s.cursor), default=end)
+                if block is not None and block[1] is None:
+                    self._unpooled -= memoryview(block[0]).nbytes
             if block is not None:
                 data, release = block
                 self._feed(s, memoryview(data).cast("B"))

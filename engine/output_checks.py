@@ -83,8 +83,11 @@ class OutputWatch:
         starts = self._starts.get(shard)
         if not starts:
             return
-        order, piece = self._pieces[shard][bisect.bisect_right(starts, offset) - 1]
-        if piece.action != "merge":
+        at = bisect.bisect_right(starts, offset) - 1
+        order, piece = self._pieces[shard][at]
+        # Bytes outside every piece are no merged values: an fp8 output's scales (F32), which
+        # its weights' chunks write (safeblend.quantized.Requantize), lie between the pieces.
+        if at < 0 or piece.action != "merge" or offset >= piece.offset + piece.nbytes:
             return
         itemsize = piece.dtype.itemsize
         values = np.frombuffer(data, dtype=piece.dtype.numpy)

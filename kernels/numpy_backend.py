@@ -48,7 +48,10 @@ class NumpyBackend:
                compute: np.dtype) -> None:
         """One cache-sized block: upcast, accumulate Σ w·(m − b) in place, add b, round once."""
         b, acc, delta = (s[: base.shape[0]] for s in self._scratch(compute))
-        np.copyto(b, base, casting="unsafe")
+        if base.dtype == compute:  # read in place (an fp32 base: a dequantized fp8 one)
+            b = base
+        else:
+            np.copyto(b, base, casting="unsafe")
         for i, (model, w) in enumerate(zip(models, weights)):
             target = acc if i == 0 else delta
             np.copyto(target, model, casting="unsafe")

@@ -116,7 +116,11 @@ def fp8_pair(tmp_path_factory):
     return root, base, ft
 
 
-def test_views_dequantize_exactly_for_any_chunking(fp8_pair):
+@pytest.mark.parametrize("decode_pairs", [1 << 15, 5])
+def test_views_dequantize_exactly_for_any_chunking(fp8_pair, monkeypatch, decode_pairs):
+    """Every view, of any length and start, is fp8 × scale rounded once; the codes decoded in
+    one lookup or in many pieces (5 pairs: an odd tail and pieces that cut rows)."""
+    monkeypatch.setattr("safeblend.quantized._DECODE_PAIRS", decode_pairs)
     root, base, _ = fp8_pair
     ckpt = open_checkpoint(root / "base")
     try:
@@ -609,6 +613,32 @@ def test_fp8_output_requantizes_with_fresh_block_scales(fp8_pair, tmp_path, chun
     reopened.close()
 
 
+def test_fp8_output_codes_held_for_hashing_are_bounded(fp8_pair, tmp_path, monkeypatch):
+    """A requantized weight's codes wait for its scale tensor (laid out before it, complete only
+    after the weight's last chunk) before they can be hashed: the hasher keeps at most
+    _HOLD_UNPOOLED_BYTES of them in memory and reads the rest back from the file, so memory does
+    not grow with the weight; the output is byte-identical either way."""
+    from safeblend.journal import Progress
+
+    root, _, _ = fp8_pair
+    args = dict(weight=0.4, dtype="fp8", chunk_size="1KiB")  # q_proj: 3 chunks of 33,280 codes
+    safeblend.merge(root / "base", root / "ft", tmp_path / "held", **args)
+    monkeypatch.setattr("safeblend.journal._HOLD_UNPOOLED_BYTES", 40_000)
+    held, landed = [0], Progress.landed
+
+    def watched(self, *a, **k):
+        landed(self, *a, **k)
+        with self._cv:
+            now = sum(memoryview(d).nbytes for s in self.shards for d, r in s.blocks.values() if r is None)
+        held[0] = max(held[0], now)
+
+    monkeypatch.setattr(Progress, "landed", watched)
+    safeblend.merge(root / "base", root / "ft", tmp_path / "bounded", **args)
+    assert 0 < held[0] <= 40_000
+    for f in sorted((tmp_path / "held").iterdir()):
+        assert (tmp_path / "bounded" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
 def test_fp8_output_copies_weights_a_lora_leaves_alone_as_stored(fp8_pair, tmp_path):
     root, base, _ = fp8_pair
     target = "model.layers.0.self_attn.q_proj.weight"
@@ -699,6 +729,31 @@ def test_requantize_matches_the_reference_on_zero_tiny_and_3d_blocks(monkeypatch
     assert grid[0, 0, 0] == 1.0
 
 
+def test_requantize_clips_where_a_subnormal_or_zero_scale_overshoots():
+    """The clip to ±448 is skipped where every scale of a block row is a normal float (then
+    |x/s| stays below 464 and encodes as 448 would); blocks whose amax/448 underflows keep it:
+    s rounded down to the least subnormal gives x/s = 667, rounded to 0 gives inf."""
+    from safeblend.quantized import Requantize
+
+    class Target:
+        name = "w_scale_inv"
+
+    least = np.float32(2.0**-149)
+    x = np.zeros((2, 128), np.float32)
+    x[0, :32] = np.float32(667) * least * np.array([1, -1] * 16, np.float32)  # s = least: x/s = ±667
+    x[0, 32:64] = np.float32(100) * least  # s rounds to 0: x/s = inf
+    x[0, 64:96] = np.linspace(-3, 3, 32, dtype=np.float32)  # normal
+    x[1] = np.linspace(-1e-3, 2e-3, 128, dtype=np.float32)
+    with np.errstate(divide="ignore"):
+        q, grid = requantize_reference(x, (1, 32))
+    assert grid[0, 0] == least and grid[0, 1] == 0
+    assert np.abs(q.astype(np.float32)[0, :64]).min() == E4M3_MAX  # clipped: unclipped they would be NaN codes
+    spec = Requantize(2, 128, 1, 32, 2, 4, False, scale=Target())
+    out = spec.quantize("w", x.reshape(-1).copy(), 0, frozenset())
+    assert bytes(out[0][2]) == q.tobytes()
+    assert bytes(out[1][2]) == grid.tobytes()
+
+
 def test_fp8_encoding_table_rounds_every_float_as_ml_dtypes():
     """The table encoder against ml_dtypes' cast on random bit patterns (NaN codes aside) and
     on every tie between neighbouring fp8 values."""
@@ -730,3 +785,36 @@ def test_static_activation_scales_dropped_for_bf16_and_kept_for_fp8(fp8_pair, tm
     out = read_raw_safetensors(tmp_path / "fp8" / "model.safetensors")
     assert set(out) == set(stored) | set(act)
     assert all(out[n] == act[n] for n in act)
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_fp8_output_scales_are_not_counted_as_merged_bf16_values(tmp_path, norm_first):
+    """The fresh scales a weight's chunks write (F32, placed just before the weight) are no merged
+    values: their bytes read as bf16 must not count as NaN/inf. Here the one scale is 0x3C237F80,
+    whose low half is bf16 +inf, after a merged bf16 norm, or first in the shard (before every
+    merged tensor)."""
+    scale = np.array([0x3C237F80], np.uint32).view(np.float32)[0]
+    value = np.float32(scale * np.float32(E4M3_MAX))  # the block's amax: fresh scale = value / 448 = scale
+    assert np.float32(value / np.float32(E4M3_MAX)) == scale
+    name = "model.layers.0.mlp.down_proj.weight"
+    (tmp_path / "base").mkdir()
+    norm = {"model.norm.weight": _raw(np.full(8, 1.0, BF16), "BF16")}
+    quantized = {name: _raw(np.zeros((128, 128), np.uint8), "F8_E4M3"),  # all zero, scale 1
+                 name + "_scale_inv": _raw(np.ones((1, 1), np.float32), "F32")}
+    write_raw_safetensors(tmp_path / "base" / "model.safetensors",
+                          {**norm, **quantized} if norm_first else {**quantized, **norm})
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": FP8_CONFIG}))
+    weight = np.zeros((128, 128), np.float32)
+    weight[0, 0] = value
+    (tmp_path / "ft").mkdir()
+    write_raw_safetensors(tmp_path / "ft" / "model.safetensors", {
+        "model.norm.weight": _raw(np.full(8, 1.5, BF16), "BF16"), name: _raw(weight, "F32")})
+    (tmp_path / "ft" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    seen = []
+    result = safeblend.merge(tmp_path / "base", tmp_path / "ft", tmp_path / "out", weight=1.0, dtype="fp8",
+                             on_warning=seen.append)
+    assert not [m for m in [*seen, *result.warnings] if "non-finite" in m], seen
+    out = read_raw_safetensors(tmp_path / "out" / "model.safetensors")
+    assert np.frombuffer(out[name + "_scale_inv"][2], np.float32).tolist() == [scale]
+    codes = np.frombuffer(out[name][2], np.uint8)
+    assert codes[0] == np.array([E4M3_MAX], np.float32).astype(FP8).view(np.uint8)[0] and not codes[1:].any()
