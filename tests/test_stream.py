@@ -10,6 +10,7 @@ import re
 import signal
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -225,6 +226,48 @@ def test_a_server_that_keeps_failing_is_one_line_and_nothing_at_out(pair, tmp_pa
                                                   r"3 times"):
             _merge_urls(hub, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no OUT, no partial output
+
+
+def test_a_server_that_keeps_answering_503_is_one_line_and_nothing_at_out(pair, tmp_path, small_blocks,
+                                                                          monkeypatch):
+    monkeypatch.setattr(remote, "RETRIES", 2)
+    with _Hub({"org/base": pair["base"], "org/ft": pair["ft"]}, token=None) as hub:
+        hub.fault_from = 4096
+        hub.fail = {"model.safetensors": 50}
+        with pytest.raises(CheckpointError, match=r"/plain/org/ft/model\.safetensors: reading bytes \d+-\d+ failed "
+                                                  r"3 times \(.*503"):
+            _merge_urls(hub, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+class _RedirectingHub(_Hub):
+    """The loopback Hub, answering each ranged read of a weight file with a redirect to the same
+    path on ``cdn`` (another origin: a signed CDN URL's place), logged in ``requests``."""
+
+    cdn = ""
+
+    def answer(self, request, body: bool) -> None:
+        path = urlsplit(request.path).path
+        if request.headers.get("Range") and path.endswith(".safetensors"):
+            self.requests.append((request.command, path, request.headers.get("Authorization")))
+            return self._send(request, 302, b"", body, {"Location": self.cdn + request.path})
+        super().answer(request, body)
+
+
+def test_a_redirect_to_another_host_is_followed_without_the_token(pair, tmp_path):
+    repos = {"org/base": pair["base"], "org/ft": pair["ft"]}
+    with _Hub(repos, token=None) as cdn, _RedirectingHub(repos, token="hf_secret") as hub:
+        hub.cdn = cdn.url
+        result = _run(["merge", "org/base", "org/ft", "-o", "out", "--weight", str(WEIGHT), "--stream",
+                       "--chunk-size", "32KiB", "-q"], tmp_path, HF_HOME=str(tmp_path / "home"),
+                      HF_HUB_CACHE=str(tmp_path / "cache"), HF_ENDPOINT=hub.url, HF_TOKEN="hf_secret")
+        assert result.returncode == 0, result.stderr
+    _same_output(tmp_path / "out", pair["local"])
+    asked = [auth for _, path, auth in hub.requests if path.endswith(".safetensors")]
+    served = [auth for _, path, auth in cdn.requests if path.endswith(".safetensors")]
+    assert asked and set(asked) == {"Bearer hf_secret"}  # the Hub gets the token
+    assert len(served) == len(asked) and set(served) == {None}  # the other host never does
+    assert sum(cdn.ranged.values()) == len(served)  # every read there ranged
 
 
 def test_a_file_that_changes_mid_merge_is_an_error_and_nothing_at_out(pair, tmp_path, small_blocks):
