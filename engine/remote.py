@@ -61,6 +61,10 @@ from .model_files import COMPANION_PATTERNS, is_companion
 BLOCK_BYTES = 8 * 2**20
 # Blocks fetched ahead of use, all remote files together: the streaming part of the memory bound.
 READ_AHEAD_BYTES = 64 * 2**20
+# The budget while tensors are spooled (a method with reduce passes): such a merge also holds
+# its method's state and the spools' pages. Halved, a streamed TIES merge peaked at 269-277 MiB
+# instead of 307-310 (the 300 MiB bound), no slower at 100 or 500 MB/s (benchmarks/RESULTS.md).
+SPOOLING_READ_AHEAD_BYTES = 32 * 2**20
 FETCH_THREADS = 4  # concurrent range requests
 RETRIES = 6  # attempts after a failure, per request, waiting RETRY_WAIT_S, doubling, capped at 8 s
 # Before the merge starts (listing, config, headers) a failure is more likely permanent (a wrong
@@ -607,7 +611,8 @@ class _ReadAhead:
 
     def _ahead(self, k: int) -> None:
         """Schedule blocks from ``k`` on while this file holds less than its share of the budget."""
-        share = READ_AHEAD_BYTES // max(1, sum(1 for held in list(_held.values()) if held > 0))  # list(): atomic
+        budget = SPOOLING_READ_AHEAD_BYTES if _spooling else READ_AHEAD_BYTES
+        share = budget // max(1, sum(1 for held in list(_held.values()) if held > 0))  # list(): atomic
         while k < self._count and _held.get(id(self), 0) + self._block_size(k) <= share:
             self._want(k)
             k += 1
@@ -617,17 +622,18 @@ class _ReadAhead:
 
 
 _spool_dir: Path | None = None  # where spools go: the output's staging folder during a merge
+_spooling = False  # whether this merge spools (its read-ahead budget: SPOOLING_READ_AHEAD_BYTES)
 
 
 @contextmanager
 def spool_in(directory: Path) -> Iterator[None]:
     """Spool tensors into ``directory`` (a folder on the output's file system) while inside."""
-    global _spool_dir
+    global _spool_dir, _spooling
     previous, _spool_dir = _spool_dir, directory
     try:
         yield
     finally:
-        _spool_dir = previous
+        _spool_dir, _spooling = previous, False
 
 
 @dataclass
@@ -726,6 +732,8 @@ class RemoteSafetensorsFile(SafetensorsFile):
 
     def hold(self, info: TensorInfo) -> None:
         """Spool ``info``'s bytes (before its reduce passes), unless a spool holds them already."""
+        global _spooling
+        _spooling = True
         start, end = info.start, info.start + info.nbytes
         with self._spool_lock:
             if end > start and self._spooled(start, end - start) is None:

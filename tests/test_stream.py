@@ -53,6 +53,7 @@ def small_blocks(monkeypatch):
     """64 KiB blocks within a 256 KiB budget, and retries that wait 10 ms."""
     monkeypatch.setattr(remote, "BLOCK_BYTES", 64 * 2**10)
     monkeypatch.setattr(remote, "READ_AHEAD_BYTES", 256 * 2**10)
+    monkeypatch.setattr(remote, "SPOOLING_READ_AHEAD_BYTES", 128 * 2**10)
     monkeypatch.setattr(remote, "RETRY_WAIT_S", 0.01)
 
 
@@ -455,6 +456,40 @@ def test_reduce_passes_read_a_spool_and_fetch_each_tensor_once(pair, tmp_path, s
     # counting pass, the merge).
     assert fetched <= 1.5 * _weight_bytes(pair["base"], pair["ft"]), (fetched, _weight_bytes(pair["base"], pair["ft"]))
     assert not [p for p in tmp_path.rglob("*") if "spool" in p.name]  # nothing left behind
+
+
+def test_a_merge_that_spools_reads_ahead_within_the_smaller_budget(tmp_path, monkeypatch):
+    """Once a tensor is held for reduce passes, read-ahead fills SPOOLING_READ_AHEAD_BYTES, not
+    READ_AHEAD_BYTES; the next merge (outside spool_in) has the whole budget again."""
+    from safeblend.checkpoint import TensorInfo
+    from safeblend.dtypes import DTYPES
+
+    monkeypatch.setattr(remote, "BLOCK_BYTES", 1024)
+    monkeypatch.setattr(remote, "READ_AHEAD_BYTES", 16 * 1024)
+    monkeypatch.setattr(remote, "SPOOLING_READ_AHEAD_BYTES", 4 * 1024)
+
+    class Zeros(remote._Blob):
+        display, size, tag = "zeros", 64 * 1024, None
+
+        def read(self, start: int, end: int) -> bytes:
+            return bytes(end - start)
+
+    def held_after_one_read() -> int:
+        reader = remote._ReadAhead(Zeros(), [(0, 64 * 1024)])
+        reader.read(0, 10)
+        held = remote._held[id(reader)]
+        reader.close()
+        return held
+
+    info = TensorInfo("t", DTYPES["F32"], (256,), tmp_path / "t", 0, 1024)
+    with remote.spool_in(tmp_path):
+        assert held_after_one_read() == 16 * 1024
+        f = remote.RemoteSafetensorsFile(path=tmp_path / "t", size=64 * 1024, tensors={"t": info}, metadata={},
+                                         source=Zeros())
+        f.hold(info)  # a reduce pass's tensor: spooled
+        f.close()  # (its own read-ahead would take a share)
+        assert held_after_one_read() == 4 * 1024
+    assert held_after_one_read() == 16 * 1024
 
 
 def test_the_spools_space_is_checked_before_the_merge(pair, tmp_path, small_blocks, monkeypatch):
