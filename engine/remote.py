@@ -374,8 +374,10 @@ class _BlockBuffers:
         owner = data.obj if isinstance(data, memoryview) else None
         if isinstance(owner, mmap.mmap) and len(owner) == BLOCK_BYTES:
             with self._lock:
-                self._free = [b for b in self._free if len(b) == BLOCK_BYTES]  # BLOCK_BYTES set anew (tests)
-                if len(self._free) < READ_AHEAD_BYTES // BLOCK_BYTES:
+                # Kept: as many as the read-ahead budget holds (a smaller one while spooling).
+                kept = (SPOOLING_READ_AHEAD_BYTES if _spooling else READ_AHEAD_BYTES) // BLOCK_BYTES
+                self._free = [b for b in self._free if len(b) == BLOCK_BYTES][:kept]  # BLOCK_BYTES set anew (tests)
+                if len(self._free) < kept:
                     self._free.append(owner)
 
 
