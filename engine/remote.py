@@ -17,9 +17,10 @@ bounded and no weight file is ever held or written whole.
 Transports: Hub repos and plain ``http(s)://`` URLs are listed and their small files fetched
 through huggingface_hub's HTTP client (token, endpoint); weight files' ranges are read through
 urllib3, each response body straight into the block it fills (huggingface_hub's client copies
-a body several times over in 64 KiB pieces: ~2 s of CPU per GB against ~0.8 s, measured on
-loopback, CPU the merge's arithmetic needs), with huggingface_hub's headers (token), retry
-rules (connection errors and 408/429/5xx, with backoff), proxies and TLS trust. Other URLs
+a body several times over in 64 KiB pieces: ~2 s of CPU per GB against ~0.8-1 s, measured on
+loopback by benchmarks/bench_transport.py, CPU the merge's arithmetic needs), with
+huggingface_hub's headers (token), retry rules (connection errors and 408/429/5xx, with
+backoff), proxies and TLS trust. Other URLs
 (``s3://``, ``gs://``, ...) go through fsspec, where its backend is installed. A connection
 that drops mid-body is retried with backoff from the byte it stopped at; a file whose ETag (or,
 for the Hub, commit) differs from the one its header was read with is an ``InputChangedError``.
@@ -205,7 +206,7 @@ _RETRIED_STATUSES = (408, 429, 500, 502, 503, 504)
 _MAX_REDIRECTS = 20  # as huggingface_hub's client
 # A body is read into its buffer this much at a time: urllib3's readinto reads into a bytes
 # object of this size, then copies it; 1 MiB keeps that buffer small (4 threads: 4 MiB) at the
-# CPU cost of one whole-block read (measured: ~0.8 s/GB of CPU, user and system, on loopback).
+# CPU cost of one whole-block read (~0.8-1 s/GB of CPU, user and system: bench_transport.py).
 _READ_STEP = 2**20
 
 
