@@ -14,11 +14,16 @@ read ahead sequentially from where the merge reads, within ``READ_AHEAD_BYTES`` 
 remote files; a block goes once every byte of it was released (consumed), so memory stays
 bounded and no weight file is ever held or written whole.
 
-Transports: Hub repos and plain ``http(s)://`` URLs go through huggingface_hub's HTTP client
-(token, endpoint, retries with backoff on connection errors and 5xx); other URLs
-(``s3://``, ``gs://``, ...) through fsspec, where its backend is installed. A connection that
-drops mid-body is retried with backoff from the byte it stopped at; a file whose ETag (or, for
-the Hub, commit) differs from the one its header was read with is an ``InputChangedError``.
+Transports: Hub repos and plain ``http(s)://`` URLs are listed and their small files fetched
+through huggingface_hub's HTTP client (token, endpoint); weight files' ranges are read through
+urllib3, each response body straight into the block it fills (huggingface_hub's client copies
+a body several times over in 64 KiB pieces: ~2 s of CPU per GB against ~0.8-1 s, measured on
+loopback by benchmarks/bench_transport.py, CPU the merge's arithmetic needs), with
+huggingface_hub's headers (token), retry rules (connection errors and 408/429/5xx, with
+backoff), proxies and TLS trust. Other URLs
+(``s3://``, ``gs://``, ...) go through fsspec, where its backend is installed. A connection
+that drops mid-body is retried with backoff from the byte it stopped at; a file whose ETag (or,
+for the Hub, commit) differs from the one its header was read with is an ``InputChangedError``.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import numpy as np
 
@@ -57,6 +62,10 @@ from .model_files import COMPANION_PATTERNS, is_companion
 BLOCK_BYTES = 8 * 2**20
 # Blocks fetched ahead of use, all remote files together: the streaming part of the memory bound.
 READ_AHEAD_BYTES = 64 * 2**20
+# The budget while tensors are spooled (a method with reduce passes): such a merge also holds
+# its method's state and the spools' pages. Halved, a streamed TIES merge peaked at 269-277 MiB
+# instead of 307-310 (the 300 MiB bound), no slower at 100 or 500 MB/s (benchmarks/RESULTS.md).
+SPOOLING_READ_AHEAD_BYTES = 32 * 2**20
 FETCH_THREADS = 4  # concurrent range requests
 RETRIES = 6  # attempts after a failure, per request, waiting RETRY_WAIT_S, doubling, capped at 8 s
 # Before the merge starts (listing, config, headers) a failure is more likely permanent (a wrong
@@ -103,10 +112,14 @@ class _Blob:
 
 
 class _HttpBlob(_Blob):
-    """A file behind an HTTP URL, read through huggingface_hub's client (its retries on
-    connection errors and 5xx before a response starts); a body cut short is resumed here."""
+    """A file behind an HTTP URL, read by range requests through urllib3 (``_http_pool``), each
+    body read straight into the buffer it fills; retries and resumption are done here."""
 
     def __init__(self, url: str, headers: dict[str, str], display: str) -> None:
+        from huggingface_hub import constants
+
+        if constants.is_offline_mode():  # as huggingface_hub's own client refuses to
+            raise CheckpointError(f"{display}: cannot be read: offline mode is enabled (HF_HUB_OFFLINE)")
         self.url, self.headers, self.display = url, headers, display
         self.size, self.tag = -1, None
         self.retries = STAGING_RETRIES  # RETRIES once its header is read (_stand_in)
@@ -119,59 +132,64 @@ class _HttpBlob(_Blob):
         return self._read_into(_blocks.take(end - start), start, end)
 
     def _read_into(self, out: bytearray | memoryview, start: int, end: int) -> bytearray | memoryview:
-        """Fill ``out`` with bytes [start, end), resuming a body cut short at the byte it reached."""
-        from huggingface_hub.utils import http_stream_backoff
-        import httpx2
+        """Fill ``out`` with bytes [start, end). A connection error, a 408/429/5xx answer or a
+        body cut short is retried with backoff (huggingface_hub's: doubling from RETRY_WAIT_S,
+        capped at 8 s, or the server's Retry-After), from the byte reached."""
+        import urllib3
 
         got, failures = 0, 0
         while got < len(out):
-            cut: Exception | None = None
+            reason, wait = "the response ended early", 0.0
+            headers = {**self.headers, "Range": f"bytes={start + got}-{end - 1}"}
             try:
-                headers = {**self.headers, "Range": f"bytes={start + got}-{end - 1}"}
-                with http_stream_backoff("GET", self.url, headers=headers, timeout=_timeout(),
-                                         max_retries=self.retries, base_wait_time=RETRY_WAIT_S) as response:
-                    self._check(response, start + got)
-                    if end > self.size:  # the first read (a bytearray), of a file shorter than it asked
-                        end = self.size
-                        del out[end - start :]
-                    try:  # caught here: raised through the client's retrying context, it would retry there
-                        for piece in response.iter_bytes():
-                            if got + len(piece) > len(out):
-                                raise CheckpointError(f"{self.display}: the server sent more bytes than asked")
-                            out[got : got + len(piece)] = piece
-                            got += len(piece)
-                            meter.add(len(piece))
-                    except (httpx2.TransportError, OSError) as exc:
-                        cut = exc
-            except (httpx2.TransportError, OSError) as exc:  # no response after the client's own retries
-                cut = exc
-            if got < len(out):  # dropped mid-body (or before it): resume at `got`
+                response = _http_pool(self.url).urlopen("GET", self.url, headers=headers, preload_content=False,
+                                                        decode_content=False, timeout=_timeout())
+            except (urllib3.exceptions.HTTPError, OSError) as exc:  # no response (after any redirects)
+                reason, response = _failure(exc), None
+            if response is not None:
+                complete = False
+                try:
+                    if response.status in _RETRIED_STATUSES:
+                        reason, wait = f"HTTP {response.status}", _retry_after(response)
+                    else:
+                        self._check(response, start + got, end)
+                        if end > self.size:  # the first read (a bytearray), of a file shorter than it asked
+                            end = self.size
+                            del out[end - start :]
+                        view = memoryview(out)  # the body straight into `out`, `got` kept if it drops
+                        while got < len(out) and (n := response.readinto(view[got : got + _READ_STEP])):
+                            got += n
+                            meter.add(n)
+                        complete = response.length_remaining in (0, None)  # no unread bytes left
+                except (urllib3.exceptions.HTTPError, OSError) as exc:  # dropped mid-body
+                    reason = _failure(exc)
+                finally:
+                    if not complete:  # a connection with unread bytes is not reused
+                        response.close()
+                    response.release_conn()
+            if got < len(out):  # resume at `got`
                 failures += 1
                 if failures > self.retries:
-                    reason = f"{type(cut).__name__}: {_first_line(cut)}" if cut else "the response ended early"
                     raise CheckpointError(f"{self.display}: reading bytes {start + got}-{end - 1} failed "
                                           f"{failures} times ({reason})")
-                time.sleep(min(8.0, RETRY_WAIT_S * 2 ** (failures - 1)))
+                time.sleep(max(wait, min(8.0, RETRY_WAIT_S * 2 ** (failures - 1))))
         return out
 
-    def _check(self, response, start: int) -> None:
+    def _check(self, response, start: int, end: int) -> None:
         """The response is the range asked of the file first seen: else an error naming why."""
-        from huggingface_hub.utils import hf_raise_for_status
-
-        if response.status_code == 416 or response.status_code >= 400:
-            response.read()
-            try:
-                hf_raise_for_status(response)
-            except Exception as exc:
-                raise CheckpointError(f"{self.display}: {_first_line(exc)}") from None
+        if response.status >= 400:
+            raise CheckpointError(f"{self.display}: {_status_message(response, self.url)}")
         tag = response.headers.get("etag")
         total = _range_total(response.headers.get("content-range"))
-        if response.status_code != 206 or total is None:
+        if response.status != 206 or total is None:
             raise CheckpointError(f"{self.display}: the server does not answer range requests "
-                                  f"(HTTP {response.status_code}); streaming needs them")
-        first = _range_first(response.headers.get("content-range"))
+                                  f"(HTTP {response.status}); streaming needs them")
+        first, last = _range_bounds(response.headers.get("content-range"))
         if first != start:
             raise CheckpointError(f"{self.display}: asked for bytes from {start}, the server sent from {first}")
+        if last >= end:
+            raise CheckpointError(f"{self.display}: the server sent more bytes than asked ({first}-{last} "
+                                  f"for {start}-{end - 1})")
         if self.size < 0:
             self.size, self.tag = total, tag
             return
@@ -181,6 +199,87 @@ class _HttpBlob(_Blob):
 
     def check_unchanged(self) -> None:
         self.read(0, 1)  # a one-byte range: its size and ETag are checked against the first
+
+
+# Answers retried as huggingface_hub's client retries them (the rest are errors at once).
+_RETRIED_STATUSES = (408, 429, 500, 502, 503, 504)
+_MAX_REDIRECTS = 20  # as huggingface_hub's client
+# A body is read into its buffer this much at a time: urllib3's readinto reads into a bytes
+# object of this size, then copies it; 1 MiB keeps that buffer small (4 threads: 4 MiB) at the
+# CPU cost of one whole-block read (~0.8-1 s/GB of CPU, user and system: bench_transport.py).
+_READ_STEP = 2**20
+
+
+def _failure(exc: BaseException) -> str:
+    """What went wrong with a request, in a few words (urllib3 wraps the cause in its errors)."""
+    cause = getattr(exc, "reason", None)
+    exc = cause if isinstance(cause, BaseException) else exc
+    return f"{type(exc).__name__}: {_first_line(exc)}"
+
+
+def _retry_after(response) -> float:
+    """The seconds a 429 or 503's Retry-After header asks to wait (0 when it names none)."""
+    value = (response.headers.get("retry-after") or "").strip()
+    return float(value) + 1 if value.isdigit() else 0.0
+
+
+def _status_message(response, url: str) -> str:
+    """huggingface_hub's one-line explanation of an error answer (a missing repo or file, a
+    token refused), or the bare status."""
+    import httpx2
+    from huggingface_hub.utils import hf_raise_for_status
+
+    body = response.read(2**16, cache_content=False)
+    answer = httpx2.Response(response.status, headers=list(response.headers.items()), content=body,
+                             request=httpx2.Request("GET", url))
+    try:
+        hf_raise_for_status(answer)
+    except Exception as exc:
+        return _first_line(exc)
+    return f"HTTP {response.status}"
+
+
+_pools: dict[str | None, object] = {}  # proxy URL (None: direct) -> urllib3 pool manager
+_pools_lock = threading.Lock()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_pools.clear)  # a child opens connections of its own
+
+
+def _http_pool(url: str):
+    """The process's urllib3 pool manager for ``url``: the proxy the environment names for it
+    (HTTP(S)_PROXY, ALL_PROXY, NO_PROXY) and huggingface_hub's client's TLS trust (certifi, or
+    SSL_CERT_FILE / SSL_CERT_DIR), a kept-alive connection per fetch thread, redirects followed
+    (up to 20) with Authorization dropped when one leads to another host."""
+    import urllib3
+    from urllib.request import getproxies, proxy_bypass
+
+    scheme, host = urlsplit(url).scheme, urlsplit(url).hostname or ""
+    proxies = getproxies()
+    proxy = proxies.get(scheme) or proxies.get("all")
+    if proxy and proxy_bypass(host):
+        proxy = None
+    if proxy and "://" not in proxy:
+        proxy = f"http://{proxy}"
+    with _pools_lock:
+        pool = _pools.get(proxy)
+        if pool is None:
+            import httpx2
+
+            options = dict(num_pools=16, maxsize=FETCH_THREADS, ssl_context=httpx2.create_ssl_context(),
+                           retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0,
+                                                 redirect=_MAX_REDIRECTS, raise_on_status=False))
+            if proxy is None:
+                pool = urllib3.PoolManager(**options)
+            elif proxy.startswith("socks"):
+                try:
+                    from urllib3.contrib.socks import SOCKSProxyManager
+                except ImportError:
+                    raise CheckpointError(f"{url}: the proxy {proxy} needs PySocks (pip install pysocks)") from None
+                pool = SOCKSProxyManager(proxy, **options)
+            else:
+                pool = urllib3.ProxyManager(proxy, **options)
+            _pools[proxy] = pool
+        return pool
 
 
 class _FsspecBlob(_Blob):
@@ -276,8 +375,10 @@ class _BlockBuffers:
         owner = data.obj if isinstance(data, memoryview) else None
         if isinstance(owner, mmap.mmap) and len(owner) == BLOCK_BYTES:
             with self._lock:
-                self._free = [b for b in self._free if len(b) == BLOCK_BYTES]  # BLOCK_BYTES set anew (tests)
-                if len(self._free) < READ_AHEAD_BYTES // BLOCK_BYTES:
+                # Kept: as many as the read-ahead budget holds (a smaller one while spooling).
+                kept = (SPOOLING_READ_AHEAD_BYTES if _spooling else READ_AHEAD_BYTES) // BLOCK_BYTES
+                self._free = [b for b in self._free if len(b) == BLOCK_BYTES][:kept]  # BLOCK_BYTES set anew (tests)
+                if len(self._free) < kept:
                     self._free.append(owner)
 
 
@@ -295,9 +396,10 @@ def _range_total(value: str | None) -> int | None:
     return int(match[3]) if match else None
 
 
-def _range_first(value: str | None) -> int | None:
-    match = re.match(r"^bytes (\d+)-", (value or "").strip())
-    return int(match[1]) if match else None
+def _range_bounds(value: str | None) -> tuple[int | None, int]:
+    """First and last byte of a Content-Range (None, -1 when it names none)."""
+    match = re.match(r"^bytes (\d+)-(\d+)/", (value or "").strip())
+    return (int(match[1]), int(match[2])) if match else (None, -1)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -512,7 +614,8 @@ class _ReadAhead:
 
     def _ahead(self, k: int) -> None:
         """Schedule blocks from ``k`` on while this file holds less than its share of the budget."""
-        share = READ_AHEAD_BYTES // max(1, sum(1 for held in list(_held.values()) if held > 0))  # list(): atomic
+        budget = SPOOLING_READ_AHEAD_BYTES if _spooling else READ_AHEAD_BYTES
+        share = budget // max(1, sum(1 for held in list(_held.values()) if held > 0))  # list(): atomic
         while k < self._count and _held.get(id(self), 0) + self._block_size(k) <= share:
             self._want(k)
             k += 1
@@ -522,17 +625,18 @@ class _ReadAhead:
 
 
 _spool_dir: Path | None = None  # where spools go: the output's staging folder during a merge
+_spooling = False  # whether this merge spools (its read-ahead budget: SPOOLING_READ_AHEAD_BYTES)
 
 
 @contextmanager
 def spool_in(directory: Path) -> Iterator[None]:
     """Spool tensors into ``directory`` (a folder on the output's file system) while inside."""
-    global _spool_dir
+    global _spool_dir, _spooling
     previous, _spool_dir = _spool_dir, directory
     try:
         yield
     finally:
-        _spool_dir = previous
+        _spool_dir, _spooling = previous, False
 
 
 @dataclass
@@ -631,6 +735,8 @@ class RemoteSafetensorsFile(SafetensorsFile):
 
     def hold(self, info: TensorInfo) -> None:
         """Spool ``info``'s bytes (before its reduce passes), unless a spool holds them already."""
+        global _spooling
+        _spooling = True
         start, end = info.start, info.start + info.nbytes
         with self._spool_lock:
             if end > start and self._spooled(start, end - start) is None:

@@ -10,6 +10,7 @@ import re
 import signal
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -52,6 +53,7 @@ def small_blocks(monkeypatch):
     """64 KiB blocks within a 256 KiB budget, and retries that wait 10 ms."""
     monkeypatch.setattr(remote, "BLOCK_BYTES", 64 * 2**10)
     monkeypatch.setattr(remote, "READ_AHEAD_BYTES", 256 * 2**10)
+    monkeypatch.setattr(remote, "SPOOLING_READ_AHEAD_BYTES", 128 * 2**10)
     monkeypatch.setattr(remote, "RETRY_WAIT_S", 0.01)
 
 
@@ -225,6 +227,48 @@ def test_a_server_that_keeps_failing_is_one_line_and_nothing_at_out(pair, tmp_pa
                                                   r"3 times"):
             _merge_urls(hub, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no OUT, no partial output
+
+
+def test_a_server_that_keeps_answering_503_is_one_line_and_nothing_at_out(pair, tmp_path, small_blocks,
+                                                                          monkeypatch):
+    monkeypatch.setattr(remote, "RETRIES", 2)
+    with _Hub({"org/base": pair["base"], "org/ft": pair["ft"]}, token=None) as hub:
+        hub.fault_from = 4096
+        hub.fail = {"model.safetensors": 50}
+        with pytest.raises(CheckpointError, match=r"/plain/org/ft/model\.safetensors: reading bytes \d+-\d+ failed "
+                                                  r"3 times \(.*503"):
+            _merge_urls(hub, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+class _RedirectingHub(_Hub):
+    """The loopback Hub, answering each ranged read of a weight file with a redirect to the same
+    path on ``cdn`` (another origin: a signed CDN URL's place), logged in ``requests``."""
+
+    cdn = ""
+
+    def answer(self, request, body: bool) -> None:
+        path = urlsplit(request.path).path
+        if request.headers.get("Range") and path.endswith(".safetensors"):
+            self.requests.append((request.command, path, request.headers.get("Authorization")))
+            return self._send(request, 302, b"", body, {"Location": self.cdn + request.path})
+        super().answer(request, body)
+
+
+def test_a_redirect_to_another_host_is_followed_without_the_token(pair, tmp_path):
+    repos = {"org/base": pair["base"], "org/ft": pair["ft"]}
+    with _Hub(repos, token=None) as cdn, _RedirectingHub(repos, token="hf_secret") as hub:
+        hub.cdn = cdn.url
+        result = _run(["merge", "org/base", "org/ft", "-o", "out", "--weight", str(WEIGHT), "--stream",
+                       "--chunk-size", "32KiB", "-q"], tmp_path, HF_HOME=str(tmp_path / "home"),
+                      HF_HUB_CACHE=str(tmp_path / "cache"), HF_ENDPOINT=hub.url, HF_TOKEN="hf_secret")
+        assert result.returncode == 0, result.stderr
+    _same_output(tmp_path / "out", pair["local"])
+    asked = [auth for _, path, auth in hub.requests if path.endswith(".safetensors")]
+    served = [auth for _, path, auth in cdn.requests if path.endswith(".safetensors")]
+    assert asked and set(asked) == {"Bearer hf_secret"}  # the Hub gets the token
+    assert len(served) == len(asked) and set(served) == {None}  # the other host never does
+    assert sum(cdn.ranged.values()) == len(served)  # every read there ranged
 
 
 def test_a_file_that_changes_mid_merge_is_an_error_and_nothing_at_out(pair, tmp_path, small_blocks):
@@ -412,6 +456,40 @@ def test_reduce_passes_read_a_spool_and_fetch_each_tensor_once(pair, tmp_path, s
     # counting pass, the merge).
     assert fetched <= 1.5 * _weight_bytes(pair["base"], pair["ft"]), (fetched, _weight_bytes(pair["base"], pair["ft"]))
     assert not [p for p in tmp_path.rglob("*") if "spool" in p.name]  # nothing left behind
+
+
+def test_a_merge_that_spools_reads_ahead_within_the_smaller_budget(tmp_path, monkeypatch):
+    """Once a tensor is held for reduce passes, read-ahead fills SPOOLING_READ_AHEAD_BYTES, not
+    READ_AHEAD_BYTES; the next merge (outside spool_in) has the whole budget again."""
+    from safeblend.checkpoint import TensorInfo
+    from safeblend.dtypes import DTYPES
+
+    monkeypatch.setattr(remote, "BLOCK_BYTES", 1024)
+    monkeypatch.setattr(remote, "READ_AHEAD_BYTES", 16 * 1024)
+    monkeypatch.setattr(remote, "SPOOLING_READ_AHEAD_BYTES", 4 * 1024)
+
+    class Zeros(remote._Blob):
+        display, size, tag = "zeros", 64 * 1024, None
+
+        def read(self, start: int, end: int) -> bytes:
+            return bytes(end - start)
+
+    def held_after_one_read() -> int:
+        reader = remote._ReadAhead(Zeros(), [(0, 64 * 1024)])
+        reader.read(0, 10)
+        held = remote._held[id(reader)]
+        reader.close()
+        return held
+
+    info = TensorInfo("t", DTYPES["F32"], (256,), tmp_path / "t", 0, 1024)
+    with remote.spool_in(tmp_path):
+        assert held_after_one_read() == 16 * 1024
+        f = remote.RemoteSafetensorsFile(path=tmp_path / "t", size=64 * 1024, tensors={"t": info}, metadata={},
+                                         source=Zeros())
+        f.hold(info)  # a reduce pass's tensor: spooled
+        f.close()  # (its own read-ahead would take a share)
+        assert held_after_one_read() == 4 * 1024
+    assert held_after_one_read() == 16 * 1024
 
 
 def test_the_spools_space_is_checked_before_the_merge(pair, tmp_path, small_blocks, monkeypatch):
