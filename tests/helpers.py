@@ -4,6 +4,7 @@ tolerance check that reports where a result goes wrong."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import ml_dtypes
@@ -92,3 +93,18 @@ def read_raw_safetensors(path: Path) -> dict[str, tuple[str, list[int], bytes]]:
     data = blob[8 + length :]
     return {name: (e["dtype"], e["shape"], data[e["data_offsets"][0] : e["data_offsets"][1]])
             for name, e in header.items()}
+
+
+def ref_slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
+    """mergekit's SLERP of two whole tensors, in float64: norms at or below 1e-8 are not divided
+    out (a zero tensor counts as orthogonal), and normalised vectors (anti)parallel within
+    0.9995 are interpolated linearly."""
+    va, vb = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    na, nb = np.linalg.norm(va), np.linalg.norm(vb)
+    dot = float(np.sum((va / na if na > 1e-8 else va) * (vb / nb if nb > 1e-8 else vb)))
+    if abs(dot) > 0.9995:
+        out = (1 - t) * va + t * vb
+    else:
+        theta = math.acos(dot)
+        out = (math.sin(theta - theta * t) * va + math.sin(theta * t) * vb) / math.sin(theta)
+    return out.reshape(np.shape(a))

@@ -18,7 +18,7 @@ import yaml
 
 from safeblend.errors import SpecError
 from safeblend.recipe import merge_recipe
-from helpers import NUMPY_DTYPES, assert_within_tolerance, load_checkpoint, write_checkpoint
+from helpers import NUMPY_DTYPES, assert_within_tolerance, load_checkpoint, ref_slerp, write_checkpoint
 
 LAYERS = 3
 SHAPES = {"model.embed_tokens.weight": (12, 16), "model.norm.weight": (16,), "lm_head.weight": (12, 16)}
@@ -107,14 +107,6 @@ def ref_ties(base: np.ndarray, models: list[np.ndarray], weights: list[float], d
     return base + lambda_ * mixed
 
 
-def ref_slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
-    va, vb = a.ravel(), b.ravel()
-    na, nb = np.linalg.norm(va), np.linalg.norm(vb)
-    dot = float(np.sum((va / na if na > 1e-8 else va) * (vb / nb if nb > 1e-8 else vb)))
-    if abs(dot) > 0.9995:
-        return (1 - t) * a + t * b
-    theta = math.acos(dot)
-    return (math.sin(theta - theta * t) * a + math.sin(theta * t) * b) / math.sin(theta)
 
 
 def check(out, ref_of, inputs) -> None:

@@ -27,7 +27,7 @@ import yaml
 import safeblend
 from safeblend.errors import SpecError
 from safeblend.recipe import load_recipe, merge_recipe
-from helpers import assert_within_tolerance, load_checkpoint, random_tensor, write_checkpoint
+from helpers import assert_within_tolerance, load_checkpoint, random_tensor, ref_slerp, write_checkpoint
 
 LAYERS = 3
 SHAPES = {"model.embed_tokens.weight": (6, 8), "model.norm.weight": (8,), "lm_head.weight": (6, 8)}
@@ -185,16 +185,6 @@ def test_a_non_number_is_refused_without_naming_an_empty_tensor(tmp_path, models
 
 # -- 4. per-model weight on slerp and model_stock ---------------------------------------------
 
-def ref_slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
-    """mergekit's slerp (merge_methods/slerp.py) in float64."""
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    ua = a / na if na > 1e-8 else a
-    ub = b / nb if nb > 1e-8 else b
-    dot = float(np.sum(ua * ub))
-    if abs(dot) > 0.9995:
-        return (1 - t) * a + t * b
-    theta = math.acos(dot)
-    return math.sin(theta - theta * t) / math.sin(theta) * a + math.sin(theta * t) / math.sin(theta) * b
 
 
 def ref_model_stock(base: np.ndarray, models: list[np.ndarray], filter_wise: bool = False) -> np.ndarray:

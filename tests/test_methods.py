@@ -18,7 +18,7 @@ import pytest
 import safeblend
 from safeblend.errors import SpecError
 from safeblend.methods._sparse import COMBINE_BLOCK
-from helpers import NUMPY_DTYPES, assert_within_tolerance, load_checkpoint, random_tensor, write_checkpoint
+from helpers import NUMPY_DTYPES, assert_within_tolerance, load_checkpoint, random_tensor, ref_slerp, write_checkpoint
 
 # Shapes that always include the weird ones: one element, odd sizes, many chunks at a small
 # chunk size (test_large_chunks_span_several_compute_blocks covers several blocks in a chunk).
@@ -77,15 +77,6 @@ def ref_linear(base, models, weights, normalize=False, scale=1.0):
     return b + scale * sum(wi * (f64(m) - b) for wi, m in zip(w, models))
 
 
-def ref_slerp(base, model, t):
-    a, b = f64(base).ravel(), f64(model).ravel()
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    # mergekit divides out only norms above 1e-8: a zero tensor counts as orthogonal
-    cos = np.clip(a @ b / ((na if na > 1e-8 else 1.0) * (nb if nb > 1e-8 else 1.0)), -1, 1)
-    if abs(cos) > 0.9995:
-        return ((1 - t) * a + t * b).reshape(base.shape)
-    omega = math.acos(cos)
-    return ((math.sin((1 - t) * omega) * a + math.sin(t * omega) * b) / math.sin(omega)).reshape(base.shape)
 
 
 def ref_trim(delta: np.ndarray, density: float) -> np.ndarray:

@@ -8,7 +8,6 @@ own layer number and merge-wide ones the output's."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from safetensors import safe_open
 
 from safeblend.cli import main
 from safeblend.recipe import merge_recipe
-from helpers import NUMPY_DTYPES, assert_within_tolerance, load_checkpoint, write_checkpoint
+from helpers import NUMPY_DTYPES, assert_within_tolerance, load_checkpoint, ref_slerp, write_checkpoint
 
 LAYERS = 4
 KINDS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj")
@@ -238,15 +237,6 @@ def test_multi_slice_linear(tmp_path, models, stored):
         assert_within_tolerance(out[name], reference, [x for _, x in terms], name)
 
 
-def ref_slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
-    """mergekit's slerp: lerp where the normalised vectors are (anti)parallel within 0.9995."""
-    va, vb = a.ravel(), b.ravel()
-    na, nb = np.linalg.norm(va), np.linalg.norm(vb)
-    dot = float(np.sum((va / na if na > 1e-8 else va) * (vb / nb if nb > 1e-8 else vb)))
-    if abs(dot) > 0.9995:
-        return (1 - t) * a + t * b
-    theta = math.acos(dot)
-    return (math.sin(theta - theta * t) * a + math.sin(theta * t) * b) / math.sin(theta)
 
 
 def test_multi_slice_slerp(tmp_path, models, stored):

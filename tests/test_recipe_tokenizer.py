@@ -17,7 +17,6 @@ reproducible, safeblend fixes it):
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from click.testing import CliRunner
 
 from safeblend.cli import main
 from safeblend.recipe import merge_recipe
-from helpers import assert_within_tolerance, load_checkpoint, random_tensor, write_checkpoint
+from helpers import assert_within_tolerance, load_checkpoint, random_tensor, ref_slerp, write_checkpoint
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -179,16 +178,6 @@ def _own_vocabularies(models):
         reference_vocabulary_cache[name] = transformers.AutoTokenizer.from_pretrained(path).get_vocab()
 
 
-def ref_slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
-    """mergekit's slerp (merge_methods/slerp.py) over a whole tensor, float64."""
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    ua = a / na if na > 1e-8 else a
-    ub = b / nb if nb > 1e-8 else b
-    dot = float(np.sum(ua * ub))
-    if abs(dot) > 0.9995:
-        return (1 - t) * a + t * b
-    theta = math.acos(dot)
-    return math.sin(theta - theta * t) / math.sin(theta) * a + math.sin(theta * t) / math.sin(theta) * b
 
 
 def ref_ties(base: np.ndarray, models: list[np.ndarray], weights: list[float]) -> np.ndarray:
