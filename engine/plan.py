@@ -27,7 +27,6 @@ from typing import Any, Callable, Literal
 
 from .checkpoint import Checkpoint, TensorInfo
 from .dtypes import DTYPES, DType
-from .errors import IncompatibleInputsError
 from .methods.params import layer_positions
 from .model_files import check_config_file, companion_bytes
 from .quantized import output_config_changes, requantized_tensors

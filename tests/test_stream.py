@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,7 +17,7 @@ import pytest
 import safeblend
 from safeblend import remote
 from safeblend.errors import CheckpointError
-from helpers import assert_within_tolerance, load_checkpoint, random_tensor, write_checkpoint
+from helpers import load_checkpoint, random_tensor, write_checkpoint
 from test_hub import CONFIG, _Hub, _run, models  # noqa: F401 (models: a fixture)
 
 WEIGHT = 0.6
