@@ -353,15 +353,15 @@ def _check_tokenizer_source(value: Any, recipe: Recipe, source: str, has_base: b
     if not isinstance(value, str) or not value:
         raise SpecError(f"{what}: expected base, union or a model path")
     named = value not in ("base", "union") and not _same(value, recipe.base)
-    if named and not Path(value).is_dir():
-        raise SpecError(f"{what}: not base, union or a local model directory")
+    if named:
+        value = _local_model_dir(value, what)
     # An adapter applied to the base has the base's vocabulary; MODEL+ADAPTER has MODEL's.
     references = [lora_reference(m) for m in recipe.models]
     adapters = [m for m, r in zip(recipe.models, references) if r is not None or peft_adapter_dir(Path(m)) is not None]
-    paths = [recipe.base, *(str(r[0]) if r is not None else m for m, r in zip(recipe.models, references)
-                            if r is not None or peft_adapter_dir(Path(m)) is None)]
-    if not all(Path(p).is_dir() for p in paths):
-        raise SpecError(f"{what}: needs local model directories")
+    paths = [_local_model_dir(p, what) for p in
+             [recipe.base, *(str(r[0]) if r is not None else m for m, r in zip(recipe.models, references)
+                             if r is not None or peft_adapter_dir(Path(m)) is None)]]
+    rules = {token: _rule_in_cache(rule) for token, rule in (rules or {}).items()}
     try:
         plan = plan_vocabulary(what, value if named or value == "union" else "base", paths, has_base, rules or {},
                                pad, f"{source}: tokenizer")
@@ -728,6 +728,37 @@ def _lora_reference(value: str, base: str | None, what: str) -> str:
     if not Path(model).is_dir():
         raise SpecError(f"{what}: {value!r}: {model} is not a local model directory")
     return value  # opened as the adapter applied to MODEL (safeblend.lora.open_model)
+
+
+def _local_model_dir(model: str, what: str) -> str:
+    """The local directory of a model whose files the recipe reads before the merge (its
+    tokenizer.json): the path itself, or a Hub id's snapshot in the local cache, which is the
+    folder the merge then opens for that id. Nothing is downloaded here."""
+    from .hub import _cached_snapshot, parse_repo_ref
+
+    if Path(model).is_dir():
+        return model
+    ref = parse_repo_ref(model) if not Path(model).exists() else None
+    snapshot = _cached_snapshot(ref) if ref is not None else None
+    if snapshot is None:
+        hint = f" (download it first: hf download {ref.repo_id})" if ref is not None else ""
+        raise SpecError(f"{what}: {model}: a changed vocabulary reads each model's tokenizer.json before the merge; "
+                        f"give a local model directory or a Hub id in the local cache{hint}")
+    return str(snapshot)
+
+
+def _rule_in_cache(rule: "TokenRule") -> "TokenRule":
+    """A ``tokens`` entry whose model is a cached Hub id, naming that id's snapshot instead (any
+    other name stays, for the vocabulary's plan to check against the merge's models)."""
+    import dataclasses
+
+    from .hub import _cached_snapshot, parse_repo_ref
+
+    if rule.model is None or Path(rule.model).exists():
+        return rule
+    ref = parse_repo_ref(rule.model)
+    snapshot = _cached_snapshot(ref) if ref is not None else None
+    return rule if snapshot is None else dataclasses.replace(rule, model=str(snapshot))
 
 
 def _same(a: str, b: str) -> bool:

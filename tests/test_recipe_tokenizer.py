@@ -510,3 +510,39 @@ def test_slices_that_stack_layers_with_a_changed_vocabulary_are_refused(tmp_path
     assert result.exit_code != 0 and len(errors) == 1, result.output
     assert "changed vocabulary" in errors[0] and "not supported" in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_cached_hub_ids_give_the_local_directories_merge(tmp_path, models):
+    """Hub ids in the local cache are read like their snapshots (tokenizer.json included, a
+    ``tokens`` entry naming an id too), offline, and give the same tensors and tokenizer as the
+    directories;
+    an id not in the cache is a one-line error, nothing downloaded, nothing at OUT."""
+    from test_hub import COMMIT, _cache_repo, _offline, _run
+
+    cache = tmp_path / "hub"
+    for name in ("base", "ft1", "ft2"):
+        _cache_repo(cache, f"org/{name}", models[name], COMMIT)
+
+    def recipe(ids: dict[str, str]) -> dict:
+        return {"merge_method": "linear", "base_model": ids["base"], "tokenizer": {
+                    "source": "union", "tokens": {"x2": {"source": ids["ft2"], "force": True}}},
+                "models": [{"model": ids[n], "parameters": {"weight": w}}
+                           for n, w in (("base", 0.5), ("ft1", 0.3), ("ft2", 0.2))]}
+
+    outputs = {}
+    for kind, ids in (("dirs", {n: str(models[n]) for n in ("base", "ft1", "ft2")}),
+                      ("ids", {n: f"org/{n}" for n in ("base", "ft1", "ft2")})):
+        (tmp_path / f"{kind}.yaml").write_text(yaml.safe_dump(recipe(ids), sort_keys=False))
+        result = _run(["merge", "--config", f"{kind}.yaml", "-o", kind, "-q"], tmp_path, **_offline(cache))
+        assert result.returncode == 0, result.stderr
+        files = {name: (tmp_path / kind / name).read_bytes() for name in ("tokenizer.json", "config.json")}
+        outputs[kind] = files, {n: t.tobytes() for n, t in load_checkpoint(tmp_path / kind).items()}
+    assert outputs["ids"] == outputs["dirs"]  # the headers' metadata names the inputs as given
+
+    missing = recipe({"base": "org/base", "ft1": "org/ft1", "ft2": "org/absent"})
+    (tmp_path / "missing.yaml").write_text(yaml.safe_dump(missing, sort_keys=False))
+    result = _run(["merge", "--config", "missing.yaml", "-o", "missing", "-q"], tmp_path, **_offline(cache))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert result.returncode != 0 and len(errors) == 1 and "org/absent" in errors[0], result.stderr
+    assert "local cache" in errors[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "missing").exists()
