@@ -276,7 +276,7 @@ def write_outputs(
                 spooled = spool_bytes([base_ckpt, *model_ckpts]) if any(map(_reduces, mergers)) else 0
                 if spooled:
                     sessions[0].output.check_space(spooled + (0 if resume else sum(plans[k].output_bytes for k in todo)))
-                with progress_bar(plans[0].total_size, progress) as bar, spool_in(sessions[0].staging):
+                with progress_bar(plans[0].total_size, progress) as bar, spool_in([base_ckpt, *model_ckpts], sessions[0].staging):
                     bar.update(sessions[0].kept_bytes)
                     stats = execute([plans[k] for k in todo], [mergers[k] for k in todo], base_ckpt, model_ckpts,
                                     [watch.wrap(writers[0])] if watch else writers, kept, chunk_bytes, bar.update)

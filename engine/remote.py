@@ -624,19 +624,24 @@ class _ReadAhead:
 # -- spooling: a tensor read several times, fetched once -------------------------------------
 
 
-_spool_dir: Path | None = None  # where spools go: the output's staging folder during a merge
-_spooling = False  # whether this merge spools (its read-ahead budget: SPOOLING_READ_AHEAD_BYTES)
+_spooling = False  # whether a merge spools (the read-ahead budget: SPOOLING_READ_AHEAD_BYTES)
 
 
 @contextmanager
-def spool_in(directory: Path) -> Iterator[None]:
-    """Spool tensors into ``directory`` (a folder on the output's file system) while inside."""
-    global _spool_dir, _spooling
-    previous, _spool_dir = _spool_dir, directory
+def spool_in(checkpoints, directory: Path) -> Iterator[None]:
+    """While inside, the remote files of ``checkpoints`` spool into ``directory`` (a folder on
+    the output's file system); each file carries its own folder, so merges running in threads
+    of one process never spool into each other's outputs."""
+    global _spooling
+    files = [f for ckpt in checkpoints for f in getattr(ckpt, "files", []) if isinstance(f, RemoteSafetensorsFile)]
+    for f in files:
+        f.spool_dir = directory
     try:
         yield
     finally:
-        _spool_dir, _spooling = previous, False
+        for f in files:
+            f.spool_dir = None
+        _spooling = False
 
 
 @dataclass
@@ -660,11 +665,11 @@ class _Spool:
             self.map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
-def _spool(reader: "_ReadAhead", start: int, end: int, display: str) -> _Spool:
+def _spool(reader: "_ReadAhead", start: int, end: int, display: str, folder: Path | None) -> _Spool:
     """Fetch bytes [start, end) through ``reader`` (block by block, each released once written)
-    into a file in the spool folder that is unlinked at once: nothing is left behind however the
-    merge ends, and its space is freed when the last view of its mapping goes."""
-    directory = _spool_dir if _spool_dir is not None else Path(tempfile.gettempdir())
+    into a file in ``folder`` (else the temporary folder) that is unlinked at once: nothing is
+    left behind however the merge ends, and its space is freed when the last view of its mapping goes."""
+    directory = folder if folder is not None else Path(tempfile.gettempdir())
     try:
         fd, path = tempfile.mkstemp(prefix=".safeblend-spool-", dir=directory)
     except OSError as exc:
@@ -722,6 +727,7 @@ class RemoteSafetensorsFile(SafetensorsFile):
     spool (``_Spool``), from which every pass and the merge read it."""
 
     source: _Blob | None = field(default=None, repr=False)
+    spool_dir: Path | None = field(default=None, repr=False)  # the merge's staging folder (spool_in)
     _reader: _ReadAhead | None = field(default=None, repr=False)
     _spools: list[_Spool] = field(default_factory=list, repr=False)
     _spool_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -742,7 +748,7 @@ class RemoteSafetensorsFile(SafetensorsFile):
             if end > start and self._spooled(start, end - start) is None:
                 assert self.source is not None
                 limit = sum(sorted((t.nbytes for t in self.tensors.values()), reverse=True)[:SPOOLS_KEPT])
-                self._spools = _kept([*self._spools, _spool(self._ahead(), start, end, self.source.display)], limit)
+                self._spools = _kept([*self._spools, _spool(self._ahead(), start, end, self.source.display, self.spool_dir)], limit)
 
     def passes_done(self, info: TensorInfo) -> None:
         """The reduce passes over ``info`` are done: its spool goes once the merge released it all."""

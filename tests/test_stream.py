@@ -9,6 +9,7 @@ import os
 import re
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -481,14 +482,51 @@ def test_a_merge_that_spools_reads_ahead_within_the_smaller_budget(tmp_path, mon
         return held
 
     info = TensorInfo("t", DTYPES["F32"], (256,), tmp_path / "t", 0, 1024)
-    with remote.spool_in(tmp_path):
+    f = remote.RemoteSafetensorsFile(path=tmp_path / "t", size=64 * 1024, tensors={"t": info}, metadata={},
+                                     source=Zeros())
+    with remote.spool_in([SimpleNamespace(files=[f])], tmp_path):
         assert held_after_one_read() == 16 * 1024
-        f = remote.RemoteSafetensorsFile(path=tmp_path / "t", size=64 * 1024, tensors={"t": info}, metadata={},
-                                         source=Zeros())
         f.hold(info)  # a reduce pass's tensor: spooled
         f.close()  # (its own read-ahead would take a share)
         assert held_after_one_read() == 4 * 1024
     assert held_after_one_read() == 16 * 1024
+
+
+def test_each_merge_spools_into_its_own_output(tmp_path, monkeypatch):
+    """Two merges in threads of one process: each remote file spools into the folder of the merge
+    that opened it, whatever the other merge set (the folder was once a module-wide setting)."""
+    import tempfile as tempfile_module
+
+    from safeblend.checkpoint import TensorInfo
+    from safeblend.dtypes import DTYPES
+
+    class Zeros(remote._Blob):
+        display, size, tag = "zeros", 4096, None
+
+        def read(self, start: int, end: int) -> bytes:
+            return bytes(end - start)
+
+    folders = []
+    real_mkstemp = tempfile_module.mkstemp
+
+    def recording_mkstemp(*args, **kwargs):
+        folders.append(Path(kwargs["dir"]))
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(remote.tempfile, "mkstemp", recording_mkstemp)
+    info = TensorInfo("t", DTYPES["F32"], (256,), tmp_path / "t", 0, 1024)
+    files = [remote.RemoteSafetensorsFile(path=tmp_path / f"t{k}", size=4096, tensors={"t": info}, metadata={},
+                                          source=Zeros()) for k in range(2)]
+    outputs = [tmp_path / "out-a", tmp_path / "out-b"]
+    for out in outputs:
+        out.mkdir()
+    with remote.spool_in([SimpleNamespace(files=[files[0]])], outputs[0]):
+        with remote.spool_in([SimpleNamespace(files=[files[1]])], outputs[1]):  # the second merge starts
+            files[0].hold(info)
+            files[1].hold(info)
+    assert folders == outputs
+    for f in files:
+        f.close()
 
 
 def test_the_spools_space_is_checked_before_the_merge(pair, tmp_path, small_blocks, monkeypatch):
