@@ -393,9 +393,14 @@ def _chat_template(value: Any, models: list[str], source: str) -> str | None:
     if value == "auto":
         from collections import Counter
 
+        from .checkpoint import lora_reference
         from .model_files import read_chat_template
 
-        found = [read_chat_template(Path(m)) for m in dict.fromkeys(models) if Path(m).is_dir()]
+        # MODEL+ADAPTER carries MODEL's template; a Hub id is read from the local cache (refused
+        # when not there: skipping it would pick another template than mergekit)
+        directories = [_local_model_dir(str(r[0]) if (r := lora_reference(m)) is not None else m,
+                                        f"{source}: chat_template auto") for m in dict.fromkeys(models)]
+        found = [read_chat_template(Path(d)) for d in directories]
         counts = Counter(t.strip() for t in found if t)
         return counts.most_common(1)[0][0] if counts else None
     if len(value) < 20 or "{" not in value:
@@ -732,7 +737,7 @@ def _lora_reference(value: str, base: str | None, what: str) -> str:
 
 def _local_model_dir(model: str, what: str) -> str:
     """The local directory of a model whose files the recipe reads before the merge (its
-    tokenizer.json): the path itself, or a Hub id's snapshot in the local cache, which is the
+    tokenizer.json, its chat template): the path itself, or a Hub id's snapshot in the local cache, which is the
     folder the merge then opens for that id. Nothing is downloaded here."""
     from .hub import _cached_snapshot, parse_repo_ref
 
@@ -742,8 +747,8 @@ def _local_model_dir(model: str, what: str) -> str:
     snapshot = _cached_snapshot(ref) if ref is not None else None
     if snapshot is None:
         hint = f" (download it first: hf download {ref.repo_id})" if ref is not None else ""
-        raise SpecError(f"{what}: {model}: a changed vocabulary reads each model's tokenizer.json before the merge; "
-                        f"give a local model directory or a Hub id in the local cache{hint}")
+        raise SpecError(f"{what}: {model}: its files are read with the recipe, before the merge: give a local "
+                        f"model directory or a Hub id in the local cache{hint}")
     return str(snapshot)
 
 

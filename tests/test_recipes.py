@@ -341,6 +341,28 @@ def test_chat_template_auto_takes_the_most_common(tmp_path, models):
     assert load_recipe(write_recipe(tmp_path, _ta_recipe(models, chat_template="auto"))).chat_template is None
 
 
+def test_chat_template_auto_reads_cached_hub_ids(tmp_path, models, monkeypatch):
+    """auto over Hub ids counts each id's cached snapshot (they were once skipped, so the base's
+    template won where the models' was the most common); an id not in the cache is refused."""
+    import shutil
+
+    import huggingface_hub.constants
+    from test_hub import COMMIT, _cache_repo
+
+    copies = {k: Path(shutil.copytree(models[k], tmp_path / "src" / k)) for k in ("base", "ft0", "ft1", "ft2")}
+    _with_tokenizer(copies["base"], TEMPLATE_A)
+    for k in ("ft0", "ft1"):
+        _with_tokenizer(copies[k], None, jinja=TEMPLATE_B)
+    cache = tmp_path / "hub"
+    for k, path in copies.items():
+        _cache_repo(cache, f"org/{k}", path, COMMIT)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    ids = {k: f"org/{k}" for k in copies}
+    assert parse_recipe(_ta_recipe(ids, chat_template="auto"), "r.yaml").chat_template == TEMPLATE_B
+    with pytest.raises(SpecError, match="org/absent.*local cache"):
+        parse_recipe(_ta_recipe({**ids, "ft2": "org/absent"}, chat_template="auto"), "r.yaml")
+
+
 @pytest.mark.parametrize("value, message", [
     ("chatml", "chat_template 'chatml' is not supported"),
     ("{{ short }}", "is not supported"),
