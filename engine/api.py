@@ -267,7 +267,8 @@ def write_outputs(
                 warn(message)
             writers = [session.writer for session in sessions]
             kept = frozenset(sessions[0].kept) if sessions else frozenset()
-            watch = OutputWatch(plans[0], base_ckpt, kept) if watch_output else None  # non-finite, equal to base
+            compare_base = slices is None and mergers[0].name != "passthrough"  # those copy by design
+            watch = OutputWatch(plans[0], base_ckpt, kept, compare_base) if watch_output else None
             for writer in writers:
                 writer.open()
             if sessions:
@@ -322,7 +323,7 @@ def write_outputs(
             bytes_read=stats.bytes_read, bytes_written=written.get(k, 0), seconds=round(seconds, 4),
             throughput_bytes_per_s=round((stats.bytes_read + written.get(k, 0)) / max(seconds, 1e-9), 1),
             peak_rss_bytes=rss, warnings=[*m.warnings, *p.warnings, *checks],
-            output_equals_base=watch.equals_base if watch else None,
+            output_equals_base=watch.equals_base if watch and watch.compared else None,
         )
         for k, (final, m, p) in enumerate(zip(finals, mergers, plans))
     ]

@@ -36,7 +36,8 @@ _BLOCK = 1 << 16  # 16-bit values checked per pass (128 KiB)
 class OutputWatch:
     """Counts non-finite merged values and tells whether the output equals the base."""
 
-    def __init__(self, plan: MergePlan, base: Checkpoint, kept: frozenset[str] = frozenset()) -> None:
+    def __init__(self, plan: MergePlan, base: Checkpoint, kept: frozenset[str] = frozenset(),
+                 compare_base: bool = True) -> None:
         self.base = base
         self._lock = threading.Lock()
         self.nonfinite = 0
@@ -45,8 +46,10 @@ class OutputWatch:
         self._starts: dict[int, list[int]] = {}
         self._pieces: dict[int, list[tuple[int, OutputTensor]]] = {}
         base_files = {f.path for f in base.files}
-        # Tensors a resumed merge kept were not seen here: claim nothing about them.
-        self.differs = bool(kept)
+        # Tensors a resumed merge kept were not seen here: claim nothing about them. A merge that
+        # copies by design (passthrough, slices' renamed layers) is not compared with its base.
+        self.compared = compare_base
+        self.differs = bool(kept) or not compare_base
         for order, tensor in enumerate(plan.tensors):
             for piece in tensor.pieces():
                 self._pieces.setdefault(piece.shard, []).append((order, piece))

@@ -139,6 +139,21 @@ def test_frankenmerge_stacks_layer_ranges_byte_for_byte(tmp_path, models, stored
     assert recorded["slices"][2] == {"sources": [{"model": str(models["b"]), "layer_range": [1, 4]}]}
 
 
+@pytest.mark.parametrize("recipe", ["frankenmerge", "conversion"])
+def test_copies_by_design_are_not_reported_as_equal_to_the_base(tmp_path, models, recipe):
+    """A frankenmerge (its "base" is a view of the slices' own tensors) and a one-model
+    passthrough (a conversion) copy by design: no "changed nothing" warning, and
+    ``output_equals_base`` says nothing (None) rather than a claim about a base."""
+    data = franken_recipe() if recipe == "frankenmerge" else {
+        "merge_method": "passthrough", "models": [{"model": "a"}], "dtype": "float32"}
+    warnings: list[str] = []
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(with_paths(data, models), sort_keys=False))
+    result = merge_recipe(path, tmp_path / "out", on_warning=warnings.append)
+    assert not any("equals the base" in w for w in [*warnings, *result.warnings]), warnings
+    assert result.output_equals_base is None
+
+
 def test_one_slice_cuts_layers(tmp_path, models, stored):
     """One slice of fewer layers than the model has: the model cut to layers 1..2, renumbered."""
     out = run(tmp_path, with_paths({"slices": [{"sources": [{"model": "b", "layer_range": [1, 3]}]}],
