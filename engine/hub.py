@@ -162,6 +162,16 @@ def _resolve(name: str | os.PathLike, progress: bool, stream: bool = False) -> P
     return _download(ref, progress)
 
 
+def cached_model_dir(name: str | os.PathLike) -> Path | None:
+    """A local path for NAME without downloading anything: the path itself when it exists, a
+    Hub id's cached snapshot (the folder a merge then opens for it), else None."""
+    path = Path(name)
+    if path.exists():
+        return path
+    ref = parse_repo_ref(name)
+    return _cached_snapshot(ref) if ref is not None else None
+
+
 def _cached_snapshot(ref: RepoRef) -> Path | None:
     """The cached snapshot of ``ref`` if it holds the weights a merge reads, else None.
 

@@ -737,19 +737,17 @@ def _lora_reference(value: str, base: str | None, what: str) -> str:
 
 def _local_model_dir(model: str, what: str) -> str:
     """The local directory of a model whose files the recipe reads before the merge (its
-    tokenizer.json, its chat template): the path itself, or a Hub id's snapshot in the local cache, which is the
-    folder the merge then opens for that id. Nothing is downloaded here."""
-    from .hub import _cached_snapshot, parse_repo_ref
+    tokenizer.json, its chat template): the path itself, or a Hub id's snapshot in the local
+    cache (``safeblend.hub.cached_model_dir``). Nothing is downloaded here."""
+    from .hub import cached_model_dir, parse_repo_ref
 
-    if Path(model).is_dir():
-        return model
-    ref = parse_repo_ref(model) if not Path(model).exists() else None
-    snapshot = _cached_snapshot(ref) if ref is not None else None
-    if snapshot is None:
-        hint = f" (download it first: hf download {ref.repo_id})" if ref is not None else ""
+    found = cached_model_dir(model)
+    if found is None or not found.is_dir():
+        ref = parse_repo_ref(model) if found is None else None
+        hint = f" (download it first: {ref.fetch_command()})" if ref is not None else ""
         raise SpecError(f"{what}: {model}: its files are read with the recipe, before the merge: give a local "
                         f"model directory or a Hub id in the local cache{hint}")
-    return str(snapshot)
+    return model if found == Path(model) else str(found)
 
 
 def _rule_in_cache(rule: "TokenRule") -> "TokenRule":
@@ -757,13 +755,10 @@ def _rule_in_cache(rule: "TokenRule") -> "TokenRule":
     other name stays, for the vocabulary's plan to check against the merge's models)."""
     import dataclasses
 
-    from .hub import _cached_snapshot, parse_repo_ref
+    from .hub import cached_model_dir
 
-    if rule.model is None or Path(rule.model).exists():
-        return rule
-    ref = parse_repo_ref(rule.model)
-    snapshot = _cached_snapshot(ref) if ref is not None else None
-    return rule if snapshot is None else dataclasses.replace(rule, model=str(snapshot))
+    found = cached_model_dir(rule.model) if rule.model is not None else None
+    return rule if found is None or found == Path(rule.model) else dataclasses.replace(rule, model=str(found))
 
 
 def _same(a: str, b: str) -> bool:
