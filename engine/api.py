@@ -267,7 +267,7 @@ def write_outputs(
                 warn(message)
             writers = [session.writer for session in sessions]
             kept = frozenset(sessions[0].kept) if sessions else frozenset()
-            compare_base = slices is None and mergers[0].name != "passthrough"  # those copy by design
+            compare_base = slices is None and not mergers[0].copies_by_design  # a slice view is no base
             watch = OutputWatch(plans[0], base_ckpt, kept, compare_base) if watch_output else None
             for writer in writers:
                 writer.open()

@@ -56,12 +56,16 @@ class MergeMethod:
     A method with ``takes_low_rank`` accepts, on the CPU, ``safeblend.lora.LowRankChunk`` objects
     among ``models`` in ``merge_chunk`` (a LoRA fine-tune W + s·B·A, W being the base's tensor,
     left unformed); every other method only ever sees arrays.
+
+    ``copies_by_design`` methods (passthrough) give the base's own values on purpose, so an
+    output equal to the base is no sign of a merge that did nothing (safeblend.output_checks).
     """
 
     name: ClassVar[str]
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
     takes_low_rank: ClassVar[bool] = False
+    copies_by_design: ClassVar[bool] = False
 
     def __init__(self, n_models: int) -> None:
         from ..errors import SpecError

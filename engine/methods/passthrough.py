@@ -25,6 +25,7 @@ from .params import per_model, resolve_float
 class Passthrough(MergeMethod):
     name = "passthrough"
     max_models = 1
+    copies_by_design = True  # a conversion (or a frankenmerge's renamed layers)
 
     def __init__(self, n_models: int, scale: Any = 1.0) -> None:
         super().__init__(n_models)
