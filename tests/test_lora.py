@@ -600,6 +600,19 @@ def test_modules_to_save_of_the_wrong_shape(llama, tmp_path):
 # -- recipes: mergekit's model+adapter references -----------------------------------------------
 
 
+def _check_task_arithmetic(out_dir: Path, base: Path, theta: dict[str, np.ndarray], weight: float):
+    """OUT is θ_base + weight·(θ − θ_base) over every base tensor, against a float64 reference;
+    returns the output's and the base's tensors."""
+    base_tensors = load_checkpoint(base)
+    out = load_checkpoint(out_dir)
+    assert set(out) == set(base_tensors)
+    for name, w in base_tensors.items():
+        b = w.astype(np.float64)
+        expected = b + weight * (theta[name].astype(np.float64) - b)
+        assert_within_tolerance(out[name], expected, [w, theta[name]], name)
+    return out, base_tensors
+
+
 def test_recipe_model_plus_lora_is_the_adapter_merged_into_the_base(llama, tmp_path):
     """``model: BASE+ADAPTER`` in a recipe is mergekit's reference to the adapter merged into
     BASE (PEFT's merge_and_unload): task_arithmetic with weight 0.7 gives
@@ -614,14 +627,7 @@ def test_recipe_model_plus_lora_is_the_adapter_merged_into_the_base(llama, tmp_p
                                       "models": [{"model": f"{base}+{adapter}", "parameters": {"weight": 0.7}}],
                                       "dtype": "float32"}))
     merge_recipe(recipe, tmp_path / "out")
-    theta = _peft_merged(base, adapter)
-    base_tensors = load_checkpoint(base)
-    out = load_checkpoint(tmp_path / "out")
-    assert set(out) == set(base_tensors)
-    for name, w in base_tensors.items():
-        b = w.astype(np.float64)
-        expected = b + 0.7 * (theta[name].astype(np.float64) - b)
-        assert_within_tolerance(out[name], expected, [w, theta[name]], name)
+    out, base_tensors = _check_task_arithmetic(tmp_path / "out", base, _peft_merged(base, adapter), 0.7)
     assert any(not np.array_equal(out[n], base_tensors[n]) for n in out)
 
 
@@ -647,14 +653,7 @@ def test_recipe_adapter_on_another_model_is_applied_to_that_model(llama, tmp_pat
                                       "models": [{"model": f"{other}+{adapter}", "parameters": {"weight": 0.7}}],
                                       "dtype": "float32"}))
     merge_recipe(recipe, tmp_path / "out")
-    theta = _peft_merged(other, adapter)
-    base_tensors = load_checkpoint(base)
-    out = load_checkpoint(tmp_path / "out")
-    assert set(out) == set(base_tensors)
-    for name, w in base_tensors.items():
-        b = w.astype(np.float64)
-        expected = b + 0.7 * (theta[name].astype(np.float64) - b)
-        assert_within_tolerance(out[name], expected, [w, theta[name]], name)
+    _check_task_arithmetic(tmp_path / "out", base, _peft_merged(other, adapter), 0.7)
 
 
 def test_recipe_lora_references_refused(llama, tmp_path):
