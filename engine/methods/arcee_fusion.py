@@ -65,6 +65,18 @@ class FusionState:
         self.selectors = [KthLargest(n, k) for k in self.ranks if k < n]
 
 
+def _pass_buffers() -> tuple[np.ndarray, ...]:
+    """This thread's scratch for the reduce passes: float64 a, b, t; row indices; fp32
+    differences and importances; their bits, high parts and a mask (``_blocks.scratch``)."""
+    a, b, t = scratch("fusion", 3, np.float64)
+    (rows,) = scratch("fusion-rows", 1, np.intp)
+    d32, s32 = scratch("fusion32", 2, np.float32)
+    (bits,) = scratch("fusion-bits", 1, np.uint32)
+    (high,) = scratch("fusion-high", 1, np.intp)
+    (mask,) = scratch("fusion-mask", 1, np.bool_)
+    return a, b, t, rows, d32, s32, bits, high, mask
+
+
 def _segments(first: int, count: int, row_length: int) -> tuple[int, np.ndarray]:
     """The first row a range touches and the offsets where each of its rows starts in it."""
     offset = (-first) % row_length
@@ -95,12 +107,7 @@ class ArceeFusion(MergeMethod):
 
     def accumulate(self, state: FusionState, pass_index: int, base: np.ndarray, models: Sequence[np.ndarray],
                    chunk: ChunkContext) -> None:
-        a, b, t = scratch("fusion", 3, np.float64)
-        (rows,) = scratch("fusion-rows", 1, np.intp)
-        d32, s32 = scratch("fusion32", 2, np.float32)
-        (bits,) = scratch("fusion-bits", 1, np.uint32)
-        (high,) = scratch("fusion-high", 1, np.intp)
-        (mask,) = scratch("fusion-mask", 1, np.bool_)
+        a, b, t, rows, d32, s32, bits, high, mask = _pass_buffers()
         part: list[tuple[int, Any]] = []
         if pass_index == 2 and state.numel > SMALL:  # the selectors' first pass looks at a sample only
             self._accumulate_sample(state, base, models[0], chunk)
@@ -145,12 +152,7 @@ class ArceeFusion(MergeMethod):
         """The selectors' first pass: the importances of the sampled ranges only, gathered into
         one buffer so each selector counts them in one call (the minimum is only needed in
         tensors of at most 4 elements, which are counted whole)."""
-        a, b, _ = scratch("fusion", 3, np.float64)
-        (rows,) = scratch("fusion-rows", 1, np.intp)
-        d32, s32 = scratch("fusion32", 2, np.float32)
-        (bits,) = scratch("fusion-bits", 1, np.uint32)
-        (high,) = scratch("fusion-high", 1, np.intp)
-        (mask,) = scratch("fusion-mask", 1, np.bool_)
+        a, b, _, rows, d32, s32, bits, high, mask = _pass_buffers()
         size = bits.shape[0]
         pieces = [(lo + at, min(hi, lo + at + size)) for lo, hi in state.selectors[0].sample_ranges(base.shape[0])
                   for at in range(0, hi - lo, size)]
