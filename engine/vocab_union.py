@@ -457,20 +457,6 @@ class VocabularyFile:
         return memoryview(np.ascontiguousarray(self.view(info, first, count)).view(np.uint8))
 
     def prefetch(self, start: int, length: int) -> None:
-        self._forward(start, length, "prefetch")
-
-    def release(self, start: int, length: int) -> None:
-        """Nothing to do: each view dropped the input rows it read (``_rows``)."""
-
-    def stored_bytes(self, start: int, length: int) -> int:
-        return length
-
-    def close(self) -> None:
-        self._local = threading.local()
-
-    # Helpers.
-
-    def _forward(self, start: int, length: int, action: str) -> None:
         """Pass a prefetch on to the span of the model's own rows a range reads."""
         if length <= 0:
             return
@@ -483,7 +469,18 @@ class VocabularyFile:
             real, f = self._operands[self.model][info.name]  # type: ignore[index]
             lo, hi = int(own.min()), int(own.max()) + 1
             if hi - lo <= 4 * (r1 - r0) + 4:  # a scattered gather is left to the page cache
-                getattr(f, action)(*real.byte_range(lo * width, (hi - lo) * width))
+                f.prefetch(*real.byte_range(lo * width, (hi - lo) * width))
+
+    def release(self, start: int, length: int) -> None:
+        """Nothing to do: each view dropped the input rows it read (``_rows``)."""
+
+    def stored_bytes(self, start: int, length: int) -> int:
+        return length
+
+    def close(self) -> None:
+        self._local = threading.local()
+
+    # Helpers.
 
     def _locate(self, start: int, length: int) -> tuple[TensorInfo, int, int]:
         for info in self._order:
