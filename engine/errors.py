@@ -19,3 +19,10 @@ class OutputError(SafeblendError):
 
 class SpecError(SafeblendError):
     """The merge request itself is invalid (method, weights, dtype, sizes)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type's name when it has none): another
+    library's multi-line error, fit for one ``Error:`` line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from .checkpoint import ADAPTER_CONFIG_NAME, INDEX_NAME, SINGLE_NAME, lora_reference, peft_adapter_dir
-from .errors import CheckpointError, SpecError
+from .errors import CheckpointError, SpecError, first_line
 from .model_files import is_companion
 from .remote import is_url, stage_repo, stage_url
 
@@ -248,16 +248,16 @@ def _hub_errors(ref: RepoRef) -> Iterator[None]:
         yield
     except GatedRepoError as exc:
         raise CheckpointError(f"{where} is gated: accept its terms on the Hub and set HF_TOKEN (or run "
-                              f"hf auth login) ({_first_line(exc)})") from None
+                              f"hf auth login) ({first_line(exc)})") from None
     except RepositoryNotFoundError as exc:
         raise CheckpointError(f"{where}: no such local path or Hub repo (a private repo needs HF_TOKEN or "
-                              f"hf auth login) ({_first_line(exc)})") from None
+                              f"hf auth login) ({first_line(exc)})") from None
     except RevisionNotFoundError:
         raise CheckpointError(f"{where}: the repo has no revision {ref.revision!r}") from None
     except CheckpointError:
         raise
     except Exception as exc:  # the HTTP client's own errors (connection refused, timeouts, ...) too
-        reason = f"{type(exc).__name__}: {_first_line(exc)}"
+        reason = f"{type(exc).__name__}: {first_line(exc)}"
         raise CheckpointError(f"{where}: not in the cache and cannot be downloaded ({reason}); fetch it with: "
                               f"{ref.fetch_command()}") from None
 
@@ -285,11 +285,6 @@ def _silent_tqdm():
             super().__init__(*args, **kwargs)
 
     return Silent
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _declared_base(adapter: Path) -> str | None:

@@ -54,7 +54,7 @@ import numpy as np
 
 from .checkpoint import (ADAPTER_CONFIG_NAME, INDEX_NAME, MAX_HEADER_BYTES, SINGLE_NAME, InputChangedError,
                          SafetensorsFile, TensorInfo, parse_safetensors_header, register_stand_in)
-from .errors import CheckpointError, OutputError
+from .errors import CheckpointError, OutputError, first_line
 from .model_files import COMPANION_PATTERNS, is_companion
 
 # Range requests are this large: a few round trips per shard's worth of MiBs, and a block is
@@ -214,7 +214,7 @@ def _failure(exc: BaseException) -> str:
     """What went wrong with a request, in a few words (urllib3 wraps the cause in its errors)."""
     cause = getattr(exc, "reason", None)
     exc = cause if isinstance(cause, BaseException) else exc
-    return f"{type(exc).__name__}: {_first_line(exc)}"
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def _retry_after(response) -> float:
@@ -235,7 +235,7 @@ def _status_message(response, url: str) -> str:
     try:
         hf_raise_for_status(answer)
     except Exception as exc:
-        return _first_line(exc)
+        return first_line(exc)
     return f"HTTP {response.status}"
 
 
@@ -296,7 +296,7 @@ class _FsspecBlob(_Blob):
         except FileNotFoundError:
             raise CheckpointError(f"{self.display}: no such file") from None
         except Exception as exc:
-            raise CheckpointError(f"{self.display}: {type(exc).__name__}: {_first_line(exc)}") from None
+            raise CheckpointError(f"{self.display}: {type(exc).__name__}: {first_line(exc)}") from None
         for key in ("ETag", "etag", "md5Hash", "generation", "blob_id", "mtime", "LastModified", "created"):
             if info.get(key) is not None:
                 return int(info["size"]), f"{key}={info[key]}"
@@ -312,12 +312,12 @@ class _FsspecBlob(_Blob):
                 meter.add(len(data))
                 return data
             except (FileNotFoundError, PermissionError) as exc:
-                raise CheckpointError(f"{self.display}: {_first_line(exc)}") from None
+                raise CheckpointError(f"{self.display}: {first_line(exc)}") from None
             except (OSError, TimeoutError, ConnectionError) as exc:
                 failures += 1
                 if failures > RETRIES:
                     raise CheckpointError(f"{self.display}: reading bytes {start}-{end - 1} failed {failures} "
-                                          f"times ({type(exc).__name__}: {_first_line(exc)})") from None
+                                          f"times ({type(exc).__name__}: {first_line(exc)})") from None
                 time.sleep(min(8.0, RETRY_WAIT_S * 2 ** (failures - 1)))
 
     def check_unchanged(self) -> None:
@@ -402,11 +402,6 @@ def _range_bounds(value: str | None) -> tuple[int | None, int]:
     return (int(match[1]), int(match[2])) if match else (None, -1)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 # -- stores: where a model's files are -------------------------------------------------------
 
 
@@ -448,7 +443,7 @@ class _HttpStore(_Store):
         except CheckpointError:
             raise
         except Exception as exc:
-            raise CheckpointError(f"{self.display}/{name}: {type(exc).__name__}: {_first_line(exc)}") from None
+            raise CheckpointError(f"{self.display}/{name}: {type(exc).__name__}: {first_line(exc)}") from None
         meter.add(len(response.content))
         return response.content
 
@@ -464,7 +459,7 @@ class _FsspecStore(_Store):
         try:
             self.fs, self.root = fsspec.core.url_to_fs(url)
         except (ImportError, ValueError) as exc:
-            raise CheckpointError(f"{url}: cannot read this URL: {_first_line(exc)}") from None
+            raise CheckpointError(f"{url}: cannot read this URL: {first_line(exc)}") from None
         self.root = self.root.rstrip("/")
 
     def names(self) -> list[str] | None:
@@ -473,7 +468,7 @@ class _FsspecStore(_Store):
         except FileNotFoundError:
             raise CheckpointError(f"{self.display}: no such file or directory") from None
         except Exception as exc:
-            raise CheckpointError(f"{self.display}: {type(exc).__name__}: {_first_line(exc)}") from None
+            raise CheckpointError(f"{self.display}: {type(exc).__name__}: {first_line(exc)}") from None
         return [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "file"]
 
     def fetch(self, name: str) -> bytes | None:
