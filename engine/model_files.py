@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .dtypes import TORCH_DTYPE_NAMES
 from .errors import CheckpointError
 from .output_paths import printable
-from .quirks import read_config
+from .quirks import read_json_object
 from .writer import write_text_durably
 
 if TYPE_CHECKING:  # planning imports this module
@@ -174,9 +174,7 @@ def write_model_files(plan: MergePlan, model_dir: Path | None, out_dir: Path, ou
 
 
 def _config_text(config_path: Path, out_dtype: str | None, changes: dict[str, Any]) -> str:
-    config = read_config(config_path)
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path}: config must be a JSON object")
+    config = read_json_object(config_path)
     if out_dtype in TORCH_DTYPE_NAMES:
         name = TORCH_DTYPE_NAMES[out_dtype]
         config["torch_dtype"] = name

@@ -279,6 +279,15 @@ def read_config(path: Path) -> Any:
         raise CheckpointError(f"{path}: cannot read config JSON ({exc})") from exc
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A model's JSON file that holds an object (config.json, tokenizer_config.json), parsed;
+    CheckpointError naming it when it cannot be read or is not an object."""
+    data = read_config(path)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: must be a JSON object")
+    return data
+
+
 def vocabulary_rows(ckpt: Checkpoint) -> dict[str, int]:
     """The rows of a checkpoint's vocabulary tensors (embeddings, LM heads), by name."""
     return {name: info.shape[0] for name, info in ckpt.tensors.items()

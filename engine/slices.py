@@ -31,7 +31,6 @@ giving each output layer its source layer's type.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, SpecError
 from .methods.params import Setting, setting
+from .quirks import read_json_object
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 PRE = ("model.embed_tokens.weight",)  # before the layers: from the first slice's sources
@@ -295,12 +295,9 @@ def _config(model_dir: Path | None) -> dict[str, Any]:
     if model_dir is None or not (model_dir / "config.json").is_file():
         raise SpecError(f"{model_dir}: layer_range: no config.json to set the output's layer count in")
     try:
-        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise SpecError(f"{model_dir / 'config.json'}: cannot read: {exc}") from None
-    if not isinstance(config, dict):
-        raise SpecError(f"{model_dir / 'config.json'}: config must be a JSON object")
-    return config
+        return read_json_object(model_dir / "config.json")
+    except CheckpointError as exc:  # the recipe cannot be honoured: a usage error, as the rest here
+        raise SpecError(str(exc)) from None
 
 
 def read_slices(data: dict, method: str, raw_method: str, source: str, warnings: list[str]):

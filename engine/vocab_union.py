@@ -50,6 +50,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import CheckpointError, SpecError
+from .quirks import read_json_object, vocabulary_rows
 
 # Tokenizer models whose vocabulary safeblend reads (a mapping, or Unigram's list of pieces).
 TOKENIZER_MODELS = ("BPE", "WordPiece", "WordLevel", "Unigram")
@@ -239,7 +240,7 @@ class VocabularyPlan:
             self._write_tokenizer(out_dir)
         model_config = out_dir / "config.json"
         if model_config.is_file():
-            config = _json_object(model_config)
+            config = read_json_object(model_config)
             text = config.get("text_config")
             if "vocab_size" not in config and isinstance(text, dict) and "vocab_size" in text:
                 config["text_config"] = {**text, "vocab_size": self.rows}
@@ -254,7 +255,7 @@ class VocabularyPlan:
         write_text_durably(out_dir / "tokenizer.json", self.tokenizer.text())
         config_path = out_dir / "tokenizer_config.json"
         if config_path.is_file():
-            config = _json_object(config_path)
+            config = read_json_object(config_path)
             if isinstance(config.get("added_tokens_decoder"), dict):
                 config["added_tokens_decoder"] = {
                     str(i): {k: e[k] for k in sorted(ADDED_FIELDS)} for i, e in sorted(self.tokenizer.added.items())}
@@ -271,20 +272,10 @@ def _declared_vocab_size(model_dir: Path) -> int | None:
     path = model_dir / "config.json"
     if not path.is_file():
         return None
-    config = _json_object(path)
+    config = read_json_object(path)
     text = config.get("text_config")
     value = config.get("vocab_size", text.get("vocab_size") if isinstance(text, dict) else None)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _json_object(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    return data
 
 
 def plan_vocabulary(what: str, source: str, model_dirs: list[str], has_base: bool, rules: dict[str, TokenRule],
@@ -296,8 +287,6 @@ def plan_vocabulary(what: str, source: str, model_dirs: list[str], has_base: boo
     Raises SpecError starting with ``what`` (``rules_what`` for a ``tokens`` entry) for anything
     mergekit would not do the same way.
     """
-    from .quirks import vocabulary_rows
-
     paths = list(dict.fromkeys(os.path.realpath(p) for p in model_dirs))
     shown = {os.path.realpath(p): p for p in reversed(model_dirs)}
     tokenizers = [read_tokenizer(Path(p)) for p in paths]
