@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -108,3 +110,22 @@ def ref_slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
         theta = math.acos(dot)
         out = (math.sin(theta - theta * t) * va + math.sin(theta * t) * vb) / math.sin(theta)
     return out.reshape(np.shape(a))
+
+
+def interrupt_collect(monkeypatch, after: int) -> Callable[[], None]:
+    """Make the executor's ``after``-th chunk collection raise KeyboardInterrupt, 0.3 s late so
+    the journals catch up, as they would while a user reaches for Ctrl-C. Returns a function
+    that puts the real collection back (for the resumed run)."""
+    from safeblend import execute
+
+    original, calls = execute.Executor._collect, []
+
+    def interrupt_later(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == after:
+            time.sleep(0.3)
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(execute.Executor, "_collect", staticmethod(interrupt_later))
+    return lambda: monkeypatch.setattr(execute.Executor, "_collect", staticmethod(original))

@@ -22,7 +22,7 @@ from safeblend import merge
 from safeblend.cli import main
 from safeblend.journal import JOURNAL_NAME, read_journal
 from safeblend.session import LOCK_NAME, MergeInterrupted
-from tests.helpers import random_tensor, write_checkpoint
+from tests.helpers import interrupt_collect, random_tensor, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CHUNK = "16KiB"
@@ -115,25 +115,14 @@ def test_killed_merge_resumes_byte_identical(pair, clean, tmp_path, point):
 
 
 def test_interrupt_keeps_partial_for_resume(pair, clean, tmp_path, monkeypatch):
-    from safeblend import execute
-
     out = tmp_path / "out"
-    original, calls = execute.Executor._collect, []
-
-    def interrupt_later(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 40:
-            time.sleep(0.3)  # let the journal catch up, as it would while a user reaches for Ctrl-C
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(execute.Executor, "_collect", staticmethod(interrupt_later))
+    restore = interrupt_collect(monkeypatch, after=40)
     with pytest.raises(MergeInterrupted, match="--resume"):
         merge(pair / "base", pair / "ft", out, weight=0.6, chunk_size=CHUNK, shard_size="1MB", device="cpu")
     assert not out.exists()
     _, journaled, _ = read_journal(_staging(out) / JOURNAL_NAME)
     assert journaled, "finished tensors were journaled before stopping"
-    monkeypatch.setattr(execute.Executor, "_collect", staticmethod(original))
+    restore()
     merge(pair / "base", pair / "ft", out, weight=0.6, chunk_size=CHUNK, shard_size="1MB", device="cpu", resume=True)
     assert _files(out) == _files(clean)
 

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 from safeblend.journal import JOURNAL_NAME, read_journal
 from safeblend.session import MergeInterrupted, MergeSession
 from safeblend.lambda_sweep import sweep
-from tests.helpers import random_tensor, write_checkpoint
+from tests.helpers import interrupt_collect, random_tensor, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CHUNK = "16KiB"
@@ -78,24 +77,13 @@ def _partials(out: Path) -> list[Path]:
 
 
 def test_interrupted_sweep_keeps_partials_and_resumes_byte_identical(pair, clean, tmp_path, monkeypatch):
-    from safeblend import execute
-
     out = tmp_path / "out"
-    original, calls = execute.Executor._collect, []
-
-    def interrupt_later(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 30:
-            time.sleep(0.3)  # let the journals catch up, as they would while a user reaches for Ctrl-C
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(execute.Executor, "_collect", staticmethod(interrupt_later))
+    restore = interrupt_collect(monkeypatch, after=30)
     with pytest.raises(MergeInterrupted, match="--resume"):
         _sweep(pair, out)
     assert [p.name for p in _partials(out)] == [f".{n}.safeblend-partial" for n in NAMES]
     assert not list(out.glob("lambda-*"))
-    monkeypatch.setattr(execute.Executor, "_collect", staticmethod(original))
+    restore()
     with pytest.raises(Exception, match="--resume"):  # without it: told how to resume
         _sweep(pair, out)
     messages: list[str] = []
@@ -109,22 +97,11 @@ def test_interrupted_sweep_keeps_partials_and_resumes_byte_identical(pair, clean
 def test_outputs_with_different_journals_keep_only_what_all_kept(pair, clean, tmp_path, monkeypatch):
     """One output's journal lost its last entries: the others redo those tensors too (one pass
     feeds all), and every output still comes out byte-identical."""
-    from safeblend import execute
-
     out = tmp_path / "out"
-    original, calls = execute.Executor._collect, []
-
-    def interrupt_later(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 40:
-            time.sleep(0.3)
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(execute.Executor, "_collect", staticmethod(interrupt_later))
+    restore = interrupt_collect(monkeypatch, after=40)
     with pytest.raises(MergeInterrupted):
         _sweep(pair, out)
-    monkeypatch.setattr(execute.Executor, "_collect", staticmethod(original))
+    restore()
     journal = out / f".{NAMES[1]}.safeblend-partial" / JOURNAL_NAME
     _, entries, _ = read_journal(journal)
     assert len(entries) >= 2
