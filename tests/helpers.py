@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -129,3 +130,21 @@ def interrupt_collect(monkeypatch, after: int) -> Callable[[], None]:
 
     monkeypatch.setattr(execute.Executor, "_collect", staticmethod(interrupt_later))
     return lambda: monkeypatch.setattr(execute.Executor, "_collect", staticmethod(original))
+
+
+def run_bounded(work: Callable[[], object], timeout_s: float, hung: str) -> list[BaseException]:
+    """Run ``work`` in a thread and return what it raised (nothing: an empty list); fail with
+    ``hung`` rather than hang the suite if it is not done within ``timeout_s``."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=timeout_s)
+    assert not thread.is_alive(), hung
+    return raised

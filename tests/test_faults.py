@@ -11,7 +11,6 @@ fails the test instead of hanging CI.
 from __future__ import annotations
 
 import errno
-import threading
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from safeblend import execute, journal, writer
 from safeblend.chunks import Chunk, iter_chunks
 from safeblend.cli import main
 from safeblend.errors import OutputError
-from tests.helpers import random_tensor, write_checkpoint
+from tests.helpers import random_tensor, run_bounded, write_checkpoint
 
 CHUNK = 4096
 STALL_S = 0.3  # how long a failing thread waits first: the others fill every buffer meanwhile
@@ -140,19 +139,7 @@ def _inject(monkeypatch, thread: str, target: Chunk) -> None:
 
 def _run_bounded(work) -> list[BaseException]:
     """Run ``work`` in a thread; fail (rather than hang) if it is not done within TIMEOUT_S."""
-    raised: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            work()
-        except BaseException as exc:  # noqa: BLE001
-            raised.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout=TIMEOUT_S)
-    assert not thread.is_alive(), "the merge hung after one of its threads failed"
-    return raised
+    return run_bounded(work, TIMEOUT_S, "the merge hung after one of its threads failed")
 
 
 @pytest.mark.parametrize("position", POSITIONS)

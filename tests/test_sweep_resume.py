@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 from safeblend.journal import JOURNAL_NAME, read_journal
 from safeblend.session import MergeInterrupted, MergeSession
 from safeblend.lambda_sweep import sweep
-from tests.helpers import interrupt_collect, random_tensor, write_checkpoint
+from tests.helpers import interrupt_collect, random_tensor, run_bounded, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CHUNK = "16KiB"
@@ -46,19 +45,10 @@ def _sweep(pair: Path, out: Path, **kwargs):
 def _resume_within(pair: Path, out: Path, seconds: float = 60, **kwargs):
     """The resumed sweep in a thread: an output waiting for bytes no one writes fails the test, not CI."""
     finished: list = []
-
-    def run() -> None:
-        try:
-            finished.append(_sweep(pair, out, resume=True, **kwargs))
-        except BaseException as exc:  # noqa: BLE001
-            finished.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout=seconds)
-    assert not thread.is_alive(), "the resumed sweep hung"
-    if isinstance(finished[0], BaseException):
-        raise finished[0]
+    raised = run_bounded(lambda: finished.append(_sweep(pair, out, resume=True, **kwargs)), seconds,
+                         "the resumed sweep hung")
+    if raised:
+        raise raised[0]
     return finished[0]
 
 
